@@ -1,0 +1,51 @@
+//! Trace context in gRPC metadata (tonic's [`MetadataMap`]).
+//!
+//! gRPC metadata is HTTP/2 headers, so keys are lowercase ASCII; binary (`-bin`) entries are
+//! never trace context and read as absent. A key or value the metadata map cannot hold is
+//! skipped rather than panicking the request.
+
+use opentelemetry::propagation::{Extractor, Injector};
+use tonic::metadata::{KeyAndValueRef, MetadataKey, MetadataMap, MetadataValue};
+
+/// Writes trace context into request or response metadata, e.g. from a tonic interceptor.
+#[derive(Debug)]
+pub struct MetadataInjector<'a>(pub &'a mut MetadataMap);
+
+impl Injector for MetadataInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if value.is_empty() {
+            return;
+        }
+        let (Ok(key), Ok(value)) =
+            (MetadataKey::from_bytes(key.to_ascii_lowercase().as_bytes()), MetadataValue::try_from(value))
+        else {
+            return;
+        };
+        self.0.insert(key, value);
+    }
+}
+
+/// Reads trace context from request metadata.
+#[derive(Debug, Clone, Copy)]
+pub struct MetadataExtractor<'a>(pub &'a MetadataMap);
+
+impl Extractor for MetadataExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|value| value.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .iter()
+            .filter_map(|entry| match entry {
+                KeyAndValueRef::Ascii(key, _) => Some(key.as_str()),
+                KeyAndValueRef::Binary(..) => None,
+            })
+            .collect()
+    }
+
+    fn get_all(&self, key: &str) -> Option<Vec<&str>> {
+        let values: Vec<&str> = self.0.get_all(key).iter().filter_map(|value| value.to_str().ok()).collect();
+        (!values.is_empty()).then_some(values)
+    }
+}
