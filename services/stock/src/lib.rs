@@ -1,0 +1,3 @@
+//! The stock service.
+
+pub mod store;

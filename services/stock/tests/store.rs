@@ -1,0 +1,159 @@
+//! The stock store's SQL on real engines: a SQLite file and a PostgreSQL database per test.
+
+use stock::store::{OrderLine, OrderStatus, Outcome, Store, StoreError, StoreLocation};
+use tracehop_testkit::postgres::TestDatabase;
+
+const CATALOG: [&str; 3] = ["SKU-001", "SKU-002", "SKU-003"];
+
+fn line(sku: &str, quantity: u32) -> OrderLine {
+    OrderLine { sku: sku.to_owned(), quantity }
+}
+
+/// Runs `check` against a fresh SQLite store and a fresh PostgreSQL store.
+macro_rules! on_both_backends {
+    ($sqlite:ident, $postgres:ident, $check:ident) => {
+        #[tokio::test]
+        async fn $sqlite() {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let store = Store::open(&StoreLocation::Sqlite(dir.path().join("stock.db")), &CATALOG, 1000)
+                .await
+                .expect("open sqlite");
+            $check(store).await;
+        }
+
+        #[tokio::test]
+        async fn $postgres() {
+            let db = TestDatabase::create().await;
+            let store = Store::open(&StoreLocation::parse(db.url()).expect("url"), &CATALOG, 1000)
+                .await
+                .expect("open postgres");
+            $check(store.clone()).await;
+            store.close().await;
+        }
+    };
+}
+
+async fn available(store: &Store, sku: &str) -> i64 {
+    store.level(sku).await.expect("level").expect("sku exists").available
+}
+
+async fn new_store_is_seeded(store: Store) {
+    for sku in CATALOG {
+        let level = store.level(sku).await.expect("level").expect("seeded");
+        assert_eq!((level.available, level.reserved), (1000, 0), "{sku}");
+    }
+    assert_eq!(store.level("SKU-404").await.expect("level"), None);
+}
+on_both_backends!(sqlite_new_store_is_seeded, postgres_new_store_is_seeded, new_store_is_seeded);
+
+async fn reservation_moves_units_and_records_the_order(store: Store) {
+    let outcome = store.reserve("order-1", &[line("SKU-001", 2), line("SKU-003", 1), line("SKU-001", 3)]).await;
+    assert_eq!(outcome.expect("reserve"), Outcome::Reserved);
+    let level = store.level("SKU-001").await.expect("level").expect("sku");
+    assert_eq!((level.available, level.reserved), (995, 5), "lines of one SKU add up");
+    assert_eq!(available(&store, "SKU-003").await, 999);
+    let record = store.order("order-1").await.expect("order").expect("recorded");
+    assert_eq!(record.status, OrderStatus::Reserved);
+    assert!(record.recorded_at_us > 0);
+}
+on_both_backends!(
+    sqlite_reservation_moves_units_and_records_the_order,
+    postgres_reservation_moves_units_and_records_the_order,
+    reservation_moves_units_and_records_the_order
+);
+
+async fn redelivered_order_reserves_once(store: Store) {
+    let lines = [line("SKU-002", 4)];
+    assert_eq!(store.reserve("order-1", &lines).await.expect("first"), Outcome::Reserved);
+    let again = store.reserve("order-1", &lines).await.expect("second");
+    assert_eq!(again, Outcome::AlreadyProcessed(OrderStatus::Reserved));
+    assert_eq!(available(&store, "SKU-002").await, 996);
+}
+on_both_backends!(
+    sqlite_redelivered_order_reserves_once,
+    postgres_redelivered_order_reserves_once,
+    redelivered_order_reserves_once
+);
+
+async fn insufficient_stock_reserves_nothing_and_is_recorded(store: Store) {
+    let outcome = store.reserve("big", &[line("SKU-001", 1), line("SKU-002", 1001)]).await.expect("reserve");
+    assert_eq!(outcome, Outcome::Rejected { sku: "SKU-002".into(), requested: 1001, available: 1000 });
+    assert_eq!(available(&store, "SKU-001").await, 1000, "the line that fitted was rolled back");
+    assert_eq!(store.order("big").await.expect("order").expect("recorded").status, OrderStatus::Rejected);
+    let again = store.reserve("big", &[line("SKU-001", 1)]).await.expect("redelivery");
+    assert_eq!(again, Outcome::AlreadyProcessed(OrderStatus::Rejected));
+    assert_eq!(available(&store, "SKU-001").await, 1000);
+}
+on_both_backends!(
+    sqlite_insufficient_stock_reserves_nothing_and_is_recorded,
+    postgres_insufficient_stock_reserves_nothing_and_is_recorded,
+    insufficient_stock_reserves_nothing_and_is_recorded
+);
+
+async fn unknown_sku_is_a_permanent_error_that_records_nothing(store: Store) {
+    let error = store.reserve("odd", &[line("SKU-001", 1), line("SKU-404", 1)]).await.expect_err("unknown sku");
+    assert!(matches!(&error, StoreError::UnknownSku(sku) if sku == "SKU-404"), "{error:?}");
+    assert!(error.is_permanent());
+    assert_eq!(available(&store, "SKU-001").await, 1000);
+    assert_eq!(store.order("odd").await.expect("order"), None);
+}
+on_both_backends!(
+    sqlite_unknown_sku_is_a_permanent_error_that_records_nothing,
+    postgres_unknown_sku_is_a_permanent_error_that_records_nothing,
+    unknown_sku_is_a_permanent_error_that_records_nothing
+);
+
+#[tokio::test]
+async fn reopening_a_store_keeps_its_stock() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let location = StoreLocation::Sqlite(dir.path().join("stock.db"));
+    let store = Store::open(&location, &CATALOG, 1000).await.expect("open");
+    store.reserve("o", &[line("SKU-001", 10)]).await.expect("reserve");
+    store.close().await;
+    let store = Store::open(&location, &CATALOG, 5).await.expect("reopen");
+    assert_eq!(available(&store, "SKU-001").await, 990, "seeding only fills SKUs the store lacks");
+}
+
+#[tokio::test]
+async fn replicas_starting_together_on_an_empty_database_seed_once() {
+    let db = TestDatabase::create().await;
+    let location = StoreLocation::parse(db.url()).expect("url");
+    let opens = (0..3).map(|_| Store::open(&location, &CATALOG, 1000));
+    let stores: Vec<Store> = futures_util::future::try_join_all(opens).await.expect("all replicas open");
+    for sku in CATALOG {
+        assert_eq!(available(&stores[0], sku).await, 1000, "{sku} seeded once, not three times");
+    }
+    for store in stores {
+        store.close().await;
+    }
+}
+
+#[tokio::test]
+async fn the_same_order_on_two_replicas_at_once_reserves_once() {
+    let db = TestDatabase::create().await;
+    let location = StoreLocation::parse(db.url()).expect("url");
+    let a = Store::open(&location, &CATALOG, 1000).await.expect("replica a");
+    let b = Store::open(&location, &CATALOG, 1000).await.expect("replica b");
+    for round in 0..20 {
+        let order_id = format!("race-{round}");
+        let lines = [line("SKU-003", 1), line("SKU-001", 1)];
+        let (x, y) = tokio::join!(a.reserve(&order_id, &lines), b.reserve(&order_id, &lines));
+        let mut outcomes = [x.expect("a"), y.expect("b")];
+        outcomes.sort_by_key(|o| matches!(o, Outcome::AlreadyProcessed(_)));
+        assert_eq!(outcomes, [Outcome::Reserved, Outcome::AlreadyProcessed(OrderStatus::Reserved)]);
+    }
+    assert_eq!(available(&a, "SKU-003").await, 980);
+    a.close().await;
+    b.close().await;
+}
+
+#[test]
+fn stock_db_values_pick_the_backend() {
+    assert!(matches!(StoreLocation::parse("stock.db"), Ok(StoreLocation::Sqlite(_))));
+    assert!(matches!(StoreLocation::parse("postgres://u@h/db"), Ok(StoreLocation::Postgres(_))));
+    assert!(matches!(StoreLocation::parse("postgresql://u@h/db"), Ok(StoreLocation::Postgres(_))));
+    assert!(StoreLocation::parse("mysql://u@h/db").is_err());
+    assert!(StoreLocation::parse(" ").is_err());
+    let debug = format!("{:?}", StoreLocation::parse("postgres://u:secret@h/db").expect("url"));
+    assert!(!debug.contains("secret"), "{debug}");
+}

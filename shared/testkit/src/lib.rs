@@ -1,0 +1,16 @@
+//! Fixtures for tracehop's tests, all on real parts (see DESIGN.md, "Testing").
+//!
+//! # Layout
+//! - [`rabbit`]: a RabbitMQ vhost of its own per test, on the machine's broker.
+//! - [`postgres`]: a PostgreSQL database of its own per test.
+//!
+//! Where the infrastructure is missing, fixtures panic with what to start: a test that quietly
+//! skips because its broker is absent would pass while proving nothing.
+
+pub mod postgres;
+pub mod rabbit;
+
+/// A name no other test in any process is using.
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
