@@ -3,8 +3,20 @@
 //! # Layout
 //! - [`propagation`]: carriers for AMQP headers, gRPC metadata and HTTP headers, behind the
 //!   strict W3C checks of [`propagation::CheckedPropagator`].
+//! - [`setup`]: [`TelemetryConfig`] from the `OTEL_*` variables and the [`Telemetry`] handle
+//!   (tracer, propagator, flush on shutdown).
+//! - [`propagators`]: `OTEL_PROPAGATORS`, which the Rust SDK does not read.
+//! - [`logging`]: log lines carrying `trace_id` / `span_id` (text or JSON).
+//! - [`env`]: reading variables once, with errors that name the variable.
 //!
 //! Nothing here reads the environment except the `from_env` constructors; services build the
 //! values once at startup and pass them in, so several services can share one process.
 
+pub mod env;
+pub mod logging;
 pub mod propagation;
+pub mod propagators;
+pub mod setup;
+
+pub use env::{ConfigError, Env};
+pub use setup::{Telemetry, TelemetryConfig};

@@ -1,0 +1,152 @@
+//! Reading configuration from environment variables, once, with errors that name the variable.
+//!
+//! Every service's `Config::from_env()` and [`crate::TelemetryConfig::from_env`] read through an
+//! [`Env`], so a test can hand them a map (the compose file's `environment:`, say) instead of
+//! touching the process environment.
+
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::str::FromStr;
+
+/// A bad configuration value: startup stops with this message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{variable}: {message}")]
+pub struct ConfigError {
+    /// The environment variable at fault.
+    pub variable: String,
+    /// What is wrong with it and what would be right.
+    pub message: String,
+}
+
+impl ConfigError {
+    /// A complaint about `variable`.
+    pub fn new(variable: &str, message: impl Into<String>) -> Self {
+        Self { variable: variable.to_owned(), message: message.into() }
+    }
+}
+
+/// Where configuration values come from.
+pub struct Env<'a> {
+    lookup: Box<dyn Fn(&str) -> Option<String> + 'a>,
+}
+
+impl std::fmt::Debug for Env<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Env")
+    }
+}
+
+impl Env<'static> {
+    /// The process environment.
+    pub fn process() -> Self {
+        Self { lookup: Box::new(|name| std::env::var(name).ok()) }
+    }
+}
+
+impl<'a> Env<'a> {
+    /// A fixed set of variables, as a test or a compose file would give them.
+    pub fn from_map(map: &'a HashMap<String, String>) -> Self {
+        Self { lookup: Box::new(move |name| map.get(name).cloned()) }
+    }
+
+    /// The value of `name`; an empty value counts as unset (as the OpenTelemetry spec says).
+    pub fn get(&self, name: &str) -> Option<String> {
+        (self.lookup)(name).map(|value| value.trim().to_owned()).filter(|value| !value.is_empty())
+    }
+
+    /// The value of `name`, or `default`.
+    pub fn string_or(&self, name: &str, default: &str) -> String {
+        self.get(name).unwrap_or_else(|| default.to_owned())
+    }
+
+    /// `name` parsed as `T`, `None` when unset.
+    pub fn parse<T>(&self, name: &str) -> Result<Option<T>, ConfigError>
+    where
+        T: FromStr,
+        T::Err: Display,
+    {
+        self.get(name)
+            .map(|value| value.parse::<T>().map_err(|e| ConfigError::new(name, format!("cannot use {value:?}: {e}"))))
+            .transpose()
+    }
+
+    /// `name` parsed as `T`, or `default` when unset.
+    pub fn parse_or<T>(&self, name: &str, default: T) -> Result<T, ConfigError>
+    where
+        T: FromStr,
+        T::Err: Display,
+    {
+        Ok(self.parse(name)?.unwrap_or(default))
+    }
+
+    /// A boolean: `true` or `false` in any letter case.
+    pub fn flag_or(&self, name: &str, default: bool) -> Result<bool, ConfigError> {
+        match self.get(name) {
+            None => Ok(default),
+            Some(value) if value.eq_ignore_ascii_case("true") => Ok(true),
+            Some(value) if value.eq_ignore_ascii_case("false") => Ok(false),
+            Some(value) => Err(ConfigError::new(name, format!("expected true or false, got {value:?}"))),
+        }
+    }
+
+    /// One of `choices` (case-insensitive), or `default` when unset.
+    pub fn choice_or<T: Copy>(&self, name: &str, choices: &[(&str, T)], default: T) -> Result<T, ConfigError> {
+        let Some(value) = self.get(name) else { return Ok(default) };
+        choices
+            .iter()
+            .find(|(spelling, _)| spelling.eq_ignore_ascii_case(&value))
+            .map(|(_, choice)| *choice)
+            .ok_or_else(|| {
+                let allowed: Vec<&str> = choices.iter().map(|(spelling, _)| *spelling).collect();
+                ConfigError::new(name, format!("expected one of {}, got {value:?}", allowed.join(", ")))
+            })
+    }
+
+    /// A comma-separated list, trimmed, without empty entries.
+    pub fn list_or(&self, name: &str, default: &str) -> Vec<String> {
+        self.string_or(name, default).split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn empty_values_count_as_unset() {
+        let map = env(&[("A", "  ")]);
+        assert_eq!(Env::from_map(&map).string_or("A", "dflt"), "dflt");
+    }
+
+    #[test]
+    fn a_bad_number_names_the_variable() {
+        let map = env(&[("GATEWAY_BODY_LIMIT", "lots")]);
+        let error = Env::from_map(&map).parse_or::<usize>("GATEWAY_BODY_LIMIT", 1).expect_err("bad");
+        assert_eq!(error.variable, "GATEWAY_BODY_LIMIT");
+        assert!(error.to_string().starts_with("GATEWAY_BODY_LIMIT: cannot use \"lots\""), "{error}");
+    }
+
+    #[test]
+    fn choices_are_case_insensitive_and_strict() {
+        let map = env(&[("MODE", "LINK"), ("BAD", "sideways")]);
+        let env = Env::from_map(&map);
+        let choices = [("parent", 1), ("link", 2)];
+        assert_eq!(env.choice_or("MODE", &choices, 1), Ok(2));
+        assert_eq!(env.choice_or("UNSET", &choices, 1), Ok(1));
+        let error = env.choice_or("BAD", &choices, 1).expect_err("bad");
+        assert!(error.message.contains("parent, link"), "{error}");
+    }
+
+    #[test]
+    fn flags_accept_only_true_and_false() {
+        let map = env(&[("T", "TRUE"), ("F", "false"), ("X", "yes")]);
+        let env = Env::from_map(&map);
+        assert_eq!(env.flag_or("T", false), Ok(true));
+        assert_eq!(env.flag_or("F", true), Ok(false));
+        assert!(env.flag_or("X", false).is_err());
+    }
+}

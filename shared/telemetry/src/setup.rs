@@ -1,0 +1,467 @@
+//! Tracer setup from the standard `OTEL_*` variables: one call per service, one guard to flush.
+//!
+//! [`TelemetryConfig::from_env`] reads and validates what the Rust SDK ignores or reads leniently
+//! (`OTEL_PROPAGATORS`, `OTEL_SDK_DISABLED`, the sampler, the protocol, the resource); a bad
+//! value stops startup naming the variable. The OTLP exporter itself reads
+//! `OTEL_EXPORTER_OTLP_ENDPOINT`, `_HEADERS`, `_TIMEOUT` and `_COMPRESSION` (and their
+//! `_TRACES_` forms), as the spec describes. [`Telemetry::new`] builds a tracer and propagator
+//! that are passed to the services, never installed globally, so three services can share one
+//! test process under three service names.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use opentelemetry::KeyValue;
+use opentelemetry::global::BoxedTracer;
+use opentelemetry::propagation::{TextMapCompositePropagator, TextMapPropagator};
+use opentelemetry::trace::{TracerProvider as _, noop::NoopTracer};
+use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::resource::{Resource, TelemetryResourceDetector};
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter};
+
+use crate::env::{ConfigError, Env};
+use crate::propagation::CheckedPropagator;
+use crate::propagators::{self, DEFAULT_PROPAGATORS, PropagatorKind};
+
+/// Which sampler `OTEL_TRACES_SAMPLER` (+ `_ARG`) asks for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SamplerChoice {
+    /// `always_on`
+    AlwaysOn,
+    /// `always_off`
+    AlwaysOff,
+    /// `traceidratio` with its ratio
+    TraceIdRatio(f64),
+    /// `parentbased_always_on` (the default)
+    ParentBasedAlwaysOn,
+    /// `parentbased_always_off`
+    ParentBasedAlwaysOff,
+    /// `parentbased_traceidratio` with its ratio
+    ParentBasedTraceIdRatio(f64),
+}
+
+impl SamplerChoice {
+    fn sampler(self) -> Sampler {
+        match self {
+            Self::AlwaysOn => Sampler::AlwaysOn,
+            Self::AlwaysOff => Sampler::AlwaysOff,
+            Self::TraceIdRatio(ratio) => Sampler::TraceIdRatioBased(ratio),
+            Self::ParentBasedAlwaysOn => Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
+            Self::ParentBasedAlwaysOff => Sampler::ParentBased(Box::new(Sampler::AlwaysOff)),
+            Self::ParentBasedTraceIdRatio(ratio) => Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio))),
+        }
+    }
+}
+
+/// The OTLP wire protocol (`OTEL_EXPORTER_OTLP_PROTOCOL`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    /// `grpc` (the default here: Jaeger and collectors listen on 4317).
+    Grpc,
+    /// `http/protobuf` (port 4318, path `/v1/traces`).
+    HttpProtobuf,
+}
+
+/// Where spans go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TraceExport {
+    /// Nowhere (`OTEL_TRACES_EXPORTER=none`): spans are sampled and propagated, not exported.
+    None,
+    /// OTLP. `endpoint: None` lets the exporter resolve `OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`
+    /// or its default; `Some` overrides both (tests point it at their receiver).
+    Otlp {
+        /// Explicit endpoint, e.g. `http://127.0.0.1:4317`.
+        endpoint: Option<String>,
+        /// Wire protocol.
+        protocol: OtlpProtocol,
+    },
+}
+
+/// Everything the telemetry setup needs, read once at startup.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetryConfig {
+    /// `service.name` (`OTEL_SERVICE_NAME`, else the service's own name).
+    pub service_name: String,
+    /// Extra resource attributes (`OTEL_RESOURCE_ATTRIBUTES`). A `service.instance.id` is
+    /// generated when none is given, so replicas are told apart in Jaeger.
+    pub resource_attributes: Vec<(String, String)>,
+    /// `OTEL_SDK_DISABLED=true`: no spans at all; incoming context is passed on untouched.
+    pub sdk_disabled: bool,
+    /// Where spans go.
+    pub export: TraceExport,
+    /// The sampler.
+    pub sampler: SamplerChoice,
+    /// The propagators, in order (`OTEL_PROPAGATORS`); empty means none.
+    pub propagators: Vec<PropagatorKind>,
+    /// How long shutdown may spend flushing spans before it gives up on them.
+    pub shutdown_timeout: Duration,
+}
+
+impl TelemetryConfig {
+    /// Defaults for `service_name`: export over OTLP/gRPC to the exporter's default endpoint.
+    pub fn new(service_name: &str) -> Self {
+        Self {
+            service_name: service_name.to_owned(),
+            resource_attributes: Vec::new(),
+            sdk_disabled: false,
+            export: TraceExport::Otlp { endpoint: None, protocol: OtlpProtocol::Grpc },
+            sampler: SamplerChoice::ParentBasedAlwaysOn,
+            propagators: DEFAULT_PROPAGATORS.to_vec(),
+            shutdown_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Exports to `endpoint` over OTLP/gRPC: what tests use with their in-process receiver.
+    pub fn otlp_grpc(service_name: &str, endpoint: &str) -> Self {
+        Self {
+            export: TraceExport::Otlp { endpoint: Some(endpoint.to_owned()), protocol: OtlpProtocol::Grpc },
+            ..Self::new(service_name)
+        }
+    }
+
+    /// Reads the `OTEL_*` variables of the process environment.
+    pub fn from_env(default_service_name: &str) -> Result<Self, ConfigError> {
+        Self::from_lookup(default_service_name, &Env::process())
+    }
+
+    /// Reads the `OTEL_*` variables from `env`.
+    pub fn from_lookup(default_service_name: &str, env: &Env<'_>) -> Result<Self, ConfigError> {
+        let mut resource_attributes = match env.get("OTEL_RESOURCE_ATTRIBUTES") {
+            Some(value) => parse_resource_attributes(&value)?,
+            None => Vec::new(),
+        };
+        // OTEL_SERVICE_NAME wins over a service.name in OTEL_RESOURCE_ATTRIBUTES (spec).
+        let from_attributes = resource_attributes.iter().position(|(k, _)| k == "service.name");
+        let service_name = match (env.get("OTEL_SERVICE_NAME"), from_attributes) {
+            (Some(name), _) => name,
+            (None, Some(index)) => resource_attributes[index].1.clone(),
+            (None, None) => default_service_name.to_owned(),
+        };
+        resource_attributes.retain(|(k, _)| k != "service.name");
+
+        let protocol_var = if env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL").is_some() {
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+        } else {
+            "OTEL_EXPORTER_OTLP_PROTOCOL"
+        };
+        let protocol = env.choice_or(
+            protocol_var,
+            &[("grpc", OtlpProtocol::Grpc), ("http/protobuf", OtlpProtocol::HttpProtobuf)],
+            OtlpProtocol::Grpc,
+        )?;
+        let export = match env.string_or("OTEL_TRACES_EXPORTER", "otlp").to_ascii_lowercase().as_str() {
+            "otlp" => TraceExport::Otlp { endpoint: None, protocol },
+            "none" => TraceExport::None,
+            other => {
+                return Err(ConfigError::new("OTEL_TRACES_EXPORTER", format!("expected otlp or none, got {other:?}")));
+            }
+        };
+        let propagators = match env.get(propagators::OTEL_PROPAGATORS) {
+            Some(value) => propagators::parse_propagators(&value)?,
+            None => DEFAULT_PROPAGATORS.to_vec(),
+        };
+        Ok(Self {
+            service_name,
+            resource_attributes,
+            sdk_disabled: env.flag_or("OTEL_SDK_DISABLED", false)?,
+            export,
+            sampler: parse_sampler(env)?,
+            propagators,
+            shutdown_timeout: Duration::from_secs(5),
+        })
+    }
+}
+
+fn parse_sampler(env: &Env<'_>) -> Result<SamplerChoice, ConfigError> {
+    let ratio = || -> Result<f64, ConfigError> {
+        let ratio: f64 = env.parse_or("OTEL_TRACES_SAMPLER_ARG", 1.0)?;
+        if (0.0..=1.0).contains(&ratio) {
+            Ok(ratio)
+        } else {
+            Err(ConfigError::new("OTEL_TRACES_SAMPLER_ARG", format!("a ratio must be within 0..=1, got {ratio}")))
+        }
+    };
+    let Some(name) = env.get("OTEL_TRACES_SAMPLER") else { return Ok(SamplerChoice::ParentBasedAlwaysOn) };
+    Ok(match name.to_ascii_lowercase().as_str() {
+        "always_on" => SamplerChoice::AlwaysOn,
+        "always_off" => SamplerChoice::AlwaysOff,
+        "traceidratio" => SamplerChoice::TraceIdRatio(ratio()?),
+        "parentbased_always_on" => SamplerChoice::ParentBasedAlwaysOn,
+        "parentbased_always_off" => SamplerChoice::ParentBasedAlwaysOff,
+        "parentbased_traceidratio" => SamplerChoice::ParentBasedTraceIdRatio(ratio()?),
+        other => {
+            return Err(ConfigError::new(
+                "OTEL_TRACES_SAMPLER",
+                format!(
+                    "unsupported sampler {other:?}; use always_on, always_off, traceidratio, \
+                     parentbased_always_on, parentbased_always_off or parentbased_traceidratio"
+                ),
+            ));
+        }
+    })
+}
+
+/// `key1=value1,key2=value2`, values percent-encoded (W3C Baggage octets), per the spec.
+fn parse_resource_attributes(value: &str) -> Result<Vec<(String, String)>, ConfigError> {
+    const VAR: &str = "OTEL_RESOURCE_ATTRIBUTES";
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|member| !member.is_empty())
+        .map(|member| {
+            let (key, raw) =
+                member.split_once('=').ok_or_else(|| ConfigError::new(VAR, format!("{member:?} is not key=value")))?;
+            let key = key.trim();
+            if key.is_empty() {
+                return Err(ConfigError::new(VAR, format!("{member:?} has an empty key")));
+            }
+            let decoded = percent_encoding::percent_decode_str(raw.trim())
+                .decode_utf8()
+                .map_err(|_| ConfigError::new(VAR, format!("the value of {key:?} is not UTF-8 once decoded")))?;
+            Ok((key.to_owned(), decoded.into_owned()))
+        })
+        .collect()
+}
+
+/// Why telemetry could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The OTLP exporter rejected its configuration (endpoint, headers, protocol).
+    #[error("cannot build the OTLP span exporter: {0}")]
+    Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+}
+
+/// The tracer and propagator of one service, and the guard that flushes its spans.
+///
+/// Cheap to clone: every clone shares one provider.
+#[derive(Clone)]
+pub struct Telemetry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    service_name: String,
+    tracer: BoxedTracer,
+    propagator: CheckedPropagator<TextMapCompositePropagator>,
+    /// `None` when the SDK is disabled: nothing to flush.
+    provider: Option<SdkTracerProvider>,
+    shutdown_timeout: Duration,
+}
+
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Telemetry")
+            .field("service_name", &self.inner.service_name)
+            .field("enabled", &self.inner.provider.is_some())
+            .finish()
+    }
+}
+
+impl Telemetry {
+    /// Builds the tracer provider (batch export on its own thread) and the propagator.
+    ///
+    /// Call it inside a tokio runtime: the gRPC exporter's channel lives on it.
+    pub fn new(config: &TelemetryConfig) -> Result<Self, SetupError> {
+        let propagator = CheckedPropagator::new(propagators::composite(&config.propagators));
+        if config.sdk_disabled {
+            return Ok(Self::assemble(config, BoxedTracer::new(Box::new(NoopTracer::new())), propagator, None));
+        }
+        let mut resource = Resource::builder_empty()
+            .with_detector(Box::new(TelemetryResourceDetector))
+            .with_service_name(config.service_name.clone())
+            .with_attributes(config.resource_attributes.iter().map(|(k, v)| KeyValue::new(k.clone(), v.clone())));
+        if !config.resource_attributes.iter().any(|(k, _)| k == "service.instance.id") {
+            resource = resource.with_attribute(KeyValue::new("service.instance.id", uuid::Uuid::new_v4().to_string()));
+        }
+        let mut builder =
+            SdkTracerProvider::builder().with_resource(resource.build()).with_sampler(config.sampler.sampler());
+        if let TraceExport::Otlp { endpoint, protocol } = &config.export {
+            let exporter = match protocol {
+                OtlpProtocol::Grpc => {
+                    let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+                    if let Some(endpoint) = endpoint {
+                        exporter = exporter.with_endpoint(endpoint);
+                    }
+                    exporter.with_protocol(Protocol::Grpc).build()?
+                }
+                OtlpProtocol::HttpProtobuf => {
+                    let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_http();
+                    if let Some(endpoint) = endpoint {
+                        exporter = exporter.with_endpoint(endpoint);
+                    }
+                    exporter.with_protocol(Protocol::HttpBinary).build()?
+                }
+            };
+            builder = builder.with_batch_exporter(CountingExporter::new(exporter));
+        }
+        let provider = builder.build();
+        let tracer = BoxedTracer::new(Box::new(provider.tracer("tracehop")));
+        Ok(Self::assemble(config, tracer, propagator, Some(provider)))
+    }
+
+    /// Telemetry that records nothing but still propagates context: for tests of other things.
+    pub fn disabled(service_name: &str) -> Self {
+        let config = TelemetryConfig { sdk_disabled: true, ..TelemetryConfig::new(service_name) };
+        let propagator = CheckedPropagator::new(propagators::composite(&config.propagators));
+        Self::assemble(&config, BoxedTracer::new(Box::new(NoopTracer::new())), propagator, None)
+    }
+
+    fn assemble(
+        config: &TelemetryConfig,
+        tracer: BoxedTracer,
+        propagator: CheckedPropagator<TextMapCompositePropagator>,
+        provider: Option<SdkTracerProvider>,
+    ) -> Self {
+        let inner = Inner {
+            service_name: config.service_name.clone(),
+            tracer,
+            propagator,
+            provider,
+            shutdown_timeout: config.shutdown_timeout,
+        };
+        Self { inner: Arc::new(inner) }
+    }
+
+    /// `service.name` of this service.
+    pub fn service_name(&self) -> &str {
+        &self.inner.service_name
+    }
+
+    /// The tracer that starts this service's spans.
+    pub fn tracer(&self) -> &BoxedTracer {
+        &self.inner.tracer
+    }
+
+    /// The configured propagators, behind the W3C checks.
+    pub fn propagator(&self) -> &(dyn TextMapPropagator + Send + Sync) {
+        &self.inner.propagator
+    }
+
+    /// Flushes and stops span export, giving up after the configured timeout.
+    ///
+    /// The SDK's shutdown blocks its caller until the export thread is done; on a tokio worker
+    /// (or a current-thread test runtime) that would stall the very runtime the gRPC exporter
+    /// needs, so it runs on the blocking pool.
+    pub async fn shutdown(&self) {
+        let Some(provider) = self.inner.provider.clone() else { return };
+        let timeout = self.inner.shutdown_timeout;
+        let outcome = tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(timeout)).await;
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "telemetry shutdown did not flush every span"),
+            Err(error) => tracing::warn!(%error, "telemetry shutdown task failed"),
+        }
+    }
+}
+
+/// Counts spans lost to failed exports and says so in the log (the SDK alone is silent).
+#[derive(Debug)]
+struct CountingExporter<E> {
+    inner: E,
+    lost: AtomicU64,
+}
+
+impl<E> CountingExporter<E> {
+    fn new(inner: E) -> Self {
+        Self { inner, lost: AtomicU64::new(0) }
+    }
+}
+
+impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let spans = batch.len() as u64;
+        let result = self.inner.export(batch).await;
+        if let Err(error) = &result {
+            let total = self.lost.fetch_add(spans, Ordering::Relaxed) + spans;
+            tracing::warn!(%error, dropped_spans = spans, dropped_spans_total = total, "span export failed");
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn config(pairs: &[(&str, &str)]) -> Result<TelemetryConfig, ConfigError> {
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        TelemetryConfig::from_lookup("gateway", &Env::from_map(&map))
+    }
+
+    #[test]
+    fn defaults_follow_the_spec() {
+        let config = config(&[]).expect("defaults");
+        assert_eq!(config, TelemetryConfig::new("gateway"));
+    }
+
+    #[test]
+    fn reads_the_standard_variables() {
+        let config = config(&[
+            ("OTEL_SERVICE_NAME", "edge"),
+            ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment.name=demo, team=a%20b"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.25"),
+            ("OTEL_PROPAGATORS", "b3multi"),
+            ("OTEL_SDK_DISABLED", "true"),
+        ])
+        .expect("valid");
+        assert_eq!(config.service_name, "edge");
+        assert_eq!(
+            config.resource_attributes,
+            vec![("deployment.environment.name".into(), "demo".into()), ("team".into(), "a b".into())]
+        );
+        assert_eq!(config.export, TraceExport::Otlp { endpoint: None, protocol: OtlpProtocol::HttpProtobuf });
+        assert_eq!(config.sampler, SamplerChoice::ParentBasedTraceIdRatio(0.25));
+        assert_eq!(config.propagators, vec![PropagatorKind::B3Multi]);
+        assert!(config.sdk_disabled);
+    }
+
+    #[test]
+    fn service_name_falls_back_to_the_resource_attribute() {
+        let config = config(&[("OTEL_RESOURCE_ATTRIBUTES", "service.name=from-attrs")]).expect("valid");
+        assert_eq!(config.service_name, "from-attrs");
+        assert!(config.resource_attributes.is_empty());
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        for (pairs, variable) in [
+            (&[("OTEL_TRACES_SAMPLER", "sometimes")][..], "OTEL_TRACES_SAMPLER"),
+            (
+                &[("OTEL_TRACES_SAMPLER", "traceidratio"), ("OTEL_TRACES_SAMPLER_ARG", "2")][..],
+                "OTEL_TRACES_SAMPLER_ARG",
+            ),
+            (
+                &[("OTEL_TRACES_SAMPLER", "traceidratio"), ("OTEL_TRACES_SAMPLER_ARG", "half")][..],
+                "OTEL_TRACES_SAMPLER_ARG",
+            ),
+            (&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")][..], "OTEL_EXPORTER_OTLP_PROTOCOL"),
+            (&[("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "udp")][..], "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"),
+            (&[("OTEL_PROPAGATORS", "tracecontext,nope")][..], "OTEL_PROPAGATORS"),
+            (&[("OTEL_SDK_DISABLED", "yes")][..], "OTEL_SDK_DISABLED"),
+            (&[("OTEL_TRACES_EXPORTER", "zipkin")][..], "OTEL_TRACES_EXPORTER"),
+            (&[("OTEL_RESOURCE_ATTRIBUTES", "novalue")][..], "OTEL_RESOURCE_ATTRIBUTES"),
+            (&[("OTEL_RESOURCE_ATTRIBUTES", "k=%ff")][..], "OTEL_RESOURCE_ATTRIBUTES"),
+        ] {
+            let error = config(pairs).expect_err(variable);
+            assert_eq!(error.variable, variable, "{error}");
+        }
+    }
+}
