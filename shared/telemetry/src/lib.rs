@@ -6,6 +6,10 @@
 //! - [`setup`]: [`TelemetryConfig`] from the `OTEL_*` variables and the [`Telemetry`] handle
 //!   (tracer, propagator, flush on shutdown).
 //! - [`propagators`]: `OTEL_PROPAGATORS`, which the Rust SDK does not read.
+//! - [`grpc`]: tower layers for gRPC CLIENT and SERVER spans (tonic).
+//! - [`http`]: an axum layer for HTTP SERVER spans, with the inbound trust policy.
+//! - [`messaging`]: PRODUCER / CONSUMER spans for RabbitMQ, parent or link.
+//! - [`spans`]: recording errors, baggage as span attributes.
 //! - [`logging`]: log lines carrying `trace_id` / `span_id` (text or JSON).
 //! - [`env`]: reading variables once, with errors that name the variable.
 //!
@@ -13,10 +17,14 @@
 //! values once at startup and pass them in, so several services can share one process.
 
 pub mod env;
+pub mod grpc;
+pub mod http;
 pub mod logging;
+pub mod messaging;
 pub mod propagation;
 pub mod propagators;
 pub mod setup;
+pub mod spans;
 
 pub use env::{ConfigError, Env};
 pub use setup::{Telemetry, TelemetryConfig};

@@ -3,10 +3,12 @@
 //! # Layout
 //! - [`rabbit`]: a RabbitMQ vhost of its own per test, on the machine's broker.
 //! - [`postgres`]: a PostgreSQL database of its own per test.
+//! - [`otlp`]: an OTLP/gRPC trace receiver, so tests see what the real exporter sends.
 //!
 //! Where the infrastructure is missing, fixtures panic with what to start: a test that quietly
 //! skips because its broker is absent would pass while proving nothing.
 
+pub mod otlp;
 pub mod postgres;
 pub mod rabbit;
 

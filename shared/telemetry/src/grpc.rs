@@ -1,0 +1,321 @@
+//! Tower layers that trace gRPC calls: [`GrpcClientLayer`] (CLIENT span, inject) around a
+//! tonic `Channel`, [`GrpcServerLayer`] (extract, SERVER span) around a tonic server.
+//!
+//! Span name and `rpc.method` are the fully-qualified method (`checkout.v1.CheckoutService/Checkout`),
+//! `rpc.system.name` is `grpc`, `rpc.response.status_code` the status name (`OK`, `NOT_FOUND`).
+//! The status of a unary call usually arrives in the trailers, so the span ends when the
+//! response body does; a call dropped before that (a caller's timeout) ends it as `CANCELLED`.
+//! Span status follows the conventions: every non-OK code fails a CLIENT span; a SERVER span
+//! fails only for codes that are the server's fault (UNKNOWN, DEADLINE_EXCEEDED,
+//! UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS), never for a caller's bad input.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll, ready};
+
+use http_body::{Body, Frame};
+use opentelemetry::context::{FutureExt as _, WithContext};
+use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_http::{HeaderExtractor, HeaderInjector};
+use opentelemetry_semantic_conventions::attribute::{
+    RPC_METHOD, RPC_RESPONSE_STATUS_CODE, RPC_SYSTEM_NAME, SERVER_ADDRESS, SERVER_PORT,
+};
+use pin_project_lite::pin_project;
+use tonic::Code;
+use tower::{Layer, Service};
+
+use crate::Telemetry;
+use crate::spans::record_error;
+
+/// Which end of the call a span describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Client,
+    Server,
+}
+
+/// Traces outgoing calls: a CLIENT span per call, its context injected into the metadata.
+#[derive(Debug, Clone)]
+pub struct GrpcClientLayer {
+    telemetry: Telemetry,
+    peer: Arc<(String, u16)>,
+}
+
+impl GrpcClientLayer {
+    /// `server_address` / `server_port`: the server the channel talks to.
+    pub fn new(telemetry: Telemetry, server_address: impl Into<String>, server_port: u16) -> Self {
+        Self { telemetry, peer: Arc::new((server_address.into(), server_port)) }
+    }
+}
+
+impl<S> Layer<S> for GrpcClientLayer {
+    type Service = GrpcClientService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcClientService { inner, layer: self.clone() }
+    }
+}
+
+/// The service [`GrpcClientLayer`] produces.
+#[derive(Debug, Clone)]
+pub struct GrpcClientService<S> {
+    inner: S,
+    layer: GrpcClientLayer,
+}
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for GrpcClientService<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Error: std::fmt::Display,
+{
+    type Response = http::Response<TracedBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
+        let telemetry = &self.layer.telemetry;
+        let parent = Context::current();
+        let method = request.uri().path().trim_start_matches('/').to_owned();
+        let (address, port) = &*self.layer.peer;
+        let span = telemetry
+            .tracer()
+            .span_builder(method.clone())
+            .with_kind(SpanKind::Client)
+            .with_attributes([
+                KeyValue::new(RPC_SYSTEM_NAME, "grpc"),
+                KeyValue::new(RPC_METHOD, method),
+                KeyValue::new(SERVER_ADDRESS, address.clone()),
+                KeyValue::new(SERVER_PORT, i64::from(*port)),
+            ])
+            .start_with_context(telemetry.tracer(), &parent);
+        let cx = parent.with_span(span);
+        telemetry.propagator().inject_context(&cx, &mut HeaderInjector(request.headers_mut()));
+        let future = self.inner.call(request).with_context(cx.clone());
+        ResponseFuture { inner: future, span: Some(RpcSpan { cx: Some(cx), side: Side::Client }) }
+    }
+}
+
+/// Traces incoming calls: extracts the caller's context and runs the handler inside a SERVER
+/// span, so `Context::current()` in the handler is that span.
+#[derive(Debug, Clone)]
+pub struct GrpcServerLayer {
+    telemetry: Telemetry,
+}
+
+impl GrpcServerLayer {
+    /// A layer that traces with `telemetry`.
+    pub fn new(telemetry: Telemetry) -> Self {
+        Self { telemetry }
+    }
+}
+
+impl<S> Layer<S> for GrpcServerLayer {
+    type Service = GrpcServerService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcServerService { inner, telemetry: self.telemetry.clone() }
+    }
+}
+
+/// The service [`GrpcServerLayer`] produces.
+#[derive(Debug, Clone)]
+pub struct GrpcServerService<S> {
+    inner: S,
+    telemetry: Telemetry,
+}
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for GrpcServerService<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Error: std::fmt::Display,
+{
+    type Response = http::Response<TracedBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let parent = self.telemetry.propagator().extract(&HeaderExtractor(request.headers()));
+        let method = request.uri().path().trim_start_matches('/').to_owned();
+        let mut attributes = vec![KeyValue::new(RPC_SYSTEM_NAME, "grpc"), KeyValue::new(RPC_METHOD, method.clone())];
+        if let Some(authority) = request.uri().authority() {
+            attributes.push(KeyValue::new(SERVER_ADDRESS, authority.host().to_owned()));
+            if let Some(port) = authority.port_u16() {
+                attributes.push(KeyValue::new(SERVER_PORT, i64::from(port)));
+            }
+        }
+        let tracer = self.telemetry.tracer();
+        let span = tracer
+            .span_builder(method)
+            .with_kind(SpanKind::Server)
+            .with_attributes(attributes)
+            .start_with_context(tracer, &parent);
+        let cx = parent.with_span(span);
+        let future = {
+            let _attached = cx.clone().attach();
+            self.inner.call(request)
+        }
+        .with_context(cx.clone());
+        ResponseFuture { inner: future, span: Some(RpcSpan { cx: Some(cx), side: Side::Server }) }
+    }
+}
+
+/// A call's span, ended exactly once: by the status, or as CANCELLED when dropped unfinished.
+#[derive(Debug)]
+struct RpcSpan {
+    cx: Option<Context>,
+    side: Side,
+}
+
+impl RpcSpan {
+    fn finish(&mut self, code: Code, message: &str) {
+        let Some(cx) = self.cx.take() else { return };
+        let span = cx.span();
+        span.set_attribute(KeyValue::new(RPC_RESPONSE_STATUS_CODE, code_name(code)));
+        if is_error(self.side, code) {
+            record_error(&span, code_name(code), if message.is_empty() { code.description() } else { message });
+        }
+        span.end();
+    }
+}
+
+impl Drop for RpcSpan {
+    fn drop(&mut self) {
+        self.finish(Code::Cancelled, "the call was dropped before it completed");
+    }
+}
+
+fn is_error(side: Side, code: Code) -> bool {
+    match side {
+        Side::Client => code != Code::Ok,
+        Side::Server => matches!(
+            code,
+            Code::Unknown
+                | Code::DeadlineExceeded
+                | Code::Unimplemented
+                | Code::Internal
+                | Code::Unavailable
+                | Code::DataLoss
+        ),
+    }
+}
+
+/// The canonical status name, as `rpc.response.status_code` spells it.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+pin_project! {
+    /// The response future of the traced services.
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: WithContext<F>,
+        span: Option<RpcSpan>,
+    }
+}
+
+impl<F, ResBody, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<http::Response<ResBody>, E>>,
+    E: std::fmt::Display,
+{
+    type Output = Result<http::Response<TracedBody<ResBody>>, E>;
+
+    fn poll(self: Pin<&mut Self>, task: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.inner.poll(task));
+        let mut span = this.span.take();
+        Poll::Ready(match result {
+            Ok(response) => {
+                // A trailers-only response (any error tonic returns) has the status in the headers.
+                if let (Some(status), Some(span)) = (tonic::Status::from_header_map(response.headers()), span.as_mut())
+                {
+                    span.finish(status.code(), status.message());
+                }
+                Ok(response.map(|inner| TracedBody { inner, span }))
+            }
+            Err(error) => {
+                // What tonic's client reports for a transport failure.
+                if let Some(span) = span.as_mut() {
+                    span.finish(Code::Unavailable, &error.to_string());
+                }
+                Err(error)
+            }
+        })
+    }
+}
+
+pin_project! {
+    /// A response body that ends the call's span when its trailers (the gRPC status) pass.
+    pub struct TracedBody<B> {
+        #[pin]
+        inner: B,
+        span: Option<RpcSpan>,
+    }
+}
+
+impl<B: Body> Body for TracedBody<B>
+where
+    B::Error: std::fmt::Display,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        task: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(task));
+        if let Some(span) = this.span.as_mut() {
+            match &frame {
+                Some(Ok(frame)) => {
+                    if let Some(trailers) = frame.trailers_ref() {
+                        match tonic::Status::from_header_map(trailers) {
+                            Some(status) => span.finish(status.code(), status.message()),
+                            None => span.finish(Code::Unknown, "trailers without grpc-status"),
+                        }
+                    }
+                }
+                Some(Err(error)) => span.finish(Code::Unknown, &error.to_string()),
+                None => span.finish(Code::Unknown, "the response ended without a grpc-status"),
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}

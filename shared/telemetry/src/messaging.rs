@@ -1,0 +1,205 @@
+//! PRODUCER and CONSUMER spans for RabbitMQ, named and attributed per OpenTelemetry semantic
+//! conventions 1.44 (messaging, "Development"), and the consumer's parent-or-link choice.
+//!
+//! | span | name | kind |
+//! |---|---|---|
+//! | publish | `publish {exchange}:{routing key}` | PRODUCER |
+//! | process | `process {exchange}:{routing key}:{queue}` | CONSUMER |
+//!
+//! An empty exchange is spelled `amq.default`. Attributes the conventions do not define for
+//! RabbitMQ (redelivery, attempt count) use the `tracehop.` prefix.
+
+use lapin::message::Delivery;
+use lapin::types::{AMQPValue, FieldTable};
+use opentelemetry::baggage::{BaggageExt, KeyValueMetadata};
+use opentelemetry::trace::{Link, SpanKind, TraceContextExt, Tracer};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_semantic_conventions::attribute::{
+    MESSAGING_DESTINATION_NAME, MESSAGING_MESSAGE_BODY_SIZE, MESSAGING_MESSAGE_ID, MESSAGING_OPERATION_NAME,
+    MESSAGING_OPERATION_TYPE, MESSAGING_RABBITMQ_DESTINATION_ROUTING_KEY, MESSAGING_RABBITMQ_MESSAGE_DELIVERY_TAG,
+    MESSAGING_SYSTEM, SERVER_ADDRESS, SERVER_PORT,
+};
+
+use crate::Telemetry;
+use crate::propagation::{AmqpHeaderExtractor, AmqpHeaderInjector};
+
+/// `tracehop.message.redelivered`: the broker flagged the delivery as a redelivery.
+pub const REDELIVERED: &str = "tracehop.message.redelivered";
+/// `tracehop.message.attempt`: 1 for the first delivery, counting broker redeliveries and
+/// trips through the retry queue.
+pub const ATTEMPT: &str = "tracehop.message.attempt";
+
+/// The broker a span talks to (`server.address`, `server.port`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerPeer {
+    /// Host name or IP.
+    pub address: String,
+    /// AMQP port.
+    pub port: u16,
+}
+
+/// Where messages are published, or where a queue receives them from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route<'a> {
+    /// Exchange name (empty: the default exchange).
+    pub exchange: &'a str,
+    /// Routing key.
+    pub routing_key: &'a str,
+}
+
+impl Route<'_> {
+    fn destination(&self) -> String {
+        let exchange = if self.exchange.is_empty() { "amq.default" } else { self.exchange };
+        format!("{exchange}:{}", self.routing_key)
+    }
+}
+
+/// How a CONSUMER span relates to the PRODUCER span whose context the message carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConsumerContext {
+    /// The CONSUMER span is a child of the PRODUCER span: one trace, and Jaeger draws the
+    /// `checkout -> stock` edge (the default here).
+    #[default]
+    Parent,
+    /// The CONSUMER span starts a new trace with a link to the PRODUCER span (the semantic
+    /// conventions' default for asynchronous hops). Baggage still crosses.
+    Link,
+}
+
+fn common_attributes(operation: &'static str, operation_type: &'static str, peer: &BrokerPeer) -> Vec<KeyValue> {
+    vec![
+        KeyValue::new(MESSAGING_SYSTEM, "rabbitmq"),
+        KeyValue::new(MESSAGING_OPERATION_NAME, operation),
+        KeyValue::new(MESSAGING_OPERATION_TYPE, operation_type),
+        KeyValue::new(SERVER_ADDRESS, peer.address.clone()),
+        KeyValue::new(SERVER_PORT, i64::from(peer.port)),
+    ]
+}
+
+/// What a publish span describes.
+#[derive(Debug, Clone, Copy)]
+pub struct Publish<'a> {
+    /// Exchange and routing key.
+    pub route: Route<'a>,
+    /// `message_id` of the message.
+    pub message_id: &'a str,
+    /// Body size in bytes.
+    pub body_size: usize,
+}
+
+/// Starts the PRODUCER span of a publish as a child of `parent`, and writes its context (and
+/// `parent`'s baggage) into `headers`. End the span once the broker confirmed the message.
+pub fn start_publish(
+    telemetry: &Telemetry,
+    parent: &Context,
+    publish: &Publish<'_>,
+    peer: &BrokerPeer,
+    headers: &mut FieldTable,
+) -> Context {
+    let destination = publish.route.destination();
+    let mut attributes = common_attributes("publish", "send", peer);
+    attributes.extend([
+        KeyValue::new(MESSAGING_RABBITMQ_DESTINATION_ROUTING_KEY, publish.route.routing_key.to_owned()),
+        KeyValue::new(MESSAGING_MESSAGE_ID, publish.message_id.to_owned()),
+        KeyValue::new(MESSAGING_MESSAGE_BODY_SIZE, publish.body_size as i64),
+    ]);
+    let span = telemetry
+        .tracer()
+        .span_builder(format!("publish {destination}"))
+        .with_kind(SpanKind::Producer)
+        .with_attributes(attributes)
+        .with_attributes([KeyValue::new(MESSAGING_DESTINATION_NAME, destination)])
+        .start_with_context(telemetry.tracer(), parent);
+    let cx = parent.with_span(span);
+    telemetry.propagator().inject_context(&cx, &mut AmqpHeaderInjector(headers));
+    cx
+}
+
+/// Where a consumer's messages come from: the route its queue is bound to, and the queue.
+#[derive(Debug, Clone, Copy)]
+pub struct Source<'a> {
+    /// The binding the queue receives the messages through.
+    pub route: Route<'a>,
+    /// Queue name.
+    pub queue: &'a str,
+}
+
+/// Starts the CONSUMER span that processes `delivery`, continuing the context its headers
+/// carry as `mode` says. A missing or unusable context starts a new trace; it never fails.
+///
+/// The span is named after `source`, not after the delivery's own exchange and routing key,
+/// which change when a message comes back through the retry queue.
+pub fn start_process(
+    telemetry: &Telemetry,
+    mode: ConsumerContext,
+    source: &Source<'_>,
+    delivery: &Delivery,
+    peer: &BrokerPeer,
+) -> Context {
+    let empty = FieldTable::default();
+    let headers = delivery.properties.headers().as_ref().unwrap_or(&empty);
+    let extracted = telemetry.propagator().extract(&AmqpHeaderExtractor(headers));
+    let destination = format!("{}:{}", source.route.destination(), source.queue);
+    let mut attributes = common_attributes("process", "process", peer);
+    attributes.extend([
+        KeyValue::new(MESSAGING_RABBITMQ_DESTINATION_ROUTING_KEY, source.route.routing_key.to_owned()),
+        KeyValue::new(MESSAGING_RABBITMQ_MESSAGE_DELIVERY_TAG, delivery.delivery_tag as i64),
+        KeyValue::new(MESSAGING_MESSAGE_BODY_SIZE, delivery.data.len() as i64),
+        KeyValue::new(REDELIVERED, delivery.redelivered),
+        KeyValue::new(ATTEMPT, attempt(delivery.redelivered, headers)),
+    ]);
+    if let Some(message_id) = delivery.properties.message_id() {
+        attributes.push(KeyValue::new(MESSAGING_MESSAGE_ID, message_id.as_str().to_owned()));
+    }
+    let builder = telemetry
+        .tracer()
+        .span_builder(format!("process {destination}"))
+        .with_kind(SpanKind::Consumer)
+        .with_attributes(attributes)
+        .with_attributes([KeyValue::new(MESSAGING_DESTINATION_NAME, destination)]);
+    let remote = extracted.span().span_context().clone();
+    match mode {
+        ConsumerContext::Parent => {
+            let span = builder.start_with_context(telemetry.tracer(), &extracted);
+            extracted.with_span(span)
+        }
+        ConsumerContext::Link => {
+            // A new root that keeps the baggage: only the span relationship changes.
+            let baggage = extracted
+                .baggage()
+                .iter()
+                .map(|(key, (value, metadata))| KeyValueMetadata::new(key.clone(), value.clone(), metadata.clone()));
+            let root = Context::new().with_baggage(baggage);
+            let links = if remote.is_valid() { vec![Link::with_context(remote)] } else { Vec::new() };
+            let span = builder.with_links(links).start_with_context(telemetry.tracer(), &root);
+            root.with_span(span)
+        }
+    }
+}
+
+/// 1 + broker redeliveries (`x-delivery-count`, set by quorum queues) + trips through
+/// dead-letter queues (`x-death` counts). A classic queue without a count gives 2 for a
+/// redelivery.
+fn attempt(redelivered: bool, headers: &FieldTable) -> i64 {
+    let as_int = |value: &AMQPValue| match value {
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
+        _ => None,
+    };
+    let deliveries = headers.inner().get("x-delivery-count").and_then(as_int);
+    let deaths: i64 = match headers.inner().get("x-death") {
+        Some(AMQPValue::FieldArray(deaths)) => deaths
+            .as_slice()
+            .iter()
+            .filter_map(|death| match death {
+                AMQPValue::FieldTable(death) => death.inner().get("count").and_then(as_int),
+                _ => None,
+            })
+            .sum(),
+        _ => 0,
+    };
+    let redeliveries = deliveries.unwrap_or(i64::from(redelivered));
+    1 + redeliveries.max(0) + deaths.max(0)
+}

@@ -1,0 +1,206 @@
+//! An OTLP/gRPC trace receiver inside the test: the real exporter, the real protocol, spans kept
+//! in memory for assertions. Built on `opentelemetry-proto`'s tonic server.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::common::v1::KeyValue;
+use opentelemetry_proto::tonic::common::v1::any_value::Value as ProtoValue;
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, oneshot};
+use tonic::transport::server::TcpIncoming;
+
+/// An attribute value, flattened to what assertions need.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Attr {
+    /// A string.
+    Str(String),
+    /// An integer.
+    Int(i64),
+    /// A boolean.
+    Bool(bool),
+    /// A float.
+    Double(f64),
+    /// Anything else (arrays, maps, bytes), debug-printed.
+    Other(String),
+}
+
+impl Attr {
+    /// The string, if this is one.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Attr::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// One span as it arrived over OTLP.
+#[derive(Debug, Clone)]
+pub struct ReceivedSpan {
+    /// `service.name` of the resource that sent it.
+    pub service_name: String,
+    /// All resource attributes.
+    pub resource: HashMap<String, Attr>,
+    /// Trace id, 32 lowercase hex.
+    pub trace_id: String,
+    /// Span id, 16 lowercase hex.
+    pub span_id: String,
+    /// Parent span id, empty for a root span.
+    pub parent_span_id: String,
+    /// Span name.
+    pub name: String,
+    /// Span kind.
+    pub kind: SpanKind,
+    /// Attributes.
+    pub attributes: HashMap<String, Attr>,
+    /// Links as (trace id, span id).
+    pub links: Vec<(String, String)>,
+    /// Event names, in order.
+    pub events: Vec<String>,
+    /// Event attributes, in the order of `events`.
+    pub event_attributes: Vec<HashMap<String, Attr>>,
+    /// Status code.
+    pub status: StatusCode,
+}
+
+impl ReceivedSpan {
+    /// The attribute `key`, if set.
+    pub fn attr(&self, key: &str) -> Option<&Attr> {
+        self.attributes.get(key)
+    }
+
+    /// The string attribute `key`, if set.
+    pub fn str_attr(&self, key: &str) -> Option<&str> {
+        self.attr(key).and_then(Attr::as_str)
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn flatten(attributes: &[KeyValue]) -> HashMap<String, Attr> {
+    attributes
+        .iter()
+        .map(|kv| {
+            let value = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                Some(ProtoValue::StringValue(s)) => Attr::Str(s.clone()),
+                Some(ProtoValue::IntValue(i)) => Attr::Int(*i),
+                Some(ProtoValue::BoolValue(b)) => Attr::Bool(*b),
+                Some(ProtoValue::DoubleValue(d)) => Attr::Double(*d),
+                other => Attr::Other(format!("{other:?}")),
+            };
+            (kv.key.clone(), value)
+        })
+        .collect()
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    spans: Mutex<Vec<ReceivedSpan>>,
+    arrived: Notify,
+}
+
+#[derive(Debug, Clone)]
+struct Collector(Arc<Shared>);
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut received = Vec::new();
+        for resource_spans in request.into_inner().resource_spans {
+            let resource = flatten(resource_spans.resource.as_ref().map_or(&[][..], |r| &r.attributes));
+            let service_name = resource.get("service.name").and_then(Attr::as_str).unwrap_or_default().to_owned();
+            for scope_spans in resource_spans.scope_spans {
+                for span in scope_spans.spans {
+                    received.push(ReceivedSpan {
+                        service_name: service_name.clone(),
+                        resource: resource.clone(),
+                        trace_id: hex(&span.trace_id),
+                        span_id: hex(&span.span_id),
+                        parent_span_id: hex(&span.parent_span_id),
+                        name: span.name.clone(),
+                        kind: SpanKind::try_from(span.kind).unwrap_or(SpanKind::Unspecified),
+                        attributes: flatten(&span.attributes),
+                        links: span.links.iter().map(|l| (hex(&l.trace_id), hex(&l.span_id))).collect(),
+                        events: span.events.iter().map(|e| e.name.clone()).collect(),
+                        event_attributes: span.events.iter().map(|e| flatten(&e.attributes)).collect(),
+                        status: span
+                            .status
+                            .as_ref()
+                            .and_then(|s| StatusCode::try_from(s.code).ok())
+                            .unwrap_or(StatusCode::Unset),
+                    });
+                }
+            }
+        }
+        self.0.spans.lock().unwrap_or_else(PoisonError::into_inner).extend(received);
+        self.0.arrived.notify_waiters();
+        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+    }
+}
+
+/// A running receiver on a loopback port; stops when dropped.
+#[derive(Debug)]
+pub struct OtlpReceiver {
+    endpoint: String,
+    shared: Arc<Shared>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl OtlpReceiver {
+    /// Starts a receiver on `127.0.0.1:0`.
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the OTLP receiver");
+        let endpoint = format!("http://{}", listener.local_addr().expect("local addr"));
+        let shared = Arc::new(Shared::default());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let service = TraceServiceServer::new(Collector(shared.clone()));
+        tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(TcpIncoming::from(listener), async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Self { endpoint, shared, _stop: stop }
+    }
+
+    /// The URL to give the exporter, e.g. `http://127.0.0.1:43123`.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Every span received so far.
+    pub fn spans(&self) -> Vec<ReceivedSpan> {
+        self.shared.spans.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Waits until `done` holds for the spans received, or panics after `timeout` with what
+    /// did arrive.
+    pub async fn wait_for(&self, timeout: Duration, done: impl Fn(&[ReceivedSpan]) -> bool) -> Vec<ReceivedSpan> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let arrived = self.shared.arrived.notified();
+            let spans = self.spans();
+            if done(&spans) {
+                return spans;
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                let summary: Vec<String> =
+                    spans.iter().map(|s| format!("{} {:?} {:?}", s.service_name, s.kind, s.name)).collect();
+                panic!("spans did not arrive within {timeout:?}; received: {summary:#?}");
+            }
+        }
+    }
+}
