@@ -2,9 +2,11 @@
 //!
 //! # Layout
 //! - [`catalog`]: the demo catalog (prices for checkout, seed for stock).
+//! - [`connection`]: one recovering connection, to a broker or any node of a cluster.
 //! - [`event`]: the `checkout.processed` message body.
 //! - [`topology`]: exchanges and queues, declared identically by both services.
 
 pub mod catalog;
+pub mod connection;
 pub mod event;
 pub mod topology;

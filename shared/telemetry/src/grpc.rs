@@ -29,6 +29,9 @@ use tower::{Layer, Service};
 use crate::Telemetry;
 use crate::spans::record_error;
 
+/// Calls under this path (grpc.health.v1) are not traced.
+const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
+
 /// Which end of the call a span describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Side {
@@ -102,7 +105,7 @@ where
 }
 
 /// Traces incoming calls: extracts the caller's context and runs the handler inside a SERVER
-/// span, so `Context::current()` in the handler is that span.
+/// span, so `Context::current()` in the handler is that span. Health checks are not traced.
 #[derive(Debug, Clone)]
 pub struct GrpcServerLayer {
     telemetry: Telemetry,
@@ -144,6 +147,11 @@ where
     }
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        // Health probes every few seconds would bury the traces people look for.
+        if request.uri().path().starts_with(HEALTH_PREFIX) {
+            let future = self.inner.call(request).with_context(Context::current());
+            return ResponseFuture { inner: future, span: None };
+        }
         let parent = self.telemetry.propagator().extract(&HeaderExtractor(request.headers()));
         let method = request.uri().path().trim_start_matches('/').to_owned();
         let mut attributes = vec![KeyValue::new(RPC_SYSTEM_NAME, "grpc"), KeyValue::new(RPC_METHOD, method.clone())];

@@ -11,6 +11,7 @@
 //! - [`messaging`]: PRODUCER / CONSUMER spans for RabbitMQ, parent or link.
 //! - [`spans`]: recording errors, baggage as span attributes.
 //! - [`logging`]: log lines carrying `trace_id` / `span_id` (text or JSON).
+//! - [`shutdown`]: the SIGINT / SIGTERM signal every service drains on.
 //! - [`env`]: reading variables once, with errors that name the variable.
 //!
 //! Nothing here reads the environment except the `from_env` constructors; services build the
@@ -24,6 +25,7 @@ pub mod messaging;
 pub mod propagation;
 pub mod propagators;
 pub mod setup;
+pub mod shutdown;
 pub mod spans;
 
 pub use env::{ConfigError, Env};

@@ -1,0 +1,41 @@
+//! Checkout's configuration, read once from the environment (README, "Configuration").
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tracehop_broker::connection::BrokerNodes;
+use tracehop_telemetry::{ConfigError, Env};
+
+/// Everything checkout needs besides telemetry.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `CHECKOUT_ADDR`: where the gRPC server listens.
+    pub addr: SocketAddr,
+    /// `AMQP_ADDR`: the broker, or the nodes of a cluster.
+    pub amqp: BrokerNodes,
+    /// `PUBLISH_TIMEOUT_MS`: how long a publish may wait for the broker's confirm, including
+    /// waiting out a reconnection and republishing. Shorter than the gateway's
+    /// `CHECKOUT_TIMEOUT_MS`, so the caller gets UNAVAILABLE rather than a timeout.
+    pub publish_timeout: Duration,
+    /// `BROKER_GIVE_UP_SECS`: how long the broker may stay unreachable before the process
+    /// exits non-zero for its supervisor to restart it.
+    pub broker_give_up: Duration,
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(&Env::process())
+    }
+
+    /// Reads `env`.
+    pub fn from_lookup(env: &Env<'_>) -> Result<Self, ConfigError> {
+        let amqp = env.string_or("AMQP_ADDR", "amqp://guest:guest@127.0.0.1:5672/%2f");
+        Ok(Self {
+            addr: env.parse_or("CHECKOUT_ADDR", SocketAddr::from(([0, 0, 0, 0], 50051)))?,
+            amqp: BrokerNodes::parse(&amqp).map_err(|e| ConfigError::new("AMQP_ADDR", e))?,
+            publish_timeout: Duration::from_millis(env.parse_or("PUBLISH_TIMEOUT_MS", 1500)?),
+            broker_give_up: Duration::from_secs(env.parse_or("BROKER_GIVE_UP_SECS", 120)?),
+        })
+    }
+}

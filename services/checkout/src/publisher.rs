@@ -1,0 +1,142 @@
+//! Publishing `checkout.processed` so that a returned `Ok` means the broker has it durably.
+//!
+//! Publisher confirms, `mandatory`, persistent delivery, `message_id` = order id. A nack, an
+//! unroutable return (lapin: `Ack(Some(returned))`) or no confirm before the deadline is an
+//! error. A connection lost mid-publish is waited out (lapin recovers the channel) and the
+//! message republished: at-least-once, which stock's idempotency turns into exactly-once.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Confirmation};
+use opentelemetry::Context;
+use opentelemetry::trace::TraceContextExt;
+use tracehop_broker::connection::Broker;
+use tracehop_broker::event::{CONTENT_TYPE, CheckoutProcessed, EVENT_TYPE};
+use tracehop_broker::topology;
+use tracehop_telemetry::Telemetry;
+use tracehop_telemetry::messaging::{self, Publish, Route};
+use tracehop_telemetry::spans::record_error;
+
+/// AMQP `delivery_mode` of a message the broker writes to disk.
+const PERSISTENT: u8 = 2;
+
+/// Why a publish did not end in a confirm.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// Nothing is bound to the exchange with this routing key.
+    #[error("unroutable: the broker returned the message ({0})")]
+    Unroutable(String),
+    /// The broker refused the message (queue over its limits, node failure).
+    #[error("the broker nacked the message")]
+    Nacked,
+    /// No confirm within the deadline (including time spent waiting for a reconnection).
+    #[error("no confirm within {0:?}")]
+    Timeout(Duration),
+    /// The connection or channel failed and could not recover in time.
+    #[error("broker connection")]
+    Broker(#[from] lapin::Error),
+    /// The event could not be serialised (a bug, never bad input).
+    #[error("cannot serialise the event")]
+    Encode(#[from] serde_json::Error),
+}
+
+impl PublishError {
+    /// Low-cardinality `error.type` for spans.
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Unroutable(_) => "unroutable",
+            Self::Nacked => "nacked",
+            Self::Timeout(_) => "timeout",
+            Self::Broker(_) => "broker_unavailable",
+            Self::Encode(_) => "encode",
+        }
+    }
+}
+
+/// Publishes events on one confirm-mode channel.
+#[derive(Debug, Clone)]
+pub struct Publisher {
+    broker: Broker,
+    channel: Channel,
+    telemetry: Telemetry,
+    timeout: Duration,
+}
+
+impl Publisher {
+    /// Opens a confirm-mode channel and declares the shared topology on it.
+    pub async fn open(broker: Broker, telemetry: Telemetry, timeout: Duration) -> lapin::Result<Self> {
+        let channel = broker.channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        topology::declare(&channel).await?;
+        Ok(Self { broker, channel, telemetry, timeout })
+    }
+
+    /// Publishes `event` under a PRODUCER span (child of the current span) and waits for the
+    /// broker's confirm.
+    pub async fn publish(&self, event: &CheckoutProcessed) -> Result<(), PublishError> {
+        let body = serde_json::to_vec(event)?;
+        let mut headers = FieldTable::default();
+        let publish = Publish {
+            route: Route { exchange: topology::EXCHANGE, routing_key: topology::ROUTING_KEY },
+            message_id: &event.order_id,
+            body_size: body.len(),
+        };
+        let cx =
+            messaging::start_publish(&self.telemetry, &Context::current(), &publish, &self.broker.peer(), &mut headers);
+        let properties = BasicProperties::default()
+            .with_content_type(CONTENT_TYPE.into())
+            .with_type(EVENT_TYPE.into())
+            .with_message_id(event.order_id.as_str().into())
+            .with_delivery_mode(PERSISTENT)
+            .with_timestamp(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
+            .with_app_id("checkout".into())
+            .with_headers(headers);
+        let outcome = match tokio::time::timeout(self.timeout, self.publish_until_confirmed(&body, &properties)).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(PublishError::Timeout(self.timeout)),
+        };
+        let span = cx.span();
+        if let Err(error) = &outcome {
+            record_error(&span, error.kind(), &error.to_string());
+        }
+        span.end();
+        outcome
+    }
+
+    async fn publish_until_confirmed(&self, body: &[u8], properties: &BasicProperties) -> Result<(), PublishError> {
+        let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
+        loop {
+            let sent = self
+                .channel
+                .basic_publish(
+                    topology::EXCHANGE.into(),
+                    topology::ROUTING_KEY.into(),
+                    options,
+                    body,
+                    properties.clone(),
+                )
+                .await;
+            let confirmed = match sent {
+                Ok(confirm) => confirm.await,
+                Err(error) => Err(error),
+            };
+            match confirmed {
+                Ok(Confirmation::Ack(None)) => return Ok(()),
+                Ok(Confirmation::Ack(Some(returned))) => {
+                    return Err(PublishError::Unroutable(returned.reply_text.to_string()));
+                }
+                Ok(Confirmation::Nack(_)) => return Err(PublishError::Nacked),
+                // Confirm mode is on for this channel: an unconfirmed publish is a broken promise.
+                Ok(Confirmation::NotRequested) => return Err(PublishError::Nacked),
+                // The connection dropped: lapin recovers the channel; then publish again. If it
+                // cannot recover, this returns the error.
+                Err(error) => {
+                    tracing::warn!(%error, "publish interrupted; waiting for the broker connection to recover");
+                    self.channel.wait_for_recovery(error).await?;
+                }
+            }
+        }
+    }
+}
