@@ -1,3 +1,106 @@
-//! The stock service.
+//! stock: consumes `checkout.processed`, continues the trace across the broker, reserves stock
+//! exactly once per order, and answers an admin HTTP API.
+//!
+//! # Layout
+//! - [`config`]: `Config::from_env()`.
+//! - [`consumer`]: the traced consumer and how each delivery is settled (ack, retry, DLQ).
+//! - [`store`]: the stock store, SQLite or PostgreSQL.
+//! - [`admin`]: `GET /api/stock/{sku}`, `GET /api/orders/{id}`, `GET /healthz`.
+//!
+//! [`run`] consumes and serves until `shutdown`, then stops taking deliveries, finishes those
+//! in progress and returns; `main` flushes telemetry after it.
 
+pub mod admin;
+pub mod config;
+pub mod consumer;
 pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use futures_util::FutureExt as _;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracehop_broker::catalog;
+use tracehop_broker::connection::{Broker, BrokerHealth};
+use tracehop_telemetry::Telemetry;
+
+pub use config::Config;
+
+use crate::admin::AdminState;
+use crate::consumer::{ConsumeError, Handler};
+use crate::store::{Store, StoreError};
+
+/// Why stock stopped other than by a shutdown signal.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The store could not be opened.
+    #[error("cannot open the stock store")]
+    Store(#[from] StoreError),
+    /// The broker could not be reached at startup.
+    #[error("cannot connect to the broker")]
+    Connect(#[source] lapin::Error),
+    /// The broker stayed unreachable longer than `BROKER_GIVE_UP_SECS`.
+    #[error("the broker connection was lost and did not recover")]
+    BrokerLost,
+    /// Consuming stopped for good.
+    #[error("consumer")]
+    Consume(#[from] ConsumeError),
+    /// The admin HTTP server failed.
+    #[error("admin HTTP server")]
+    Serve(#[from] std::io::Error),
+}
+
+/// Consumes and serves the admin API on `listener` until `shutdown` completes.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    telemetry: Telemetry,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let store = Store::open(&config.store, &catalog::skus(), config.seed_units).await?;
+    let broker = Broker::connect(config.amqp.clone(), "stock").await.map_err(RunError::Connect)?;
+    let (channel, consumer) = consumer::open(&broker, config.prefetch).await.map_err(RunError::Connect)?;
+    let health = broker.health(config.broker_give_up);
+
+    // One stop signal for both halves: the caller's shutdown, or the broker lost for good.
+    let (stop, stopped) = watch::channel(None::<bool>);
+    let mut lost = health.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = shutdown => { let _ = stop.send(Some(false)); }
+            Ok(()) = lost.wait_for(|h| *h == BrokerHealth::Lost).map(|r| r.map(|_| ())) => {
+                tracing::error!("broker connection did not recover; exiting so a supervisor restarts stock");
+                let _ = stop.send(Some(true));
+            }
+        }
+    });
+    let until_stopped = |mut stopped: watch::Receiver<Option<bool>>| async move {
+        let _ = stopped.wait_for(Option::is_some).await;
+    };
+
+    let handler = Arc::new(Handler {
+        store: store.clone(),
+        channel,
+        broker: broker.clone(),
+        telemetry: telemetry.clone(),
+        mode: config.consumer_context,
+        baggage_keys: config.baggage_span_attributes.clone(),
+    });
+    let router = admin::router(AdminState { store: store.clone(), broker: health }, telemetry);
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "stock admin API listening");
+    }
+    let serving = axum::serve(listener, router).with_graceful_shutdown(until_stopped(stopped.clone()));
+    let consuming = consumer::consume(consumer, handler, until_stopped(stopped.clone()), config.drain_timeout);
+    let (served, consumed) = tokio::join!(async { serving.await }, consuming);
+    broker.close().await;
+    store.close().await;
+    if *stopped.borrow() == Some(true) {
+        return Err(RunError::BrokerLost);
+    }
+    consumed?;
+    served?;
+    Ok(())
+}

@@ -26,8 +26,11 @@ use crate::propagation::{AmqpHeaderExtractor, AmqpHeaderInjector};
 /// `tracehop.message.redelivered`: the broker flagged the delivery as a redelivery.
 pub const REDELIVERED: &str = "tracehop.message.redelivered";
 /// `tracehop.message.attempt`: 1 for the first delivery, counting broker redeliveries and
-/// trips through the retry queue.
+/// trips through a retry queue.
 pub const ATTEMPT: &str = "tracehop.message.attempt";
+/// Header a consumer sets when it republishes a message for a delayed retry: how many retries
+/// the message has had. (Not `x-death`: recent RabbitMQ versions ignore a client's `x-death`.)
+pub const RETRY_COUNT_HEADER: &str = "x-retry-count";
 
 /// The broker a span talks to (`server.address`, `server.port`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,13 +105,13 @@ pub fn start_publish(
         KeyValue::new(MESSAGING_RABBITMQ_DESTINATION_ROUTING_KEY, publish.route.routing_key.to_owned()),
         KeyValue::new(MESSAGING_MESSAGE_ID, publish.message_id.to_owned()),
         KeyValue::new(MESSAGING_MESSAGE_BODY_SIZE, publish.body_size as i64),
+        KeyValue::new(MESSAGING_DESTINATION_NAME, destination.clone()),
     ]);
     let span = telemetry
         .tracer()
         .span_builder(format!("publish {destination}"))
         .with_kind(SpanKind::Producer)
         .with_attributes(attributes)
-        .with_attributes([KeyValue::new(MESSAGING_DESTINATION_NAME, destination)])
         .start_with_context(telemetry.tracer(), parent);
     let cx = parent.with_span(span);
     telemetry.propagator().inject_context(&cx, &mut AmqpHeaderInjector(headers));
@@ -147,6 +150,7 @@ pub fn start_process(
         KeyValue::new(MESSAGING_MESSAGE_BODY_SIZE, delivery.data.len() as i64),
         KeyValue::new(REDELIVERED, delivery.redelivered),
         KeyValue::new(ATTEMPT, attempt(delivery.redelivered, headers)),
+        KeyValue::new(MESSAGING_DESTINATION_NAME, destination.clone()),
     ]);
     if let Some(message_id) = delivery.properties.message_id() {
         attributes.push(KeyValue::new(MESSAGING_MESSAGE_ID, message_id.as_str().to_owned()));
@@ -155,8 +159,7 @@ pub fn start_process(
         .tracer()
         .span_builder(format!("process {destination}"))
         .with_kind(SpanKind::Consumer)
-        .with_attributes(attributes)
-        .with_attributes([KeyValue::new(MESSAGING_DESTINATION_NAME, destination)]);
+        .with_attributes(attributes);
     let remote = extracted.span().span_context().clone();
     match mode {
         ConsumerContext::Parent => {
@@ -177,29 +180,27 @@ pub fn start_process(
     }
 }
 
-/// 1 + broker redeliveries (`x-delivery-count`, set by quorum queues) + trips through
-/// dead-letter queues (`x-death` counts). A classic queue without a count gives 2 for a
-/// redelivery.
+/// 1 + broker redeliveries (`x-delivery-count`, set by quorum queues; else 1 when flagged
+/// redelivered) + delayed retries ([`RETRY_COUNT_HEADER`]).
 fn attempt(redelivered: bool, headers: &FieldTable) -> i64 {
-    let as_int = |value: &AMQPValue| match value {
+    let redeliveries = header_int(headers, "x-delivery-count").unwrap_or(i64::from(redelivered));
+    1 + redeliveries.max(0) + retry_count(headers)
+}
+
+/// The [`RETRY_COUNT_HEADER`] of a message, 0 when absent or not an integer.
+pub fn retry_count(headers: &FieldTable) -> i64 {
+    header_int(headers, RETRY_COUNT_HEADER).unwrap_or(0).max(0)
+}
+
+fn header_int(headers: &FieldTable, key: &str) -> Option<i64> {
+    match headers.inner().get(key)? {
         AMQPValue::LongLongInt(n) => Some(*n),
         AMQPValue::LongInt(n) => Some(i64::from(*n)),
         AMQPValue::LongUInt(n) => Some(i64::from(*n)),
         AMQPValue::ShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortUInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortShortUInt(n) => Some(i64::from(*n)),
         _ => None,
-    };
-    let deliveries = headers.inner().get("x-delivery-count").and_then(as_int);
-    let deaths: i64 = match headers.inner().get("x-death") {
-        Some(AMQPValue::FieldArray(deaths)) => deaths
-            .as_slice()
-            .iter()
-            .filter_map(|death| match death {
-                AMQPValue::FieldTable(death) => death.inner().get("count").and_then(as_int),
-                _ => None,
-            })
-            .sum(),
-        _ => 0,
-    };
-    let redeliveries = deliveries.unwrap_or(i64::from(redelivered));
-    1 + redeliveries.max(0) + deaths.max(0)
+    }
 }

@@ -19,7 +19,9 @@ use opentelemetry::trace::{TracerProvider as _, noop::NoopTracer};
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::resource::{Resource, TelemetryResourceDetector};
-use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter};
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider, SpanData, SpanExporter,
+};
 
 use crate::env::{ConfigError, Env};
 use crate::propagation::CheckedPropagator;
@@ -97,6 +99,9 @@ pub struct TelemetryConfig {
     pub propagators: Vec<PropagatorKind>,
     /// How long shutdown may spend flushing spans before it gives up on them.
     pub shutdown_timeout: Duration,
+    /// How often the batch processor exports; `None` keeps the SDK's `OTEL_BSP_SCHEDULE_DELAY`
+    /// (default 5 s). Tests shorten it to see spans sooner.
+    pub batch_delay: Option<Duration>,
 }
 
 impl TelemetryConfig {
@@ -110,6 +115,7 @@ impl TelemetryConfig {
             sampler: SamplerChoice::ParentBasedAlwaysOn,
             propagators: DEFAULT_PROPAGATORS.to_vec(),
             shutdown_timeout: Duration::from_secs(5),
+            batch_delay: None,
         }
     }
 
@@ -170,6 +176,7 @@ impl TelemetryConfig {
             sampler: parse_sampler(env)?,
             propagators,
             shutdown_timeout: Duration::from_secs(5),
+            batch_delay: None,
         })
     }
 }
@@ -294,7 +301,14 @@ impl Telemetry {
                     exporter.with_protocol(Protocol::HttpBinary).build()?
                 }
             };
-            builder = builder.with_batch_exporter(CountingExporter::new(exporter));
+            // The SDK's defaults read OTEL_BSP_*; only the delay is overridden, when asked.
+            let mut batch = BatchConfigBuilder::default();
+            if let Some(delay) = config.batch_delay {
+                batch = batch.with_scheduled_delay(delay);
+            }
+            let processor =
+                BatchSpanProcessor::builder(CountingExporter::new(exporter)).with_batch_config(batch.build()).build();
+            builder = builder.with_span_processor(processor);
         }
         let provider = builder.build();
         let tracer = BoxedTracer::new(Box::new(provider.tracer("tracehop")));

@@ -1,7 +1,7 @@
 //! Small span helpers every service uses: recording an error the same way everywhere, and
 //! copying allow-listed baggage onto spans.
 
-use opentelemetry::baggage::BaggageExt;
+use opentelemetry::baggage::{BaggageExt, KeyValueMetadata};
 use opentelemetry::trace::{SpanRef, Status};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_semantic_conventions::attribute::ERROR_TYPE;
@@ -34,4 +34,40 @@ pub fn baggage_attributes(cx: &Context, allowed: &[String]) -> Vec<KeyValue> {
         .iter()
         .filter_map(|key| baggage.get(key).map(|value| KeyValue::new(key.clone(), value.as_str().to_owned())))
         .collect()
+}
+
+/// `cx` with `key=value` added to its baggage; the entries already there are kept (the SDK's
+/// `with_baggage` alone would replace them all).
+pub fn with_baggage_entry(cx: &Context, key: &str, value: &str) -> Context {
+    let entries: Vec<KeyValueMetadata> = cx
+        .baggage()
+        .iter()
+        .filter(|(existing, _)| existing.as_str() != key)
+        .map(|(existing, (value, metadata))| KeyValueMetadata::new(existing.clone(), value.clone(), metadata.clone()))
+        .chain(std::iter::once(KeyValueMetadata::new(key.to_owned(), value.to_owned(), "")))
+        .collect();
+    cx.with_baggage(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry::baggage::BaggageExt;
+
+    use super::*;
+
+    #[test]
+    fn adding_a_baggage_entry_keeps_the_others_and_replaces_its_own() {
+        let cx = Context::new().with_baggage([KeyValue::new("team", "a"), KeyValue::new("customer.id", "old")]);
+        let cx = with_baggage_entry(&cx, "customer.id", "c-42");
+        assert_eq!(cx.baggage().get("team").map(|v| v.as_str().to_owned()), Some("a".into()));
+        assert_eq!(cx.baggage().get("customer.id").map(|v| v.as_str().to_owned()), Some("c-42".into()));
+        assert_eq!(cx.baggage().len(), 2);
+    }
+
+    #[test]
+    fn only_allow_listed_baggage_becomes_attributes() {
+        let cx = Context::new().with_baggage([KeyValue::new("customer.id", "c-42"), KeyValue::new("secret", "x")]);
+        let attributes = baggage_attributes(&cx, &["customer.id".to_owned(), "absent".to_owned()]);
+        assert_eq!(attributes, vec![KeyValue::new("customer.id", "c-42")]);
+    }
 }

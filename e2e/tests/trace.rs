@@ -1,0 +1,150 @@
+//! One checkout, one trace: SERVER(gateway) -> CLIENT(gateway) -> SERVER(checkout) ->
+//! PRODUCER(checkout) -> CONSUMER(stock), with the names and attributes of DESIGN.md.
+
+use std::time::Duration;
+
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use serde_json::{Value, json};
+use tracehop_e2e::{Options, Pipeline, dependency_edges};
+use tracehop_testkit::otlp::{Attr, ReceivedSpan};
+
+fn find<'a>(spans: &'a [ReceivedSpan], service: &str, kind: SpanKind, name: &str) -> &'a ReceivedSpan {
+    spans
+        .iter()
+        .find(|s| s.service_name == service && s.kind == kind && s.name == name)
+        .unwrap_or_else(|| panic!("no {kind:?} span {name:?} from {service}"))
+}
+
+fn assert_attr(span: &ReceivedSpan, key: &str, expected: Attr) {
+    assert_eq!(span.attr(key), Some(&expected), "{} {key}: {:#?}", span.name, span.attributes);
+}
+
+fn s(value: &str) -> Attr {
+    Attr::Str(value.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_checkout_is_one_trace_across_three_services() {
+    let pipeline = Pipeline::start(Options::default()).await;
+    let before = pipeline.stock("SKU-001").await;
+
+    let response =
+        pipeline.checkout(&json!({"customer_id": "c-42", "items": [{"sku": "SKU-001", "quantity": 2}]}), &[]).await;
+    assert_eq!(response.status().as_u16(), 202);
+    let server_timing = response.headers()["server-timing"].to_str().expect("ascii").to_owned();
+    let traceresponse = response.headers()["traceresponse"].to_str().expect("ascii").to_owned();
+    let body: Value = serde_json::from_slice(&response.bytes().await.expect("body")).expect("json");
+    let trace_id = body["trace_id"].as_str().expect("trace_id").to_owned();
+    let order_id = body["order_id"].as_str().expect("order_id").to_owned();
+    assert_eq!(body["total_cents"], 4900);
+    assert_eq!(trace_id.len(), 32);
+    assert_eq!(body["trace_url"], format!("http://localhost:16686/trace/{trace_id}"));
+
+    // The stock effect.
+    assert_eq!(pipeline.wait_for_order(&order_id).await, "reserved");
+    assert_eq!(pipeline.stock("SKU-001").await, (before.0 - 2, before.1 + 2));
+
+    let spans = pipeline
+        .receiver
+        .wait_for(Duration::from_secs(10), |spans| spans.iter().filter(|s| s.trace_id == trace_id).count() >= 7)
+        .await;
+    let trace: Vec<ReceivedSpan> = spans.into_iter().filter(|s| s.trace_id == trace_id).collect();
+
+    let http = find(&trace, "gateway", SpanKind::Server, "POST /api/checkout");
+    let rpc_client = find(&trace, "gateway", SpanKind::Client, "checkout.v1.CheckoutService/Checkout");
+    let rpc_server = find(&trace, "checkout", SpanKind::Server, "checkout.v1.CheckoutService/Checkout");
+    let publish = find(&trace, "checkout", SpanKind::Producer, "publish checkout:checkout.processed");
+    let process =
+        find(&trace, "stock", SpanKind::Consumer, "process checkout:checkout.processed:stock.checkout-processed");
+    let reserve = find(&trace, "stock", SpanKind::Internal, "reserve stock");
+    let query = find(&trace, "stock", SpanKind::Client, "UPDATE stock INSERT orders");
+
+    // The chain.
+    assert_eq!(http.parent_span_id, "", "a new trace starts at the gateway");
+    assert_eq!(rpc_client.parent_span_id, http.span_id);
+    assert_eq!(rpc_server.parent_span_id, rpc_client.span_id);
+    assert_eq!(publish.parent_span_id, rpc_server.span_id);
+    assert_eq!(process.parent_span_id, publish.span_id);
+    assert_eq!(reserve.parent_span_id, process.span_id);
+    assert_eq!(query.parent_span_id, reserve.span_id);
+
+    // The trace handed back is this one, ending at the gateway's SERVER span.
+    let expected = format!("00-{trace_id}-{}-01", http.span_id);
+    assert_eq!(server_timing, format!("trace;desc={expected}"));
+    assert_eq!(traceresponse, expected);
+
+    // Attributes.
+    assert_attr(http, "http.request.method", s("POST"));
+    assert_attr(http, "http.route", s("/api/checkout"));
+    assert_attr(http, "url.path", s("/api/checkout"));
+    assert_attr(http, "http.response.status_code", Attr::Int(202));
+    assert_attr(http, "customer.id", s("c-42"));
+    for rpc in [rpc_client, rpc_server] {
+        assert_attr(rpc, "rpc.system.name", s("grpc"));
+        assert_attr(rpc, "rpc.method", s("checkout.v1.CheckoutService/Checkout"));
+        assert_attr(rpc, "rpc.response.status_code", s("OK"));
+        assert_attr(rpc, "server.address", s("127.0.0.1"));
+        assert!(matches!(rpc.attr("server.port"), Some(Attr::Int(port)) if *port > 0), "{:?}", rpc.attributes);
+    }
+    assert_attr(publish, "messaging.system", s("rabbitmq"));
+    assert_attr(publish, "messaging.operation.name", s("publish"));
+    assert_attr(publish, "messaging.operation.type", s("send"));
+    assert_attr(publish, "messaging.destination.name", s("checkout:checkout.processed"));
+    assert_attr(publish, "messaging.rabbitmq.destination.routing_key", s("checkout.processed"));
+    assert_attr(publish, "messaging.message.id", s(&order_id));
+    assert_attr(publish, "server.address", s("127.0.0.1"));
+    assert_attr(publish, "server.port", Attr::Int(5672));
+    assert_attr(process, "messaging.system", s("rabbitmq"));
+    assert_attr(process, "messaging.operation.name", s("process"));
+    assert_attr(process, "messaging.operation.type", s("process"));
+    assert_attr(process, "messaging.destination.name", s("checkout:checkout.processed:stock.checkout-processed"));
+    assert_attr(process, "messaging.message.id", s(&order_id));
+    assert!(matches!(process.attr("messaging.rabbitmq.message.delivery_tag"), Some(Attr::Int(tag)) if *tag >= 1));
+    assert_attr(process, "tracehop.message.redelivered", Attr::Bool(false));
+    assert_attr(process, "tracehop.message.attempt", Attr::Int(1));
+    assert_attr(process, "tracehop.reservation.outcome", s("reserved"));
+    assert_attr(process, "customer.id", s("c-42"));
+    assert_attr(query, "db.system.name", s("sqlite"));
+    assert_attr(reserve, "tracehop.reservation.outcome", s("reserved"));
+
+    // What Jaeger's System Architecture draws.
+    let edges: Vec<(String, String)> = dependency_edges(&trace).into_iter().collect();
+    assert_eq!(edges, vec![("checkout".to_owned(), "stock".to_owned()), ("gateway".to_owned(), "checkout".to_owned())]);
+
+    // Each service reports under its own name, with an instance id.
+    for span in &trace {
+        assert!(span.resource.contains_key("service.instance.id"), "{}", span.service_name);
+    }
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbound_traceparent_is_continued() {
+    let pipeline = Pipeline::start(Options::default()).await;
+    let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let traceparent = format!("00-{caller_trace}-{caller_span}-01");
+    let response = pipeline
+        .checkout(
+            &json!({"customer_id": "c-7", "items": [{"sku": "SKU-003", "quantity": 1}]}),
+            &[("traceparent", &traceparent)],
+        )
+        .await;
+    assert_eq!(response.status().as_u16(), 202);
+    let body: Value = serde_json::from_slice(&response.bytes().await.expect("body")).expect("json");
+    assert_eq!(body["trace_id"], caller_trace);
+    let order_id = body["order_id"].as_str().expect("order id").to_owned();
+    pipeline.wait_for_order(&order_id).await;
+    let spans = pipeline
+        .receiver
+        .wait_for(Duration::from_secs(10), |spans| {
+            let of_trace = || spans.iter().filter(|s| s.trace_id == caller_trace);
+            of_trace().any(|s| s.kind == SpanKind::Consumer)
+                && of_trace().any(|s| s.kind == SpanKind::Server && s.service_name == "gateway")
+        })
+        .await;
+    let http = find(&spans, "gateway", SpanKind::Server, "POST /api/checkout");
+    assert_eq!(http.trace_id, caller_trace);
+    assert_eq!(http.parent_span_id, caller_span);
+    pipeline.stop().await;
+}

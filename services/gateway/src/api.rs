@@ -1,0 +1,129 @@
+//! `POST /api/checkout`: validate, call checkout over gRPC inside the request's trace, and
+//! return the trace to the caller.
+
+use axum::Json;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use opentelemetry::Context;
+use opentelemetry::context::FutureExt as _;
+use opentelemetry::trace::TraceContextExt;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use tracehop_proto::{CheckoutRequest, LineItem};
+use tracehop_telemetry::spans::{baggage_attributes, with_baggage_entry};
+
+use crate::AppState;
+use crate::error::AppError;
+
+/// Most lines one order may have.
+pub const MAX_ITEMS: usize = 100;
+/// Longest customer id accepted: it travels as baggage to every hop.
+pub const MAX_CUSTOMER_ID: usize = 128;
+
+/// The request body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckoutBody {
+    /// Who orders.
+    pub customer_id: String,
+    /// What is ordered.
+    pub items: Vec<ItemBody>,
+}
+
+/// One line of the request body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ItemBody {
+    /// Catalog SKU.
+    pub sku: String,
+    /// Units, at least 1.
+    pub quantity: u32,
+}
+
+/// `Json<T>` whose rejections answer `{"error": ...}` with axum's status: 400 malformed JSON,
+/// 413 body over the limit, 415 not `application/json`, 422 well-formed but the wrong shape.
+#[derive(Debug)]
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = AppError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(request, state).await {
+            Ok(Json(value)) => Ok(Self(value)),
+            Err(rejection) => Err(AppError::Body { status: rejection.status(), message: rejection.body_text() }),
+        }
+    }
+}
+
+fn validate(body: &CheckoutBody) -> Result<(), AppError> {
+    if body.customer_id.trim().is_empty() {
+        return Err(AppError::Invalid("customer_id must not be empty".into()));
+    }
+    if body.customer_id.len() > MAX_CUSTOMER_ID {
+        return Err(AppError::Invalid(format!("customer_id is longer than {MAX_CUSTOMER_ID} bytes")));
+    }
+    if body.items.is_empty() {
+        return Err(AppError::Invalid("items must not be empty".into()));
+    }
+    if body.items.len() > MAX_ITEMS {
+        return Err(AppError::Invalid(format!("an order has at most {MAX_ITEMS} items")));
+    }
+    if let Some(item) = body.items.iter().find(|item| item.quantity == 0) {
+        return Err(AppError::Invalid(format!("quantity of {} must be at least 1", item.sku)));
+    }
+    Ok(())
+}
+
+/// Handles `POST /api/checkout`.
+pub async fn checkout(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<CheckoutBody>,
+) -> Result<Response, AppError> {
+    validate(&body)?;
+    // The SERVER span is current (HttpServerLayer). customer.id rides along as baggage, so
+    // every hop can tag its spans with it.
+    let cx = with_baggage_entry(&Context::current(), "customer.id", body.customer_id.trim());
+    cx.span().set_attributes(baggage_attributes(&cx, &state.baggage_span_attributes));
+    let mut request = tonic::Request::new(CheckoutRequest {
+        customer_id: body.customer_id.trim().to_owned(),
+        items: body.items.into_iter().map(|item| LineItem { sku: item.sku, quantity: item.quantity }).collect(),
+    });
+    // Tell checkout the deadline too, so it stops work nobody waits for.
+    request.set_timeout(state.checkout_timeout);
+    let mut client = state.client.clone();
+    let call = client.checkout(request).with_context(cx.clone());
+    let response = tokio::time::timeout(state.checkout_timeout, call)
+        .await
+        .map_err(|_| AppError::Timeout)?
+        .map_err(AppError::Checkout)?
+        .into_inner();
+    let span = cx.span();
+    let span_context = span.span_context();
+    let (trace_id, trace_url) = if span_context.is_valid() {
+        let trace_id = span_context.trace_id().to_string();
+        let url = format!("{}/trace/{trace_id}", state.jaeger_ui_url);
+        (Some(trace_id), Some(url))
+    } else {
+        (None, None)
+    };
+    let body = json!({
+        "order_id": response.order_id,
+        "total_cents": response.total_cents,
+        "trace_id": trace_id,
+        "trace_url": trace_url,
+    });
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+/// Handles `GET /healthz` (not traced): the process is up and serving.
+pub async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Any other path.
+pub async fn not_found() -> (StatusCode, Json<serde_json::Value>) {
+    (StatusCode::NOT_FOUND, Json(json!({ "error": "not found" })))
+}

@@ -1,0 +1,66 @@
+//! The gateway's configuration, read once from the environment (README, "Configuration").
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::Uri;
+use tracehop_telemetry::http::InboundContext;
+use tracehop_telemetry::{ConfigError, Env};
+
+/// Everything the gateway needs besides telemetry.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `GATEWAY_ADDR`: where the HTTP server listens.
+    pub addr: SocketAddr,
+    /// `CHECKOUT_URL`: the checkout gRPC server.
+    pub checkout_url: Uri,
+    /// `GATEWAY_BODY_LIMIT`: largest request body accepted, in bytes (413 above).
+    pub body_limit: usize,
+    /// `CHECKOUT_TIMEOUT_MS`: how long a checkout call may take before the caller gets 504.
+    pub checkout_timeout: Duration,
+    /// `JAEGER_UI_URL`: base of the `trace_url` returned to callers.
+    pub jaeger_ui_url: String,
+    /// `GATEWAY_INBOUND_CONTEXT`: continue, link or ignore a caller's trace context.
+    pub inbound_context: InboundContext,
+    /// `GATEWAY_CORS_ORIGINS`: origins allowed to call the API from a browser (`*` for any).
+    pub cors_origins: Vec<String>,
+    /// `BAGGAGE_SPAN_ATTRIBUTES`: baggage keys copied onto the gateway's spans.
+    pub baggage_span_attributes: Vec<String>,
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(&Env::process())
+    }
+
+    /// Reads `env`.
+    pub fn from_lookup(env: &Env<'_>) -> Result<Self, ConfigError> {
+        let checkout_url: Uri = env.parse_or("CHECKOUT_URL", Uri::from_static("http://127.0.0.1:50051"))?;
+        if checkout_url.scheme_str() != Some("http") || checkout_url.host().is_none() {
+            return Err(ConfigError::new("CHECKOUT_URL", format!("expected http://host:port, got {checkout_url}")));
+        }
+        let body_limit: usize = env.parse_or("GATEWAY_BODY_LIMIT", 64 * 1024)?;
+        if body_limit == 0 {
+            return Err(ConfigError::new("GATEWAY_BODY_LIMIT", "must be at least 1 byte"));
+        }
+        Ok(Self {
+            addr: env.parse_or("GATEWAY_ADDR", SocketAddr::from(([0, 0, 0, 0], 8080)))?,
+            checkout_url,
+            body_limit,
+            checkout_timeout: Duration::from_millis(env.parse_or("CHECKOUT_TIMEOUT_MS", 2000)?),
+            jaeger_ui_url: env.string_or("JAEGER_UI_URL", "http://localhost:16686").trim_end_matches('/').to_owned(),
+            inbound_context: env.choice_or(
+                "GATEWAY_INBOUND_CONTEXT",
+                &[
+                    ("continue", InboundContext::Continue),
+                    ("link", InboundContext::Link),
+                    ("ignore", InboundContext::Ignore),
+                ],
+                InboundContext::Continue,
+            )?,
+            cors_origins: env.list_or("GATEWAY_CORS_ORIGINS", "*"),
+            baggage_span_attributes: env.list_or("BAGGAGE_SPAN_ATTRIBUTES", "customer.id"),
+        })
+    }
+}

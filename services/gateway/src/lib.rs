@@ -1,0 +1,137 @@
+//! gateway: the HTTP edge of tracehop. `POST /api/checkout` starts or continues a trace, calls
+//! checkout over gRPC inside it, and returns the trace id to the caller.
+//!
+//! # Layout
+//! - [`config`]: `Config::from_env()`.
+//! - [`api`]: the checkout handler, the JSON extractor, health.
+//! - [`error`]: `AppError` and its mapping to HTTP statuses.
+//!
+//! [`run`] serves until `shutdown` completes and drains in-flight requests; `main` flushes
+//! telemetry after it returns.
+
+pub mod api;
+pub mod config;
+pub mod error;
+
+use std::future::Future;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use http::header::{CONTENT_TYPE, HeaderName};
+use http::{HeaderValue, Method};
+use tokio::net::TcpListener;
+use tonic::transport::{Channel, Endpoint};
+use tower::ServiceBuilder;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tracehop_proto::CheckoutServiceClient;
+use tracehop_telemetry::grpc::{GrpcClientLayer, GrpcClientService};
+use tracehop_telemetry::http::{HttpServerLayer, SERVER_TIMING, TRACERESPONSE};
+use tracehop_telemetry::{ConfigError, Telemetry};
+
+pub use config::Config;
+
+/// How long connecting to checkout may take: an unreachable checkout answers 503 well within 1 s.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// What the handlers share.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The traced gRPC client (one HTTP/2 connection, multiplexed).
+    pub client: CheckoutServiceClient<GrpcClientService<Channel>>,
+    /// `CHECKOUT_TIMEOUT_MS`.
+    pub checkout_timeout: Duration,
+    /// `JAEGER_UI_URL`, without a trailing slash.
+    pub jaeger_ui_url: String,
+    /// `BAGGAGE_SPAN_ATTRIBUTES`.
+    pub baggage_span_attributes: Vec<String>,
+}
+
+impl AppState {
+    /// Builds the state; the gRPC channel connects lazily, on the first request.
+    pub fn new(config: &Config, telemetry: Telemetry) -> Self {
+        let channel = Endpoint::from(config.checkout_url.clone())
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .connect_lazy();
+        let host = config.checkout_url.host().unwrap_or_default().to_owned();
+        let port = config.checkout_url.port_u16().unwrap_or(80);
+        let traced = ServiceBuilder::new().layer(GrpcClientLayer::new(telemetry, host, port)).service(channel);
+        Self {
+            client: CheckoutServiceClient::new(traced),
+            checkout_timeout: config.checkout_timeout,
+            jaeger_ui_url: config.jaeger_ui_url.clone(),
+            baggage_span_attributes: config.baggage_span_attributes.clone(),
+        }
+    }
+}
+
+/// The gateway's routes. `/api` is traced (and returns the trace in `server-timing` and
+/// `traceresponse`); `/healthz` is not.
+pub fn router(config: &Config, state: AppState, telemetry: Telemetry) -> Result<Router, ConfigError> {
+    let traced = HttpServerLayer::new(telemetry).inbound(config.inbound_context).trace_response_headers(true);
+    let api = Router::new()
+        .route("/api/checkout", post(api::checkout))
+        .route_layer(traced)
+        .layer(DefaultBodyLimit::max(config.body_limit));
+    Ok(Router::new()
+        .route("/healthz", get(api::healthz))
+        .merge(api)
+        .fallback(api::not_found)
+        .with_state(state)
+        .layer(cors(&config.cors_origins)?))
+}
+
+/// CORS for browser callers on other origins: they may send trace context and read it back.
+fn cors(origins: &[String]) -> Result<CorsLayer, ConfigError> {
+    let allow_origin = if origins.iter().any(|origin| origin == "*") {
+        AllowOrigin::any()
+    } else {
+        let parsed = origins
+            .iter()
+            .map(|origin| {
+                HeaderValue::from_str(origin)
+                    .map_err(|_| ConfigError::new("GATEWAY_CORS_ORIGINS", format!("{origin:?} is not a valid origin")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        AllowOrigin::list(parsed)
+    };
+    Ok(CorsLayer::new()
+        .allow_origin(allow_origin)
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([
+            CONTENT_TYPE,
+            HeaderName::from_static("traceparent"),
+            HeaderName::from_static("tracestate"),
+            HeaderName::from_static("baggage"),
+        ])
+        .expose_headers([HeaderName::from_static(SERVER_TIMING), HeaderName::from_static(TRACERESPONSE)]))
+}
+
+/// Serves the gateway on `listener` until `shutdown` completes, then drains in-flight requests.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    telemetry: Telemetry,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let state = AppState::new(&config, telemetry.clone());
+    let app = router(&config, state, telemetry)?;
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, checkout = %config.checkout_url, "gateway listening");
+    }
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    Ok(())
+}
+
+/// Why the gateway stopped other than by a shutdown signal.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A setting could not be applied.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The HTTP server failed.
+    #[error("HTTP server")]
+    Serve(#[from] std::io::Error),
+}

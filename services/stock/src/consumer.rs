@@ -1,0 +1,363 @@
+//! The `checkout.processed` consumer: continue the trace, reserve, then settle the delivery.
+//!
+//! A delivery is acked only after its reservation committed. What can never succeed (a body
+//! that is not the event, a `message_id` that differs from the body's order id, an unknown SKU)
+//! is republished to the dead-letter exchange with its trace headers and the reason, then
+//! acked. A transient failure (the store is unreachable) goes to the retry queue, which sends
+//! it back after a delay, at most `MAX_RETRIES` times. Insufficient stock is a business
+//! outcome, recorded and acked. If even the republish fails the delivery is requeued: the
+//! broker's delivery limit then dead-letters it. The consumer itself never exits on a message.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation};
+use opentelemetry::context::FutureExt as _;
+use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer};
+use opentelemetry::{Context, KeyValue};
+use tokio::task::JoinSet;
+use tracehop_broker::connection::Broker;
+use tracehop_broker::event::CheckoutProcessed;
+use tracehop_broker::topology;
+use tracehop_telemetry::Telemetry;
+use tracehop_telemetry::messaging::{self, ConsumerContext, RETRY_COUNT_HEADER, Route, Source};
+use tracehop_telemetry::spans::{baggage_attributes, record_error};
+
+use crate::store::{OrderLine, Outcome, Store};
+
+/// Where the consumer's messages come from, for span names.
+const SOURCE: Source<'static> = Source {
+    route: Route { exchange: topology::EXCHANGE, routing_key: topology::ROUTING_KEY },
+    queue: topology::QUEUE,
+};
+
+/// `tracehop.reservation.outcome`: reserved, rejected, duplicate, dead_lettered, retried.
+pub const OUTCOME: &str = "tracehop.reservation.outcome";
+/// Header of a dead-lettered message: a low-cardinality reason (`invalid_json`, `unknown_sku`...).
+pub const DEAD_LETTER_REASON: &str = "x-dead-letter-reason";
+/// Header of a dead-lettered message: the error in words.
+pub const DEAD_LETTER_ERROR: &str = "x-dead-letter-error";
+
+/// What processing a delivery concluded.
+#[derive(Debug)]
+enum Verdict {
+    Settled(Outcome),
+    /// Can never succeed.
+    Poison {
+        reason: &'static str,
+        error: String,
+    },
+    /// Might succeed later.
+    Transient {
+        reason: &'static str,
+        error: String,
+    },
+}
+
+/// Everything a delivery's processing needs.
+#[derive(Debug)]
+pub struct Handler {
+    /// The reservations.
+    pub store: Store,
+    /// Channel to ack on and to republish retries and dead letters on (confirm mode).
+    pub channel: Channel,
+    /// For `server.address` of spans.
+    pub broker: Broker,
+    /// Tracer and propagator.
+    pub telemetry: Telemetry,
+    /// Parent or link.
+    pub mode: ConsumerContext,
+    /// Baggage keys copied onto the consumer span.
+    pub baggage_keys: Vec<String>,
+}
+
+/// Opens the consuming channel: confirm mode (for republishing), prefetch, topology, consume.
+pub async fn open(broker: &Broker, prefetch: u16) -> lapin::Result<(Channel, lapin::Consumer)> {
+    let channel = broker.channel().await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    topology::declare(&channel).await?;
+    let tag = format!("stock-{}", uuid::Uuid::new_v4().simple());
+    let consumer = channel
+        .basic_consume(
+            topology::QUEUE.into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((channel, consumer))
+}
+
+/// Why consuming stopped other than by shutdown.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumeError {
+    /// The connection failed and lapin could not recover it.
+    #[error("the broker connection could not be recovered")]
+    Unrecoverable(#[source] lapin::Error),
+    /// The broker cancelled the consumer (the queue was deleted).
+    #[error("the broker cancelled the consumer")]
+    Cancelled,
+}
+
+/// Consumes until `shutdown`, then stops taking deliveries and waits up to `drain` for those in
+/// progress.
+pub async fn consume(
+    mut consumer: lapin::Consumer,
+    handler: Arc<Handler>,
+    shutdown: impl std::future::Future<Output = ()>,
+    drain: Duration,
+) -> Result<(), ConsumeError> {
+    let mut in_flight = JoinSet::new();
+    tokio::pin!(shutdown);
+    let outcome = loop {
+        tokio::select! {
+            () = &mut shutdown => break Ok(()),
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    let handler = handler.clone();
+                    in_flight.spawn(async move { handler.handle(delivery).await });
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "consumer interrupted; waiting for the broker connection to recover");
+                    if let Err(error) = handler.channel.wait_for_recovery(error).await {
+                        break Err(ConsumeError::Unrecoverable(error));
+                    }
+                    tracing::info!("consumer recovered");
+                }
+                None => break Err(ConsumeError::Cancelled),
+            },
+        }
+    };
+    // Stop taking work; deliveries not yet started stay unacked and go back to the queue.
+    if let Err(error) = handler.channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await {
+        tracing::debug!(%error, "cancelling the consumer");
+    }
+    let pending = in_flight.len();
+    if tokio::time::timeout(drain, async { while in_flight.join_next().await.is_some() {} }).await.is_err() {
+        tracing::warn!(
+            pending = in_flight.len(),
+            "deliveries still in progress at the drain deadline; the broker will redeliver them"
+        );
+    } else if pending > 0 {
+        tracing::info!(pending, "deliveries in progress finished before shutdown");
+    }
+    outcome
+}
+
+impl Handler {
+    /// Processes one delivery under its CONSUMER span, and settles it.
+    pub async fn handle(&self, delivery: Delivery) {
+        let cx = messaging::start_process(&self.telemetry, self.mode, &SOURCE, &delivery, &self.broker.peer());
+        cx.span().set_attributes(baggage_attributes(&cx, &self.baggage_keys));
+        async {
+            let verdict = self.decide(&delivery).await;
+            self.settle(&delivery, verdict).await;
+        }
+        .with_context(cx.clone())
+        .await;
+        cx.span().end();
+    }
+
+    async fn decide(&self, delivery: &Delivery) -> Verdict {
+        let event: CheckoutProcessed = match serde_json::from_slice(&delivery.data) {
+            Ok(event) => event,
+            Err(error) => {
+                return Verdict::Poison {
+                    reason: "invalid_json",
+                    error: format!("the body is not a checkout.processed event: {error}"),
+                };
+            }
+        };
+        if let Some(message_id) = delivery.properties.message_id()
+            && message_id.as_str() != event.order_id
+        {
+            return Verdict::Poison {
+                reason: "message_id_mismatch",
+                error: format!("message_id {message_id:?} differs from the body's order_id {:?}", event.order_id),
+            };
+        }
+        if event.items.is_empty() || event.items.iter().any(|item| item.quantity == 0) {
+            return Verdict::Poison {
+                reason: "invalid_order",
+                error: "an order needs items with quantities of at least 1".into(),
+            };
+        }
+        let lines: Vec<OrderLine> =
+            event.items.iter().map(|item| OrderLine { sku: item.sku.clone(), quantity: item.quantity }).collect();
+        match self.reserve(&event.order_id, &lines).await {
+            Ok(outcome) => Verdict::Settled(outcome),
+            Err(error) if error.is_permanent() => Verdict::Poison { reason: "unknown_sku", error: error.to_string() },
+            Err(error) => Verdict::Transient { reason: "store_unavailable", error: error_chain(&error) },
+        }
+    }
+
+    /// The reservation under an INTERNAL span, its transaction under a CLIENT span.
+    async fn reserve(&self, order_id: &str, lines: &[OrderLine]) -> Result<Outcome, crate::store::StoreError> {
+        let tracer = self.telemetry.tracer();
+        let reserve = tracer
+            .span_builder("reserve stock")
+            .with_kind(SpanKind::Internal)
+            .with_attributes([KeyValue::new("tracehop.order.id", order_id.to_owned())])
+            .start_with_context(tracer, &Context::current());
+        let reserve_cx = Context::current().with_span(reserve);
+        let summary = "UPDATE stock INSERT orders";
+        let query = tracer
+            .span_builder(summary)
+            .with_kind(SpanKind::Client)
+            .with_attributes([
+                KeyValue::new("db.system.name", self.store.db_system()),
+                KeyValue::new("db.query.summary", summary),
+            ])
+            .start_with_context(tracer, &reserve_cx);
+        let query_cx = reserve_cx.with_span(query);
+        let result = self.store.reserve(order_id, lines).with_context(query_cx.clone()).await;
+        if let Err(error) = &result {
+            let kind = if error.is_permanent() { "unknown_sku" } else { "store_unavailable" };
+            record_error(&query_cx.span(), kind, &error_chain(error));
+        }
+        query_cx.span().end();
+        if let Ok(outcome) = &result {
+            reserve_cx.span().set_attribute(KeyValue::new(OUTCOME, outcome_name(outcome)));
+        }
+        reserve_cx.span().end();
+        result
+    }
+
+    async fn settle(&self, delivery: &Delivery, verdict: Verdict) {
+        let cx = Context::current();
+        let span = cx.span();
+        let tag = delivery.delivery_tag;
+        match verdict {
+            Verdict::Settled(outcome) => {
+                span.set_attribute(KeyValue::new(OUTCOME, outcome_name(&outcome)));
+                match &outcome {
+                    Outcome::Reserved => tracing::info!(delivery_tag = tag, "stock reserved"),
+                    Outcome::Rejected { sku, requested, available } => {
+                        span.add_event(
+                            "stock rejected",
+                            vec![
+                                KeyValue::new("tracehop.sku", sku.clone()),
+                                KeyValue::new("tracehop.requested", *requested as i64),
+                                KeyValue::new("tracehop.available", *available),
+                            ],
+                        );
+                        tracing::warn!(%sku, requested, available, "order rejected: not enough stock");
+                    }
+                    Outcome::AlreadyProcessed(status) => {
+                        span.add_event(
+                            "duplicate delivery",
+                            vec![KeyValue::new("tracehop.previous_outcome", status.as_str())],
+                        );
+                        tracing::info!(
+                            previous = status.as_str(),
+                            "redelivered order already handled; nothing reserved"
+                        );
+                    }
+                }
+                self.ack(delivery).await;
+            }
+            Verdict::Poison { reason, error } => {
+                record_error(&span, reason, &error);
+                span.set_attribute(KeyValue::new(OUTCOME, "dead_lettered"));
+                tracing::warn!(reason, %error, "message can never succeed; dead-lettering it");
+                self.forward(delivery, topology::DEAD_LETTER_EXCHANGE, "", dead_letter_headers(reason, &error)).await;
+            }
+            Verdict::Transient { reason, error } => {
+                record_error(&span, reason, &error);
+                let headers = delivery.properties.headers().clone().unwrap_or_default();
+                let retries = messaging::retry_count(&headers);
+                if retries < i64::from(topology::MAX_RETRIES) {
+                    span.set_attribute(KeyValue::new(OUTCOME, "retried"));
+                    tracing::warn!(reason, %error, retry = retries + 1, "processing failed; retrying after a delay");
+                    let extra = [(RETRY_COUNT_HEADER, AMQPValue::LongLongInt(retries + 1))];
+                    self.forward(delivery, "", topology::RETRY_QUEUE, extra.to_vec()).await;
+                } else {
+                    span.set_attribute(KeyValue::new(OUTCOME, "dead_lettered"));
+                    tracing::error!(reason, %error, retries, "retries exhausted; dead-lettering the message");
+                    let headers = dead_letter_headers("retries_exhausted", &format!("{reason}: {error}"));
+                    self.forward(delivery, topology::DEAD_LETTER_EXCHANGE, "", headers).await;
+                }
+            }
+        }
+    }
+
+    async fn ack(&self, delivery: &Delivery) {
+        if let Err(error) = delivery.acker.ack(BasicAckOptions::default()).await {
+            // The broker redelivers an unacked message; the store's order-id record makes the
+            // redelivery reserve nothing.
+            tracing::warn!(%error, "ack failed; the broker will redeliver, the store deduplicates");
+        }
+    }
+
+    /// Republishes `delivery` (body, properties and trace headers, plus `extra` headers) and
+    /// acks it once the broker confirmed the copy. On failure the delivery is requeued, so
+    /// nothing is lost; the queue's delivery limit stops that from looping forever.
+    async fn forward(&self, delivery: &Delivery, exchange: &str, routing_key: &str, extra: Vec<(&str, AMQPValue)>) {
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        for (key, value) in extra {
+            headers.insert(ShortString::from(key), value);
+        }
+        let properties: BasicProperties = delivery.properties.clone().with_headers(headers);
+        let confirmed = match self
+            .channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                &delivery.data,
+                properties,
+            )
+            .await
+        {
+            Ok(confirm) => confirm.await,
+            Err(error) => Err(error),
+        };
+        match confirmed {
+            Ok(Confirmation::Ack(None)) => self.ack(delivery).await,
+            other => {
+                let cx = Context::current();
+                record_error(&cx.span(), "forward_failed", &format!("{other:?}"));
+                tracing::error!(?other, exchange, routing_key, "could not forward the message; requeueing it");
+                let requeue = BasicNackOptions { requeue: true, ..BasicNackOptions::default() };
+                if let Err(error) = delivery.acker.nack(requeue).await {
+                    tracing::warn!(%error, "nack failed; the broker will redeliver");
+                }
+            }
+        }
+    }
+}
+
+fn dead_letter_headers(reason: &str, error: &str) -> Vec<(&'static str, AMQPValue)> {
+    vec![
+        (DEAD_LETTER_REASON, AMQPValue::LongString(LongString::from(reason))),
+        (DEAD_LETTER_ERROR, AMQPValue::LongString(LongString::from(error))),
+    ]
+}
+
+fn outcome_name(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Reserved => "reserved",
+        Outcome::Rejected { .. } => "rejected",
+        Outcome::AlreadyProcessed(_) => "duplicate",
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

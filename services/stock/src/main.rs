@@ -1,0 +1,20 @@
+//! stock's entry point: logging, configuration, telemetry, run, flush.
+
+use anyhow::Context as _;
+use tracehop_telemetry::logging::{self, LogFormat};
+use tracehop_telemetry::{Env, Telemetry, TelemetryConfig, shutdown};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let env = Env::process();
+    logging::init_logging(LogFormat::from_lookup(&env)?)?;
+    let config = stock::Config::from_lookup(&env)?;
+    let telemetry = Telemetry::new(&TelemetryConfig::from_lookup("stock", &env)?)?;
+    let listener = tokio::net::TcpListener::bind(config.addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.addr))?;
+    let outcome = stock::run(listener, config, telemetry.clone(), shutdown::signal()).await;
+    // Flush last, so the spans of the deliveries drained above are exported too.
+    telemetry.shutdown().await;
+    outcome.context("stock stopped")
+}
