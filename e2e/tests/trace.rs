@@ -148,3 +148,32 @@ async fn an_inbound_traceparent_is_continued() {
     assert_eq!(http.parent_span_id, caller_span);
     pipeline.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_sku_is_422_and_blames_the_caller_not_the_server() {
+    let pipeline = Pipeline::start(Options::default()).await;
+    let response =
+        pipeline.checkout(&json!({"customer_id": "c-9", "items": [{"sku": "SKU-404", "quantity": 1}]}), &[]).await;
+    assert_eq!(response.status().as_u16(), 422);
+    let trace_id = response.headers()["traceresponse"].to_str().expect("ascii")[3..35].to_owned();
+    let body: Value = serde_json::from_slice(&response.bytes().await.expect("body")).expect("json");
+    assert_eq!(body["error"], "unknown SKU \"SKU-404\"");
+    let spans = pipeline
+        .receiver
+        .wait_for(Duration::from_secs(10), |spans| spans.iter().filter(|s| s.trace_id == trace_id).count() >= 3)
+        .await;
+    let trace: Vec<ReceivedSpan> = spans.into_iter().filter(|s| s.trace_id == trace_id).collect();
+    let http = find(&trace, "gateway", SpanKind::Server, "POST /api/checkout");
+    let rpc_client = find(&trace, "gateway", SpanKind::Client, "checkout.v1.CheckoutService/Checkout");
+    let rpc_server = find(&trace, "checkout", SpanKind::Server, "checkout.v1.CheckoutService/Checkout");
+    use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
+    // A client-caused 4xx / NOT_FOUND is no error of a SERVER span; the CLIENT span did fail.
+    assert_eq!(http.status, StatusCode::Unset);
+    assert_attr(http, "http.response.status_code", Attr::Int(422));
+    assert_eq!(rpc_server.status, StatusCode::Unset);
+    assert_attr(rpc_server, "rpc.response.status_code", s("NOT_FOUND"));
+    assert_eq!(rpc_client.status, StatusCode::Error);
+    assert_attr(rpc_client, "error.type", s("NOT_FOUND"));
+    assert!(!trace.iter().any(|s| s.kind == SpanKind::Producer), "nothing was published");
+    pipeline.stop().await;
+}

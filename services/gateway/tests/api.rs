@@ -1,0 +1,193 @@
+//! The gateway's answers to bad input and to a checkout that is down or slow.
+//!
+//! Validation happens before any call, so most tests need no checkout at all; "down" is a port
+//! nobody listens on, "slow" a peer that accepts the connection and never answers.
+
+use std::time::{Duration, Instant};
+
+use gateway::Config;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tracehop_telemetry::Telemetry;
+use tracehop_telemetry::http::InboundContext;
+
+struct App {
+    url: String,
+    http: reqwest::Client,
+}
+
+/// Spawns the gateway on port 0, calling checkout at `checkout_url`.
+async fn spawn_app(checkout_url: &str, checkout_timeout: Duration) -> App {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let config = Config {
+        addr: listener.local_addr().expect("addr"),
+        checkout_url: checkout_url.parse().expect("uri"),
+        body_limit: 1024,
+        checkout_timeout,
+        jaeger_ui_url: "http://localhost:16686".into(),
+        inbound_context: InboundContext::Continue,
+        cors_origins: vec!["*".into()],
+        baggage_span_attributes: vec![],
+    };
+    tokio::spawn(gateway::run(listener, config, Telemetry::disabled("gateway"), std::future::pending()));
+    App { url, http: reqwest::Client::new() }
+}
+
+/// A port with nothing listening on it.
+async fn closed_port() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    format!("http://{addr}")
+}
+
+impl App {
+    async fn post(&self, content_type: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
+        let response = self
+            .http
+            .post(format!("{}/api/checkout", self.url))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .expect("the gateway answers");
+        let status = response.status().as_u16();
+        let body = response.bytes().await.expect("body");
+        (status, serde_json::from_slice(&body).unwrap_or_else(|_| panic!("not JSON: {body:?}")))
+    }
+
+    async fn post_json(&self, body: Value) -> (u16, Value) {
+        self.post("application/json", body.to_string()).await
+    }
+}
+
+fn error_of(body: &Value) -> &str {
+    body["error"].as_str().unwrap_or_else(|| panic!("no error field in {body}"))
+}
+
+#[tokio::test]
+async fn malformed_json_is_400() {
+    let app = spawn_app(&closed_port().await, Duration::from_secs(2)).await;
+    let (status, body) = app.post("application/json", "{\"customer_id\": ").await;
+    assert_eq!(status, 400);
+    assert!(error_of(&body).contains("JSON"), "{body}");
+}
+
+#[tokio::test]
+async fn well_formed_json_of_the_wrong_shape_is_422() {
+    let app = spawn_app(&closed_port().await, Duration::from_secs(2)).await;
+    for bad in [
+        json!({"items": [{"sku": "SKU-001", "quantity": 1}]}),
+        json!({"customer_id": "c-1", "items": [{"sku": "SKU-001", "quantity": "two"}]}),
+        json!({"customer_id": "c-1", "items": [{"sku": "SKU-001", "quantity": -1}]}),
+        json!({"customer_id": "c-1", "items": "SKU-001"}),
+        json!([1, 2, 3]),
+    ] {
+        let (status, body) = app.post_json(bad.clone()).await;
+        assert_eq!(status, 422, "{bad} -> {body}");
+        assert!(!error_of(&body).is_empty());
+    }
+}
+
+#[tokio::test]
+async fn empty_items_and_zero_quantities_are_422() {
+    let app = spawn_app(&closed_port().await, Duration::from_secs(2)).await;
+    let (status, body) = app.post_json(json!({"customer_id": "c-1", "items": []})).await;
+    assert_eq!(status, 422);
+    assert_eq!(error_of(&body), "items must not be empty");
+    let (status, body) =
+        app.post_json(json!({"customer_id": "c-1", "items": [{"sku": "SKU-001", "quantity": 0}]})).await;
+    assert_eq!(status, 422);
+    assert_eq!(error_of(&body), "quantity of SKU-001 must be at least 1");
+    let (status, _) = app.post_json(json!({"customer_id": " ", "items": [{"sku": "SKU-001", "quantity": 1}]})).await;
+    assert_eq!(status, 422);
+}
+
+#[tokio::test]
+async fn a_wrong_content_type_is_415() {
+    let app = spawn_app(&closed_port().await, Duration::from_secs(2)).await;
+    let body = json!({"customer_id": "c-1", "items": [{"sku": "SKU-001", "quantity": 1}]}).to_string();
+    let (status, body) = app.post("text/plain", body).await;
+    assert_eq!(status, 415);
+    assert!(error_of(&body).contains("application/json"), "{body}");
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_413() {
+    let app = spawn_app(&closed_port().await, Duration::from_secs(2)).await;
+    let padding = "x".repeat(2048);
+    let (status, body) =
+        app.post_json(json!({"customer_id": padding, "items": [{"sku": "SKU-001", "quantity": 1}]})).await;
+    assert_eq!(status, 413, "{body}");
+    assert!(!error_of(&body).is_empty());
+}
+
+#[tokio::test]
+async fn an_unreachable_checkout_is_503_within_a_second() {
+    let app = spawn_app(&closed_port().await, Duration::from_secs(2)).await;
+    let started = Instant::now();
+    let (status, body) =
+        app.post_json(json!({"customer_id": "c-1", "items": [{"sku": "SKU-001", "quantity": 1}]})).await;
+    let took = started.elapsed();
+    assert_eq!(status, 503, "{body}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+}
+
+#[tokio::test]
+async fn a_checkout_slower_than_the_timeout_is_504() {
+    // A peer that accepts connections and never says a word.
+    let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let silent_url = format!("http://{}", silent.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let app = spawn_app(&silent_url, Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let (status, body) =
+        app.post_json(json!({"customer_id": "c-1", "items": [{"sku": "SKU-001", "quantity": 1}]})).await;
+    assert_eq!(status, 504, "{body}");
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn unknown_paths_are_404_json_and_health_is_up() {
+    let app = spawn_app(&closed_port().await, Duration::from_secs(2)).await;
+    let response = app.http.get(format!("{}/nope", app.url)).send().await.expect("answer");
+    assert_eq!(response.status().as_u16(), 404);
+    let response = app.http.get(format!("{}/healthz", app.url)).send().await.expect("answer");
+    assert_eq!(response.status().as_u16(), 200);
+}
+
+#[tokio::test]
+async fn cors_preflight_allows_trace_headers_and_exposes_the_trace() {
+    let app = spawn_app(&closed_port().await, Duration::from_secs(2)).await;
+    let response = app
+        .http
+        .request(reqwest::Method::OPTIONS, format!("{}/api/checkout", app.url))
+        .header("origin", "http://elsewhere.example")
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "content-type,traceparent,tracestate,baggage")
+        .send()
+        .await
+        .expect("answer");
+    assert!(response.status().is_success(), "{}", response.status());
+    let allowed = response.headers()["access-control-allow-headers"].to_str().expect("ascii").to_owned();
+    for header in ["traceparent", "tracestate", "baggage"] {
+        assert!(allowed.contains(header), "{allowed}");
+    }
+    let response = app
+        .http
+        .post(format!("{}/api/checkout", app.url))
+        .header("origin", "http://elsewhere.example")
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .expect("answer");
+    let exposed = response.headers()["access-control-expose-headers"].to_str().expect("ascii").to_owned();
+    assert!(exposed.contains("server-timing") && exposed.contains("traceresponse"), "{exposed}");
+}
