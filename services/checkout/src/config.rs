@@ -23,6 +23,10 @@ pub struct Config {
 }
 
 impl Config {
+    /// Every variable [`Config::from_lookup`] reads (the compose file sets each one explicitly).
+    pub const VARIABLES: &'static [&'static str] =
+        &["CHECKOUT_ADDR", "AMQP_ADDR", "PUBLISH_TIMEOUT_MS", "BROKER_GIVE_UP_SECS"];
+
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(&Env::process())

@@ -102,3 +102,20 @@ async fn report_health(reporter: &tonic_health::server::HealthReporter, health: 
         }
     }
 }
+
+/// Asks grpc.health.v1 on `addr` (0.0.0.0 means this host) whether checkout is SERVING.
+pub async fn healthcheck(addr: std::net::SocketAddr) -> bool {
+    use tonic_health::pb::health_check_response::ServingStatus as Status;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let timeout = std::time::Duration::from_secs(2);
+    let probe = async {
+        let endpoint =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", tracehop_telemetry::probe::local(addr)))
+                .ok()?
+                .connect_timeout(timeout);
+        let mut client = HealthClient::new(endpoint.connect().await.ok()?);
+        let response = client.check(HealthCheckRequest { service: String::new() }).await.ok()?;
+        Some(response.into_inner().status() == Status::Serving)
+    };
+    matches!(tokio::time::timeout(timeout, probe).await, Ok(Some(true)))
+}

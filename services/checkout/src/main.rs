@@ -1,4 +1,5 @@
-//! checkout's entry point: logging, configuration, telemetry, serve, flush.
+//! checkout's entry point (`checkout`, or `checkout healthcheck` for the container probe): logging,
+//! configuration, telemetry, serve, flush.
 
 use anyhow::Context as _;
 use tracehop_telemetry::logging::{self, LogFormat};
@@ -9,6 +10,10 @@ async fn main() -> anyhow::Result<()> {
     let env = Env::process();
     logging::init_logging(LogFormat::from_lookup(&env)?)?;
     let config = checkout::Config::from_lookup(&env)?;
+    if std::env::args().nth(1).as_deref() == Some("healthcheck") {
+        // The container healthcheck: grpc.health.v1 on our own port, SERVING or exit 1.
+        std::process::exit(if checkout::healthcheck(config.addr).await { 0 } else { 1 });
+    }
     let telemetry = Telemetry::new(&TelemetryConfig::from_lookup("checkout", &env)?)?;
     let listener = tokio::net::TcpListener::bind(config.addr)
         .await

@@ -29,6 +29,18 @@ pub struct Config {
 }
 
 impl Config {
+    /// Every variable [`Config::from_lookup`] reads (the compose file sets each one explicitly).
+    pub const VARIABLES: &'static [&'static str] = &[
+        "GATEWAY_ADDR",
+        "CHECKOUT_URL",
+        "GATEWAY_BODY_LIMIT",
+        "CHECKOUT_TIMEOUT_MS",
+        "JAEGER_UI_URL",
+        "GATEWAY_INBOUND_CONTEXT",
+        "GATEWAY_CORS_ORIGINS",
+        "BAGGAGE_SPAN_ATTRIBUTES",
+    ];
+
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(&Env::process())

@@ -35,6 +35,19 @@ pub struct Config {
 }
 
 impl Config {
+    /// Every variable [`Config::from_lookup`] reads (the compose file sets each one explicitly).
+    pub const VARIABLES: &'static [&'static str] = &[
+        "STOCK_ADDR",
+        "AMQP_ADDR",
+        "STOCK_DB",
+        "STOCK_SEED_UNITS",
+        "STOCK_PREFETCH",
+        "CONSUMER_CONTEXT",
+        "BAGGAGE_SPAN_ATTRIBUTES",
+        "BROKER_GIVE_UP_SECS",
+        "SHUTDOWN_DRAIN_SECS",
+    ];
+
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(&Env::process())

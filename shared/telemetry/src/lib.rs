@@ -12,6 +12,7 @@
 //! - [`spans`]: recording errors, baggage as span attributes.
 //! - [`logging`]: log lines carrying `trace_id` / `span_id` (text or JSON).
 //! - [`shutdown`]: the SIGINT / SIGTERM signal every service drains on.
+//! - [`probe`]: self-probes for container healthchecks (`<service> healthcheck`).
 //! - [`env`]: reading variables once, with errors that name the variable.
 //!
 //! Nothing here reads the environment except the `from_env` constructors; services build the
@@ -22,6 +23,7 @@ pub mod grpc;
 pub mod http;
 pub mod logging;
 pub mod messaging;
+pub mod probe;
 pub mod propagation;
 pub mod propagators;
 pub mod setup;

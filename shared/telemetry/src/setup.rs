@@ -105,6 +105,22 @@ pub struct TelemetryConfig {
 }
 
 impl TelemetryConfig {
+    /// The variables [`TelemetryConfig::from_lookup`] reads (the exporter reads a few more:
+    /// `OTEL_EXPORTER_OTLP_HEADERS`, `_TIMEOUT`, `_COMPRESSION`, and the SDK `OTEL_BSP_*`).
+    pub const VARIABLES: &'static [&'static str] = &[
+        "OTEL_SERVICE_NAME",
+        "OTEL_RESOURCE_ATTRIBUTES",
+        "OTEL_SDK_DISABLED",
+        "OTEL_TRACES_EXPORTER",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_TRACES_SAMPLER",
+        "OTEL_TRACES_SAMPLER_ARG",
+        "OTEL_PROPAGATORS",
+    ];
+
     /// Defaults for `service_name`: export over OTLP/gRPC to the exporter's default endpoint.
     pub fn new(service_name: &str) -> Self {
         Self {
@@ -158,7 +174,7 @@ impl TelemetryConfig {
             OtlpProtocol::Grpc,
         )?;
         let export = match env.string_or("OTEL_TRACES_EXPORTER", "otlp").to_ascii_lowercase().as_str() {
-            "otlp" => TraceExport::Otlp { endpoint: None, protocol },
+            "otlp" => TraceExport::Otlp { endpoint: otlp_endpoint(env, protocol)?, protocol },
             "none" => TraceExport::None,
             other => {
                 return Err(ConfigError::new("OTEL_TRACES_EXPORTER", format!("expected otlp or none, got {other:?}")));
@@ -179,6 +195,27 @@ impl TelemetryConfig {
             batch_delay: None,
         })
     }
+}
+
+/// The traces endpoint per the spec: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` as given, else
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` (with `/v1/traces` appended for http/protobuf), else `None`
+/// (the exporter's default, `http://localhost:4317`).
+fn otlp_endpoint(env: &Env<'_>, protocol: OtlpProtocol) -> Result<Option<String>, ConfigError> {
+    let checked = |variable: &str, value: String| -> Result<String, ConfigError> {
+        match value.parse::<http::Uri>() {
+            Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => Ok(value),
+            _ => Err(ConfigError::new(variable, format!("expected an http:// or https:// URL, got {value:?}"))),
+        }
+    };
+    if let Some(value) = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+        return checked("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", value).map(Some);
+    }
+    let Some(base) = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") else { return Ok(None) };
+    let base = checked("OTEL_EXPORTER_OTLP_ENDPOINT", base)?;
+    Ok(Some(match protocol {
+        OtlpProtocol::Grpc => base,
+        OtlpProtocol::HttpProtobuf => format!("{}/v1/traces", base.trim_end_matches('/')),
+    }))
 }
 
 fn parse_sampler(env: &Env<'_>) -> Result<SamplerChoice, ConfigError> {
@@ -445,6 +482,32 @@ mod tests {
         assert_eq!(config.sampler, SamplerChoice::ParentBasedTraceIdRatio(0.25));
         assert_eq!(config.propagators, vec![PropagatorKind::B3Multi]);
         assert!(config.sdk_disabled);
+    }
+
+    #[test]
+    fn the_endpoint_follows_the_spec_per_protocol() {
+        let grpc = config(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://jaeger:4317")]).expect("valid");
+        assert_eq!(
+            grpc.export,
+            TraceExport::Otlp { endpoint: Some("http://jaeger:4317".into()), protocol: OtlpProtocol::Grpc }
+        );
+        let http = config(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://jaeger:4318/"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+        ])
+        .expect("valid");
+        let expected = Some("http://jaeger:4318/v1/traces".to_owned());
+        assert_eq!(http.export, TraceExport::Otlp { endpoint: expected, protocol: OtlpProtocol::HttpProtobuf });
+        let signal = config(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://ignored:4318"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://collector:4318/custom"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+        ])
+        .expect("valid");
+        let expected = Some("http://collector:4318/custom".to_owned());
+        assert_eq!(signal.export, TraceExport::Otlp { endpoint: expected, protocol: OtlpProtocol::HttpProtobuf });
+        let error = config(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "jaeger:4317")]).expect_err("no scheme");
+        assert_eq!(error.variable, "OTEL_EXPORTER_OTLP_ENDPOINT");
     }
 
     #[test]

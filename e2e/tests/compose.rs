@@ -1,0 +1,159 @@
+//! docker-compose.yml cannot drift from the code: it validates against the Compose
+//! specification, and each service's `environment:` is exactly what that service reads, with
+//! values its `Config` accepts.
+
+use std::collections::{BTreeSet, HashMap};
+
+use serde_json::Value as Json;
+use serde_norway::Value as Yaml;
+use tracehop_telemetry::logging::LogFormat;
+use tracehop_telemetry::{Env, TelemetryConfig};
+
+fn workspace_file(name: &str) -> String {
+    let path = format!("{}/../{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"))
+}
+
+/// The compose file with anchors and `<<` merges applied, as Compose itself reads it.
+fn compose() -> Yaml {
+    let mut yaml: Yaml = serde_norway::from_str(&workspace_file("docker-compose.yml")).expect("valid YAML");
+    yaml.apply_merge().expect("merge keys");
+    yaml
+}
+
+/// `${NAME:-default}` becomes `default`, as Compose does when NAME is unset.
+fn interpolate(value: &str) -> String {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..].find('}').map(|e| start + e).expect("closed ${...}");
+        let expression = &rest[start + 2..end];
+        let (_, default) = expression.split_once(":-").unwrap_or_else(|| panic!("${{{expression}}} has no default"));
+        out.push_str(default);
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn environment(compose: &Yaml, service: &str) -> HashMap<String, String> {
+    let environment = &compose["services"][service]["environment"];
+    let mapping = environment.as_mapping().unwrap_or_else(|| panic!("{service}: environment must be a mapping"));
+    mapping
+        .iter()
+        .map(|(key, value)| {
+            let key = key.as_str().expect("string key").to_owned();
+            let value = match value {
+                Yaml::String(s) => s.clone(),
+                Yaml::Number(n) => n.to_string(),
+                Yaml::Bool(b) => b.to_string(),
+                other => panic!("{service}.{key}: unexpected value {other:?}"),
+            };
+            (key, interpolate(&value))
+        })
+        .collect()
+}
+
+fn known(service_variables: &[&str]) -> BTreeSet<String> {
+    service_variables
+        .iter()
+        .chain(TelemetryConfig::VARIABLES)
+        .chain(&["LOG_FORMAT", "RUST_LOG"])
+        .map(|v| v.to_string())
+        .collect()
+}
+
+/// Every variable in the file is one the service reads, and every variable the service reads
+/// is in the file.
+fn check_names(service: &str, env: &HashMap<String, String>, service_variables: &[&str]) {
+    let names: BTreeSet<String> = env.keys().cloned().collect();
+    let known = known(service_variables);
+    let unknown: Vec<&String> = names.difference(&known).collect();
+    assert!(unknown.is_empty(), "{service}: compose sets variables the service does not read: {unknown:?}");
+    let missing: Vec<&&str> = service_variables.iter().filter(|v| !names.contains(**v)).collect();
+    assert!(missing.is_empty(), "{service}: compose leaves {missing:?} implicit");
+    for required in ["OTEL_SERVICE_NAME", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_PROPAGATORS", "OTEL_TRACES_SAMPLER"] {
+        assert!(names.contains(required), "{service}: {required} is not set");
+    }
+}
+
+fn check_telemetry(service: &str, env: &HashMap<String, String>) {
+    let lookup = Env::from_map(env);
+    let telemetry = TelemetryConfig::from_lookup(service, &lookup).unwrap_or_else(|e| panic!("{service}: {e}"));
+    assert_eq!(telemetry.service_name, service);
+    LogFormat::from_lookup(&lookup).unwrap_or_else(|e| panic!("{service}: {e}"));
+}
+
+#[test]
+fn the_compose_file_validates_against_the_compose_specification() {
+    let schema: Json = serde_json::from_str(&workspace_file("e2e/compose-spec.json")).expect("schema");
+    let instance: Json = serde_json::to_value(compose()).expect("YAML as JSON");
+    let validator = jsonschema::validator_for(&schema).expect("schema compiles");
+    let errors: Vec<String> =
+        validator.iter_errors(&instance).map(|e| format!("{} at {}", e, e.instance_path())).collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+}
+
+#[test]
+fn each_service_accepts_its_compose_environment() {
+    let compose = compose();
+    let env = environment(&compose, "gateway");
+    check_names("gateway", &env, gateway::Config::VARIABLES);
+    check_telemetry("gateway", &env);
+    let config = gateway::Config::from_lookup(&Env::from_map(&env)).expect("gateway config");
+    assert_eq!(config.addr.port(), 8080);
+    assert_eq!(config.checkout_url.to_string(), "http://checkout:50051/");
+
+    let env = environment(&compose, "checkout");
+    check_names("checkout", &env, checkout::Config::VARIABLES);
+    check_telemetry("checkout", &env);
+    let config = checkout::Config::from_lookup(&Env::from_map(&env)).expect("checkout config");
+    assert_eq!(config.addr.port(), 50051);
+
+    let env = environment(&compose, "stock");
+    check_names("stock", &env, stock::Config::VARIABLES);
+    check_telemetry("stock", &env);
+    let config = stock::Config::from_lookup(&Env::from_map(&env)).expect("stock config");
+    assert_eq!(config.addr.port(), 8082);
+    assert_eq!(config.store, stock::store::StoreLocation::Sqlite("/data/stock.db".into()));
+}
+
+#[test]
+fn the_demo_wiring_holds_together() {
+    let compose = compose();
+    let services = &compose["services"];
+    // Published ports: the API, Jaeger's UI, RabbitMQ's UI; nothing else.
+    let published: BTreeSet<String> = services
+        .as_mapping()
+        .expect("services")
+        .values()
+        .filter_map(|s| s["ports"].as_sequence())
+        .flatten()
+        .map(|p| p.as_str().expect("port string").to_owned())
+        .collect();
+    assert_eq!(published, BTreeSet::from(["8080:8080".into(), "16686:16686".into(), "15672:15672".into()]));
+    // Images pinned to releases.
+    for service in ["rabbitmq", "jaeger"] {
+        let image = services[service]["image"].as_str().expect("image");
+        let tag = image.rsplit_once(':').map(|(_, tag)| tag).unwrap_or("");
+        assert!(tag.chars().next().is_some_and(|c| c.is_ascii_digit()), "{service} image {image} is not pinned");
+    }
+    assert!(services["rabbitmq"]["image"].as_str().expect("image").starts_with("rabbitmq:4."));
+    assert!(services["jaeger"]["image"].as_str().expect("image").contains("jaegertracing/jaeger:2."));
+    assert_ne!(services["rabbitmq"]["environment"]["RABBITMQ_DEFAULT_USER"].as_str(), Some("guest"));
+    for service in ["checkout", "stock", "gateway"] {
+        let definition = &services[service];
+        assert_eq!(definition["build"]["args"]["SERVICE"].as_str(), Some(service), "{service} builds itself");
+        let test = definition["healthcheck"]["test"].as_sequence().expect("healthcheck");
+        assert_eq!(test.last().and_then(Yaml::as_str), Some("healthcheck"), "{service} probes itself");
+        assert_eq!(definition["restart"].as_str(), Some("unless-stopped"));
+        for (dependency, condition) in definition["depends_on"].as_mapping().expect("depends_on") {
+            let condition = condition["condition"].as_str().expect("condition");
+            let dependency = dependency.as_str().expect("name");
+            let expected = if dependency == "jaeger" { "service_started" } else { "service_healthy" };
+            assert_eq!(condition, expected, "{service} -> {dependency}");
+        }
+    }
+    assert_eq!(services["stock"]["volumes"][0].as_str(), Some("stock-data:/data"));
+}
