@@ -2,7 +2,7 @@
 //! the trace from the gateway across the broker.
 //!
 //! # Layout
-//! - [`config`]: `Config::from_env()`.
+//! - [`config`]: `Config::from_env()`, every variable the service reads.
 //! - [`service`]: the `checkout.v1.CheckoutService` implementation (validate, price, publish).
 //! - [`publisher`]: confirmed, traced publishing that survives a broker reconnection.
 //! - [`error`]: `AppError` and its mapping to gRPC statuses.

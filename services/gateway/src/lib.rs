@@ -2,7 +2,7 @@
 //! checkout over gRPC inside it, and returns the trace id to the caller.
 //!
 //! # Layout
-//! - [`config`]: `Config::from_env()`.
+//! - [`config`]: `Config::from_env()`, every variable the service reads.
 //! - [`api`]: the checkout handler, the JSON extractor, health.
 //! - [`error`]: `AppError` and its mapping to HTTP statuses.
 //!

@@ -2,7 +2,7 @@
 //! exactly once per order, and answers an admin HTTP API.
 //!
 //! # Layout
-//! - [`config`]: `Config::from_env()`.
+//! - [`config`]: `Config::from_env()`, every variable the service reads.
 //! - [`consumer`]: the traced consumer and how each delivery is settled (ack, retry, DLQ).
 //! - [`store`]: the stock store, SQLite or PostgreSQL.
 //! - [`admin`]: `GET /api/stock/{sku}`, `GET /api/orders/{id}`, `GET /healthz`.

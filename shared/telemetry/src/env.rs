@@ -25,9 +25,12 @@ impl ConfigError {
     }
 }
 
+/// A variable lookup: the process environment or a map.
+type Lookup<'a> = Box<dyn Fn(&str) -> Option<String> + 'a>;
+
 /// Where configuration values come from.
 pub struct Env<'a> {
-    lookup: Box<dyn Fn(&str) -> Option<String> + 'a>,
+    lookup: Lookup<'a>,
 }
 
 impl std::fmt::Debug for Env<'_> {

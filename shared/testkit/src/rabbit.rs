@@ -1,23 +1,46 @@
 //! A RabbitMQ vhost per test on the machine's broker, so tests run in parallel without seeing
 //! each other's exchanges, queues or messages.
+//!
+//! `AMQP_ADDR` says where the broker is and as whom to connect (default guest on localhost);
+//! `RABBITMQCTL` is the command that administers it (default `rabbitmqctl`; with a broker in a
+//! container, e.g. `docker exec tracehop-test-rabbitmq rabbitmqctl`).
 
 use std::process::Command;
 
-/// Where the shared broker is: `AMQP_ADDR`'s host part, else the local default.
+fn amqp_addr() -> String {
+    std::env::var("AMQP_ADDR").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// `amqp://user:pass@host:port`, the part of `AMQP_ADDR` before the vhost.
 fn broker_base() -> String {
-    let addr = std::env::var("AMQP_ADDR").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
-    match addr.rsplit_once('/') {
-        Some((base, _)) if base.contains("://") && base.len() > "amqp://".len() => base.to_owned(),
-        _ => addr,
+    let addr = amqp_addr();
+    let authority_start = addr.find("://").map_or(0, |i| i + 3);
+    match addr[authority_start..].find('/') {
+        Some(slash) => addr[..authority_start + slash].to_owned(),
+        None => addr,
+    }
+}
+
+/// The user tests connect as, who gets permissions on each test vhost.
+fn broker_user() -> String {
+    let addr = amqp_addr();
+    let authority = addr.split_once("://").map_or(addr.as_str(), |(_, rest)| rest);
+    match authority.split_once('@') {
+        Some((credentials, _)) => credentials.split(':').next().unwrap_or("guest").to_owned(),
+        None => "guest".to_owned(),
     }
 }
 
 fn rabbitmqctl(args: &[&str]) -> Result<(), String> {
-    let output = Command::new("rabbitmqctl")
+    let command = std::env::var("RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".to_owned());
+    let mut words = command.split_whitespace();
+    let program = words.next().unwrap_or("rabbitmqctl");
+    let output = Command::new(program)
+        .args(words)
         .arg("-q")
         .args(args)
         .output()
-        .map_err(|e| format!("cannot run rabbitmqctl ({e}); is RabbitMQ installed here?"))?;
+        .map_err(|e| format!("cannot run {command} ({e}); is RabbitMQ installed here? (RABBITMQCTL names the command)"))?;
     if output.status.success() {
         Ok(())
     } else {
@@ -25,7 +48,7 @@ fn rabbitmqctl(args: &[&str]) -> Result<(), String> {
     }
 }
 
-/// A vhost of its own with full permissions for `guest`, deleted on drop.
+/// A vhost of its own with full permissions for the `AMQP_ADDR` user, deleted on drop.
 #[derive(Debug)]
 pub struct TestVhost {
     name: String,
@@ -37,7 +60,7 @@ impl TestVhost {
     pub fn create() -> Self {
         let name = crate::unique_name("tracehop-test");
         rabbitmqctl(&["add_vhost", &name]).unwrap_or_else(|e| panic!("{e}: the tests need RabbitMQ running"));
-        rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]).unwrap_or_else(|e| panic!("{e}"));
+        rabbitmqctl(&["set_permissions", "-p", &name, &broker_user(), ".*", ".*", ".*"]).unwrap_or_else(|e| panic!("{e}"));
         let url = format!("{}/{name}", broker_base());
         Self { name, url }
     }

@@ -222,7 +222,7 @@ mod tests {
     #[test]
     fn baggage_is_trimmed_by_whole_members() {
         let member = format!("k={}", "v".repeat(1000));
-        let value = vec![member.as_str(); 10].join(",");
+        let value = [member.as_str(); 10].join(",");
         let Bounded::Trimmed(trimmed) = bound_baggage(&value) else { panic!("not trimmed") };
         assert!(trimmed.len() <= MAX_BAGGAGE_LEN);
         assert!(trimmed.split(',').all(|m| m == member));
