@@ -3,7 +3,7 @@
 //! | name | propagator | crate |
 //! |---|---|---|
 //! | `tracecontext` | W3C Trace Context | opentelemetry_sdk |
-//! | `baggage` | W3C Baggage | opentelemetry_sdk |
+//! | `baggage` | W3C Baggage | opentelemetry_sdk (extract), [`W3cBaggagePropagator`] (inject: the SDK does not encode `%`) |
 //! | `b3` | B3 single header (`b3:`) | opentelemetry-zipkin |
 //! | `b3multi` | B3 multiple headers (`x-b3-*`) | opentelemetry-zipkin |
 //! | `none` | nothing is injected or extracted | - |
@@ -17,11 +17,12 @@
 //! one stops startup rather than silently not propagating.
 
 use opentelemetry::propagation::{TextMapCompositePropagator, TextMapPropagator};
-use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
 #[allow(deprecated)]
 use opentelemetry_zipkin::{B3Encoding, Propagator as B3Propagator};
 
 use crate::env::ConfigError;
+use crate::propagation::W3cBaggagePropagator;
 
 /// The variable this module reads.
 pub const OTEL_PROPAGATORS: &str = "OTEL_PROPAGATORS";
@@ -93,7 +94,7 @@ pub fn composite(kinds: &[PropagatorKind]) -> TextMapCompositePropagator {
         .map(|kind| -> Box<dyn TextMapPropagator + Send + Sync> {
             match kind {
                 PropagatorKind::TraceContext => Box::new(TraceContextPropagator::new()),
-                PropagatorKind::Baggage => Box::new(BaggagePropagator::new()),
+                PropagatorKind::Baggage => Box::new(W3cBaggagePropagator::new()),
                 PropagatorKind::B3 => Box::new(B3Propagator::with_encoding(B3Encoding::SingleHeader)),
                 PropagatorKind::B3Multi => Box::new(B3Propagator::with_encoding(B3Encoding::MultipleHeader)),
             }

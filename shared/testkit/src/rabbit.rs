@@ -35,12 +35,9 @@ fn rabbitmqctl(args: &[&str]) -> Result<(), String> {
     let command = std::env::var("RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".to_owned());
     let mut words = command.split_whitespace();
     let program = words.next().unwrap_or("rabbitmqctl");
-    let output = Command::new(program)
-        .args(words)
-        .arg("-q")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run {command} ({e}); is RabbitMQ installed here? (RABBITMQCTL names the command)"))?;
+    let output = Command::new(program).args(words).arg("-q").args(args).output().map_err(|e| {
+        format!("cannot run {command} ({e}); is RabbitMQ installed here? (RABBITMQCTL names the command)")
+    })?;
     if output.status.success() {
         Ok(())
     } else {
@@ -60,7 +57,8 @@ impl TestVhost {
     pub fn create() -> Self {
         let name = crate::unique_name("tracehop-test");
         rabbitmqctl(&["add_vhost", &name]).unwrap_or_else(|e| panic!("{e}: the tests need RabbitMQ running"));
-        rabbitmqctl(&["set_permissions", "-p", &name, &broker_user(), ".*", ".*", ".*"]).unwrap_or_else(|e| panic!("{e}"));
+        rabbitmqctl(&["set_permissions", "-p", &name, &broker_user(), ".*", ".*", ".*"])
+            .unwrap_or_else(|e| panic!("{e}"));
         let url = format!("{}/{name}", broker_base());
         Self { name, url }
     }

@@ -49,3 +49,29 @@ impl Extractor for MetadataExtractor<'_> {
         (!values.is_empty()).then_some(values)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_metadata_cannot_hold_are_skipped_not_panicked_on() {
+        let mut metadata = MetadataMap::new();
+        let mut injector = MetadataInjector(&mut metadata);
+        injector.set("traceparent", "line\nbreak".to_owned());
+        injector.set("bad key", "v".to_owned());
+        injector.set("tracestate", String::new());
+        injector.set("Baggage", "k=v".to_owned());
+        assert_eq!(metadata.len(), 1);
+        assert_eq!(MetadataExtractor(&metadata).get("baggage"), Some("k=v"));
+    }
+
+    #[test]
+    fn binary_entries_are_never_trace_context() {
+        let mut metadata = MetadataMap::new();
+        metadata.insert_bin("traceparent-bin", tonic::metadata::MetadataValue::from_bytes(b"\xff"));
+        metadata
+            .insert("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".parse().expect("ascii"));
+        assert_eq!(MetadataExtractor(&metadata).keys(), vec!["traceparent"]);
+    }
+}

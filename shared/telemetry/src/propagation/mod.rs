@@ -10,12 +10,14 @@
 //! `traceparent` strictly and bounds `tracestate` and `baggage` to the W3C limits.
 
 mod amqp;
+mod baggage;
 mod checked;
 pub mod counters;
 mod grpc;
 pub mod w3c;
 
 pub use amqp::{AmqpHeaderExtractor, AmqpHeaderInjector};
+pub use baggage::W3cBaggagePropagator;
 pub use checked::CheckedPropagator;
 pub use grpc::{MetadataExtractor, MetadataInjector};
 pub use opentelemetry_http::{HeaderExtractor, HeaderInjector};
