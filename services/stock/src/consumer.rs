@@ -291,10 +291,13 @@ impl Handler {
     }
 
     async fn ack(&self, delivery: &Delivery) {
-        if let Err(error) = delivery.acker.ack(BasicAckOptions::default()).await {
-            // The broker redelivers an unacked message; the store's order-id record makes the
-            // redelivery reserve nothing.
-            tracing::warn!(%error, "ack failed; the broker will redeliver, the store deduplicates");
+        // The broker redelivers an unacked message; the store's order-id record makes the
+        // redelivery reserve nothing. lapin answers Ok(false) when the delivery's channel was
+        // recovered in between: that ack never reached the broker either.
+        match delivery.acker.ack(BasicAckOptions::default()).await {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!("ack not sent: the channel was recovered; the broker will redeliver"),
+            Err(error) => tracing::warn!(%error, "ack failed; the broker will redeliver, the store deduplicates"),
         }
     }
 

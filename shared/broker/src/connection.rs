@@ -138,12 +138,18 @@ impl Broker {
                 // Start with the node that worked last; then the others, in order.
                 for step in 0..count {
                     let index = (start + step) % count;
-                    match connect_nodes.uris[index].connect_async(&runtime).await {
-                        Ok(stream) => {
+                    // lapin ignores the URI's connection_timeout on this path: bound it here, so
+                    // a node that drops packets does not stall the walk to the next one.
+                    let timeout = Duration::from_millis(
+                        connect_nodes.uris[index].query.connection_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS),
+                    );
+                    match tokio::time::timeout(timeout, connect_nodes.uris[index].connect_async(&runtime)).await {
+                        Ok(Ok(stream)) => {
                             connect_current.store(index, Ordering::Relaxed);
                             return Ok(stream);
                         }
-                        Err(error) => last_error = Some(error),
+                        Ok(Err(error)) => last_error = Some(error),
+                        Err(_) => last_error = Some(std::io::ErrorKind::TimedOut.into()),
                     }
                 }
                 Err(lapin::Error::from(last_error.unwrap_or_else(|| std::io::ErrorKind::NotConnected.into())))

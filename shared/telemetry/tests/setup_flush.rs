@@ -1,0 +1,48 @@
+//! The telemetry guard: shutdown flushes what is pending, within its timeout, even from a
+//! current-thread runtime (where the SDK's own blocking shutdown would stall the exporter).
+
+use std::time::{Duration, Instant};
+
+use opentelemetry::trace::{Span, Tracer};
+use tracehop_telemetry::{Telemetry, TelemetryConfig};
+use tracehop_testkit::otlp::OtlpReceiver;
+
+#[tokio::test]
+async fn shutdown_flushes_pending_spans_from_a_current_thread_runtime() {
+    let receiver = OtlpReceiver::start().await;
+    // The default batch delay is 5 s: only shutdown can deliver these spans sooner.
+    let telemetry = Telemetry::new(&TelemetryConfig::otlp_grpc("flush-test", receiver.endpoint())).expect("telemetry");
+    for i in 0..10 {
+        telemetry.tracer().start(format!("span {i}")).end();
+    }
+    let started = Instant::now();
+    telemetry.shutdown().await;
+    let took = started.elapsed();
+    let spans = receiver.spans();
+    assert_eq!(spans.len(), 10, "every pending span was exported by shutdown");
+    assert!(spans.iter().all(|s| s.service_name == "flush-test"));
+    assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
+}
+
+#[tokio::test]
+async fn shutdown_gives_up_within_its_timeout_when_the_backend_hangs() {
+    // A backend that accepts the connection and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let endpoint = format!("http://{}", silent.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let config = TelemetryConfig {
+        shutdown_timeout: Duration::from_secs(2),
+        ..TelemetryConfig::otlp_grpc("hang-test", &endpoint)
+    };
+    let telemetry = Telemetry::new(&config).expect("telemetry");
+    let mut span = telemetry.tracer().start("never delivered");
+    span.end();
+    let started = Instant::now();
+    telemetry.shutdown().await;
+    assert!(started.elapsed() < Duration::from_secs(4), "shutdown took {:?}", started.elapsed());
+}
