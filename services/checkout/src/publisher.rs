@@ -4,7 +4,14 @@
 //! unroutable return (lapin: `Ack(Some(returned))`) or no confirm before the deadline is an
 //! error. A connection lost mid-publish is waited out (lapin recovers the channel) and the
 //! message republished: at-least-once, which stock's idempotency turns into exactly-once.
+//!
+//! Each publish has a channel of its own for its duration, from a pool. With several publishes
+//! in flight on one channel, RabbitMQ acknowledges them together and lapin hands a returned
+//! (unroutable) message to whichever of their confirms completes first, so about 1% of returns
+//! land on another publish: that publish fails while the unroutable one reports success.
+//! One outstanding publish per channel makes every return and every nack unambiguous.
 
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -12,6 +19,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation};
 use opentelemetry::Context;
 use opentelemetry::trace::TraceContextExt;
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tracehop_broker::connection::Broker;
 use tracehop_broker::event::{CONTENT_TYPE, CheckoutProcessed, EVENT_TYPE};
 use tracehop_broker::topology;
@@ -40,6 +48,9 @@ pub enum PublishError {
     /// The event could not be serialised (a bug, never bad input).
     #[error("cannot serialise the event")]
     Encode(#[from] serde_json::Error),
+    /// The publisher is shutting down.
+    #[error("the publisher is closed")]
+    Closed,
 }
 
 impl PublishError {
@@ -51,26 +62,84 @@ impl PublishError {
             Self::Timeout(_) => "timeout",
             Self::Broker(_) => "broker_unavailable",
             Self::Encode(_) => "encode",
+            Self::Closed => "closed",
         }
     }
 }
 
-/// Publishes events on one confirm-mode channel.
+/// Publishes at most this many events at once; more wait for a channel (backpressure).
+pub const CHANNELS: usize = 64;
+
+/// Confirm-mode channels, each lent to one publish at a time.
+#[derive(Debug)]
+struct ChannelPool {
+    broker: Broker,
+    idle: Mutex<Vec<Channel>>,
+    /// One permit per channel: a publish holds one while it owns a channel.
+    permits: Semaphore,
+}
+
+/// A channel lent to one publish; back to the pool on drop.
+struct Lease<'a> {
+    pool: &'a ChannelPool,
+    channel: Option<Channel>,
+    _permit: SemaphorePermit<'a>,
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let Some(channel) = self.channel.take() {
+            self.pool.idle.lock().unwrap_or_else(PoisonError::into_inner).push(channel);
+        }
+    }
+}
+
+async fn confirm_channel(broker: &Broker) -> lapin::Result<Channel> {
+    let channel = broker.channel().await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok(channel)
+}
+
+impl ChannelPool {
+    async fn open(broker: Broker, size: usize) -> lapin::Result<Self> {
+        let mut channels = Vec::with_capacity(size);
+        for _ in 0..size {
+            channels.push(confirm_channel(&broker).await?);
+        }
+        if let Some(first) = channels.first() {
+            topology::declare(first).await?;
+        }
+        Ok(Self { broker, idle: Mutex::new(channels), permits: Semaphore::new(size) })
+    }
+
+    async fn lease(&self) -> Result<Lease<'_>, PublishError> {
+        let permit = self.permits.acquire().await.map_err(|_| PublishError::Closed)?;
+        let idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        let channel = match idle {
+            // lapin recovers channels with their connection; a channel the broker closed
+            // (a protocol error) stays closed and is replaced.
+            Some(channel) if channel.status().connected() || channel.status().reconnecting() => channel,
+            _ => confirm_channel(&self.broker).await?,
+        };
+        Ok(Lease { pool: self, channel: Some(channel), _permit: permit })
+    }
+}
+
+/// Publishes events, each on a confirm-mode channel of its own.
 #[derive(Debug, Clone)]
 pub struct Publisher {
     broker: Broker,
-    channel: Channel,
+    pool: std::sync::Arc<ChannelPool>,
     telemetry: Telemetry,
     timeout: Duration,
 }
 
 impl Publisher {
-    /// Opens a confirm-mode channel and declares the shared topology on it.
+    /// Opens the channel pool and declares the shared topology on its first channel (lapin
+    /// replays a channel's declarations when it recovers the connection).
     pub async fn open(broker: Broker, telemetry: Telemetry, timeout: Duration) -> lapin::Result<Self> {
-        let channel = broker.channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
-        topology::declare(&channel).await?;
-        Ok(Self { broker, channel, telemetry, timeout })
+        let pool = std::sync::Arc::new(ChannelPool::open(broker.clone(), CHANNELS).await?);
+        Ok(Self { broker, pool, telemetry, timeout })
     }
 
     /// Publishes `event` under a PRODUCER span (child of the current span) and waits for the
@@ -107,9 +176,10 @@ impl Publisher {
 
     async fn publish_until_confirmed(&self, body: &[u8], properties: &BasicProperties) -> Result<(), PublishError> {
         let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
+        let lease = self.pool.lease().await?;
+        let channel = lease.channel.as_ref().ok_or(PublishError::Closed)?;
         loop {
-            let sent = self
-                .channel
+            let sent = channel
                 .basic_publish(
                     topology::EXCHANGE.into(),
                     topology::ROUTING_KEY.into(),
@@ -134,7 +204,7 @@ impl Publisher {
                 // cannot recover, this returns the error.
                 Err(error) => {
                     tracing::warn!(%error, "publish interrupted; waiting for the broker connection to recover");
-                    self.channel.wait_for_recovery(error).await?;
+                    channel.wait_for_recovery(error).await?;
                 }
             }
         }
