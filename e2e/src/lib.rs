@@ -6,6 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use serde_json::Value;
+use stock::store::{Store, StoreLocation};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -16,11 +17,32 @@ use tracehop_telemetry::propagators::PropagatorKind;
 use tracehop_telemetry::setup::SamplerChoice;
 use tracehop_telemetry::{Telemetry, TelemetryConfig};
 use tracehop_testkit::otlp::{OtlpReceiver, ReceivedSpan};
+use tracehop_testkit::process::ServiceProcess;
 use tracehop_testkit::rabbit::TestVhost;
+
+/// How stock runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StockMode {
+    /// In the test process, like the other two.
+    InProcess,
+    /// As a child process of the `stock` binary, so it can be SIGKILLed and restarted.
+    Process,
+}
 
 /// What a test may vary.
 #[derive(Debug, Clone)]
 pub struct Options {
+    /// The broker (`None`: a vhost of the test's own on the machine's broker).
+    pub amqp_url: Option<String>,
+    /// Where spans go (`None`: the in-test receiver). A refused or silent endpoint shows what
+    /// a dead trace backend does to requests.
+    pub otlp_endpoint: Option<String>,
+    /// Stock's store (`None`: a SQLite file in a temporary directory).
+    pub store: Option<StoreLocation>,
+    /// How stock runs.
+    pub stock_mode: StockMode,
+    /// `STOCK_SEED_UNITS`.
+    pub seed_units: u32,
     /// The gateway's inbound policy.
     pub inbound_context: InboundContext,
     /// Stock's consumer relation.
@@ -36,6 +58,11 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Self {
+            amqp_url: None,
+            otlp_endpoint: None,
+            store: None,
+            stock_mode: StockMode::InProcess,
+            seed_units: 1000,
             inbound_context: InboundContext::Continue,
             consumer_context: ConsumerContext::Parent,
             propagators: tracehop_telemetry::propagators::DEFAULT_PROPAGATORS.to_vec(),
@@ -53,8 +80,17 @@ pub struct Pipeline {
     pub stock_url: String,
     /// The spans every service exported.
     pub receiver: OtlpReceiver,
-    /// The vhost the services use.
-    pub vhost: TestVhost,
+    /// The vhost the services use, when the test did not bring its own broker.
+    pub vhost: Option<TestVhost>,
+    /// The AMQP URI the services use.
+    pub amqp_url: String,
+    /// Stock's store.
+    pub store: StoreLocation,
+    /// Stock, when it runs as a child process.
+    pub stock_process: Option<ServiceProcess>,
+    stock_env: Vec<(&'static str, String)>,
+    /// Stock processes killed so far, kept for their logs.
+    retired_stock: Vec<ServiceProcess>,
     /// A client for the HTTP APIs.
     pub http: reqwest::Client,
     stop: watch::Sender<bool>,
@@ -67,12 +103,12 @@ async fn listener() -> TcpListener {
     TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port")
 }
 
-fn telemetry(name: &str, receiver: &OtlpReceiver, options: &Options) -> Telemetry {
+fn telemetry(name: &str, endpoint: &str, options: &Options) -> Telemetry {
     let config = TelemetryConfig {
         propagators: options.propagators.clone(),
         sampler: options.sampler,
         batch_delay: Some(Duration::from_millis(100)),
-        ..TelemetryConfig::otlp_grpc(name, receiver.endpoint())
+        ..TelemetryConfig::otlp_grpc(name, endpoint)
     };
     Telemetry::new(&config).expect("telemetry")
 }
@@ -80,9 +116,15 @@ fn telemetry(name: &str, receiver: &OtlpReceiver, options: &Options) -> Telemetr
 impl Pipeline {
     /// Starts stock, checkout and the gateway (in that order, though any order works).
     pub async fn start(options: Options) -> Self {
-        let vhost = TestVhost::create();
+        // Service logs, shown by the test runner when a test fails (RUST_LOG filters them).
+        let _ = tracehop_telemetry::logging::init_logging(tracehop_telemetry::logging::LogFormat::Text);
+        let vhost = options.amqp_url.is_none().then(TestVhost::create);
+        let amqp_url =
+            options.amqp_url.clone().unwrap_or_else(|| vhost.as_ref().map(|v| v.url().to_owned()).unwrap_or_default());
         let receiver = OtlpReceiver::start().await;
+        let endpoint = options.otlp_endpoint.clone().unwrap_or_else(|| receiver.endpoint().to_owned());
         let data = tempfile::tempdir().expect("temp dir");
+        let store = options.store.clone().unwrap_or_else(|| StoreLocation::Sqlite(data.path().join("stock.db")));
         let (stop, stopped) = watch::channel(false);
         let until_stopped = move || {
             let mut stopped = stopped.clone();
@@ -90,27 +132,54 @@ impl Pipeline {
                 let _ = stopped.wait_for(|stop| *stop).await;
             }
         };
-        let nodes = BrokerNodes::parse(vhost.url()).expect("vhost url");
+        let nodes = BrokerNodes::parse(&amqp_url).expect("AMQP URL");
         let mut tasks = Vec::new();
         let mut telemetries = Vec::new();
 
         let stock_listener = listener().await;
-        let stock_url = format!("http://{}", stock_listener.local_addr().expect("addr"));
-        let stock_config = stock::Config {
-            addr: stock_listener.local_addr().expect("addr"),
-            amqp: nodes.clone(),
-            store: stock::store::StoreLocation::Sqlite(data.path().join("stock.db")),
-            seed_units: 1000,
-            prefetch: 16,
-            consumer_context: options.consumer_context,
-            baggage_span_attributes: vec!["customer.id".to_owned()],
-            broker_give_up: Duration::from_secs(60),
-            drain_timeout: Duration::from_secs(5),
-        };
-        let stock_telemetry = telemetry("stock", &receiver, &options);
-        telemetries.push(stock_telemetry.clone());
-        let stock = stock::run(stock_listener, stock_config, stock_telemetry, until_stopped());
-        tasks.push(("stock", tokio::spawn(async move { stock.await.map_err(|e| format!("{e:?}")) })));
+        let stock_addr = stock_listener.local_addr().expect("addr");
+        let stock_url = format!("http://{stock_addr}");
+        let mut stock_env = Vec::new();
+        let mut stock_process = None;
+        match options.stock_mode {
+            StockMode::InProcess => {
+                let stock_config = stock::Config {
+                    addr: stock_addr,
+                    amqp: nodes.clone(),
+                    store: store.clone(),
+                    seed_units: options.seed_units,
+                    prefetch: 16,
+                    consumer_context: options.consumer_context,
+                    baggage_span_attributes: vec!["customer.id".to_owned()],
+                    broker_give_up: Duration::from_secs(60),
+                    drain_timeout: Duration::from_secs(5),
+                };
+                let stock_telemetry = telemetry("stock", &endpoint, &options);
+                telemetries.push(stock_telemetry.clone());
+                let stock = stock::run(stock_listener, stock_config, stock_telemetry, until_stopped());
+                tasks.push(("stock", tokio::spawn(async move { stock.await.map_err(|e| format!("{e:?}")) })));
+            }
+            StockMode::Process => {
+                drop(stock_listener);
+                let store_value = match &store {
+                    StoreLocation::Sqlite(path) => path.display().to_string(),
+                    StoreLocation::Postgres(url) => url.clone(),
+                };
+                stock_env = vec![
+                    ("STOCK_ADDR", stock_addr.to_string()),
+                    ("AMQP_ADDR", amqp_url.clone()),
+                    ("STOCK_DB", store_value),
+                    ("STOCK_SEED_UNITS", options.seed_units.to_string()),
+                    ("STOCK_PREFETCH", "16".to_owned()),
+                    ("CONSUMER_CONTEXT", "parent".to_owned()),
+                    ("OTEL_SERVICE_NAME", "stock".to_owned()),
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone()),
+                    ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
+                    ("RUST_LOG", "info".to_owned()),
+                ];
+                stock_process = Some(ServiceProcess::start("stock", &stock_env));
+            }
+        }
 
         let checkout_listener = listener().await;
         let checkout_addr = checkout_listener.local_addr().expect("addr");
@@ -120,7 +189,7 @@ impl Pipeline {
             publish_timeout: Duration::from_millis(1500),
             broker_give_up: Duration::from_secs(60),
         };
-        let checkout_telemetry = telemetry("checkout", &receiver, &options);
+        let checkout_telemetry = telemetry("checkout", &endpoint, &options);
         telemetries.push(checkout_telemetry.clone());
         let checkout = checkout::run(checkout_listener, checkout_config, checkout_telemetry, until_stopped());
         tasks.push(("checkout", tokio::spawn(async move { checkout.await.map_err(|e| format!("{e:?}")) })));
@@ -137,7 +206,7 @@ impl Pipeline {
             cors_origins: options.cors_origins.clone(),
             baggage_span_attributes: vec!["customer.id".to_owned()],
         };
-        let gateway_telemetry = telemetry("gateway", &receiver, &options);
+        let gateway_telemetry = telemetry("gateway", &endpoint, &options);
         telemetries.push(gateway_telemetry.clone());
         let gateway = gateway::run(gateway_listener, gateway_config, gateway_telemetry, until_stopped());
         tasks.push(("gateway", tokio::spawn(async move { gateway.await.map_err(|e| format!("{e:?}")) })));
@@ -147,7 +216,12 @@ impl Pipeline {
             stock_url,
             receiver,
             vhost,
-            http: reqwest::Client::new(),
+            amqp_url,
+            store,
+            stock_process,
+            stock_env,
+            retired_stock: Vec::new(),
+            http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client"),
             stop,
             tasks,
             telemetry: telemetries,
@@ -155,6 +229,65 @@ impl Pipeline {
         };
         pipeline.wait_until_ready().await;
         pipeline
+    }
+
+    /// SIGKILLs the stock process.
+    pub fn kill_stock(&mut self) {
+        if let Some(mut process) = self.stock_process.take() {
+            process.kill();
+            self.retired_stock.push(process);
+        }
+    }
+
+    /// How many log lines of every stock process so far (killed ones included) contain `needle`.
+    pub fn stock_log_count(&self, needle: &str) -> usize {
+        self.retired_stock.iter().chain(&self.stock_process).map(|p| p.count(needle)).sum()
+    }
+
+    /// A client that places orders, to run beside faults.
+    pub fn load_client(&self) -> LoadClient {
+        LoadClient { gateway_url: self.gateway_url.clone(), http: self.http.clone() }
+    }
+
+    /// Waits until stock recorded every `accepted` order, then checks each was reserved exactly
+    /// once (every order is one unit of SKU-001): units reserved == orders recorded as reserved.
+    /// Returns (reserved orders, reserved units).
+    pub async fn assert_reserved_exactly_once(&self, accepted: &[String], timeout: Duration) -> (i64, i64) {
+        let store = self.open_store().await;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut missing: Vec<&String> = accepted.iter().collect();
+        while !missing.is_empty() {
+            let mut still = Vec::new();
+            for order_id in missing {
+                if store.order(order_id).await.expect("query").is_none() {
+                    still.push(order_id);
+                }
+            }
+            missing = still;
+            if missing.is_empty() {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} accepted orders were never reserved, e.g. {:?}",
+                missing.len(),
+                &missing[..missing.len().min(5)]
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let (reserved_orders, _) = store.order_counts().await.expect("counts");
+        let level = store.level("SKU-001").await.expect("level").expect("SKU-001");
+        assert_eq!(level.reserved, reserved_orders, "units reserved must equal orders reserved: nothing twice");
+        assert!(reserved_orders >= accepted.len() as i64);
+        store.close().await;
+        (reserved_orders, level.reserved)
+    }
+
+    /// Starts the stock process again (after [`kill_stock`](Self::kill_stock)) and waits until
+    /// it is healthy.
+    pub async fn restart_stock(&mut self) {
+        self.stock_process = Some(ServiceProcess::start("stock", &self.stock_env));
+        self.wait_until_ready().await;
     }
 
     async fn wait_until_ready(&self) {
@@ -210,6 +343,11 @@ impl Pipeline {
         panic!("order {order_id} was never recorded by stock");
     }
 
+    /// Opens stock's store directly, for checks the API does not offer.
+    pub async fn open_store(&self) -> Store {
+        Store::open(&self.store, &[], 0).await.expect("open the stock store")
+    }
+
     /// Stops every service (drain, then flush telemetry) and fails if any stopped with an error.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
@@ -240,4 +378,84 @@ pub fn dependency_edges(spans: &[ReceivedSpan]) -> BTreeSet<(String, String)> {
                 .then(|| (parent.service_name.clone(), child.service_name.clone()))
         })
         .collect()
+}
+
+/// What a load run saw.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    /// Order ids of the 202 answers.
+    pub accepted: Vec<String>,
+    /// Answers by status (`"202"`, `"503"`, `"error"` for no answer).
+    pub statuses: std::collections::BTreeMap<String, usize>,
+    /// The slowest answer.
+    pub slowest: Duration,
+}
+
+/// Places orders through the gateway.
+#[derive(Debug, Clone)]
+pub struct LoadClient {
+    gateway_url: String,
+    http: reqwest::Client,
+}
+
+impl LoadClient {
+    /// Places `orders` orders of one unit of SKU-001, `concurrency` at a time; `done` counts
+    /// answers as they come, so a test can inject faults at chosen points.
+    pub async fn run(
+        &self,
+        orders: usize,
+        concurrency: usize,
+        done: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ) -> LoadReport {
+        use std::sync::atomic::Ordering;
+        let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut workers = tokio::task::JoinSet::new();
+        for _ in 0..concurrency {
+            let (client, next, done) = (self.clone(), next.clone(), done.clone());
+            workers.spawn(async move {
+                let mut report = LoadReport::default();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= orders {
+                        return report;
+                    }
+                    let body = serde_json::json!({"customer_id": format!("load-{i}"), "items": [{"sku": "SKU-001", "quantity": 1}]});
+                    let started = tokio::time::Instant::now();
+                    let answer = client
+                        .http
+                        .post(format!("{}/api/checkout", client.gateway_url))
+                        .header("content-type", "application/json")
+                        .body(body.to_string())
+                        .send()
+                        .await;
+                    report.slowest = report.slowest.max(started.elapsed());
+                    let key = match answer {
+                        Ok(response) => {
+                            let status = response.status().as_u16();
+                            if status == 202 {
+                                let body: Value = response.json().await.unwrap_or(Value::Null);
+                                if let Some(id) = body["order_id"].as_str() {
+                                    report.accepted.push(id.to_owned());
+                                }
+                            }
+                            status.to_string()
+                        }
+                        Err(_) => "error".to_owned(),
+                    };
+                    *report.statuses.entry(key).or_default() += 1;
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        let mut total = LoadReport::default();
+        while let Some(report) = workers.join_next().await {
+            let report = report.expect("load worker");
+            total.accepted.extend(report.accepted);
+            for (status, n) in report.statuses {
+                *total.statuses.entry(status).or_default() += n;
+            }
+            total.slowest = total.slowest.max(report.slowest);
+        }
+        total
+    }
 }

@@ -37,6 +37,9 @@ pub enum RunError {
     /// The broker could not be reached at startup.
     #[error("cannot connect to the broker")]
     Connect(#[source] lapin::Error),
+    /// The publisher could not be set up (topology, channels).
+    #[error("cannot set up publishing")]
+    Publisher(#[source] crate::publisher::PublishError),
     /// The broker stayed unreachable longer than `BROKER_GIVE_UP_SECS`.
     #[error("the broker connection was lost and did not recover")]
     BrokerLost,
@@ -52,11 +55,13 @@ pub async fn run(
     telemetry: Telemetry,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    let broker = Broker::connect(config.amqp.clone(), "checkout").await.map_err(RunError::Connect)?;
-    let publisher =
-        Publisher::open(broker.clone(), telemetry.clone(), config.publish_timeout).await.map_err(RunError::Connect)?;
+    let broker =
+        Broker::connect(config.amqp.clone(), "checkout", config.broker_give_up).await.map_err(RunError::Connect)?;
+    let publisher = Publisher::open(broker.clone(), telemetry.clone(), config.publish_timeout)
+        .await
+        .map_err(RunError::Publisher)?;
     let (reporter, health_service) = tonic_health::server::health_reporter();
-    let mut health = broker.health(config.broker_give_up);
+    let mut health = broker.health();
     let lost = {
         let reporter = reporter.clone();
         async move { report_health(&reporter, &mut health).await }

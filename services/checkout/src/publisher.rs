@@ -11,6 +11,7 @@
 //! land on another publish: that publish fails while the unroutable one reports success.
 //! One outstanding publish per channel makes every return and every nack unambiguous.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -74,54 +75,90 @@ pub const CHANNELS: usize = 64;
 #[derive(Debug)]
 struct ChannelPool {
     broker: Broker,
-    idle: Mutex<Vec<Channel>>,
+    idle: Mutex<Vec<Pooled>>,
     /// One permit per channel: a publish holds one while it owns a channel.
     permits: Semaphore,
+    /// 1 + the connection generation the topology was last declared on (0: never).
+    declared: AtomicU64,
+}
+
+/// A channel and the connection generation it belongs to.
+#[derive(Debug)]
+struct Pooled {
+    channel: Channel,
+    generation: u64,
 }
 
 /// A channel lent to one publish; back to the pool on drop.
 struct Lease<'a> {
     pool: &'a ChannelPool,
-    channel: Option<Channel>,
+    pooled: Option<Pooled>,
     _permit: SemaphorePermit<'a>,
+}
+
+impl Lease<'_> {
+    fn channel(&self) -> Result<&Channel, PublishError> {
+        self.pooled.as_ref().map(|p| &p.channel).ok_or(PublishError::Closed)
+    }
+
+    fn generation(&self) -> u64 {
+        self.pooled.as_ref().map_or(u64::MAX, |p| p.generation)
+    }
+
+    /// Swaps the channel for a fresh one on the current connection.
+    async fn renew(&mut self) -> Result<(), PublishError> {
+        self.pooled = None;
+        self.pooled = Some(self.pool.fresh().await?);
+        Ok(())
+    }
 }
 
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
-        if let Some(channel) = self.channel.take() {
-            self.pool.idle.lock().unwrap_or_else(PoisonError::into_inner).push(channel);
+        if let Some(pooled) = self.pooled.take() {
+            self.pool.idle.lock().unwrap_or_else(PoisonError::into_inner).push(pooled);
         }
     }
 }
 
-async fn confirm_channel(broker: &Broker) -> lapin::Result<Channel> {
-    let channel = broker.channel().await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
-    Ok(channel)
-}
-
 impl ChannelPool {
-    async fn open(broker: Broker, size: usize) -> lapin::Result<Self> {
-        let mut channels = Vec::with_capacity(size);
-        for _ in 0..size {
-            channels.push(confirm_channel(&broker).await?);
+    fn new(broker: Broker, size: usize) -> Self {
+        Self {
+            broker,
+            idle: Mutex::new(Vec::with_capacity(size)),
+            permits: Semaphore::new(size),
+            declared: AtomicU64::new(0),
         }
-        if let Some(first) = channels.first() {
-            topology::declare(first).await?;
+    }
+
+    /// A new confirm-mode channel on the current connection; the first one of each connection
+    /// declares the topology (lapin replays it on recovery; a replacement connection needs it
+    /// declared again).
+    async fn fresh(&self) -> Result<Pooled, PublishError> {
+        let (channel, generation) = self.broker.channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        if self.declared.load(Ordering::Acquire) != generation + 1 {
+            topology::declare(&channel).await?;
+            self.declared.store(generation + 1, Ordering::Release);
         }
-        Ok(Self { broker, idle: Mutex::new(channels), permits: Semaphore::new(size) })
+        Ok(Pooled { channel, generation })
     }
 
     async fn lease(&self) -> Result<Lease<'_>, PublishError> {
         let permit = self.permits.acquire().await.map_err(|_| PublishError::Closed)?;
         let idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop();
-        let channel = match idle {
-            // lapin recovers channels with their connection; a channel the broker closed
-            // (a protocol error) stays closed and is replaced.
-            Some(channel) if channel.status().connected() || channel.status().reconnecting() => channel,
-            _ => confirm_channel(&self.broker).await?,
+        let current = self.broker.link().generation;
+        let pooled = match idle {
+            // lapin recovers channels with their connection; a channel the broker closed (a
+            // protocol error), or one of a replaced connection, is replaced.
+            Some(p)
+                if p.generation == current && (p.channel.status().connected() || p.channel.status().reconnecting()) =>
+            {
+                p
+            }
+            _ => self.fresh().await?,
         };
-        Ok(Lease { pool: self, channel: Some(channel), _permit: permit })
+        Ok(Lease { pool: self, pooled: Some(pooled), _permit: permit })
     }
 }
 
@@ -135,10 +172,10 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// Opens the channel pool and declares the shared topology on its first channel (lapin
-    /// replays a channel's declarations when it recovers the connection).
-    pub async fn open(broker: Broker, telemetry: Telemetry, timeout: Duration) -> lapin::Result<Self> {
-        let pool = std::sync::Arc::new(ChannelPool::open(broker.clone(), CHANNELS).await?);
+    /// Declares the shared topology (on the pool's first channel) and opens the pool.
+    pub async fn open(broker: Broker, telemetry: Telemetry, timeout: Duration) -> Result<Self, PublishError> {
+        let pool = std::sync::Arc::new(ChannelPool::new(broker.clone(), CHANNELS));
+        drop(pool.lease().await?);
         Ok(Self { broker, pool, telemetry, timeout })
     }
 
@@ -176,9 +213,9 @@ impl Publisher {
 
     async fn publish_until_confirmed(&self, body: &[u8], properties: &BasicProperties) -> Result<(), PublishError> {
         let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
-        let lease = self.pool.lease().await?;
-        let channel = lease.channel.as_ref().ok_or(PublishError::Closed)?;
+        let mut lease = self.pool.lease().await?;
         loop {
+            let channel = lease.channel()?;
             let sent = channel
                 .basic_publish(
                     topology::EXCHANGE.into(),
@@ -200,11 +237,19 @@ impl Publisher {
                 Ok(Confirmation::Nack(_)) => return Err(PublishError::Nacked),
                 // Confirm mode is on for this channel: an unconfirmed publish is a broken promise.
                 Ok(Confirmation::NotRequested) => return Err(PublishError::Nacked),
-                // The connection dropped: lapin recovers the channel; then publish again. If it
-                // cannot recover, this returns the error.
+                // The connection dropped: wait until lapin recovers the channel, or the
+                // supervisor replaces the connection, then publish again (within the deadline
+                // the caller set). A channel that cannot recover gives its error back.
                 Err(error) => {
                     tracing::warn!(%error, "publish interrupted; waiting for the broker connection to recover");
-                    channel.wait_for_recovery(error).await?;
+                    let generation = lease.generation();
+                    tokio::select! {
+                        recovered = channel.wait_for_recovery(error) => recovered?,
+                        () = self.broker.replaced(generation) => {}
+                    }
+                    if self.broker.link().generation != generation {
+                        lease.renew().await?;
+                    }
                 }
             }
         }

@@ -38,6 +38,9 @@ const SOURCE: Source<'static> = Source {
     queue: topology::QUEUE,
 };
 
+/// How long forwarding a message (retry, dead letter) may wait for the broker's confirm.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// `tracehop.reservation.outcome`: reserved, rejected, duplicate, dead_lettered, retried.
 pub const OUTCOME: &str = "tracehop.reservation.outcome";
 /// Header of a dead-lettered message: a low-cardinality reason (`invalid_json`, `unknown_sku`...).
@@ -66,9 +69,7 @@ enum Verdict {
 pub struct Handler {
     /// The reservations.
     pub store: Store,
-    /// Channel to ack on and to republish retries and dead letters on (confirm mode).
-    pub channel: Channel,
-    /// For `server.address` of spans.
+    /// The connection: deliveries arrive on it, retries and dead letters leave on it.
     pub broker: Broker,
     /// Tracer and propagator.
     pub telemetry: Telemetry,
@@ -78,9 +79,10 @@ pub struct Handler {
     pub baggage_keys: Vec<String>,
 }
 
-/// Opens the consuming channel: confirm mode (for republishing), prefetch, topology, consume.
-pub async fn open(broker: &Broker, prefetch: u16) -> lapin::Result<(Channel, lapin::Consumer)> {
-    let channel = broker.channel().await?;
+/// Opens the consuming channel on the current connection: confirm mode (for republishing),
+/// prefetch, topology, consume.
+async fn open(broker: &Broker, prefetch: u16) -> lapin::Result<(Channel, lapin::Consumer, u64)> {
+    let (channel, generation) = broker.channel().await?;
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
     channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
     topology::declare(&channel).await?;
@@ -93,54 +95,58 @@ pub async fn open(broker: &Broker, prefetch: u16) -> lapin::Result<(Channel, lap
             FieldTable::default(),
         )
         .await?;
-    Ok((channel, consumer))
+    Ok((channel, consumer, generation))
 }
 
 /// Why consuming stopped other than by shutdown.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumeError {
-    /// The connection failed and lapin could not recover it.
-    #[error("the broker connection could not be recovered")]
-    Unrecoverable(#[source] lapin::Error),
+    /// The consumer could not be set up on the broker.
+    #[error("cannot start consuming")]
+    Open(#[source] lapin::Error),
     /// The broker cancelled the consumer (the queue was deleted).
     #[error("the broker cancelled the consumer")]
     Cancelled,
 }
 
+/// How a consuming session on one connection ended.
+enum Session {
+    Shutdown,
+    /// The connection was replaced: consume again on the new one.
+    Replaced,
+    Failed(ConsumeError),
+}
+
 /// Consumes until `shutdown`, then stops taking deliveries and waits up to `drain` for those in
-/// progress.
+/// progress. Follows connection replacements; never stops on a bad message.
 pub async fn consume(
-    mut consumer: lapin::Consumer,
     handler: Arc<Handler>,
+    prefetch: u16,
     shutdown: impl std::future::Future<Output = ()>,
     drain: Duration,
 ) -> Result<(), ConsumeError> {
     let mut in_flight = JoinSet::new();
     tokio::pin!(shutdown);
     let outcome = loop {
-        tokio::select! {
-            () = &mut shutdown => break Ok(()),
-            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
-            next = consumer.next() => match next {
-                Some(Ok(delivery)) => {
-                    let handler = handler.clone();
-                    in_flight.spawn(async move { handler.handle(delivery).await });
+        let (channel, consumer, generation) = match open(&handler.broker, prefetch).await {
+            Ok(opened) => opened,
+            Err(error) if !in_flight.is_empty() || handler.broker.link().generation > 0 => {
+                // Mid-recovery: try again shortly (shutdown still wins).
+                tracing::warn!(%error, "cannot consume yet; retrying");
+                tokio::select! {
+                    () = &mut shutdown => break Ok(()),
+                    () = tokio::time::sleep(Duration::from_millis(500)) => continue,
                 }
-                Some(Err(error)) => {
-                    tracing::warn!(%error, "consumer interrupted; waiting for the broker connection to recover");
-                    if let Err(error) = handler.channel.wait_for_recovery(error).await {
-                        break Err(ConsumeError::Unrecoverable(error));
-                    }
-                    tracing::info!("consumer recovered");
-                }
-                None => break Err(ConsumeError::Cancelled),
-            },
+            }
+            Err(error) => break Err(ConsumeError::Open(error)),
+        };
+        let session = session(&handler, &channel, consumer, generation, &mut in_flight, &mut shutdown).await;
+        match session {
+            Session::Shutdown => break Ok(()),
+            Session::Replaced => tracing::warn!("the broker connection was replaced; consuming on the new one"),
+            Session::Failed(error) => break Err(error),
         }
     };
-    // Stop taking work; deliveries not yet started stay unacked and go back to the queue.
-    if let Err(error) = handler.channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await {
-        tracing::debug!(%error, "cancelling the consumer");
-    }
     let pending = in_flight.len();
     if tokio::time::timeout(drain, async { while in_flight.join_next().await.is_some() {} }).await.is_err() {
         tracing::warn!(
@@ -153,14 +159,55 @@ pub async fn consume(
     outcome
 }
 
+async fn session(
+    handler: &Arc<Handler>,
+    channel: &Channel,
+    mut consumer: lapin::Consumer,
+    generation: u64,
+    in_flight: &mut JoinSet<()>,
+    shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) -> Session {
+    loop {
+        tokio::select! {
+            () = shutdown.as_mut() => {
+                // Stop taking work; deliveries not yet started go back to the queue.
+                if let Err(error) = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await {
+                    tracing::debug!(%error, "cancelling the consumer");
+                }
+                return Session::Shutdown;
+            }
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+            () = handler.broker.replaced(generation) => return Session::Replaced,
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    let (handler, channel) = (handler.clone(), channel.clone());
+                    in_flight.spawn(async move { handler.handle(delivery, &channel).await });
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "consumer interrupted; waiting for the broker connection to recover");
+                    tokio::select! {
+                        recovered = channel.wait_for_recovery(error) => if let Err(error) = recovered {
+                            tracing::warn!(%error, "the consumer's channel cannot recover; opening a new one");
+                            return Session::Replaced;
+                        },
+                        () = handler.broker.replaced(generation) => return Session::Replaced,
+                    }
+                }
+                None if handler.broker.link().generation != generation => return Session::Replaced,
+                None => return Session::Failed(ConsumeError::Cancelled),
+            },
+        }
+    }
+}
+
 impl Handler {
-    /// Processes one delivery under its CONSUMER span, and settles it.
-    pub async fn handle(&self, delivery: Delivery) {
+    /// Processes one delivery under its CONSUMER span, and settles it on `channel`.
+    pub async fn handle(&self, delivery: Delivery, channel: &Channel) {
         let cx = messaging::start_process(&self.telemetry, self.mode, &SOURCE, &delivery, &self.broker.peer());
         cx.span().set_attributes(baggage_attributes(&cx, &self.baggage_keys));
         async {
             let verdict = self.decide(&delivery).await;
-            self.settle(&delivery, verdict).await;
+            self.settle(&delivery, verdict, channel).await;
         }
         .with_context(cx.clone())
         .await;
@@ -232,7 +279,7 @@ impl Handler {
         result
     }
 
-    async fn settle(&self, delivery: &Delivery, verdict: Verdict) {
+    async fn settle(&self, delivery: &Delivery, verdict: Verdict, channel: &Channel) {
         let cx = Context::current();
         let span = cx.span();
         let tag = delivery.delivery_tag;
@@ -269,7 +316,14 @@ impl Handler {
                 record_error(&span, reason, &error);
                 span.set_attribute(KeyValue::new(OUTCOME, "dead_lettered"));
                 tracing::warn!(reason, %error, "message can never succeed; dead-lettering it");
-                self.forward(delivery, topology::DEAD_LETTER_EXCHANGE, "", dead_letter_headers(reason, &error)).await;
+                self.forward(
+                    channel,
+                    delivery,
+                    topology::DEAD_LETTER_EXCHANGE,
+                    "",
+                    dead_letter_headers(reason, &error),
+                )
+                .await;
             }
             Verdict::Transient { reason, error } => {
                 record_error(&span, reason, &error);
@@ -279,12 +333,12 @@ impl Handler {
                     span.set_attribute(KeyValue::new(OUTCOME, "retried"));
                     tracing::warn!(reason, %error, retry = retries + 1, "processing failed; retrying after a delay");
                     let extra = [(RETRY_COUNT_HEADER, AMQPValue::LongLongInt(retries + 1))];
-                    self.forward(delivery, "", topology::RETRY_QUEUE, extra.to_vec()).await;
+                    self.forward(channel, delivery, "", topology::RETRY_QUEUE, extra.to_vec()).await;
                 } else {
                     span.set_attribute(KeyValue::new(OUTCOME, "dead_lettered"));
                     tracing::error!(reason, %error, retries, "retries exhausted; dead-lettering the message");
                     let headers = dead_letter_headers("retries_exhausted", &format!("{reason}: {error}"));
-                    self.forward(delivery, topology::DEAD_LETTER_EXCHANGE, "", headers).await;
+                    self.forward(channel, delivery, topology::DEAD_LETTER_EXCHANGE, "", headers).await;
                 }
             }
         }
@@ -304,14 +358,20 @@ impl Handler {
     /// Republishes `delivery` (body, properties and trace headers, plus `extra` headers) and
     /// acks it once the broker confirmed the copy. On failure the delivery is requeued, so
     /// nothing is lost; the queue's delivery limit stops that from looping forever.
-    async fn forward(&self, delivery: &Delivery, exchange: &str, routing_key: &str, extra: Vec<(&str, AMQPValue)>) {
+    async fn forward(
+        &self,
+        channel: &Channel,
+        delivery: &Delivery,
+        exchange: &str,
+        routing_key: &str,
+        extra: Vec<(&str, AMQPValue)>,
+    ) {
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
         for (key, value) in extra {
             headers.insert(ShortString::from(key), value);
         }
         let properties: BasicProperties = delivery.properties.clone().with_headers(headers);
-        let confirmed = match self
-            .channel
+        let confirmed = match channel
             .basic_publish(
                 exchange.into(),
                 routing_key.into(),
@@ -321,7 +381,11 @@ impl Handler {
             )
             .await
         {
-            Ok(confirm) => confirm.await,
+            // A confirm that never comes (a connection stuck mid-recovery) must not pin the
+            // delivery forever.
+            Ok(confirm) => tokio::time::timeout(FORWARD_TIMEOUT, confirm)
+                .await
+                .unwrap_or_else(|_| Err(lapin::Error::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))),
             Err(error) => Err(error),
         };
         match confirmed {

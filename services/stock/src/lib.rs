@@ -60,9 +60,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let store = Store::open(&config.store, &catalog::skus(), config.seed_units).await?;
-    let broker = Broker::connect(config.amqp.clone(), "stock").await.map_err(RunError::Connect)?;
-    let (channel, consumer) = consumer::open(&broker, config.prefetch).await.map_err(RunError::Connect)?;
-    let health = broker.health(config.broker_give_up);
+    let broker =
+        Broker::connect(config.amqp.clone(), "stock", config.broker_give_up).await.map_err(RunError::Connect)?;
+    let health = broker.health();
 
     // One stop signal for both halves: the caller's shutdown, or the broker lost for good.
     let (stop, stopped) = watch::channel(None::<bool>);
@@ -82,7 +82,6 @@ pub async fn run(
 
     let handler = Arc::new(Handler {
         store: store.clone(),
-        channel,
         broker: broker.clone(),
         telemetry: telemetry.clone(),
         mode: config.consumer_context,
@@ -93,7 +92,7 @@ pub async fn run(
         tracing::info!(%addr, "stock admin API listening");
     }
     let serving = axum::serve(listener, router).with_graceful_shutdown(until_stopped(stopped.clone()));
-    let consuming = consumer::consume(consumer, handler, until_stopped(stopped.clone()), config.drain_timeout);
+    let consuming = consumer::consume(handler, config.prefetch, until_stopped(stopped.clone()), config.drain_timeout);
     let (served, consumed) = tokio::join!(async { serving.await }, consuming);
     broker.close().await;
     store.close().await;

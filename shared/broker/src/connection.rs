@@ -9,7 +9,7 @@
 //! nodes of one cluster share them.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use backon::ExponentialBuilder;
@@ -86,128 +86,276 @@ fn redact(uri: &str) -> String {
 pub enum BrokerHealth {
     /// Connected.
     Up,
-    /// Disconnected; lapin is recovering.
+    /// Disconnected; recovering.
     Recovering,
-    /// Recovery gave up, or took longer than allowed: the process should exit non-zero so its
-    /// supervisor restarts it.
+    /// Down longer than allowed: the process should exit non-zero so its supervisor restarts it.
     Lost,
 }
 
-/// A recovering connection to the broker (or to whichever cluster node answers).
+/// How long a reachable broker may wait for lapin's own recovery before the connection is
+/// replaced: lapin 4.12's recovery can hang for good when the socket died with frames queued
+/// (seen here with publishes in flight during a broker restart).
+const STUCK_AFTER: Duration = Duration::from_secs(2);
+/// How often the supervisor looks at the connection.
+const CHECK_EVERY: Duration = Duration::from_millis(200);
+
+/// One connection and its generation; a replacement gets the next generation.
+#[derive(Clone)]
+pub struct Link {
+    /// The connection.
+    pub connection: Arc<Connection>,
+    /// Starts at 0; each replacement adds one.
+    pub generation: u64,
+    /// Set when the link is replaced: its reconnection attempts then fail, so a late recovery
+    /// cannot bring back a second consumer.
+    retired: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link").field("generation", &self.generation).finish()
+    }
+}
+
+/// A connection to the broker (or to whichever cluster node answers) that keeps itself up:
+/// lapin's auto-recovery first, and a supervisor that replaces the connection when that
+/// recovery is stuck while a node is reachable.
 #[derive(Clone)]
 pub struct Broker {
-    connection: Arc<Connection>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     nodes: Arc<BrokerNodes>,
+    name: String,
     /// Index of the node the current TCP connection goes to; the connect function moves it.
     current: Arc<AtomicUsize>,
+    link: watch::Sender<Link>,
+    health: watch::Sender<BrokerHealth>,
+    /// Down this long: `Lost`.
+    give_up: Duration,
+    closing: AtomicBool,
 }
 
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Broker").field("nodes", &self.nodes).field("peer", &self.peer()).finish()
+        f.debug_struct("Broker").field("nodes", &self.inner.nodes).field("peer", &self.peer()).finish()
     }
 }
 
+/// Opens one connection, walking the node list on every (re)connection lapin makes (about
+/// half a minute of attempts with backoff, for the first connection and each recovery).
+async fn open(
+    nodes: &Arc<BrokerNodes>,
+    current: &Arc<AtomicUsize>,
+    name: &str,
+    generation: u64,
+    retired: Arc<AtomicBool>,
+) -> lapin::Result<Link> {
+    let properties = ConnectionProperties::default()
+        .with_connection_name(format!("{name}#{generation}").into())
+        .enable_auto_recover()
+        // Short steps: a restarted broker is back in seconds, and the default (exponential up
+        // to a minute) would leave requests failing long after it is.
+        .with_backoff(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_delay(Duration::from_secs(1))
+                .with_max_times(30)
+                .with_jitter(),
+        );
+    let (connect_nodes, connect_current, connect_retired) = (nodes.clone(), current.clone(), retired.clone());
+    let runtime = lapin::runtime::default_runtime()?;
+    let connection = Connection::connector(
+        nodes.uris[0].clone(),
+        runtime,
+        async move |_uri, runtime| {
+            if connect_retired.load(Ordering::Relaxed) {
+                return Err(lapin::Error::from(std::io::Error::other("connection replaced")));
+            }
+            let count = connect_nodes.uris.len();
+            let start = connect_current.load(Ordering::Relaxed);
+            let mut last_error = None;
+            // Start with the node that worked last; then the others, in order.
+            for step in 0..count {
+                let index = (start + step) % count;
+                // lapin ignores the URI's connection_timeout on this path: bound it here, so a
+                // node that drops packets does not stall the walk to the next one.
+                let timeout = Duration::from_millis(
+                    connect_nodes.uris[index].query.connection_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS),
+                );
+                match tokio::time::timeout(timeout, connect_nodes.uris[index].connect_async(&runtime)).await {
+                    Ok(Ok(stream)) => {
+                        connect_current.store(index, Ordering::Relaxed);
+                        return Ok(stream);
+                    }
+                    Ok(Err(error)) => last_error = Some(error),
+                    Err(_) => last_error = Some(std::io::ErrorKind::TimedOut.into()),
+                }
+            }
+            Err(lapin::Error::from(last_error.unwrap_or_else(|| std::io::ErrorKind::NotConnected.into())))
+        },
+        properties,
+    )
+    .await?;
+    Ok(Link { connection: Arc::new(connection), generation, retired })
+}
+
+/// Whether any node accepts a TCP connection right now.
+async fn reachable(nodes: &BrokerNodes) -> bool {
+    for uri in &nodes.uris {
+        let address = (uri.authority.host.as_str(), uri.authority.port);
+        if let Ok(Ok(_)) =
+            tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(address)).await
+        {
+            return true;
+        }
+    }
+    false
+}
+
 impl Broker {
-    /// Connects to the first node that answers, retrying with backoff while none does.
-    pub async fn connect(nodes: BrokerNodes, connection_name: &str) -> lapin::Result<Self> {
+    /// Connects to the first node that answers (retrying for about half a minute while none
+    /// does) and starts the supervisor. `give_up`: how long the broker may stay unreachable
+    /// before [`BrokerHealth::Lost`].
+    pub async fn connect(nodes: BrokerNodes, connection_name: &str, give_up: Duration) -> lapin::Result<Self> {
         let nodes = Arc::new(nodes);
         let current = Arc::new(AtomicUsize::new(0));
-        let properties = ConnectionProperties::default()
-            .with_connection_name(connection_name.into())
-            .enable_auto_recover()
-            // Short steps, many of them: a restarted broker is back in seconds, and the default
-            // (exponential up to a minute) would leave requests failing long after it is.
-            .with_backoff(
-                ExponentialBuilder::default()
-                    .with_min_delay(Duration::from_millis(100))
-                    .with_max_delay(Duration::from_secs(1))
-                    .with_max_times(30)
-                    .with_jitter(),
-            );
-        let connect_nodes = nodes.clone();
-        let connect_current = current.clone();
-        let runtime = lapin::runtime::default_runtime()?;
-        let connection = Connection::connector(
-            nodes.uris[0].clone(),
-            runtime,
-            async move |_uri, runtime| {
-                let count = connect_nodes.uris.len();
-                let start = connect_current.load(Ordering::Relaxed);
-                let mut last_error = None;
-                // Start with the node that worked last; then the others, in order.
-                for step in 0..count {
-                    let index = (start + step) % count;
-                    // lapin ignores the URI's connection_timeout on this path: bound it here, so
-                    // a node that drops packets does not stall the walk to the next one.
-                    let timeout = Duration::from_millis(
-                        connect_nodes.uris[index].query.connection_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS),
-                    );
-                    match tokio::time::timeout(timeout, connect_nodes.uris[index].connect_async(&runtime)).await {
-                        Ok(Ok(stream)) => {
-                            connect_current.store(index, Ordering::Relaxed);
-                            return Ok(stream);
-                        }
-                        Ok(Err(error)) => last_error = Some(error),
-                        Err(_) => last_error = Some(std::io::ErrorKind::TimedOut.into()),
-                    }
-                }
-                Err(lapin::Error::from(last_error.unwrap_or_else(|| std::io::ErrorKind::NotConnected.into())))
-            },
-            properties,
-        )
-        .await?;
-        Ok(Self { connection: Arc::new(connection), nodes, current })
+        let link = open(&nodes, &current, connection_name, 0, Arc::default()).await?;
+        let inner = Arc::new(Inner {
+            nodes,
+            name: connection_name.to_owned(),
+            current,
+            link: watch::channel(link).0,
+            health: watch::channel(BrokerHealth::Up).0,
+            give_up,
+            closing: AtomicBool::new(false),
+        });
+        tokio::spawn(supervise(Arc::downgrade(&inner)));
+        Ok(Self { inner })
     }
 
     /// The node currently connected to (`server.address` / `server.port` of spans).
     pub fn peer(&self) -> BrokerPeer {
-        self.nodes.peer(self.current.load(Ordering::Relaxed))
+        self.inner.nodes.peer(self.inner.current.load(Ordering::Relaxed))
     }
 
-    /// Whether the connection is up right now.
-    pub fn is_connected(&self) -> bool {
-        self.connection.status().connected()
+    /// The current connection.
+    pub fn link(&self) -> Link {
+        self.inner.link.borrow().clone()
     }
 
-    /// Opens a channel.
-    pub async fn channel(&self) -> lapin::Result<Channel> {
-        self.connection.create_channel().await
+    /// Changes when the connection is replaced: open channels (and consumers) again then.
+    pub fn links(&self) -> watch::Receiver<Link> {
+        self.inner.link.subscribe()
     }
 
-    /// Watches the connection: `Up`, `Recovering`, or `Lost` once it has been down longer than
-    /// `give_up_after` (whether lapin is still trying or has given up). Checked every 200 ms.
-    pub fn health(&self, give_up_after: Duration) -> watch::Receiver<BrokerHealth> {
-        let (sender, receiver) = watch::channel(BrokerHealth::Up);
-        let broker = self.clone();
-        tokio::spawn(async move {
-            let mut down_since: Option<tokio::time::Instant> = None;
-            let mut ticks = tokio::time::interval(Duration::from_millis(200));
-            loop {
-                ticks.tick().await;
-                let status = broker.connection.status();
-                let health = if status.connected() {
-                    down_since = None;
-                    BrokerHealth::Up
-                } else {
-                    let since = *down_since.get_or_insert_with(tokio::time::Instant::now);
-                    if since.elapsed() > give_up_after { BrokerHealth::Lost } else { BrokerHealth::Recovering }
-                };
-                sender.send_if_modified(|previous| std::mem::replace(previous, health) != health);
-                if health == BrokerHealth::Lost || sender.is_closed() {
-                    return;
-                }
-            }
-        });
-        receiver
+    /// Completes once the connection of `generation` has been replaced.
+    pub async fn replaced(&self, generation: u64) {
+        let mut links = self.links();
+        // The guard `wait_for` returns is dropped here, never held across the caller's awaits.
+        let _ = links.wait_for(|link| link.generation != generation).await.map(|_| ());
     }
 
-    /// Closes the connection (normal shutdown).
+    /// `Up`, `Recovering`, or `Lost` once the broker has been down longer than `give_up`.
+    pub fn health(&self) -> watch::Receiver<BrokerHealth> {
+        self.inner.health.subscribe()
+    }
+
+    /// Opens a channel on the current connection; also returns the connection's generation.
+    pub async fn channel(&self) -> lapin::Result<(Channel, u64)> {
+        let link = self.link();
+        Ok((link.connection.create_channel().await?, link.generation))
+    }
+
+    /// Closes the connection (normal shutdown) and stops the supervisor.
     pub async fn close(&self) {
-        if let Err(error) = self.connection.close(200, "shutting down".into()).await {
+        self.inner.closing.store(true, Ordering::Relaxed);
+        let link = self.link();
+        link.retired.store(true, Ordering::Relaxed);
+        if let Err(error) = link.connection.close(200, "shutting down".into()).await {
             tracing::debug!(%error, "closing the broker connection");
         }
     }
+}
+
+/// Watches the connection every 200 ms: reports health, and replaces a connection whose
+/// recovery is stuck although a node is reachable.
+async fn supervise(inner: std::sync::Weak<Inner>) {
+    let mut down_since: Option<tokio::time::Instant> = None;
+    let mut reachable_since: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::time::sleep(CHECK_EVERY).await;
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.closing.load(Ordering::Relaxed) {
+            return;
+        }
+        let link = inner.link.borrow().clone();
+        let health = if link.connection.status().connected() {
+            down_since = None;
+            reachable_since = None;
+            BrokerHealth::Up
+        } else {
+            let since = *down_since.get_or_insert_with(tokio::time::Instant::now);
+            if reachable(&inner.nodes).await {
+                let reachable_for = reachable_since.get_or_insert_with(tokio::time::Instant::now).elapsed();
+                if reachable_for >= STUCK_AFTER {
+                    replace(&inner, &link).await;
+                    reachable_since = None;
+                }
+            } else {
+                reachable_since = None;
+            }
+            if inner.link.borrow().connection.status().connected() {
+                down_since = None;
+                BrokerHealth::Up
+            } else if since.elapsed() > inner.give_up {
+                BrokerHealth::Lost
+            } else {
+                BrokerHealth::Recovering
+            }
+        };
+        inner.health.send_if_modified(|previous| std::mem::replace(previous, health) != health);
+    }
+}
+
+/// Opens a new connection, publishes it, and retires the stuck one.
+async fn replace(inner: &Inner, stuck: &Link) {
+    let retired = Arc::new(AtomicBool::new(false));
+    let attempt = open(&inner.nodes, &inner.current, &inner.name, stuck.generation + 1, retired.clone());
+    let outcome = tokio::time::timeout(Duration::from_secs(5), attempt).await;
+    if outcome.is_err() {
+        // The abandoned attempt's I/O thread keeps retrying: make those attempts fail.
+        retired.store(true, Ordering::Relaxed);
+    }
+    match outcome {
+        Ok(Ok(fresh)) => {
+            tracing::warn!(
+                generation = fresh.generation,
+                "broker reachable but the connection did not recover; replaced it"
+            );
+            retire(stuck.clone());
+            inner.link.send_replace(fresh);
+        }
+        Ok(Err(error)) => tracing::debug!(%error, "replacing the broker connection failed"),
+        Err(_) => tracing::debug!("replacing the broker connection timed out"),
+    }
+}
+
+/// Stops a replaced connection for good: no more reconnection attempts, and if a recovery was
+/// already under way and succeeds after all, close it at once, so the broker requeues whatever
+/// a leftover consumer on it received.
+fn retire(link: Link) {
+    link.retired.store(true, Ordering::Relaxed);
+    tokio::spawn(async move {
+        for _ in 0..300 {
+            if link.connection.status().connected() {
+                let _ = link.connection.close(200, "replaced".into()).await;
+                return;
+            }
+            tokio::time::sleep(CHECK_EVERY).await;
+        }
+    });
 }
 
 #[cfg(test)]

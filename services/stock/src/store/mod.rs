@@ -173,6 +173,7 @@ const RECORD: &str =
     "INSERT INTO orders (order_id, outcome, recorded_at_us) VALUES ($1, $2, $3) ON CONFLICT (order_id) DO NOTHING";
 const LEVEL: &str = "SELECT sku, available, reserved FROM stock WHERE sku = $1";
 const ORDER: &str = "SELECT order_id, outcome, recorded_at_us FROM orders WHERE order_id = $1";
+const COUNTS: &str = "SELECT outcome, COUNT(*) FROM orders GROUP BY outcome";
 
 /// What differs between the two engines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -336,6 +337,13 @@ impl Store {
             Ok(OrderRecord { order_id, status: OrderStatus::parse(&outcome)?, recorded_at_us })
         })
         .transpose()
+    }
+
+    /// How many orders ended in each outcome: (reserved, rejected).
+    pub async fn order_counts(&self) -> Result<(i64, i64), StoreError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(COUNTS).fetch_all(&self.pool).await?;
+        let count = |status: OrderStatus| rows.iter().find(|(s, _)| s == status.as_str()).map_or(0, |(_, n)| *n);
+        Ok((count(OrderStatus::Reserved), count(OrderStatus::Rejected)))
     }
 
     /// Closes the pool, waiting for connections in use to be returned.
