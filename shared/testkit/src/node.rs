@@ -148,10 +148,10 @@ impl ThrowawayNode {
 
 impl Drop for ThrowawayNode {
     fn drop(&mut self) {
-        if self.ctl(&["stop"]).is_err() {
-            if let Ok(pid) = std::fs::read_to_string(self.dir.join("pid")) {
-                let _ = Command::new("kill").args(["-9", pid.trim()]).status();
-            }
+        if self.ctl(&["stop"]).is_err()
+            && let Ok(pid) = std::fs::read_to_string(self.dir.join("pid"))
+        {
+            let _ = Command::new("kill").args(["-9", pid.trim()]).status();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
