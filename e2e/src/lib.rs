@@ -78,6 +78,8 @@ pub struct Pipeline {
     pub gateway_url: String,
     /// `http://127.0.0.1:<port>` of stock's admin API.
     pub stock_url: String,
+    /// checkout's gRPC address.
+    pub checkout_addr: std::net::SocketAddr,
     /// The spans every service exported.
     pub receiver: OtlpReceiver,
     /// The vhost the services use, when the test did not bring its own broker.
@@ -214,6 +216,7 @@ impl Pipeline {
         let pipeline = Self {
             gateway_url,
             stock_url,
+            checkout_addr,
             receiver,
             vhost,
             amqp_url,
@@ -360,9 +363,9 @@ impl Pipeline {
                 Err(_) => panic!("{name} did not stop within 15 s"),
             }
         }
-        for telemetry in self.telemetry {
-            telemetry.shutdown().await;
-        }
+        // Concurrently, as three processes would: each flush is bounded by its own timeout.
+        let flushes = self.telemetry.iter().map(|telemetry| telemetry.shutdown());
+        futures_util::future::join_all(flushes).await;
     }
 }
 
@@ -385,6 +388,8 @@ pub fn dependency_edges(spans: &[ReceivedSpan]) -> BTreeSet<(String, String)> {
 pub struct LoadReport {
     /// Order ids of the 202 answers.
     pub accepted: Vec<String>,
+    /// Trace ids of the 202 answers, in the order of `accepted`.
+    pub traces: Vec<String>,
     /// Answers by status (`"202"`, `"503"`, `"error"` for no answer).
     pub statuses: std::collections::BTreeMap<String, usize>,
     /// The slowest answer.
@@ -436,6 +441,7 @@ impl LoadClient {
                                 let body: Value = response.json().await.unwrap_or(Value::Null);
                                 if let Some(id) = body["order_id"].as_str() {
                                     report.accepted.push(id.to_owned());
+                                    report.traces.push(body["trace_id"].as_str().unwrap_or_default().to_owned());
                                 }
                             }
                             status.to_string()
@@ -451,11 +457,97 @@ impl LoadClient {
         while let Some(report) = workers.join_next().await {
             let report = report.expect("load worker");
             total.accepted.extend(report.accepted);
+            total.traces.extend(report.traces);
             for (status, n) in report.statuses {
                 *total.statuses.entry(status).or_default() += n;
             }
             total.slowest = total.slowest.max(report.slowest);
         }
         total
+    }
+}
+
+/// The three services as child processes of their binaries, configured only through the
+/// environment, as in production: for SIGTERM, exit codes and resident memory.
+pub struct Processes {
+    /// gateway, checkout, stock.
+    pub services: Vec<ServiceProcess>,
+    /// `http://127.0.0.1:<port>` of the gateway.
+    pub gateway_url: String,
+    /// `http://127.0.0.1:<port>` of stock's admin API.
+    pub stock_url: String,
+    /// Stock's environment, to start it again.
+    pub stock_env: Vec<(&'static str, String)>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+impl Processes {
+    /// Starts stock, checkout and the gateway against `amqp_url`, exporting spans to
+    /// `otlp_endpoint`, stock on a SQLite file at `db`.
+    pub async fn start(amqp_url: &str, otlp_endpoint: &str, db: &std::path::Path) -> Self {
+        let (gateway, checkout, stock) = (free_port(), free_port(), free_port());
+        let common = |name: &str| {
+            vec![
+                ("OTEL_SERVICE_NAME", name.to_owned()),
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_endpoint.to_owned()),
+                ("OTEL_BSP_SCHEDULE_DELAY", "200".to_owned()),
+                ("RUST_LOG", "info,opentelemetry_sdk=warn".to_owned()),
+            ]
+        };
+        let mut stock_env = common("stock");
+        stock_env.extend([
+            ("STOCK_ADDR", format!("127.0.0.1:{stock}")),
+            ("AMQP_ADDR", amqp_url.to_owned()),
+            ("STOCK_DB", db.display().to_string()),
+            ("STOCK_SEED_UNITS", "100000".to_owned()),
+        ]);
+        let mut checkout_env = common("checkout");
+        checkout_env.extend([("CHECKOUT_ADDR", format!("127.0.0.1:{checkout}")), ("AMQP_ADDR", amqp_url.to_owned())]);
+        let mut gateway_env = common("gateway");
+        gateway_env.extend([
+            ("GATEWAY_ADDR", format!("127.0.0.1:{gateway}")),
+            ("CHECKOUT_URL", format!("http://127.0.0.1:{checkout}")),
+        ]);
+        let services = vec![
+            ServiceProcess::start("gateway", &gateway_env),
+            ServiceProcess::start("checkout", &checkout_env),
+            ServiceProcess::start("stock", &stock_env),
+        ];
+        let processes = Self {
+            services,
+            gateway_url: format!("http://127.0.0.1:{gateway}"),
+            stock_url: format!("http://127.0.0.1:{stock}"),
+            stock_env,
+        };
+        let http = reqwest::Client::new();
+        for _ in 0..300 {
+            let ready = |url: String| {
+                let http = http.clone();
+                async move { http.get(url).send().await.map(|r| r.status().is_success()).unwrap_or(false) }
+            };
+            let checkout_up = checkout::healthcheck(format!("127.0.0.1:{checkout}").parse().expect("addr")).await;
+            if checkout_up
+                && ready(format!("{}/healthz", processes.stock_url)).await
+                && ready(format!("{}/healthz", processes.gateway_url)).await
+            {
+                return processes;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for service in &processes.services {
+            eprintln!("{} output: {:#?}", service.name(), service.lines());
+        }
+        panic!("the service processes did not become ready");
+    }
+
+    /// A client that places orders through the gateway.
+    pub fn load_client(&self) -> LoadClient {
+        LoadClient {
+            gateway_url: self.gateway_url.clone(),
+            http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client"),
+        }
     }
 }

@@ -5,8 +5,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tracehop_e2e::{LoadReport, Options, Pipeline, StockMode};
+use tracehop_e2e::{LoadReport, Options, Pipeline, Processes, StockMode};
 use tracehop_testkit::node::ThrowawayNode;
+use tracehop_testkit::otlp::OtlpReceiver;
+use tracehop_testkit::process::ServiceProcess;
+use tracehop_testkit::rabbit::TestVhost;
 
 async fn wait_until(done: &AtomicUsize, count: usize) {
     while done.load(Ordering::Relaxed) < count {
@@ -81,6 +84,15 @@ async fn through_a_broker_outage(fault: &'static str, orders: usize, at: usize, 
         }
     }
     let resumed_after = back.elapsed();
+    let mut serving = false;
+    for _ in 0..20 {
+        serving = checkout::healthcheck(pipeline.checkout_addr).await;
+        if serving {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(serving, "checkout reports SERVING again once it publishes again");
     let mut report = load.await.expect("load");
     report.accepted.extend(probe.accepted);
     let (reserved_orders, reserved_units) =
@@ -117,4 +129,208 @@ async fn orders_survive_a_clean_broker_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orders_survive_the_broker_being_killed() {
     through_a_broker_outage("kill", 1500, 300, Duration::from_secs(3)).await;
+}
+
+/// A TCP endpoint that accepts connections and never answers: a hung trace backend.
+async fn silent_endpoint() -> String {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let endpoint = format!("http://{}", silent.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    endpoint
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unroutable_publish_never_yields_202() {
+    let pipeline = Pipeline::start(Options::default()).await;
+    let connection =
+        lapin::Connection::connect(&pipeline.amqp_url, lapin::ConnectionProperties::default()).await.expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    let (queue, exchange, key) =
+        (tracehop_broker::topology::QUEUE, tracehop_broker::topology::EXCHANGE, tracehop_broker::topology::ROUTING_KEY);
+    channel
+        .queue_unbind(queue.into(), exchange.into(), key.into(), lapin::types::FieldTable::default())
+        .await
+        .expect("unbind");
+    let report = pipeline.load_client().run(64, 16, Arc::new(AtomicUsize::new(0))).await;
+    assert!(report.accepted.is_empty(), "an unroutable order got a 202: {:?}", report.statuses);
+    assert_eq!(report.statuses.get("503"), Some(&64), "{:?}", report.statuses);
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            key.into(),
+            lapin::options::QueueBindOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    let after = pipeline.load_client().run(8, 4, Arc::new(AtomicUsize::new(0))).await;
+    assert_eq!(after.accepted.len(), 8, "202s come back with the binding: {:?}", after.statuses);
+    println!(
+        "unroutable: 64 concurrent orders while unbound -> {:?}; after rebinding -> {:?}",
+        report.statuses, after.statuses
+    );
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_trace_backend_fails_no_request_and_delays_no_shutdown() {
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let endpoint = format!("http://{}", closed.local_addr().expect("addr"));
+    drop(closed);
+    let pipeline = Pipeline::start(Options { otlp_endpoint: Some(endpoint), ..Options::default() }).await;
+    let report = pipeline.load_client().run(300, 8, Arc::new(AtomicUsize::new(0))).await;
+    let stopping = tokio::time::Instant::now();
+    pipeline.stop().await;
+    let took = stopping.elapsed();
+    println!(
+        "OTLP refused: {:?}, slowest answer {:?}; shutdown of the three services took {took:?}",
+        report.statuses, report.slowest
+    );
+    assert_eq!(report.accepted.len(), 300, "{:?}", report.statuses);
+    assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_trace_backend_fails_no_request_keeps_memory_flat_and_shutdown_bounded() {
+    let vhost = TestVhost::create();
+    let data = tempfile::tempdir().expect("dir");
+    let endpoint = silent_endpoint().await;
+    let mut processes = Processes::start(vhost.url(), &endpoint, &data.path().join("stock.db")).await;
+    let client = processes.load_client();
+    let warmup = client.run(500, 8, Arc::new(AtomicUsize::new(0))).await;
+    let before: Vec<(u64, u64)> = processes.services.iter().map(ServiceProcess::memory_kib).collect();
+    let report = client.run(4000, 8, Arc::new(AtomicUsize::new(0))).await;
+    let after: Vec<(u64, u64)> = processes.services.iter().map(ServiceProcess::memory_kib).collect();
+    for service in &processes.services {
+        service.terminate();
+    }
+    let mut exits = Vec::new();
+    for service in processes.services.iter_mut() {
+        exits.push((service.name().to_owned(), service.wait(Duration::from_secs(15))));
+    }
+    let dropped_logged = processes.services.iter().map(|s| s.count("dropped")).sum::<usize>();
+    println!(
+        "OTLP hung: warm-up {:?}, then {:?}, slowest answer {:?}; RSS KiB (now, peak) before {before:?} after {after:?}; \
+         exits {exits:?}; {dropped_logged} log lines report dropped spans",
+        warmup.statuses, report.statuses, report.slowest
+    );
+    assert_eq!(warmup.accepted.len() + report.accepted.len(), 4500, "{:?} {:?}", warmup.statuses, report.statuses);
+    for (name, exit) in &exits {
+        let (status, took) = exit.unwrap_or_else(|| panic!("{name} did not exit within 15 s"));
+        assert!(status.success(), "{name} exited with {status}");
+        assert!(took < Duration::from_secs(10), "{name} took {took:?} to exit");
+    }
+    for ((name, (rss_before, _)), (rss_after, _)) in exits.iter().map(|(n, _)| n).zip(&before).zip(&after) {
+        // Spans beyond the SDK's queue (2048) are dropped, not kept: a few MiB at most.
+        assert!(rss_after.saturating_sub(*rss_before) < 32 * 1024, "{name} grew from {rss_before} to {rss_after} KiB");
+    }
+    assert!(dropped_logged > 0, "spans dropped for the hung backend are reported in the logs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_exits_cleanly_and_loses_nothing() {
+    let vhost = TestVhost::create();
+    let data = tempfile::tempdir().expect("dir");
+    let receiver = OtlpReceiver::start().await;
+    let mut processes = Processes::start(vhost.url(), receiver.endpoint(), &data.path().join("stock.db")).await;
+    let done = Arc::new(AtomicUsize::new(0));
+    let load = tokio::spawn({
+        let (client, done) = (processes.load_client(), done.clone());
+        async move { client.run(3000, 16, done).await }
+    });
+    wait_until(&done, 800).await;
+    for service in &processes.services {
+        service.terminate();
+    }
+    let mut exits = Vec::new();
+    for service in processes.services.iter_mut() {
+        exits.push((service.name().to_owned(), service.wait(Duration::from_secs(15))));
+    }
+    let report = load.await.expect("load");
+    // Whatever was accepted and not yet reserved is still in the queue: a new stock takes it.
+    let stock = ServiceProcess::start("stock", &processes.stock_env);
+    let store = stock::store::Store::open(&stock::store::StoreLocation::Sqlite(data.path().join("stock.db")), &[], 0)
+        .await
+        .expect("store");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    for order_id in &report.accepted {
+        while store.order(order_id).await.expect("query").is_none() {
+            assert!(tokio::time::Instant::now() < deadline, "accepted order {order_id} was lost");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let (reserved_orders, _) = store.order_counts().await.expect("counts");
+    let level = store.level("SKU-001").await.expect("level").expect("sku");
+    assert_eq!(level.reserved, reserved_orders, "nothing reserved twice");
+    // Spans of the requests that finished were exported before the processes exited.
+    let gateway_traces: std::collections::HashSet<String> = receiver
+        .spans()
+        .into_iter()
+        .filter(|s| s.service_name == "gateway" && s.name == "POST /api/checkout")
+        .map(|s| s.trace_id)
+        .collect();
+    let missing = report.traces.iter().filter(|t| !gateway_traces.contains(*t)).count();
+    println!(
+        "SIGTERM under load: {:?} before the gateway closed; exits {exits:?}; {} accepted orders all reserved once \
+         ({} reserved in all); {missing} of {} accepted requests without an exported gateway span",
+        report.statuses,
+        report.accepted.len(),
+        reserved_orders,
+        report.traces.len()
+    );
+    for (name, exit) in &exits {
+        let (status, took) = exit.unwrap_or_else(|| panic!("{name} did not exit within 15 s"));
+        assert!(status.success(), "{name} exited with {status}");
+        assert!(took < Duration::from_secs(10), "{name} took {took:?} to exit");
+    }
+    assert!(report.accepted.len() >= 800, "{:?}", report.statuses);
+    assert_eq!(missing, 0, "every finished request's span was exported");
+    drop(stock);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_whose_broker_never_comes_back_exits_non_zero() {
+    let node = tokio::task::spawn_blocking(|| ThrowawayNode::start("giveup")).await.expect("node");
+    let data = tempfile::tempdir().expect("dir");
+    let mut stock = ServiceProcess::start(
+        "stock",
+        &[
+            ("STOCK_ADDR", "127.0.0.1:0".to_owned()),
+            ("AMQP_ADDR", node.amqp_url()),
+            ("STOCK_DB", data.path().join("stock.db").display().to_string()),
+            ("BROKER_GIVE_UP_SECS", "3".to_owned()),
+            ("OTEL_TRACES_EXPORTER", "none".to_owned()),
+        ],
+    );
+    let started = tokio::time::Instant::now();
+    while stock.count("stock admin API listening") == 0 {
+        assert!(started.elapsed() < Duration::from_secs(30), "stock did not start: {:#?}", stock.lines());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let node = tokio::task::spawn_blocking(move || {
+        node.stop();
+        node
+    })
+    .await
+    .expect("stop");
+    let exit = tokio::task::spawn_blocking(move || {
+        let exit = stock.wait(Duration::from_secs(20));
+        (exit, stock)
+    })
+    .await
+    .expect("wait");
+    let (exit, stock) = exit;
+    let (status, took) = exit.unwrap_or_else(|| panic!("stock kept running without a broker: {:#?}", stock.lines()));
+    println!(
+        "broker gone for good: stock exited with {status} {took:?} after the broker stopped (BROKER_GIVE_UP_SECS=3)"
+    );
+    assert!(!status.success(), "a supervisor must see a failure");
+    assert!(stock.count("did not recover") > 0, "{:#?}", stock.lines());
+    drop(node);
 }

@@ -38,7 +38,8 @@ const SOURCE: Source<'static> = Source {
     queue: topology::QUEUE,
 };
 
-/// How long forwarding a message (retry, dead letter) may wait for the broker's confirm.
+/// How long forwarding a message (retry, dead letter) may wait for the broker's confirm, and an
+/// ack or nack for the connection.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `tracehop.reservation.outcome`: reserved, rejected, duplicate, dead_lettered, retried.
@@ -348,10 +349,12 @@ impl Handler {
         // The broker redelivers an unacked message; the store's order-id record makes the
         // redelivery reserve nothing. lapin answers Ok(false) when the delivery's channel was
         // recovered in between: that ack never reached the broker either.
-        match delivery.acker.ack(BasicAckOptions::default()).await {
-            Ok(true) => {}
-            Ok(false) => tracing::warn!("ack not sent: the channel was recovered; the broker will redeliver"),
-            Err(error) => tracing::warn!(%error, "ack failed; the broker will redeliver, the store deduplicates"),
+        // Bounded: on a connection whose recovery hangs, an ack would wait forever.
+        match tokio::time::timeout(FORWARD_TIMEOUT, delivery.acker.ack(BasicAckOptions::default())).await {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => tracing::warn!("ack not sent: the channel was recovered; the broker will redeliver"),
+            Ok(Err(error)) => tracing::warn!(%error, "ack failed; the broker will redeliver, the store deduplicates"),
+            Err(_) => tracing::warn!("ack timed out; the broker will redeliver, the store deduplicates"),
         }
     }
 
@@ -371,23 +374,23 @@ impl Handler {
             headers.insert(ShortString::from(key), value);
         }
         let properties: BasicProperties = delivery.properties.clone().with_headers(headers);
-        let confirmed = match channel
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions::default(),
-                &delivery.data,
-                properties,
-            )
-            .await
-        {
-            // A confirm that never comes (a connection stuck mid-recovery) must not pin the
-            // delivery forever.
-            Ok(confirm) => tokio::time::timeout(FORWARD_TIMEOUT, confirm)
+        let publish = async {
+            channel
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions::default(),
+                    &delivery.data,
+                    properties,
+                )
+                .await?
                 .await
-                .unwrap_or_else(|_| Err(lapin::Error::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))),
-            Err(error) => Err(error),
         };
+        // A confirm that never comes (a connection stuck mid-recovery) must not pin the
+        // delivery forever.
+        let confirmed = tokio::time::timeout(FORWARD_TIMEOUT, publish)
+            .await
+            .unwrap_or_else(|_| Err(lapin::Error::from(std::io::Error::from(std::io::ErrorKind::TimedOut))));
         match confirmed {
             Ok(Confirmation::Ack(None)) => self.ack(delivery).await,
             other => {
@@ -395,7 +398,10 @@ impl Handler {
                 record_error(&cx.span(), "forward_failed", &format!("{other:?}"));
                 tracing::error!(?other, exchange, routing_key, "could not forward the message; requeueing it");
                 let requeue = BasicNackOptions { requeue: true, ..BasicNackOptions::default() };
-                if let Err(error) = delivery.acker.nack(requeue).await {
+                if let Ok(Err(error)) | Err(error) = tokio::time::timeout(FORWARD_TIMEOUT, delivery.acker.nack(requeue))
+                    .await
+                    .map_err(|_| lapin::Error::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))
+                {
                     tracing::warn!(%error, "nack failed; the broker will redeliver");
                 }
             }

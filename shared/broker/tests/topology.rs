@@ -89,3 +89,34 @@ async fn the_dead_letter_exchange_feeds_the_dlq() {
     let dead = get_within(&channel, topology::DEAD_LETTER_QUEUE, Duration::from_secs(2)).await;
     assert_eq!(dead.as_deref(), Some(&b"poison"[..]));
 }
+
+#[tokio::test]
+async fn a_message_returned_too_often_is_dead_lettered_by_the_broker() {
+    use lapin::options::BasicNackOptions;
+    // What ends a crash loop: every consumer crash returns the message to the queue.
+    let vhost = TestVhost::create();
+    let (_connection, channel) = channel(&vhost).await;
+    topology::declare(&channel).await.expect("declare");
+    publish(&channel, topology::EXCHANGE, topology::ROUTING_KEY, b"crashes its consumer").await;
+    let mut deliveries = 0;
+    loop {
+        let Some(message) =
+            channel.basic_get(topology::QUEUE.into(), BasicGetOptions { no_ack: false }).await.expect("get")
+        else {
+            if let Some(dead) = get_within(&channel, topology::DEAD_LETTER_QUEUE, Duration::from_millis(200)).await {
+                assert_eq!(dead, b"crashes its consumer");
+                break;
+            }
+            continue;
+        };
+        deliveries += 1;
+        assert!(deliveries <= topology::DELIVERY_LIMIT + 1, "the message was never dead-lettered");
+        message
+            .delivery
+            .acker
+            .nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() })
+            .await
+            .expect("nack");
+    }
+    assert_eq!(deliveries, topology::DELIVERY_LIMIT + 1, "delivered once plus DELIVERY_LIMIT redeliveries");
+}

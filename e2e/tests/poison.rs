@@ -1,0 +1,229 @@
+//! Messages that can never succeed end in the dead-letter queue with their trace headers and
+//! the reason, after exactly one attempt; transient failures come back after a delay, a bounded
+//! number of times; the consumer keeps processing valid messages throughout.
+
+use std::time::Duration;
+
+use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
+use serde_json::json;
+use sqlx::Connection as _;
+use stock::store::StoreLocation;
+use tracehop_broker::topology;
+use tracehop_e2e::{Options, Pipeline};
+use tracehop_testkit::otlp::{Attr, ReceivedSpan};
+use tracehop_testkit::postgres::TestDatabase;
+
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+
+fn traceparent(n: u8) -> String {
+    format!("00-{TRACE_ID}-00f067aa0ba902{n:02x}-01")
+}
+
+async fn channel(url: &str) -> (Connection, Channel) {
+    let connection = Connection::connect(url, ConnectionProperties::default()).await.expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
+    (connection, channel)
+}
+
+/// Publishes `body` as checkout would, with `message_id` and a `traceparent` of its own.
+async fn publish(channel: &Channel, body: &[u8], message_id: &str, n: u8) {
+    let mut headers = FieldTable::default();
+    headers.insert("traceparent".into(), AMQPValue::LongString(LongString::from(traceparent(n))));
+    headers.insert("baggage".into(), AMQPValue::LongString(LongString::from("customer.id=c-poison")));
+    let properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_message_id(message_id.into())
+        .with_delivery_mode(2)
+        .with_headers(headers);
+    channel
+        .basic_publish(
+            topology::EXCHANGE.into(),
+            topology::ROUTING_KEY.into(),
+            BasicPublishOptions::default(),
+            body,
+            properties,
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+}
+
+fn event(order_id: &str, sku: &str) -> Vec<u8> {
+    json!({"order_id": order_id, "customer_id": "c-poison", "items": [{"sku": sku, "quantity": 1}], "total_cents": 2450})
+        .to_string()
+        .into_bytes()
+}
+
+fn header(headers: &FieldTable, key: &str) -> String {
+    match headers.inner().get(key) {
+        Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        other => panic!("{key}: {other:?}"),
+    }
+}
+
+/// Everything in the DLQ once `count` messages are there: (message_id, headers).
+async fn dead_letters(channel: &Channel, count: usize) -> Vec<(String, FieldTable)> {
+    let mut found = Vec::new();
+    for _ in 0..200 {
+        while let Some(message) =
+            channel.basic_get(topology::DEAD_LETTER_QUEUE.into(), BasicGetOptions { no_ack: true }).await.expect("get")
+        {
+            let properties = &message.delivery.properties;
+            let id = properties.message_id().as_ref().map(|m| m.to_string()).unwrap_or_default();
+            found.push((id, properties.headers().clone().unwrap_or_default()));
+        }
+        if found.len() >= count {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("only {} of {count} messages reached the DLQ: {found:?}", found.len());
+}
+
+fn consumer_spans(spans: &[ReceivedSpan], n: u8) -> Vec<&ReceivedSpan> {
+    let parent = format!("00f067aa0ba902{n:02x}");
+    spans.iter().filter(|s| s.kind == SpanKind::Consumer && s.parent_span_id == parent).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_are_dead_lettered_once_with_trace_and_reason() {
+    let pipeline = Pipeline::start(Options::default()).await;
+    let (_connection, channel) = channel(&pipeline.amqp_url).await;
+    publish(&channel, b"{not json", "bad-json", 1).await;
+    publish(&channel, &event("unknown-sku", "SKU-404"), "unknown-sku", 2).await;
+    publish(&channel, &event("the-body-id", "SKU-001"), "another-id", 3).await;
+    let empty = json!({"order_id": "empty", "customer_id": "c", "items": [], "total_cents": 0}).to_string();
+    publish(&channel, empty.as_bytes(), "empty", 4).await;
+    publish(&channel, &event("valid", "SKU-001"), "valid", 5).await;
+
+    let dead = dead_letters(&channel, 4).await;
+    let reasons: std::collections::BTreeMap<String, String> =
+        dead.iter().map(|(id, headers)| (id.clone(), header(headers, "x-dead-letter-reason"))).collect();
+    assert_eq!(
+        reasons,
+        [
+            ("another-id", "message_id_mismatch"),
+            ("bad-json", "invalid_json"),
+            ("empty", "invalid_order"),
+            ("unknown-sku", "unknown_sku")
+        ]
+        .into_iter()
+        .map(|(a, b)| (a.to_owned(), b.to_owned()))
+        .collect()
+    );
+    for (id, headers) in &dead {
+        assert!(header(headers, "traceparent").starts_with(&format!("00-{TRACE_ID}-")), "{id}: trace headers kept");
+        assert_eq!(header(headers, "baggage"), "customer.id=c-poison", "{id}");
+        assert!(!header(headers, "x-dead-letter-error").is_empty(), "{id}");
+    }
+    // The valid message after them was processed: the consumer never stopped.
+    assert_eq!(pipeline.wait_for_order("valid").await, "reserved");
+
+    let spans = pipeline
+        .receiver
+        .wait_for(Duration::from_secs(10), |spans| (1..=5).all(|n| !consumer_spans(spans, n).is_empty()))
+        .await;
+    for (n, reason) in [(1, "invalid_json"), (2, "unknown_sku"), (3, "message_id_mismatch"), (4, "invalid_order")] {
+        let attempts = consumer_spans(&spans, n);
+        assert_eq!(attempts.len(), 1, "message {n} was processed exactly once before the DLQ");
+        let span = attempts[0];
+        assert_eq!(span.status, StatusCode::Error, "the span that dead-lettered it records the error");
+        assert_eq!(span.str_attr("error.type"), Some(reason));
+        assert_eq!(span.str_attr("tracehop.reservation.outcome"), Some("dead_lettered"));
+        assert_eq!(span.trace_id, TRACE_ID, "the consumer continued the producer's trace");
+    }
+    let valid = consumer_spans(&spans, 5)[0];
+    assert_eq!(valid.status, StatusCode::Unset);
+    assert_eq!(valid.str_attr("tracehop.reservation.outcome"), Some("reserved"));
+    println!(
+        "poison messages: {} dead-lettered after 1 attempt each, reasons {:?}; the valid one reserved",
+        dead.len(),
+        reasons.values().collect::<Vec<_>>()
+    );
+    pipeline.stop().await;
+}
+
+async fn rename_stock_table(url: &str, from: &str, to: &str) {
+    let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ALTER TABLE {from} RENAME TO {to}")))
+        .execute(&mut conn)
+        .await
+        .expect("rename");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_failure_is_retried_after_a_delay_then_succeeds() {
+    let db = TestDatabase::create().await;
+    let pipeline =
+        Pipeline::start(Options { store: Some(StoreLocation::Postgres(db.url().to_owned())), ..Options::default() })
+            .await;
+    // The store breaks: every reservation fails with a database error.
+    rename_stock_table(db.url(), "stock", "stock_away").await;
+    let (_connection, channel) = channel(&pipeline.amqp_url).await;
+    publish(&channel, &event("comes-back", "SKU-001"), "comes-back", 6).await;
+    // Two failed attempts, each followed by a trip through the retry queue...
+    pipeline.receiver.wait_for(Duration::from_secs(20), |spans| consumer_spans(spans, 6).len() >= 2).await;
+    // ...then the store is back.
+    rename_stock_table(db.url(), "stock_away", "stock").await;
+    assert_eq!(pipeline.wait_for_order("comes-back").await, "reserved");
+    let spans = pipeline
+        .receiver
+        .wait_for(Duration::from_secs(10), |spans| {
+            consumer_spans(spans, 6).iter().any(|s| s.str_attr("tracehop.reservation.outcome") == Some("reserved"))
+        })
+        .await;
+    let mut attempts: Vec<(i64, String)> = consumer_spans(&spans, 6)
+        .iter()
+        .map(|s| {
+            let attempt = match s.attr("tracehop.message.attempt") {
+                Some(Attr::Int(n)) => *n,
+                other => panic!("attempt: {other:?}"),
+            };
+            (attempt, s.str_attr("tracehop.reservation.outcome").unwrap_or_default().to_owned())
+        })
+        .collect();
+    attempts.sort();
+    let last = attempts.last().expect("attempts").clone();
+    assert_eq!(last.1, "reserved");
+    assert!(attempts[..attempts.len() - 1].iter().all(|(_, outcome)| outcome == "retried"), "{attempts:?}");
+    assert_eq!(
+        attempts.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+        (1..=last.0).collect::<Vec<_>>(),
+        "attempts count up by one"
+    );
+    println!("transient failure: attempts {attempts:?}, reserved on attempt {}", last.0);
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_that_outlasts_the_retries_is_dead_lettered() {
+    let db = TestDatabase::create().await;
+    let pipeline =
+        Pipeline::start(Options { store: Some(StoreLocation::Postgres(db.url().to_owned())), ..Options::default() })
+            .await;
+    rename_stock_table(db.url(), "stock", "stock_away").await;
+    let (_connection, channel) = channel(&pipeline.amqp_url).await;
+    publish(&channel, &event("never", "SKU-001"), "never", 7).await;
+    let dead = dead_letters(&channel, 1).await;
+    let headers = &dead[0].1;
+    assert_eq!(header(headers, "x-dead-letter-reason"), "retries_exhausted");
+    assert!(header(headers, "x-dead-letter-error").starts_with("store_unavailable"), "{headers:?}");
+    assert!(header(headers, "traceparent").starts_with(&format!("00-{TRACE_ID}-")));
+    let retries = i64::from(topology::MAX_RETRIES);
+    assert_eq!(headers.inner().get("x-retry-count"), Some(&AMQPValue::LongLongInt(retries)));
+    let spans = pipeline
+        .receiver
+        .wait_for(Duration::from_secs(10), |spans| consumer_spans(spans, 7).len() as i64 > retries)
+        .await;
+    let attempts = consumer_spans(&spans, 7);
+    assert_eq!(attempts.len() as i64, retries + 1, "the first attempt and {retries} retries, no more");
+    assert!(attempts.iter().all(|s| s.status == StatusCode::Error));
+    println!("persistent failure: {} attempts {:?} apart, then the DLQ", attempts.len(), topology::RETRY_DELAY);
+    pipeline.stop().await;
+}
