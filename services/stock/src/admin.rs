@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `GET /api/stock/{sku}` | `{"sku","available","reserved"}`, 404 for an unknown SKU |
 //! | `GET /api/orders/{order_id}` | `{"order_id","status","recorded_at_us"}`, 404 if not seen |
-//! | `GET /healthz` | 200 while the broker connection is up, else 503 (not traced) |
+//! | `GET /healthz` | 200 while the broker connection is up and the consumer registered, else 503 (not traced) |
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -26,6 +26,8 @@ pub struct AdminState {
     pub store: Store,
     /// The broker connection's health, for `/healthz`.
     pub broker: watch::Receiver<BrokerHealth>,
+    /// Whether the consumer is registered, for `/healthz`.
+    pub consuming: watch::Receiver<bool>,
 }
 
 /// The admin router; `/api` routes are traced, `/healthz` is not.
@@ -71,9 +73,11 @@ async fn order(State(state): State<AdminState>, Path(order_id): Path<String>) ->
 }
 
 async fn healthz(State(state): State<AdminState>) -> Response {
-    if *state.broker.borrow() == BrokerHealth::Up {
-        Json(json!({ "status": "ok" })).into_response()
-    } else {
+    if *state.broker.borrow() != BrokerHealth::Up {
         (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "broker unavailable" }))).into_response()
+    } else if !*state.consuming.borrow() {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "not consuming yet" }))).into_response()
+    } else {
+        Json(json!({ "status": "ok" })).into_response()
     }
 }

@@ -22,6 +22,7 @@ use lapin::{BasicProperties, Channel, Confirmation};
 use opentelemetry::context::FutureExt as _;
 use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer};
 use opentelemetry::{Context, KeyValue};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracehop_broker::connection::Broker;
 use tracehop_broker::event::CheckoutProcessed;
@@ -78,6 +79,8 @@ pub struct Handler {
     pub mode: ConsumerContext,
     /// Baggage keys copied onto the consumer span.
     pub baggage_keys: Vec<String>,
+    /// True while a consumer is registered with the broker (readiness: `/healthz`).
+    pub consuming: watch::Sender<bool>,
 }
 
 /// Opens the consuming channel on the current connection: confirm mode (for republishing),
@@ -141,7 +144,9 @@ pub async fn consume(
             }
             Err(error) => break Err(ConsumeError::Open(error)),
         };
+        handler.consuming.send_replace(true);
         let session = session(&handler, &channel, consumer, generation, &mut in_flight, &mut shutdown).await;
+        handler.consuming.send_replace(false);
         match session {
             Session::Shutdown => break Ok(()),
             Session::Replaced => tracing::warn!("the broker connection was replaced; consuming on the new one"),

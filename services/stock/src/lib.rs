@@ -80,14 +80,17 @@ pub async fn run(
         let _ = stopped.wait_for(Option::is_some).await;
     };
 
+    let (consuming, consuming_now) = watch::channel(false);
     let handler = Arc::new(Handler {
         store: store.clone(),
         broker: broker.clone(),
         telemetry: telemetry.clone(),
         mode: config.consumer_context,
         baggage_keys: config.baggage_span_attributes.clone(),
+        consuming,
     });
-    let router = admin::router(AdminState { store: store.clone(), broker: health }, telemetry);
+    let router =
+        admin::router(AdminState { store: store.clone(), broker: health, consuming: consuming_now }, telemetry);
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "stock admin API listening");
     }

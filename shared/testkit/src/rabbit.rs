@@ -63,6 +63,11 @@ impl TestVhost {
         Self { name, url }
     }
 
+    /// The vhost's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// The AMQP URI of this vhost.
     pub fn url(&self) -> &str {
         &self.url
