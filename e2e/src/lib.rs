@@ -53,6 +53,8 @@ pub struct Options {
     pub sampler: SamplerChoice,
     /// Gateway CORS origins.
     pub cors_origins: Vec<String>,
+    /// Every service's `BAGGAGE_SPAN_ATTRIBUTES`.
+    pub baggage_span_attributes: Vec<String>,
 }
 
 impl Default for Options {
@@ -68,6 +70,7 @@ impl Default for Options {
             propagators: tracehop_telemetry::propagators::DEFAULT_PROPAGATORS.to_vec(),
             sampler: SamplerChoice::ParentBasedAlwaysOn,
             cors_origins: vec!["*".to_owned()],
+            baggage_span_attributes: vec!["customer.id".to_owned()],
         }
     }
 }
@@ -152,7 +155,7 @@ impl Pipeline {
                     seed_units: options.seed_units,
                     prefetch: 16,
                     consumer_context: options.consumer_context,
-                    baggage_span_attributes: vec!["customer.id".to_owned()],
+                    baggage_span_attributes: options.baggage_span_attributes.clone(),
                     broker_give_up: Duration::from_secs(60),
                     drain_timeout: Duration::from_secs(5),
                 };
@@ -190,6 +193,7 @@ impl Pipeline {
             amqp: nodes,
             publish_timeout: Duration::from_millis(1500),
             broker_give_up: Duration::from_secs(60),
+            baggage_span_attributes: options.baggage_span_attributes.clone(),
         };
         let checkout_telemetry = telemetry("checkout", &endpoint, &options);
         telemetries.push(checkout_telemetry.clone());
@@ -206,7 +210,7 @@ impl Pipeline {
             jaeger_ui_url: "http://localhost:16686".to_owned(),
             inbound_context: options.inbound_context,
             cors_origins: options.cors_origins.clone(),
-            baggage_span_attributes: vec!["customer.id".to_owned()],
+            baggage_span_attributes: options.baggage_span_attributes.clone(),
         };
         let gateway_telemetry = telemetry("gateway", &endpoint, &options);
         telemetries.push(gateway_telemetry.clone());
@@ -344,6 +348,13 @@ impl Pipeline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("order {order_id} was never recorded by stock");
+    }
+
+    /// Exports every span the in-process services ended so far (after a moment, for spans
+    /// ending right now, such as the consumer's after its ack).
+    pub async fn flush(&self) {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        futures_util::future::join_all(self.telemetry.iter().map(Telemetry::flush)).await;
     }
 
     /// Opens stock's store directly, for checks the API does not offer.

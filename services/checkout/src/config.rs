@@ -20,6 +20,8 @@ pub struct Config {
     /// `BROKER_GIVE_UP_SECS`: how long the broker may stay unreachable before the process
     /// exits non-zero for its supervisor to restart it.
     pub broker_give_up: Duration,
+    /// `BAGGAGE_SPAN_ATTRIBUTES`: baggage keys copied onto checkout's spans.
+    pub baggage_span_attributes: Vec<String>,
 }
 
 impl Config {
@@ -40,6 +42,7 @@ impl Config {
             amqp: BrokerNodes::parse(&amqp).map_err(|e| ConfigError::new("AMQP_ADDR", e))?,
             publish_timeout: Duration::from_millis(env.parse_or("PUBLISH_TIMEOUT_MS", 1500)?),
             broker_give_up: Duration::from_secs(env.parse_or("BROKER_GIVE_UP_SECS", 120)?),
+            baggage_span_attributes: env.list_or("BAGGAGE_SPAN_ATTRIBUTES", "customer.id"),
         })
     }
 }

@@ -77,7 +77,7 @@ pub async fn run(
         }
     };
     tonic::transport::Server::builder()
-        .layer(GrpcServerLayer::new(telemetry))
+        .layer(GrpcServerLayer::new(telemetry).baggage_attributes(&config.baggage_span_attributes))
         .add_service(health_service)
         .add_service(CheckoutServiceServer::new(CheckoutApi::new(publisher)))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stop)

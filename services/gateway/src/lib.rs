@@ -5,6 +5,7 @@
 //! - [`config`]: `Config::from_env()`, every variable the service reads.
 //! - [`api`]: the checkout handler, the JSON extractor, health.
 //! - [`error`]: `AppError` and its mapping to HTTP statuses.
+//! - [`page`]: the demo page at `/`, which starts the trace in the browser.
 //!
 //! [`run`] serves until `shutdown` completes and drains in-flight requests; `main` flushes
 //! telemetry after it returns.
@@ -12,6 +13,7 @@
 pub mod api;
 pub mod config;
 pub mod error;
+pub mod page;
 
 use std::future::Future;
 use std::time::Duration;
@@ -68,7 +70,7 @@ impl AppState {
 }
 
 /// The gateway's routes. `/api` is traced (and returns the trace in `server-timing` and
-/// `traceresponse`); `/healthz` is not.
+/// `traceresponse`); `/healthz` and the demo page at `/` are not.
 pub fn router(config: &Config, state: AppState, telemetry: Telemetry) -> Result<Router, ConfigError> {
     let traced = HttpServerLayer::new(telemetry).inbound(config.inbound_context).trace_response_headers(true);
     let api = Router::new()
@@ -77,6 +79,7 @@ pub fn router(config: &Config, state: AppState, telemetry: Telemetry) -> Result<
         .layer(DefaultBodyLimit::max(config.body_limit));
     Ok(Router::new()
         .route("/healthz", get(api::healthz))
+        .route("/", get(page::index))
         .merge(api)
         .fallback(api::not_found)
         .with_state(state)

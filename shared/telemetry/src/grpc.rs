@@ -27,7 +27,7 @@ use tonic::Code;
 use tower::{Layer, Service};
 
 use crate::Telemetry;
-use crate::spans::record_error;
+use crate::spans::{baggage_attributes, record_error};
 
 /// Calls under this path (grpc.health.v1) are not traced.
 const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
@@ -109,12 +109,19 @@ where
 #[derive(Debug, Clone)]
 pub struct GrpcServerLayer {
     telemetry: Telemetry,
+    baggage_keys: Arc<[String]>,
 }
 
 impl GrpcServerLayer {
     /// A layer that traces with `telemetry`.
     pub fn new(telemetry: Telemetry) -> Self {
-        Self { telemetry }
+        Self { telemetry, baggage_keys: Arc::new([]) }
+    }
+
+    /// Copies these baggage keys of the caller onto the SERVER span (an allow-list).
+    pub fn baggage_attributes(mut self, keys: &[String]) -> Self {
+        self.baggage_keys = keys.into();
+        self
     }
 }
 
@@ -122,7 +129,7 @@ impl<S> Layer<S> for GrpcServerLayer {
     type Service = GrpcServerService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        GrpcServerService { inner, telemetry: self.telemetry.clone() }
+        GrpcServerService { inner, telemetry: self.telemetry.clone(), baggage_keys: self.baggage_keys.clone() }
     }
 }
 
@@ -131,6 +138,7 @@ impl<S> Layer<S> for GrpcServerLayer {
 pub struct GrpcServerService<S> {
     inner: S,
     telemetry: Telemetry,
+    baggage_keys: Arc<[String]>,
 }
 
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for GrpcServerService<S>
@@ -161,6 +169,7 @@ where
                 attributes.push(KeyValue::new(SERVER_PORT, i64::from(port)));
             }
         }
+        attributes.extend(baggage_attributes(&parent, &self.baggage_keys));
         let tracer = self.telemetry.tracer();
         let span = tracer
             .span_builder(method)

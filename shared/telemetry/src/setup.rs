@@ -390,6 +390,14 @@ impl Telemetry {
         &self.inner.propagator
     }
 
+    /// Exports the spans ended so far, now (on the blocking pool, like [`Telemetry::shutdown`]).
+    pub async fn flush(&self) {
+        let Some(provider) = self.inner.provider.clone() else { return };
+        if let Ok(Err(error)) = tokio::task::spawn_blocking(move || provider.force_flush()).await {
+            tracing::warn!(%error, "flushing spans failed");
+        }
+    }
+
     /// Flushes and stops span export, giving up after the configured timeout.
     ///
     /// The SDK's shutdown blocks its caller until the export thread is done; on a tokio worker
