@@ -27,7 +27,7 @@ pub struct Config {
 impl Config {
     /// Every variable [`Config::from_lookup`] reads (the compose file sets each one explicitly).
     pub const VARIABLES: &'static [&'static str] =
-        &["CHECKOUT_ADDR", "AMQP_ADDR", "PUBLISH_TIMEOUT_MS", "BROKER_GIVE_UP_SECS"];
+        &["CHECKOUT_ADDR", "AMQP_ADDR", "PUBLISH_TIMEOUT_MS", "BROKER_GIVE_UP_SECS", "BAGGAGE_SPAN_ATTRIBUTES"];
 
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
