@@ -3,6 +3,7 @@
 //! id the services recorded; and a page on another origin may call the API with trace headers
 //! (CORS preflight) and read the trace back from the exposed response headers.
 
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -31,7 +32,9 @@ impl Browser {
             );
         }
         let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
+        // Its own process group: on drop the whole group goes, Chromium included.
         let driver = Command::new("/usr/bin/chromedriver")
+            .process_group(0)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -129,9 +132,17 @@ impl Browser {
     }
 }
 
+impl Browser {
+    /// Ends the session (Chromium exits).
+    async fn close(&self) {
+        self.command(reqwest::Method::DELETE, "", None).await;
+    }
+}
+
 impl Drop for Browser {
     fn drop(&mut self) {
-        let _ = self.driver.kill();
+        let group = format!("-{}", self.driver.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
         let _ = self.driver.wait();
     }
 }
@@ -163,6 +174,7 @@ async fn the_demo_page_places_an_order_in_a_trace_the_browser_started() {
         .find(|s| s.trace_id == trace_id && s.kind == SpanKind::Server && s.service_name == "gateway")
         .expect("span");
     assert_eq!(server.parent_span_id, browser_span, "the gateway continued the browser's span");
+    browser.close().await;
     pipeline.stop().await;
 }
 
@@ -206,5 +218,6 @@ async fn another_origin_may_send_trace_headers_and_read_the_trace_back() {
     let timing = result["serverTiming"].as_str().expect("server-timing is exposed to the page");
     assert!(timing.starts_with("trace;desc=00-0af7651916cd43dd8448eb211c80319c-"), "{timing}");
     assert!(result["traceresponse"].as_str().is_some(), "traceresponse is exposed: {result}");
+    browser.close().await;
     pipeline.stop().await;
 }

@@ -5,7 +5,7 @@ use anyhow::Context as _;
 use tracehop_telemetry::logging::{self, LogFormat};
 use tracehop_telemetry::{Env, Telemetry, TelemetryConfig, shutdown};
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let env = Env::process();
     logging::init_logging(LogFormat::from_lookup(&env)?)?;

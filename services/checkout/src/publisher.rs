@@ -25,7 +25,7 @@ use tracehop_broker::connection::Broker;
 use tracehop_broker::event::{CONTENT_TYPE, CheckoutProcessed, EVENT_TYPE};
 use tracehop_broker::topology;
 use tracehop_telemetry::Telemetry;
-use tracehop_telemetry::messaging::{self, Publish, Route};
+use tracehop_telemetry::messaging::{self, Destination, Publish};
 use tracehop_telemetry::spans::record_error;
 
 /// AMQP `delivery_mode` of a message the broker writes to disk.
@@ -169,6 +169,8 @@ pub struct Publisher {
     pool: std::sync::Arc<ChannelPool>,
     telemetry: Telemetry,
     timeout: Duration,
+    /// The PRODUCER span's destination, built once.
+    destination: Destination,
 }
 
 impl Publisher {
@@ -176,7 +178,7 @@ impl Publisher {
     pub async fn open(broker: Broker, telemetry: Telemetry, timeout: Duration) -> Result<Self, PublishError> {
         let pool = std::sync::Arc::new(ChannelPool::new(broker.clone(), CHANNELS));
         drop(pool.lease().await?);
-        Ok(Self { broker, pool, telemetry, timeout })
+        Ok(Self { broker, pool, telemetry, timeout, destination: topology::publish_destination() })
     }
 
     /// Publishes `event` under a PRODUCER span (child of the current span) and waits for the
@@ -184,11 +186,7 @@ impl Publisher {
     pub async fn publish(&self, event: &CheckoutProcessed) -> Result<(), PublishError> {
         let body = serde_json::to_vec(event)?;
         let mut headers = FieldTable::default();
-        let publish = Publish {
-            route: Route { exchange: topology::EXCHANGE, routing_key: topology::ROUTING_KEY },
-            message_id: &event.order_id,
-            body_size: body.len(),
-        };
+        let publish = Publish { destination: &self.destination, message_id: &event.order_id, body_size: body.len() };
         let cx =
             messaging::start_publish(&self.telemetry, &Context::current(), &publish, &self.broker.peer(), &mut headers);
         let properties = BasicProperties::default()

@@ -31,7 +31,7 @@ impl CheckoutService for CheckoutApi {
     async fn checkout(&self, request: Request<CheckoutRequest>) -> Result<Response<CheckoutResponse>, Status> {
         let order = price(request.into_inner())?;
         self.publisher.publish(&order).await.map_err(AppError::from)?;
-        tracing::info!(order_id = %order.order_id, total_cents = order.total_cents, "order published");
+        tracing::debug!(order_id = %order.order_id, total_cents = order.total_cents, "order published");
         Ok(Response::new(CheckoutResponse { order_id: order.order_id, total_cents: order.total_cents }))
     }
 }

@@ -28,16 +28,10 @@ use tracehop_broker::connection::Broker;
 use tracehop_broker::event::CheckoutProcessed;
 use tracehop_broker::topology;
 use tracehop_telemetry::Telemetry;
-use tracehop_telemetry::messaging::{self, ConsumerContext, RETRY_COUNT_HEADER, Route, Source};
+use tracehop_telemetry::messaging::{self, ConsumerContext, Destination, RETRY_COUNT_HEADER};
 use tracehop_telemetry::spans::{baggage_attributes, record_error};
 
 use crate::store::{OrderLine, Outcome, Store};
-
-/// Where the consumer's messages come from, for span names.
-const SOURCE: Source<'static> = Source {
-    route: Route { exchange: topology::EXCHANGE, routing_key: topology::ROUTING_KEY },
-    queue: topology::QUEUE,
-};
 
 /// How long forwarding a message (retry, dead letter) may wait for the broker's confirm, and an
 /// ack or nack for the connection.
@@ -81,6 +75,8 @@ pub struct Handler {
     pub baggage_keys: Vec<String>,
     /// True while a consumer is registered with the broker (readiness: `/healthz`).
     pub consuming: watch::Sender<bool>,
+    /// The CONSUMER span's destination, built once.
+    pub source: Destination,
 }
 
 /// Opens the consuming channel on the current connection: confirm mode (for republishing),
@@ -209,7 +205,7 @@ async fn session(
 impl Handler {
     /// Processes one delivery under its CONSUMER span, and settles it on `channel`.
     pub async fn handle(&self, delivery: Delivery, channel: &Channel) {
-        let cx = messaging::start_process(&self.telemetry, self.mode, &SOURCE, &delivery, &self.broker.peer());
+        let cx = messaging::start_process(&self.telemetry, self.mode, &self.source, &delivery, &self.broker.peer());
         cx.span().set_attributes(baggage_attributes(&cx, &self.baggage_keys));
         async {
             let verdict = self.decide(&delivery).await;
@@ -253,35 +249,30 @@ impl Handler {
         }
     }
 
-    /// The reservation under an INTERNAL span, its transaction under a CLIENT span.
+    /// The reservation under a CLIENT span (the store's transaction, shared with the other
+    /// reservations of its group).
     async fn reserve(&self, order_id: &str, lines: &[OrderLine]) -> Result<Outcome, crate::store::StoreError> {
         let tracer = self.telemetry.tracer();
-        let reserve = tracer
-            .span_builder("reserve stock")
-            .with_kind(SpanKind::Internal)
-            .with_attributes([KeyValue::new("tracehop.order.id", order_id.to_owned())])
-            .start_with_context(tracer, &Context::current());
-        let reserve_cx = Context::current().with_span(reserve);
         let summary = "UPDATE stock INSERT orders";
-        let query = tracer
+        let span = tracer
             .span_builder(summary)
             .with_kind(SpanKind::Client)
             .with_attributes([
                 KeyValue::new("db.system.name", self.store.db_system()),
                 KeyValue::new("db.query.summary", summary),
             ])
-            .start_with_context(tracer, &reserve_cx);
-        let query_cx = reserve_cx.with_span(query);
-        let result = self.store.reserve(order_id, lines).with_context(query_cx.clone()).await;
-        if let Err(error) = &result {
-            let kind = if error.is_permanent() { "unknown_sku" } else { "store_unavailable" };
-            record_error(&query_cx.span(), kind, &error_chain(error));
+            .start_with_context(tracer, &Context::current());
+        let cx = Context::current().with_span(span);
+        let result = self.store.reserve(order_id, lines).with_context(cx.clone()).await;
+        let span = cx.span();
+        match &result {
+            Ok(outcome) => span.set_attribute(KeyValue::new(OUTCOME, outcome_name(outcome))),
+            Err(error) => {
+                let kind = if error.is_permanent() { "unknown_sku" } else { "store_unavailable" };
+                record_error(&span, kind, &error_chain(error));
+            }
         }
-        query_cx.span().end();
-        if let Ok(outcome) = &result {
-            reserve_cx.span().set_attribute(KeyValue::new(OUTCOME, outcome_name(outcome)));
-        }
-        reserve_cx.span().end();
+        span.end();
         result
     }
 
@@ -293,7 +284,7 @@ impl Handler {
             Verdict::Settled(outcome) => {
                 span.set_attribute(KeyValue::new(OUTCOME, outcome_name(&outcome)));
                 match &outcome {
-                    Outcome::Reserved => tracing::info!(delivery_tag = tag, "stock reserved"),
+                    Outcome::Reserved => tracing::debug!(delivery_tag = tag, "stock reserved"),
                     Outcome::Rejected { sku, requested, available } => {
                         span.add_event(
                             "stock rejected",

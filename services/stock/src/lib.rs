@@ -88,6 +88,7 @@ pub async fn run(
         mode: config.consumer_context,
         baggage_keys: config.baggage_span_attributes.clone(),
         consuming,
+        source: tracehop_broker::topology::process_destination(),
     });
     let router =
         admin::router(AdminState { store: store.clone(), broker: health, consuming: consuming_now }, telemetry);

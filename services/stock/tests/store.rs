@@ -157,3 +157,41 @@ fn stock_db_values_pick_the_backend() {
     let debug = format!("{:?}", StoreLocation::parse("postgres://u:secret@h/db").expect("url"));
     assert!(!debug.contains("secret"), "{debug}");
 }
+
+async fn concurrent_reservations_keep_their_own_outcomes(store: Store) {
+    // Enough at once that the store commits them in groups; every kind of outcome mixed in.
+    let mut calls = Vec::new();
+    for i in 0..150 {
+        let (order_id, lines) = match i % 5 {
+            0 => (format!("dup-{}", i % 10), vec![line("SKU-001", 1)]),
+            1 => (format!("unknown-{i}"), vec![line("SKU-002", 1), line("SKU-404", 1)]),
+            2 => (format!("short-{i}"), vec![line("SKU-002", 1), line("SKU-003", 5000)]),
+            _ => (format!("ok-{i}"), vec![line("SKU-001", 1), line("SKU-002", 2)]),
+        };
+        let store = store.clone();
+        calls.push(tokio::spawn(async move { (order_id.clone(), store.reserve(&order_id, &lines).await) }));
+    }
+    let mut reserved_ok = 0;
+    for call in calls {
+        let (order_id, outcome) = call.await.expect("task");
+        match (order_id.split('-').next().expect("kind"), outcome) {
+            ("ok", Ok(Outcome::Reserved)) => reserved_ok += 1,
+            ("dup", Ok(Outcome::Reserved | Outcome::AlreadyProcessed(OrderStatus::Reserved))) => {}
+            ("unknown", Err(StoreError::UnknownSku(sku))) => assert_eq!(sku, "SKU-404"),
+            ("short", Ok(Outcome::Rejected { sku, .. })) => assert_eq!(sku, "SKU-003"),
+            (kind, other) => panic!("{order_id} ({kind}): unexpected {other:?}"),
+        }
+    }
+    assert_eq!(reserved_ok, 60);
+    // dup-0, dup-5 (i = 0, 5, 10, ... give i % 10 in {0, 5}): two distinct orders.
+    assert_eq!(available(&store, "SKU-001").await, 1000 - 60 - 2, "duplicates reserved once");
+    assert_eq!(available(&store, "SKU-002").await, 1000 - 120, "unknown and short orders undid their first line");
+    assert_eq!(available(&store, "SKU-003").await, 1000);
+    assert_eq!(store.order("unknown-1").await.expect("order"), None, "an unknown SKU records nothing");
+    assert_eq!(store.order("short-2").await.expect("order").expect("recorded").status, OrderStatus::Rejected);
+}
+on_both_backends!(
+    sqlite_concurrent_reservations_keep_their_own_outcomes,
+    postgres_concurrent_reservations_keep_their_own_outcomes,
+    concurrent_reservations_keep_their_own_outcomes
+);

@@ -29,6 +29,8 @@ pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2000;
 #[derive(Clone, PartialEq, Eq)]
 pub struct BrokerNodes {
     uris: Vec<AMQPUri>,
+    /// `server.address` / `server.port` of each node, shared by every span.
+    peers: Vec<BrokerPeer>,
 }
 
 impl std::fmt::Debug for BrokerNodes {
@@ -55,7 +57,11 @@ impl BrokerNodes {
         if uris.is_empty() {
             return Err("no AMQP URI given".to_owned());
         }
-        Ok(Self { uris })
+        let peers = uris
+            .iter()
+            .map(|uri| BrokerPeer { address: Arc::from(uri.authority.host.as_str()), port: uri.authority.port })
+            .collect();
+        Ok(Self { uris, peers })
     }
 
     /// How many nodes were given.
@@ -69,8 +75,7 @@ impl BrokerNodes {
     }
 
     fn peer(&self, index: usize) -> BrokerPeer {
-        let uri = &self.uris[index % self.uris.len()];
-        BrokerPeer { address: uri.authority.host.clone(), port: uri.authority.port }
+        self.peers[index % self.peers.len()].clone()
     }
 }
 
@@ -371,6 +376,7 @@ mod tests {
         assert_eq!(nodes.uris[1].query.heartbeat, Some(5));
         assert_eq!(nodes.uris[0].query.connection_timeout, Some(DEFAULT_CONNECT_TIMEOUT_MS));
         assert_eq!(nodes.peer(1), BrokerPeer { address: "rabbit-2".into(), port: 5673 });
+        assert_eq!(nodes.peer(2), nodes.peer(0), "indexes wrap around the list");
     }
 
     #[test]

@@ -113,3 +113,14 @@ pub async fn declare(channel: &Channel) -> lapin::Result<()> {
         .await?;
     Ok(())
 }
+
+/// The PRODUCER span destination of `checkout.processed` (`checkout:checkout.processed`).
+pub fn publish_destination() -> tracehop_telemetry::messaging::Destination {
+    tracehop_telemetry::messaging::Destination::publish(EXCHANGE, ROUTING_KEY)
+}
+
+/// The CONSUMER span destination of stock's queue
+/// (`checkout:checkout.processed:stock.checkout-processed`).
+pub fn process_destination() -> tracehop_telemetry::messaging::Destination {
+    tracehop_telemetry::messaging::Destination::process(EXCHANGE, ROUTING_KEY, QUEUE)
+}

@@ -43,13 +43,15 @@ enum Side {
 #[derive(Debug, Clone)]
 pub struct GrpcClientLayer {
     telemetry: Telemetry,
-    peer: Arc<(String, u16)>,
+    /// `server.address` (shared by every span, never copied) and `server.port`.
+    peer: (opentelemetry::StringValue, u16),
 }
 
 impl GrpcClientLayer {
     /// `server_address` / `server_port`: the server the channel talks to.
     pub fn new(telemetry: Telemetry, server_address: impl Into<String>, server_port: u16) -> Self {
-        Self { telemetry, peer: Arc::new((server_address.into(), server_port)) }
+        let address: Arc<str> = Arc::from(server_address.into());
+        Self { telemetry, peer: (address.into(), server_port) }
     }
 }
 
@@ -85,7 +87,7 @@ where
         let telemetry = &self.layer.telemetry;
         let parent = Context::current();
         let method = request.uri().path().trim_start_matches('/').to_owned();
-        let (address, port) = &*self.layer.peer;
+        let (address, port) = &self.layer.peer;
         let span = telemetry
             .tracer()
             .span_builder(method.clone())

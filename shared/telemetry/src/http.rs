@@ -51,12 +51,20 @@ pub struct HttpServerLayer {
     telemetry: Telemetry,
     inbound: InboundContext,
     trace_response_headers: bool,
+    details: bool,
 }
 
 impl HttpServerLayer {
     /// Continues inbound context and adds no response headers.
     pub fn new(telemetry: Telemetry) -> Self {
-        Self { telemetry, inbound: InboundContext::Continue, trace_response_headers: false }
+        Self { telemetry, inbound: InboundContext::Continue, trace_response_headers: false, details: false }
+    }
+
+    /// Also records the recommended attributes: `server.address` / `server.port` (from `Host`),
+    /// `user_agent.original`, `network.protocol.version`.
+    pub fn with_details(mut self, enabled: bool) -> Self {
+        self.details = enabled;
+        self
     }
 
     /// Sets the inbound trust policy.
@@ -122,24 +130,30 @@ where
             Some(route) => format!("{method} {route}"),
             None => method.clone(),
         };
-        let mut attributes = vec![
+        // The conventions' required attributes and the route; the recommended ones
+        // (server.address, user_agent.original, ...) cost a copy per request and tell little
+        // here: opt in with `with_details`.
+        let mut attributes = Vec::with_capacity(8);
+        attributes.extend([
             KeyValue::new(HTTP_REQUEST_METHOD, method),
             KeyValue::new(URL_PATH, request.uri().path().to_owned()),
             KeyValue::new(URL_SCHEME, "http"),
-            KeyValue::new(NETWORK_PROTOCOL_VERSION, protocol_version(request.version())),
-        ];
+        ]);
         if let Some(route) = route {
             attributes.push(KeyValue::new(HTTP_ROUTE, route));
         }
-        if let Some(host) = request.headers().get(HOST).and_then(|h| h.to_str().ok()) {
-            let (address, port) = split_host(host);
-            attributes.push(KeyValue::new(SERVER_ADDRESS, address.to_owned()));
-            if let Some(port) = port {
-                attributes.push(KeyValue::new(SERVER_PORT, i64::from(port)));
+        if self.layer.details {
+            attributes.push(KeyValue::new(NETWORK_PROTOCOL_VERSION, protocol_version(request.version())));
+            if let Some(host) = request.headers().get(HOST).and_then(|h| h.to_str().ok()) {
+                let (address, port) = split_host(host);
+                attributes.push(KeyValue::new(SERVER_ADDRESS, address.to_owned()));
+                if let Some(port) = port {
+                    attributes.push(KeyValue::new(SERVER_PORT, i64::from(port)));
+                }
             }
-        }
-        if let Some(agent) = request.headers().get(USER_AGENT).and_then(|h| h.to_str().ok()) {
-            attributes.push(KeyValue::new(USER_AGENT_ORIGINAL, agent.to_owned()));
+            if let Some(agent) = request.headers().get(USER_AGENT).and_then(|h| h.to_str().ok()) {
+                attributes.push(KeyValue::new(USER_AGENT_ORIGINAL, agent.to_owned()));
+            }
         }
         let tracer = telemetry.tracer();
         let span = tracer

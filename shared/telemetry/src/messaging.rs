@@ -9,11 +9,13 @@
 //! An empty exchange is spelled `amq.default`. Attributes the conventions do not define for
 //! RabbitMQ (redelivery, attempt count) use the `tracehop.` prefix.
 
+use std::sync::Arc;
+
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable};
 use opentelemetry::baggage::{BaggageExt, KeyValueMetadata};
 use opentelemetry::trace::{Link, SpanKind, TraceContextExt, Tracer};
-use opentelemetry::{Context, KeyValue};
+use opentelemetry::{Context, KeyValue, StringValue};
 use opentelemetry_semantic_conventions::attribute::{
     MESSAGING_DESTINATION_NAME, MESSAGING_MESSAGE_BODY_SIZE, MESSAGING_MESSAGE_ID, MESSAGING_OPERATION_NAME,
     MESSAGING_OPERATION_TYPE, MESSAGING_RABBITMQ_DESTINATION_ROUTING_KEY, MESSAGING_RABBITMQ_MESSAGE_DELIVERY_TAG,
@@ -35,25 +37,48 @@ pub const RETRY_COUNT_HEADER: &str = "x-retry-count";
 /// The broker a span talks to (`server.address`, `server.port`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerPeer {
-    /// Host name or IP.
-    pub address: String,
+    /// Host name or IP (shared: spans reference it, never copy it).
+    pub address: Arc<str>,
     /// AMQP port.
     pub port: u16,
 }
 
-/// Where messages are published, or where a queue receives them from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Route<'a> {
-    /// Exchange name (empty: the default exchange).
-    pub exchange: &'a str,
-    /// Routing key.
-    pub routing_key: &'a str,
+/// Where messages are published (`{exchange}:{routing key}`), or where a queue receives them
+/// from (`{exchange}:{routing key}:{queue}`), with its span name and attribute values built
+/// once: spans of every message share them instead of formatting and copying strings.
+#[derive(Debug, Clone)]
+pub struct Destination {
+    /// `messaging.destination.name`.
+    name: StringValue,
+    /// `messaging.rabbitmq.destination.routing_key`.
+    routing_key: StringValue,
+    /// `publish <name>` or `process <name>`.
+    span_name: &'static str,
 }
 
-impl Route<'_> {
-    fn destination(&self) -> String {
-        let exchange = if self.exchange.is_empty() { "amq.default" } else { self.exchange };
-        format!("{exchange}:{}", self.routing_key)
+impl Destination {
+    fn new(operation: &str, name: String, routing_key: &str) -> Self {
+        let span_name = format!("{operation} {name}");
+        Self {
+            name: StringValue::from(Arc::<str>::from(name)),
+            routing_key: StringValue::from(Arc::<str>::from(routing_key)),
+            // A handful per process, made at startup: kept for the process's life.
+            span_name: Box::leak(span_name.into_boxed_str()),
+        }
+    }
+
+    /// What a producer publishes to: exchange (empty: the default exchange) and routing key.
+    pub fn publish(exchange: &str, routing_key: &str) -> Self {
+        let exchange = if exchange.is_empty() { "amq.default" } else { exchange };
+        Self::new("publish", format!("{exchange}:{routing_key}"), routing_key)
+    }
+
+    /// What a consumer processes: the binding (exchange, routing key) its queue receives the
+    /// messages through, and the queue. Named after the binding, not after each delivery's own
+    /// exchange and routing key, which change when a message comes back through a retry queue.
+    pub fn process(exchange: &str, routing_key: &str, queue: &str) -> Self {
+        let exchange = if exchange.is_empty() { "amq.default" } else { exchange };
+        Self::new("process", format!("{exchange}:{routing_key}:{queue}"), routing_key)
     }
 }
 
@@ -69,21 +94,30 @@ pub enum ConsumerContext {
     Link,
 }
 
-fn common_attributes(operation: &'static str, operation_type: &'static str, peer: &BrokerPeer) -> Vec<KeyValue> {
-    vec![
+fn common_attributes(
+    operation: &'static str,
+    operation_type: &'static str,
+    destination: &Destination,
+    peer: &BrokerPeer,
+) -> Vec<KeyValue> {
+    let mut attributes = Vec::with_capacity(12);
+    attributes.extend([
         KeyValue::new(MESSAGING_SYSTEM, "rabbitmq"),
         KeyValue::new(MESSAGING_OPERATION_NAME, operation),
         KeyValue::new(MESSAGING_OPERATION_TYPE, operation_type),
-        KeyValue::new(SERVER_ADDRESS, peer.address.clone()),
+        KeyValue::new(MESSAGING_DESTINATION_NAME, destination.name.clone()),
+        KeyValue::new(MESSAGING_RABBITMQ_DESTINATION_ROUTING_KEY, destination.routing_key.clone()),
+        KeyValue::new(SERVER_ADDRESS, StringValue::from(peer.address.clone())),
         KeyValue::new(SERVER_PORT, i64::from(peer.port)),
-    ]
+    ]);
+    attributes
 }
 
 /// What a publish span describes.
 #[derive(Debug, Clone, Copy)]
 pub struct Publish<'a> {
-    /// Exchange and routing key.
-    pub route: Route<'a>,
+    /// Where it goes.
+    pub destination: &'a Destination,
     /// `message_id` of the message.
     pub message_id: &'a str,
     /// Body size in bytes.
@@ -99,17 +133,14 @@ pub fn start_publish(
     peer: &BrokerPeer,
     headers: &mut FieldTable,
 ) -> Context {
-    let destination = publish.route.destination();
-    let mut attributes = common_attributes("publish", "send", peer);
+    let mut attributes = common_attributes("publish", "send", publish.destination, peer);
     attributes.extend([
-        KeyValue::new(MESSAGING_RABBITMQ_DESTINATION_ROUTING_KEY, publish.route.routing_key.to_owned()),
         KeyValue::new(MESSAGING_MESSAGE_ID, publish.message_id.to_owned()),
         KeyValue::new(MESSAGING_MESSAGE_BODY_SIZE, publish.body_size as i64),
-        KeyValue::new(MESSAGING_DESTINATION_NAME, destination.clone()),
     ]);
     let span = telemetry
         .tracer()
-        .span_builder(format!("publish {destination}"))
+        .span_builder(publish.destination.span_name)
         .with_kind(SpanKind::Producer)
         .with_attributes(attributes)
         .start_with_context(telemetry.tracer(), parent);
@@ -118,48 +149,30 @@ pub fn start_publish(
     cx
 }
 
-/// Where a consumer's messages come from: the route its queue is bound to, and the queue.
-#[derive(Debug, Clone, Copy)]
-pub struct Source<'a> {
-    /// The binding the queue receives the messages through.
-    pub route: Route<'a>,
-    /// Queue name.
-    pub queue: &'a str,
-}
-
 /// Starts the CONSUMER span that processes `delivery`, continuing the context its headers
 /// carry as `mode` says. A missing or unusable context starts a new trace; it never fails.
-///
-/// The span is named after `source`, not after the delivery's own exchange and routing key,
-/// which change when a message comes back through the retry queue.
 pub fn start_process(
     telemetry: &Telemetry,
     mode: ConsumerContext,
-    source: &Source<'_>,
+    source: &Destination,
     delivery: &Delivery,
     peer: &BrokerPeer,
 ) -> Context {
     let empty = FieldTable::default();
     let headers = delivery.properties.headers().as_ref().unwrap_or(&empty);
     let extracted = telemetry.propagator().extract(&AmqpHeaderExtractor(headers));
-    let destination = format!("{}:{}", source.route.destination(), source.queue);
-    let mut attributes = common_attributes("process", "process", peer);
+    let mut attributes = common_attributes("process", "process", source, peer);
     attributes.extend([
-        KeyValue::new(MESSAGING_RABBITMQ_DESTINATION_ROUTING_KEY, source.route.routing_key.to_owned()),
         KeyValue::new(MESSAGING_RABBITMQ_MESSAGE_DELIVERY_TAG, delivery.delivery_tag as i64),
         KeyValue::new(MESSAGING_MESSAGE_BODY_SIZE, delivery.data.len() as i64),
         KeyValue::new(REDELIVERED, delivery.redelivered),
         KeyValue::new(ATTEMPT, attempt(delivery.redelivered, headers)),
-        KeyValue::new(MESSAGING_DESTINATION_NAME, destination.clone()),
     ]);
     if let Some(message_id) = delivery.properties.message_id() {
         attributes.push(KeyValue::new(MESSAGING_MESSAGE_ID, message_id.as_str().to_owned()));
     }
-    let builder = telemetry
-        .tracer()
-        .span_builder(format!("process {destination}"))
-        .with_kind(SpanKind::Consumer)
-        .with_attributes(attributes);
+    let builder =
+        telemetry.tracer().span_builder(source.span_name).with_kind(SpanKind::Consumer).with_attributes(attributes);
     let remote = extracted.span().span_context().clone();
     match mode {
         ConsumerContext::Parent => {

@@ -197,8 +197,15 @@ impl OtlpReceiver {
                 return spans;
             }
             if tokio::time::timeout_at(deadline, arrived).await.is_err() {
-                let summary: Vec<String> =
-                    spans.iter().map(|s| format!("{} {:?} {:?}", s.service_name, s.kind, s.name)).collect();
+                let summary: Vec<String> = spans
+                    .iter()
+                    .map(|s| {
+                        format!(
+                            "{} {:?} {:?} trace {} parent {}",
+                            s.service_name, s.kind, s.name, s.trace_id, s.parent_span_id
+                        )
+                    })
+                    .collect();
                 panic!("spans did not arrive within {timeout:?}; received: {summary:#?}");
             }
         }

@@ -5,19 +5,27 @@
 //! and its order-id record commit in one transaction, so a redelivered message, on whichever
 //! replica, reserves nothing twice.
 //!
-//! Both backends run the same SQL through sqlx's `Any` driver (`$N` placeholders and
-//! `ON CONFLICT` mean the same thing in both); only how a transaction starts and how the schema
-//! creation is serialised differ, in [`Dialect`].
+//! Reservations are committed in groups: whatever arrived while the previous transaction ran
+//! goes into the next one (up to [`MAX_BATCH`]), each order on its own terms (reserved,
+//! rejected, duplicate, unknown SKU) inside the shared transaction. At low load a group is one
+//! order and nothing waits; under load one commit serves many. Both backends run the same SQL
+//! (`$N` placeholders and `ON CONFLICT` mean the same in both):
+//!
+//! - [`sqlite`]: rusqlite on a thread of its own that owns the connection. (sqlx's SQLite driver
+//!   hands every statement to a worker thread and back: measured here, 0.9 ms of CPU per order,
+//!   70% of it in the kernel switching threads.)
+//! - [`postgres`]: sqlx's PostgreSQL driver; a group locks its SKU rows in sorted order first,
+//!   so replicas committing groups at once cannot deadlock.
+
+mod postgres;
+mod sqlite;
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use sqlx::AnyPool;
-use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::sqlite::SqliteConnectOptions;
-use sqlx::{ConnectOptions, Executor};
+use tokio::sync::{mpsc, oneshot};
 
 /// Where the store lives, parsed from `STOCK_DB`.
 #[derive(Clone, PartialEq, Eq)]
@@ -139,7 +147,10 @@ pub enum StoreError {
     UnknownSku(String),
     /// The database answered with an error or could not be reached: worth a retry.
     #[error("database error")]
-    Database(#[from] sqlx::Error),
+    Database(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The store is closed (shutting down).
+    #[error("the store is closed")]
+    Closed,
     /// A stored value the code does not understand.
     #[error("corrupt store: {0}")]
     Corrupt(String),
@@ -151,6 +162,21 @@ impl StoreError {
         matches!(self, Self::UnknownSku(_))
     }
 }
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        Self::Database(Box::new(error))
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(error: rusqlite::Error) -> Self {
+        Self::Database(Box::new(error))
+    }
+}
+
+/// Most reservations one transaction commits.
+pub const MAX_BATCH: usize = 128;
 
 const SCHEMA: [&str; 2] = [
     "CREATE TABLE IF NOT EXISTS stock (
@@ -166,192 +192,167 @@ const SCHEMA: [&str; 2] = [
 ];
 
 const SEED: &str = "INSERT INTO stock (sku, available, reserved) VALUES ($1, $2, 0) ON CONFLICT (sku) DO NOTHING";
+const RECORD: &str =
+    "INSERT INTO orders (order_id, outcome, recorded_at_us) VALUES ($1, $2, $3) ON CONFLICT (order_id) DO NOTHING";
 const TAKE: &str =
     "UPDATE stock SET available = available - $1, reserved = reserved + $1 WHERE sku = $2 AND available >= $1";
 const AVAILABLE: &str = "SELECT available FROM stock WHERE sku = $1";
-const RECORD: &str =
-    "INSERT INTO orders (order_id, outcome, recorded_at_us) VALUES ($1, $2, $3) ON CONFLICT (order_id) DO NOTHING";
+const MARK_REJECTED: &str = "UPDATE orders SET outcome = 'rejected' WHERE order_id = $1";
+const FORGET: &str = "DELETE FROM orders WHERE order_id = $1";
+const OUTCOME: &str = "SELECT outcome FROM orders WHERE order_id = $1";
 const LEVEL: &str = "SELECT sku, available, reserved FROM stock WHERE sku = $1";
 const ORDER: &str = "SELECT order_id, outcome, recorded_at_us FROM orders WHERE order_id = $1";
 const COUNTS: &str = "SELECT outcome, COUNT(*) FROM orders GROUP BY outcome";
 
-/// What differs between the two engines.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Dialect {
-    Sqlite,
-    Postgres,
+/// One reservation waiting for its group's transaction.
+#[derive(Debug)]
+struct Job {
+    order_id: String,
+    /// (sku, units), SKUs sorted and distinct.
+    wanted: Vec<(String, i64)>,
+    now_us: i64,
+    reply: oneshot::Sender<Result<Outcome, StoreError>>,
 }
 
-impl Dialect {
-    /// SQLite: take the write lock up front, so a transaction never fails to upgrade a read lock
-    /// half-way (SQLITE_BUSY without waiting). PostgreSQL: row locks taken by the updates.
-    fn begin(self) -> &'static str {
-        match self {
-            Dialect::Sqlite => "BEGIN IMMEDIATE",
-            Dialect::Postgres => "BEGIN",
-        }
+// One reservation inside a group's transaction, the same steps on both backends:
+// 1. record the order id as reserved (ON CONFLICT DO NOTHING): no row means a redelivery,
+//    answered with the outcome recorded before, nothing else done;
+// 2. an order with several lines takes a savepoint, so a line that falls short undoes those
+//    before it;
+// 3. take each line (a conditional UPDATE); when one changes no row, look the SKU up: unknown
+//    forgets the order-id record (the message goes to the DLQ), short marks it rejected.
+
+fn wanted(lines: &[OrderLine]) -> Vec<(String, i64)> {
+    let mut wanted: BTreeMap<&str, u64> = BTreeMap::new();
+    for line in lines {
+        *wanted.entry(line.sku.as_str()).or_default() += u64::from(line.quantity);
     }
+    wanted.into_iter().map(|(sku, units)| (sku.to_owned(), i64::try_from(units).unwrap_or(i64::MAX))).collect()
 }
 
-/// The stock store, on whichever backend `STOCK_DB` chose.
+/// The stock store, on whichever backend `STOCK_DB` chose. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Store {
-    pool: AnyPool,
-    dialect: Dialect,
+    backend: Backend,
+}
+
+#[derive(Debug, Clone)]
+enum Backend {
+    Sqlite(sqlite::SqliteStore),
+    Postgres(postgres::PostgresStore),
 }
 
 impl Store {
     /// Opens the store, creates the schema if absent and seeds `units` of each catalog SKU the
     /// store does not carry yet. Safe when several replicas open the same database at once.
     pub async fn open(location: &StoreLocation, catalog: &[&str], units: u32) -> Result<Self, StoreError> {
-        sqlx::any::install_default_drivers();
-        let (pool, dialect) = match location {
-            StoreLocation::Sqlite(path) => {
-                let url = SqliteConnectOptions::new().filename(path).create_if_missing(true).to_url_lossy();
-                let options: AnyConnectOptions = url.as_str().parse()?;
-                // One writer at a time is all SQLite has: one connection queues transactions in
-                // the pool instead of in busy retries. WAL + NORMAL: a commit survives a process
-                // crash (what broker redelivery relies on); an OS crash may lose the last ones.
-                let pool = AnyPoolOptions::new()
-                    .max_connections(1)
-                    .after_connect(|conn, _| {
-                        Box::pin(async move {
-                            conn.execute("PRAGMA journal_mode = WAL").await?;
-                            conn.execute("PRAGMA synchronous = NORMAL").await?;
-                            conn.execute("PRAGMA busy_timeout = 5000").await?;
-                            Ok(())
-                        })
-                    })
-                    .connect_with(options)
-                    .await?;
-                (pool, Dialect::Sqlite)
-            }
+        let backend = match location {
+            StoreLocation::Sqlite(path) => Backend::Sqlite(sqlite::SqliteStore::open(path, catalog, units).await?),
             StoreLocation::Postgres(url) => {
-                let options: AnyConnectOptions = url.parse()?;
-                let pool = AnyPoolOptions::new()
-                    .max_connections(8)
-                    .acquire_timeout(Duration::from_secs(5))
-                    .connect_with(options)
-                    .await?;
-                (pool, Dialect::Postgres)
+                Backend::Postgres(postgres::PostgresStore::open(url, catalog, units).await?)
             }
         };
-        let store = Self { pool, dialect };
-        store.create_schema(catalog, units).await?;
-        Ok(store)
-    }
-
-    async fn create_schema(&self, catalog: &[&str], units: u32) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin_with(self.dialect.begin()).await?;
-        if self.dialect == Dialect::Postgres {
-            // Concurrent CREATE TABLE IF NOT EXISTS races on PostgreSQL's catalog (a unique
-            // violation on pg_type); replicas starting together take turns instead.
-            tx.execute("SELECT pg_advisory_xact_lock(7243018)").await?;
-        }
-        for statement in SCHEMA {
-            tx.execute(statement).await?;
-        }
-        for sku in catalog {
-            sqlx::query(SEED).bind(*sku).bind(i64::from(units)).execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        Ok(Self { backend })
     }
 
     /// `db.system.name` for spans, per OpenTelemetry semantic conventions.
     pub fn db_system(&self) -> &'static str {
-        match self.dialect {
-            Dialect::Sqlite => "sqlite",
-            Dialect::Postgres => "postgresql",
+        match self.backend {
+            Backend::Sqlite(_) => "sqlite",
+            Backend::Postgres(_) => "postgresql",
         }
     }
 
-    /// Reserves every line of `order_id` in one transaction, or none of them.
+    /// Reserves every line of `order_id`, or none of them, in the next group's transaction.
     ///
-    /// Lines naming the same SKU are added up; SKUs are updated in sorted order so concurrent
-    /// replicas cannot deadlock. The order-id record commits with the reservation: a redelivery
-    /// (here or on another replica) conflicts on it and rolls its updates back.
+    /// Lines naming the same SKU are added up. The order-id record commits with the
+    /// reservation: a redelivery, here or on another replica, reserves nothing.
     pub async fn reserve(&self, order_id: &str, lines: &[OrderLine]) -> Result<Outcome, StoreError> {
-        let mut wanted: BTreeMap<&str, u64> = BTreeMap::new();
-        for line in lines {
-            *wanted.entry(line.sku.as_str()).or_default() += u64::from(line.quantity);
+        let (reply, outcome) = oneshot::channel();
+        let job = Job { order_id: order_id.to_owned(), wanted: wanted(lines), now_us: now_us(), reply };
+        match &self.backend {
+            Backend::Sqlite(store) => store.submit(job).await?,
+            Backend::Postgres(store) => store.submit(job).await?,
         }
-        let now = now_us();
-        let mut tx = self.pool.begin_with(self.dialect.begin()).await?;
-        for (sku, units) in wanted {
-            let units = i64::try_from(units).unwrap_or(i64::MAX);
-            let taken = sqlx::query(TAKE).bind(units).bind(sku).execute(&mut *tx).await?.rows_affected();
-            if taken == 0 {
-                let available: Option<i64> = sqlx::query_scalar(AVAILABLE).bind(sku).fetch_optional(&mut *tx).await?;
-                tx.rollback().await?;
-                let Some(available) = available else {
-                    return Err(StoreError::UnknownSku(sku.to_owned()));
-                };
-                let rejected = Outcome::Rejected { sku: sku.to_owned(), requested: units.unsigned_abs(), available };
-                return self.record_rejection(order_id, rejected, now).await;
-            }
-        }
-        let recorded = sqlx::query(RECORD)
-            .bind(order_id)
-            .bind(OrderStatus::Reserved.as_str())
-            .bind(now)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        if recorded == 0 {
-            tx.rollback().await?;
-            return self.already_processed(order_id).await;
-        }
-        tx.commit().await?;
-        Ok(Outcome::Reserved)
-    }
-
-    async fn record_rejection(&self, order_id: &str, rejected: Outcome, now: i64) -> Result<Outcome, StoreError> {
-        let recorded = sqlx::query(RECORD)
-            .bind(order_id)
-            .bind(OrderStatus::Rejected.as_str())
-            .bind(now)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        if recorded == 0 { self.already_processed(order_id).await } else { Ok(rejected) }
-    }
-
-    async fn already_processed(&self, order_id: &str) -> Result<Outcome, StoreError> {
-        let record =
-            self.order(order_id).await?.ok_or_else(|| StoreError::Corrupt(format!("order {order_id} vanished")))?;
-        Ok(Outcome::AlreadyProcessed(record.status))
+        outcome.await.map_err(|_| StoreError::Closed)?
     }
 
     /// The stock of `sku`, if the store carries it.
     pub async fn level(&self, sku: &str) -> Result<Option<StockLevel>, StoreError> {
-        let row: Option<(String, i64, i64)> = sqlx::query_as(LEVEL).bind(sku).fetch_optional(&self.pool).await?;
-        Ok(row.map(|(sku, available, reserved)| StockLevel { sku, available, reserved }))
+        match &self.backend {
+            Backend::Sqlite(store) => store.level(sku).await,
+            Backend::Postgres(store) => store.level(sku).await,
+        }
     }
 
     /// How `order_id` ended, if the store has seen it.
     pub async fn order(&self, order_id: &str) -> Result<Option<OrderRecord>, StoreError> {
-        let row: Option<(String, String, i64)> =
-            sqlx::query_as(ORDER).bind(order_id).fetch_optional(&self.pool).await?;
-        row.map(|(order_id, outcome, recorded_at_us)| {
-            Ok(OrderRecord { order_id, status: OrderStatus::parse(&outcome)?, recorded_at_us })
-        })
-        .transpose()
+        match &self.backend {
+            Backend::Sqlite(store) => store.order(order_id).await,
+            Backend::Postgres(store) => store.order(order_id).await,
+        }
     }
 
     /// How many orders ended in each outcome: (reserved, rejected).
     pub async fn order_counts(&self) -> Result<(i64, i64), StoreError> {
-        let rows: Vec<(String, i64)> = sqlx::query_as(COUNTS).fetch_all(&self.pool).await?;
+        let rows = match &self.backend {
+            Backend::Sqlite(store) => store.counts().await?,
+            Backend::Postgres(store) => store.counts().await?,
+        };
         let count = |status: OrderStatus| rows.iter().find(|(s, _)| s == status.as_str()).map_or(0, |(_, n)| *n);
         Ok((count(OrderStatus::Reserved), count(OrderStatus::Rejected)))
     }
 
-    /// Closes the pool, waiting for connections in use to be returned.
+    /// Finishes the reservations already queued and closes the database.
     pub async fn close(&self) {
-        self.pool.close().await;
+        match &self.backend {
+            Backend::Sqlite(store) => store.close().await,
+            Backend::Postgres(store) => store.close().await,
+        }
     }
 }
 
 fn now_us() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+/// Takes `first` and whatever else is queued already, up to [`MAX_BATCH`].
+fn group(first: Job, jobs: &mut mpsc::Receiver<Job>) -> Vec<Job> {
+    let mut group = vec![first];
+    while group.len() < MAX_BATCH {
+        match jobs.try_recv() {
+            Ok(job) => group.push(job),
+            Err(_) => break,
+        }
+    }
+    group
+}
+
+/// Answers every job of a group: its own outcome, or the group's failure for all.
+fn answer(jobs: Vec<Job>, outcomes: Result<Vec<Result<Outcome, StoreError>>, StoreError>) {
+    match outcomes {
+        Ok(outcomes) => {
+            for (job, outcome) in jobs.into_iter().zip(outcomes) {
+                let _ = job.reply.send(outcome);
+            }
+        }
+        Err(error) => {
+            // One failure for all: each gets its own copy of the message and the cause chain.
+            let text = chain(&error);
+            for job in jobs {
+                let _ = job.reply.send(Err(StoreError::Database(text.clone().into())));
+            }
+        }
+    }
+}
+
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

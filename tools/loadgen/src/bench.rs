@@ -1,0 +1,355 @@
+//! The benchmark: tracing off and tracing on, alternately, in pairs, beside the raw broker
+//! ceiling, then the latency at half the maximum throughput; CPU seconds per 1,000 orders and
+//! peak RSS of each service. Everything runs in one invocation, so the figures compare.
+//!
+//! Each run gets fresh service processes (the release binaries beside this one), a fresh
+//! RabbitMQ vhost and a fresh SQLite store. "Tracing on" exports every span over OTLP/gRPC to
+//! a receiver in this process that answers without parsing (see [`crate::sink`]).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::Load;
+use crate::report::Report;
+
+/// The benchmark's settings.
+#[derive(clap::Args, Clone, Debug)]
+pub struct BenchArgs {
+    /// Off/on pairs.
+    #[arg(long, default_value_t = 3)]
+    pairs: usize,
+    /// Measured seconds per run.
+    #[arg(long, default_value_t = 15.0)]
+    duration: f64,
+    /// Warm-up seconds per run.
+    #[arg(long, default_value_t = 3.0)]
+    warmup: f64,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// The broker, without a vhost (each run creates its own with rabbitmqctl).
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672")]
+    amqp: String,
+    /// Write all results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the latency plot of the half-load run here.
+    #[arg(long)]
+    svg: Option<PathBuf>,
+}
+
+/// One service's resource use during a run.
+#[derive(Debug, Clone, Serialize)]
+struct Usage {
+    service: String,
+    cpu_seconds: f64,
+    peak_rss_kib: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Run {
+    tracing: bool,
+    report: Report,
+    usage: Vec<Usage>,
+    otlp_bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct Results {
+    pairs: Vec<(Run, Run)>,
+    raw: Vec<Report>,
+    half_load: Run,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn rabbitmqctl(args: &[&str]) -> anyhow::Result<()> {
+    let status = Command::new("rabbitmqctl").arg("-q").args(args).status()?;
+    anyhow::ensure!(status.success(), "rabbitmqctl {args:?} failed");
+    Ok(())
+}
+
+/// A vhost of the run's own, deleted on drop.
+struct Vhost(String);
+
+impl Vhost {
+    fn create() -> anyhow::Result<Self> {
+        let name = format!("tracehop-bench-{}", uuid::Uuid::new_v4().simple());
+        rabbitmqctl(&["add_vhost", &name])?;
+        rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"])?;
+        Ok(Self(name))
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        let _ = rabbitmqctl(&["delete_vhost", &self.0]);
+    }
+}
+
+/// The three services of one run.
+struct Services {
+    children: Vec<(String, Child)>,
+    gateway: String,
+    stock: String,
+    _dir: PathBuf,
+}
+
+impl Services {
+    async fn start(amqp: &str, otlp: Option<&str>) -> anyhow::Result<Self> {
+        let bin = std::env::current_exe()?.parent().map(PathBuf::from).unwrap_or_default();
+        let dir = std::env::temp_dir().join(format!("tracehop-bench-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir)?;
+        let (gateway, checkout, stock) = (free_port()?, free_port()?, free_port()?);
+        let telemetry: Vec<(&str, String)> = match otlp {
+            Some(endpoint) => vec![("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.to_owned())],
+            None => vec![("OTEL_SDK_DISABLED", "true".to_owned())],
+        };
+        let services: [(&str, Vec<(&str, String)>); 3] = [
+            (
+                "stock",
+                vec![
+                    ("STOCK_ADDR", format!("127.0.0.1:{stock}")),
+                    ("STOCK_DB", dir.join("stock.db").display().to_string()),
+                    ("STOCK_SEED_UNITS", "100000000".to_owned()),
+                    ("AMQP_ADDR", amqp.to_owned()),
+                ],
+            ),
+            ("checkout", vec![("CHECKOUT_ADDR", format!("127.0.0.1:{checkout}")), ("AMQP_ADDR", amqp.to_owned())]),
+            (
+                "gateway",
+                vec![
+                    ("GATEWAY_ADDR", format!("127.0.0.1:{gateway}")),
+                    ("CHECKOUT_URL", format!("http://127.0.0.1:{checkout}")),
+                ],
+            ),
+        ];
+        let mut children = Vec::new();
+        for (name, env) in services {
+            let mut command = Command::new(bin.join(name));
+            command.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default()).env("RUST_LOG", "info");
+            for (key, value) in env.iter().chain(&telemetry) {
+                command.env(key, value);
+            }
+            let child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+            children.push((name.to_owned(), child));
+        }
+        let services = Self {
+            children,
+            gateway: format!("http://127.0.0.1:{gateway}"),
+            stock: format!("http://127.0.0.1:{stock}"),
+            _dir: dir,
+        };
+        let http = reqwest::Client::new();
+        for _ in 0..400 {
+            let up = |url: String| {
+                let http = http.clone();
+                async move { http.get(url).send().await.is_ok_and(|r| r.status().is_success()) }
+            };
+            if up(format!("{}/healthz", services.stock)).await && up(format!("{}/healthz", services.gateway)).await {
+                return Ok(services);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        anyhow::bail!("the services did not become ready")
+    }
+
+    fn usage(&self) -> Vec<Usage> {
+        self.children
+            .iter()
+            .map(|(name, child)| {
+                let pid = child.id();
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                let fields: Vec<&str> =
+                    stat.rsplit_once(") ").map_or("", |(_, rest)| rest).split_whitespace().collect();
+                let ticks: u64 = [11, 12].iter().filter_map(|&i| fields.get(i)?.parse::<u64>().ok()).sum();
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                let peak = status
+                    .lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                Usage { service: name.clone(), cpu_seconds: ticks as f64 / 100.0, peak_rss_kib: peak }
+            })
+            .collect()
+    }
+
+    fn stop(mut self) {
+        for (_, child) in &self.children {
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        }
+        for (_, child) in &mut self.children {
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self._dir);
+    }
+}
+
+fn load(args: &BenchArgs, label: &str, rate: Option<f64>) -> Load {
+    Load {
+        concurrency: args.concurrency,
+        rate,
+        orders: None,
+        duration: Some(args.duration),
+        warmup: args.warmup,
+        label: label.to_owned(),
+        json: None,
+        svg: None,
+        quiet: true,
+    }
+}
+
+async fn pipeline_run(
+    args: &BenchArgs,
+    tracing: bool,
+    rate: Option<f64>,
+    sink: &str,
+    spans: &std::sync::atomic::AtomicU64,
+) -> anyhow::Result<Run> {
+    let vhost = Vhost::create()?;
+    let amqp = format!("{}/{}", args.amqp, vhost.0);
+    let services = Services::start(&amqp, tracing.then_some(sink)).await?;
+    let before = spans.load(Ordering::Relaxed);
+    let label = if tracing { "tracing on" } else { "tracing off" };
+    let report = crate::pipeline::run(&services.gateway, &services.stock, &load(args, label, rate)).await?;
+    let usage = services.usage();
+    services.stop();
+    let otlp_bytes = spans.load(Ordering::Relaxed) - before;
+    eprintln!("{label}: {:.0}/s", report.throughput);
+    Ok(Run { tracing, report, usage, otlp_bytes })
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+/// Runs the whole benchmark and prints the summary.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let sink = format!("http://{}", listener.local_addr()?);
+    let spans = crate::sink::spawn(listener);
+    let mut pairs = Vec::new();
+    let mut raw = Vec::new();
+    for pair in 0..args.pairs {
+        eprintln!("pair {}/{}", pair + 1, args.pairs);
+        let off = pipeline_run(&args, false, None, &sink, &spans).await?;
+        let on = pipeline_run(&args, true, None, &sink, &spans).await?;
+        pairs.push((off, on));
+        let vhost = Vhost::create()?;
+        let report = crate::raw::run(&format!("{}/{}", args.amqp, vhost.0), &load(&args, "raw", None)).await?;
+        eprintln!("raw: {:.0}/s", report.throughput);
+        raw.push(report);
+    }
+    let on_max = median(pairs.iter().map(|(_, on)| on.report.throughput).collect());
+    let half = pipeline_run(&args, true, Some(on_max / 2.0), &sink, &spans).await?;
+    let results = Results { pairs, raw, half_load: half };
+    println!("{}", summary(&results, &args));
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&results)?)?;
+    }
+    if let Some(path) = &args.svg {
+        std::fs::write(path, results.half_load.report.plot())?;
+    }
+    Ok(())
+}
+
+fn summary(results: &Results, args: &BenchArgs) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n## {} pairs, {} s each after {} s warm-up, {} in flight\n",
+        args.pairs, args.duration, args.warmup, args.concurrency
+    );
+    let _ = writeln!(out, "| pair | tracing off | tracing on | on / off | raw publish (confirms) | on / raw |");
+    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    let mut ratios = Vec::new();
+    let mut of_raw = Vec::new();
+    for (i, ((off, on), raw)) in results.pairs.iter().zip(&results.raw).enumerate() {
+        let ratio = on.report.throughput / off.report.throughput;
+        let share = on.report.throughput / raw.throughput;
+        ratios.push(ratio);
+        of_raw.push(share);
+        let _ = writeln!(
+            out,
+            "| {} | {:.0}/s | {:.0}/s | {:.3} | {:.0}/s | {:.1}% |",
+            i + 1,
+            off.report.throughput,
+            on.report.throughput,
+            ratio,
+            raw.throughput,
+            share * 100.0
+        );
+    }
+    let _ = writeln!(
+        out,
+        "| **median** | {:.0}/s | {:.0}/s | **{:.3}** (tracing costs {:.1}%) | {:.0}/s | **{:.1}%** |",
+        median(results.pairs.iter().map(|(off, _)| off.report.throughput).collect()),
+        median(results.pairs.iter().map(|(_, on)| on.report.throughput).collect()),
+        median(ratios.clone()),
+        (1.0 - median(ratios)) * 100.0,
+        median(results.raw.iter().map(|r| r.throughput).collect()),
+        median(of_raw) * 100.0
+    );
+    let _ = writeln!(out, "\n| service | CPU s / 1,000 orders (off) | CPU s / 1,000 orders (on) | peak RSS (on) |");
+    let _ = writeln!(out, "|---|---|---|---|");
+    for service in ["gateway", "checkout", "stock"] {
+        let per_thousand = |tracing: bool| {
+            median(
+                results
+                    .pairs
+                    .iter()
+                    .map(|(off, on)| if tracing { on } else { off })
+                    .filter_map(|run| {
+                        let usage = run.usage.iter().find(|u| u.service == service)?;
+                        Some(usage.cpu_seconds / (run.report.succeeded as f64 / 1000.0))
+                    })
+                    .collect(),
+            )
+        };
+        let peak = results
+            .pairs
+            .iter()
+            .flat_map(|(off, on)| [off, on])
+            .filter_map(|run| run.usage.iter().find(|u| u.service == service).map(|u| u.peak_rss_kib))
+            .max()
+            .unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "| {service} | {:.3} | {:.3} | {:.1} MiB |",
+            per_thousand(false),
+            per_thousand(true),
+            peak as f64 / 1024.0
+        );
+    }
+    let half = &results.half_load.report;
+    let e2e = half.end_to_end.as_ref();
+    let _ = writeln!(
+        out,
+        "\nAt half the maximum (tracing on, open loop {}): {:.0}/s, p99 POST {:.2} ms, p99 POST -> reserved {:.2} ms \
+         (p50 {:.2} / {:.2} ms); {} bytes of spans exported",
+        half.load,
+        half.throughput,
+        half.latency.p99_ms,
+        e2e.map_or(0.0, |p| p.p99_ms),
+        half.latency.p50_ms,
+        e2e.map_or(0.0, |p| p.p50_ms),
+        results.half_load.otlp_bytes
+    );
+    out
+}

@@ -1,0 +1,165 @@
+//! Drives an operation under load: closed loop (a fixed number in flight) or open loop (a fixed
+//! rate, latency counted from the intended start), for a count or a duration, after a warm-up.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use tokio::time::Instant;
+
+use crate::Load;
+use crate::report::{histogram, progress};
+
+/// The index warm-up operations get.
+pub const WARMUP: u64 = u64::MAX;
+
+/// What the measured window saw.
+pub struct Driven<T> {
+    /// Length of the measured window.
+    pub seconds: f64,
+    /// Operations started in the window.
+    pub sent: u64,
+    /// What the successful ones returned.
+    pub successes: Vec<T>,
+    /// Failures by kind.
+    pub failures: BTreeMap<String, u64>,
+    /// Latency of the successful ones, µs.
+    pub latency: Histogram<u64>,
+}
+
+struct State<T> {
+    successes: Vec<T>,
+    failures: BTreeMap<String, u64>,
+    latency: Histogram<u64>,
+    sent: u64,
+}
+
+/// Runs `operation(i)` under `load`.
+pub async fn drive<T, F, Fut>(load: &Load, operation: F) -> Driven<T>
+where
+    T: Send + 'static,
+    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<T, String>> + Send + 'static,
+{
+    let operation = Arc::new(operation);
+    let state =
+        Arc::new(Mutex::new(State { successes: Vec::new(), failures: BTreeMap::new(), latency: histogram(), sent: 0 }));
+    let (limit, duration) = load.stop_after();
+    let started = Instant::now();
+    let warmup = Duration::from_secs_f64(load.warmup);
+    let window_start = started + warmup;
+    let stop = Arc::new(AtomicBool::new(false));
+    let next = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+
+    // One attempt: measured only when it starts inside the window.
+    let attempt = {
+        let (state, done, operation) = (state.clone(), done.clone(), operation.clone());
+        move |i: u64, intended: Instant| {
+            let (state, done, operation) = (state.clone(), done.clone(), operation.clone());
+            async move {
+                let result = operation(i).await;
+                let latency = intended.elapsed();
+                if intended >= window_start {
+                    let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
+                    state.sent += 1;
+                    match result {
+                        Ok(value) => {
+                            let _ = state.latency.record((latency.as_micros() as u64).max(1));
+                            state.successes.push(value);
+                        }
+                        Err(kind) => *state.failures.entry(kind).or_default() += 1,
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    };
+    let should_stop = {
+        let stop = stop.clone();
+        move |i: u64| {
+            let over_count = limit.is_some_and(|limit| i >= limit);
+            let over_time = duration.is_some_and(|d| Instant::now() >= window_start + d);
+            if over_count || over_time {
+                stop.store(true, Ordering::Relaxed);
+            }
+            stop.load(Ordering::Relaxed)
+        }
+    };
+
+    let reporter = {
+        let (state, done, stop, quiet) = (state.clone(), done.clone(), stop.clone(), load.quiet);
+        tokio::spawn(async move {
+            let mut last = 0;
+            while !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let now = done.load(Ordering::Relaxed);
+                let (failures, p99) = {
+                    let state = state.lock().unwrap_or_else(PoisonError::into_inner);
+                    (state.failures.values().sum::<u64>(), state.latency.value_at_quantile(0.99) as f64 / 1000.0)
+                };
+                progress(quiet, started.elapsed(), now, now - last, failures, p99);
+                last = now;
+            }
+        })
+    };
+
+    let mut tasks = tokio::task::JoinSet::new();
+    match load.rate {
+        None => {
+            for _ in 0..load.concurrency.max(1) {
+                let (attempt, should_stop, next) = (attempt.clone(), should_stop.clone(), next.clone());
+                tasks.spawn(async move {
+                    loop {
+                        let now = Instant::now();
+                        // Warm-up requests count toward nothing, the --orders limit included.
+                        if now < window_start {
+                            attempt(WARMUP, now).await;
+                            continue;
+                        }
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if should_stop(i) {
+                            return;
+                        }
+                        attempt(i, now).await;
+                    }
+                });
+            }
+        }
+        Some(rate) => {
+            let interval = Duration::from_secs_f64(1.0 / rate.max(0.001));
+            let mut k: u64 = 0;
+            loop {
+                let intended = started + interval.mul_f64(k as f64);
+                tokio::time::sleep_until(intended).await;
+                let i = if intended < window_start { WARMUP } else { next.fetch_add(1, Ordering::Relaxed) };
+                if i != WARMUP && should_stop(i) {
+                    break;
+                }
+                let attempt = attempt.clone();
+                tasks.spawn(async move { attempt(i, intended).await });
+                k += 1;
+                // Reap finished tasks so the set stays small.
+                while tasks.try_join_next().is_some() {}
+            }
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    stop.store(true, Ordering::Relaxed);
+    let _ = reporter.await;
+    if !load.quiet {
+        eprintln!();
+    }
+    let seconds = match duration {
+        Some(d) => d.as_secs_f64(),
+        None => (Instant::now() - window_start).as_secs_f64(),
+    };
+    let state = std::mem::replace(
+        &mut *state.lock().unwrap_or_else(PoisonError::into_inner),
+        State { successes: Vec::new(), failures: BTreeMap::new(), latency: histogram(), sent: 0 },
+    );
+    Driven { seconds, sent: state.sent, successes: state.successes, failures: state.failures, latency: state.latency }
+}

@@ -1,0 +1,126 @@
+//! loadgen: puts orders through tracehop and says how fast and how long.
+//!
+//! # Layout
+//! - [`pipeline`]: orders through the gateway (closed loop at a fixed concurrency, or open loop
+//!   at a fixed rate), each followed until stock reserved it, so the end-to-end time from POST
+//!   to reservation is measured, not only the HTTP round trip.
+//! - [`raw`]: the ceiling: the same message published with confirms straight to RabbitMQ
+//!   through lapin, at the same concurrency.
+//! - [`report`]: HDR histograms, the summary table, the JSON file and the SVG plot.
+//! - [`sink`]: an OTLP/gRPC receiver that counts spans and keeps none, for benchmarks.
+//! - [`bench`]: the benchmark: tracing off/on in pairs beside the raw ceiling, CPU and memory
+//!   per service, latency at half the maximum throughput.
+
+mod bench;
+mod driver;
+mod pipeline;
+mod raw;
+mod report;
+mod sink;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "loadgen", about = "Load generator for tracehop: pipeline, raw broker ceiling, OTLP sink")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Orders through the gateway, each followed until stock reserved it.
+    Pipeline(PipelineArgs),
+    /// The broker's ceiling: the same message published with confirms, straight through lapin.
+    Raw(RawArgs),
+    /// The benchmark: tracing off/on pairs beside the raw ceiling, then half-load latency.
+    Bench(bench::BenchArgs),
+    /// An OTLP/gRPC receiver that counts spans and keeps none.
+    Sink {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:4317")]
+        listen: SocketAddr,
+    },
+}
+
+/// How much load, and where the report goes.
+#[derive(Args, Clone, Debug)]
+pub struct Load {
+    /// Requests in flight at once (closed loop).
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Requests per second (open loop; latency counted from the intended send time, so a slow
+    /// system cannot hide its queueing). Overrides --concurrency.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Stop after this many requests.
+    #[arg(long, conflicts_with = "duration")]
+    pub orders: Option<u64>,
+    /// Stop after this many seconds.
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Warm-up seconds before measuring (requests sent, not counted).
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup: f64,
+    /// Name of this run in the report.
+    #[arg(long, default_value = "run")]
+    pub label: String,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write a latency plot (SVG) here.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+    /// No live progress line.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl Load {
+    fn stop_after(&self) -> (Option<u64>, Option<Duration>) {
+        let duration = self.duration.map(Duration::from_secs_f64);
+        if self.orders.is_none() && duration.is_none() { (Some(10_000), None) } else { (self.orders, duration) }
+    }
+}
+
+#[derive(Args, Clone, Debug)]
+struct PipelineArgs {
+    /// The gateway.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    gateway: String,
+    /// Stock's admin API, to learn when each order was reserved.
+    #[arg(long, default_value = "http://127.0.0.1:8082")]
+    stock: String,
+    #[command(flatten)]
+    load: Load,
+}
+
+#[derive(Args, Clone, Debug)]
+struct RawArgs {
+    /// The broker.
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    amqp: String,
+    #[command(flatten)]
+    load: Load,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Pipeline(args) => {
+            let report = pipeline::run(&args.gateway, &args.stock, &args.load).await?;
+            report.finish(&args.load)?;
+        }
+        Command::Raw(args) => {
+            let report = raw::run(&args.amqp, &args.load).await?;
+            report.finish(&args.load)?;
+        }
+        Command::Bench(args) => bench::run(args).await?,
+        Command::Sink { listen } => sink::run(listen).await?,
+    }
+    Ok(())
+}

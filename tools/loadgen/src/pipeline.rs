@@ -1,0 +1,124 @@
+//! Orders through the gateway, each followed until stock reserved it.
+//!
+//! The POST latency is the gateway's answer; the end-to-end latency runs from the moment the
+//! order was sent to the moment stock committed its reservation (`recorded_at_us` from stock's
+//! admin API; the same machine's clock). Reservations are looked up after the load, so the
+//! lookups do not compete with it.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+
+use crate::Load;
+use crate::driver::drive;
+use crate::report::{Percentiles, Report, histogram};
+
+fn now_us() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
+}
+
+/// Runs the pipeline load and follows every accepted order.
+pub async fn run(gateway: &str, stock: &str, load: &Load) -> anyhow::Result<Report> {
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).pool_max_idle_per_host(1024).build()?;
+    let url = format!("{}/api/checkout", gateway.trim_end_matches('/'));
+    let driven = {
+        let (http, url) = (http.clone(), url.clone());
+        drive(load, move |i| {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                let body = json!({"customer_id": format!("load-{i}"), "items": [{"sku": "SKU-001", "quantity": 1}]});
+                let sent_at = now_us();
+                let response = http
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body.to_string())
+                    .send()
+                    .await
+                    .map_err(|e| if e.is_timeout() { "timeout".to_owned() } else { "connection".to_owned() })?;
+                let status = response.status().as_u16();
+                if status != 202 {
+                    return Err(status.to_string());
+                }
+                let body: Value = response.json().await.map_err(|_| "bad body".to_owned())?;
+                let order_id = body["order_id"].as_str().ok_or("no order id")?.to_owned();
+                Ok((order_id, sent_at))
+            }
+        })
+        .await
+    };
+    let (end_to_end, not_reserved) = follow(&http, stock, &driven.successes).await;
+    Ok(Report {
+        mode: "pipeline",
+        label: load.label.clone(),
+        load: describe(load),
+        seconds: driven.seconds,
+        sent: driven.sent,
+        succeeded: driven.successes.len() as u64,
+        failures: driven.failures,
+        throughput: driven.successes.len() as f64 / driven.seconds.max(f64::EPSILON),
+        latency: Percentiles::of(&driven.latency),
+        end_to_end: Some(Percentiles::of(&end_to_end)),
+        not_reserved,
+    })
+}
+
+/// `concurrency N` or `rate R/s`.
+pub fn describe(load: &Load) -> String {
+    match load.rate {
+        Some(rate) => format!("rate {rate:.0}/s"),
+        None => format!("concurrency {}", load.concurrency),
+    }
+}
+
+/// Looks up when each accepted order was reserved (waiting up to a minute for the last ones).
+async fn follow(
+    http: &reqwest::Client,
+    stock: &str,
+    accepted: &[(String, i64)],
+) -> (hdrhistogram::Histogram<u64>, u64) {
+    let mut histogram = histogram();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let base = format!("{}/api/orders", stock.trim_end_matches('/'));
+    let mut missing = 0;
+    for chunk in accepted.chunks(64) {
+        let lookups = chunk.iter().map(|(order_id, sent_at)| {
+            let (http, url) = (http.clone(), format!("{base}/{order_id}"));
+            async move {
+                loop {
+                    if let Ok(response) = http.get(&url).send().await
+                        && response.status().is_success()
+                        && let Ok(body) = response.json::<Value>().await
+                        && let Some(recorded) = body["recorded_at_us"].as_i64()
+                    {
+                        return Some((recorded - sent_at).max(1) as u64);
+                    }
+                    if tokio::time::Instant::now() > deadline {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        });
+        for latency in futures_join(lookups).await {
+            match latency {
+                Some(us) => {
+                    let _ = histogram.record(us);
+                }
+                None => missing += 1,
+            }
+        }
+    }
+    (histogram, missing)
+}
+
+async fn futures_join<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut set = Vec::new();
+    for future in futures {
+        set.push(future);
+    }
+    let mut out = Vec::with_capacity(set.len());
+    for future in set {
+        out.push(future.await);
+    }
+    out
+}

@@ -1,0 +1,190 @@
+//! What a run measured: HDR histograms in microseconds, printed as a table, written as JSON
+//! and plotted as latency-by-percentile curves (SVG).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::Load;
+
+/// A latency histogram: 1 µs to 60 s, 3 significant digits.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Percentiles of one histogram, in milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Percentiles {
+    /// Samples.
+    pub count: u64,
+    /// Median.
+    pub p50_ms: f64,
+    /// 90th percentile.
+    pub p90_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// 99.9th percentile.
+    pub p999_ms: f64,
+    /// Largest.
+    pub max_ms: f64,
+    /// (percentile, ms) along the curve, for the plot.
+    pub curve: Vec<(f64, f64)>,
+}
+
+impl Percentiles {
+    /// Reads `histogram`.
+    pub fn of(histogram: &Histogram<u64>) -> Self {
+        let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+        let curve = [0.0, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9995, 0.9999, 1.0]
+            .iter()
+            .map(|&q| (q * 100.0, ms(q)))
+            .collect();
+        Self {
+            count: histogram.len(),
+            p50_ms: ms(0.5),
+            p90_ms: ms(0.9),
+            p99_ms: ms(0.99),
+            p999_ms: ms(0.999),
+            max_ms: histogram.max() as f64 / 1000.0,
+            curve,
+        }
+    }
+}
+
+/// One run's results.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// `pipeline` or `raw`.
+    pub mode: &'static str,
+    /// The run's name.
+    pub label: String,
+    /// `concurrency N` or `rate R/s`.
+    pub load: String,
+    /// Measured seconds (after the warm-up).
+    pub seconds: f64,
+    /// Requests sent in the measured window.
+    pub sent: u64,
+    /// Requests that succeeded (202, or a confirmed publish).
+    pub succeeded: u64,
+    /// Failures by kind (`503`, `timeout`...).
+    pub failures: BTreeMap<String, u64>,
+    /// Successes per second.
+    pub throughput: f64,
+    /// POST (or publish-to-confirm) latency.
+    pub latency: Percentiles,
+    /// POST-to-reserved latency (pipeline only).
+    pub end_to_end: Option<Percentiles>,
+    /// Accepted orders stock never reserved within the follow-up window.
+    pub not_reserved: u64,
+}
+
+impl Report {
+    /// Prints the table, writes the JSON and the SVG the command line asked for.
+    pub fn finish(&self, load: &Load) -> anyhow::Result<()> {
+        println!("{}", self.table());
+        if let Some(path) = &load.json {
+            std::fs::write(path, serde_json::to_string_pretty(self)?)?;
+        }
+        if let Some(path) = &load.svg {
+            std::fs::write(path, self.plot())?;
+        }
+        Ok(())
+    }
+
+    fn table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "{} [{}] {} for {:.1} s", self.mode, self.label, self.load, self.seconds);
+        let _ = writeln!(
+            out,
+            "  sent {}  succeeded {}  failures {:?}  throughput {:.0}/s",
+            self.sent, self.succeeded, self.failures, self.throughput
+        );
+        let _ = writeln!(
+            out,
+            "  {:<22} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "latency (ms)", "p50", "p90", "p99", "p99.9", "max"
+        );
+        let row = |name: &str, p: &Percentiles| {
+            format!(
+                "  {:<22} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
+                name, p.p50_ms, p.p90_ms, p.p99_ms, p.p999_ms, p.max_ms
+            )
+        };
+        let first = if self.mode == "raw" { "publish -> confirm" } else { "POST -> 202" };
+        let _ = writeln!(out, "{}", row(first, &self.latency));
+        if let Some(e2e) = &self.end_to_end {
+            let _ = writeln!(out, "{}", row("POST -> reserved", e2e));
+            let _ = writeln!(out, "  not reserved: {}", self.not_reserved);
+        }
+        out
+    }
+
+    /// Latency by percentile as an SVG, log-scaled toward the tail (x = 1/(1-p)).
+    pub fn plot(&self) -> String {
+        let (width, height, margin) = (640.0, 360.0, 50.0);
+        let mut series = vec![("POST -> 202", &self.latency, "#1f77b4")];
+        if let Some(e2e) = &self.end_to_end {
+            series.push(("POST -> reserved", e2e, "#d62728"));
+        }
+        let max_ms = series.iter().flat_map(|(_, p, _)| p.curve.iter().map(|c| c.1)).fold(1.0_f64, f64::max);
+        let x_of = |percentile: f64| {
+            let tail = (1.0 / (1.0 - (percentile / 100.0).min(0.9999))).log10() / 4.0;
+            margin + tail * (width - 2.0 * margin)
+        };
+        let y_of = |ms: f64| height - margin - ms / max_ms * (height - 2.0 * margin);
+        let mut svg = format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+             <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+             <text x=\"{margin}\" y=\"20\">{} [{}], {}: latency by percentile</text>\n",
+            self.mode, self.label, self.load
+        );
+        for (label, percentile) in [("0", 0.0), ("90", 90.0), ("99", 99.0), ("99.9", 99.9), ("99.99", 99.99)] {
+            let x = x_of(percentile);
+            let _ = writeln!(
+                svg,
+                "<line x1=\"{x:.1}\" y1=\"{margin}\" x2=\"{x:.1}\" y2=\"{:.1}\" stroke=\"#ddd\"/><text x=\"{x:.1}\" y=\"{:.1}\" text-anchor=\"middle\">p{label}</text>",
+                height - margin,
+                height - margin + 16.0
+            );
+        }
+        for step in 0..=4 {
+            let ms = max_ms * f64::from(step) / 4.0;
+            let y = y_of(ms);
+            let _ = writeln!(svg, "<text x=\"{:.1}\" y=\"{y:.1}\" text-anchor=\"end\">{ms:.1} ms</text>", margin - 4.0);
+        }
+        for (index, (label, percentiles, color)) in series.iter().enumerate() {
+            let points: Vec<String> =
+                percentiles.curve.iter().map(|(p, ms)| format!("{:.1},{:.1}", x_of(*p), y_of(*ms))).collect();
+            let _ = writeln!(
+                svg,
+                "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>",
+                points.join(" ")
+            );
+            let _ = writeln!(
+                svg,
+                "<text x=\"{:.1}\" y=\"{:.1}\" fill=\"{color}\">{label}</text>",
+                margin + 10.0,
+                margin + 16.0 * (index as f64 + 1.0)
+            );
+        }
+        svg.push_str("</svg>\n");
+        svg
+    }
+}
+
+/// A live progress line on stderr once a second.
+pub fn progress(quiet: bool, elapsed: Duration, done: u64, last_second: u64, failures: u64, p99_ms: f64) {
+    if !quiet {
+        eprint!(
+            "\r{:>6.1} s  {:>9} done  {:>7}/s  failures {:>6}  p99 {:>7.2} ms   ",
+            elapsed.as_secs_f64(),
+            done,
+            last_second,
+            failures,
+            p99_ms
+        );
+    }
+}

@@ -1,0 +1,79 @@
+//! An OTLP trace receiver (gRPC and HTTP) that answers every export and keeps nothing: the
+//! "tracing on" backend of the benchmarks. It does not parse spans (it counts bytes): a real
+//! backend runs on another machine, and parsing here would only take CPU from the services
+//! being measured.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// OTLP/gRPC on `listener`, without parsing: each export request's body is read and answered
+/// with an empty `ExportTraceServiceResponse` and `grpc-status: 0`. Counts bytes. (A backend
+/// on another machine would parse; here the parsing would only compete with the services for
+/// the benchmark machine's two cores.)
+pub fn spawn(listener: tokio::net::TcpListener) -> Arc<AtomicU64> {
+    use axum::body::Body;
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    let bytes = Arc::new(AtomicU64::new(0));
+    let counter = bytes.clone();
+    let app = axum::Router::new().route(
+        "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(body.len() as u64, Ordering::Relaxed);
+                let mut trailers = axum::http::HeaderMap::new();
+                trailers.insert("grpc-status", axum::http::HeaderValue::from_static("0"));
+                // One gRPC message: not compressed, zero bytes (an empty response).
+                let frames = futures_util::stream::iter([
+                    Ok::<_, std::convert::Infallible>(Frame::data(axum::body::Bytes::from_static(&[0, 0, 0, 0, 0]))),
+                    Ok(Frame::trailers(trailers)),
+                ]);
+                axum::http::Response::builder()
+                    .header(axum::http::header::CONTENT_TYPE, "application/grpc")
+                    .body(Body::new(StreamBody::new(frames)))
+                    .unwrap_or_default()
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    bytes
+}
+
+/// OTLP/HTTP (protobuf) on `listener`: reads each export request and answers an empty
+/// `ExportTraceServiceResponse`, counting bytes, not parsing spans (a backend on another machine
+/// would do the parsing; this one stands in for the network, cheaply).
+pub fn spawn_http(listener: tokio::net::TcpListener) -> Arc<AtomicU64> {
+    let bytes = Arc::new(AtomicU64::new(0));
+    let counter = bytes.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(body.len() as u64, Ordering::Relaxed);
+                ([(axum::http::header::CONTENT_TYPE, "application/x-protobuf")], Vec::<u8>::new())
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    bytes
+}
+
+/// Serves until killed: OTLP/gRPC on `listen`, OTLP/HTTP on the next port, both counting
+/// bytes; prints the counts every five seconds.
+pub async fn run(listen: SocketAddr) -> anyhow::Result<()> {
+    let grpc = spawn(tokio::net::TcpListener::bind(listen).await?);
+    let http = spawn_http(tokio::net::TcpListener::bind((listen.ip(), listen.port() + 1)).await?);
+    eprintln!("sink: OTLP/gRPC on {listen}, OTLP/HTTP on port {}", listen.port() + 1);
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        eprintln!("sink: {} bytes over gRPC, {} over HTTP", grpc.load(Ordering::Relaxed), http.load(Ordering::Relaxed));
+    }
+}
