@@ -156,3 +156,59 @@ impl Drop for ThrowawayNode {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A cluster of throw-away nodes: started together, joined to the first.
+#[derive(Debug)]
+pub struct ThrowawayCluster {
+    /// The nodes; the first is the one the others joined.
+    pub nodes: Vec<ThrowawayNode>,
+}
+
+impl ThrowawayCluster {
+    /// Starts `size` nodes at once and clusters them (all run as the `rabbitmq` user, so they
+    /// share its Erlang cookie).
+    pub fn start(prefix: &str, size: usize) -> Self {
+        let nodes: Vec<ThrowawayNode> = std::thread::scope(|scope| {
+            let starting: Vec<_> = (0..size).map(|_| scope.spawn(|| ThrowawayNode::start(prefix))).collect();
+            starting.into_iter().map(|node| node.join().expect("node start")).collect()
+        });
+        let first = nodes[0].name().to_owned();
+        for node in &nodes[1..] {
+            for step in [vec!["stop_app"], vec!["join_cluster", first.as_str()], vec!["start_app"]] {
+                node.ctl(&step).unwrap_or_else(|e| panic!("clustering {}: {e}", node.name()));
+            }
+        }
+        let cluster = Self { nodes };
+        let status = cluster.nodes[0].ctl(&["cluster_status"]).unwrap_or_default();
+        assert!(cluster.nodes.iter().all(|n| status.contains(n.name())), "not clustered: {status}");
+        cluster
+    }
+
+    /// `AMQP_ADDR` for the whole cluster: every node's URI, comma-separated.
+    pub fn amqp_addr(&self) -> String {
+        self.nodes.iter().map(ThrowawayNode::amqp_url).collect::<Vec<_>>().join(",")
+    }
+
+    /// What a live node says of `queue` (a quorum queue) on the default vhost: its leader, members
+    /// and the members online, one line.
+    pub fn describe_queue(&self, queue: &str) -> String {
+        let Some(live) = self.nodes.iter().find(|n| n.ctl(&["status"]).is_ok()) else {
+            return "no node answers".to_owned();
+        };
+        let listing = live
+            .ctl(&["list_queues", "name", "leader", "members", "online", "messages", "--no-table-headers"])
+            .unwrap_or_else(|e| e.to_string());
+        listing.lines().find(|line| line.split_whitespace().next() == Some(queue)).unwrap_or("not declared").to_owned()
+    }
+
+    /// The node that leads `queue` (a quorum queue) on the default vhost.
+    pub fn leader_of(&self, queue: &str) -> Option<&ThrowawayNode> {
+        let live = self.nodes.iter().find(|n| n.ctl(&["status"]).is_ok())?;
+        let listing = live.ctl(&["list_queues", "name", "leader", "--no-table-headers"]).ok()?;
+        let leader = listing.lines().find_map(|line| {
+            let mut fields = line.split_whitespace();
+            (fields.next()? == queue).then(|| fields.next().map(str::to_owned)).flatten()
+        })?;
+        self.nodes.iter().find(|n| n.name() == leader)
+    }
+}
