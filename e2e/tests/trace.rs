@@ -112,6 +112,7 @@ async fn one_checkout_is_one_trace_across_three_services() {
     // Each service reports under its own name, with an instance id.
     for span in &trace {
         assert!(span.resource.contains_key("service.instance.id"), "{}", span.service_name);
+        assert!(span.resource.contains_key("host.name"), "{}", span.service_name);
     }
     pipeline.stop().await;
 }

@@ -87,7 +87,8 @@ pub struct TelemetryConfig {
     /// `service.name` (`OTEL_SERVICE_NAME`, else the service's own name).
     pub service_name: String,
     /// Extra resource attributes (`OTEL_RESOURCE_ATTRIBUTES`). A `service.instance.id` is
-    /// generated when none is given, so replicas are told apart in Jaeger.
+    /// generated when none is given, so replicas are told apart in Jaeger, and `host.name` is
+    /// the kernel's host name unless given.
     pub resource_attributes: Vec<(String, String)>,
     /// `OTEL_SDK_DISABLED=true`: no spans at all; incoming context is passed on untouched.
     pub sdk_disabled: bool,
@@ -248,6 +249,13 @@ fn parse_sampler(env: &Env<'_>) -> Result<SamplerChoice, ConfigError> {
 }
 
 /// `key1=value1,key2=value2`, values percent-encoded (W3C Baggage octets), per the spec.
+/// The host name the kernel reports (Linux), if any.
+fn host_name() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let name = name.trim();
+    (!name.is_empty()).then(|| name.to_owned())
+}
+
 fn parse_resource_attributes(value: &str) -> Result<Vec<(String, String)>, ConfigError> {
     const VAR: &str = "OTEL_RESOURCE_ATTRIBUTES";
     value
@@ -318,6 +326,13 @@ impl Telemetry {
             .with_attributes(config.resource_attributes.iter().map(|(k, v)| KeyValue::new(k.clone(), v.clone())));
         if !config.resource_attributes.iter().any(|(k, _)| k == "service.instance.id") {
             resource = resource.with_attribute(KeyValue::new("service.instance.id", uuid::Uuid::new_v4().to_string()));
+        }
+        if !config.resource_attributes.iter().any(|(k, _)| k == "host.name")
+            && let Some(host) = host_name()
+        {
+            // In a container this is the container id `docker compose ps` shows, which ties a
+            // replica's spans to its logs.
+            resource = resource.with_attribute(KeyValue::new("host.name", host));
         }
         let mut builder =
             SdkTracerProvider::builder().with_resource(resource.build()).with_sampler(config.sampler.sampler());
