@@ -30,6 +30,8 @@ use tracehop_telemetry::spans::record_error;
 
 /// AMQP `delivery_mode` of a message the broker writes to disk.
 const PERSISTENT: u8 = 2;
+/// AMQP `reply-success`: the code of a channel closed on purpose.
+const REPLY_SUCCESS: u16 = 200;
 
 /// Why a publish did not end in a confirm.
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +105,20 @@ impl Lease<'_> {
 
     fn generation(&self) -> u64 {
         self.pooled.as_ref().map_or(u64::MAX, |p| p.generation)
+    }
+
+    /// Closes the channel instead of returning it to the pool, so the next publish opens a
+    /// fresh one. After a nack the channel is suspect: RabbitMQ 3.10 leaves a channel that
+    /// first published to a quorum queue during a leader election nacking every later publish
+    /// (its queue client stays in `reject_publish`; seen in our cluster test: 30 s of nacks on
+    /// a healthy queue), and a new channel registers with the new leader.
+    fn discard(&mut self) {
+        if let Some(pooled) = self.pooled.take() {
+            tokio::spawn(async move {
+                // A channel already closed by the broker has nothing left to close.
+                let _ = pooled.channel.close(REPLY_SUCCESS, "replaced after a nack".into()).await;
+            });
+        }
     }
 
     /// Swaps the channel for a fresh one on the current connection.
@@ -232,9 +248,11 @@ impl Publisher {
                 Ok(Confirmation::Ack(Some(returned))) => {
                     return Err(PublishError::Unroutable(returned.reply_text.to_string()));
                 }
-                Ok(Confirmation::Nack(_)) => return Err(PublishError::Nacked),
                 // Confirm mode is on for this channel: an unconfirmed publish is a broken promise.
-                Ok(Confirmation::NotRequested) => return Err(PublishError::Nacked),
+                Ok(Confirmation::Nack(_) | Confirmation::NotRequested) => {
+                    lease.discard();
+                    return Err(PublishError::Nacked);
+                }
                 // The connection dropped: wait until lapin recovers the channel, or the
                 // supervisor replaces the connection, then publish again (within the deadline
                 // the caller set). A channel that cannot recover gives its error back.
