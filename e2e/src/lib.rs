@@ -96,6 +96,8 @@ pub struct Pipeline {
     stock_env: Vec<(&'static str, String)>,
     /// Stock processes killed so far, kept for their logs.
     retired_stock: Vec<ServiceProcess>,
+    /// Extra stock replicas: (`service.instance.id`, process).
+    replicas: Vec<(String, ServiceProcess)>,
     /// A client for the HTTP APIs.
     pub http: reqwest::Client,
     stop: watch::Sender<bool>,
@@ -180,7 +182,9 @@ impl Pipeline {
                     ("OTEL_SERVICE_NAME", "stock".to_owned()),
                     ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone()),
                     ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
-                    ("RUST_LOG", "info".to_owned()),
+                    ("OTEL_RESOURCE_ATTRIBUTES", "service.instance.id=stock-0".to_owned()),
+                    // Per-order lines are debug: the tests count them per replica.
+                    ("RUST_LOG", "info,stock::consumer=debug".to_owned()),
                 ];
                 stock_process = Some(ServiceProcess::start("stock", &stock_env));
             }
@@ -228,6 +232,7 @@ impl Pipeline {
             stock_process,
             stock_env,
             retired_stock: Vec::new(),
+            replicas: Vec::new(),
             http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client"),
             stop,
             tasks,
@@ -246,9 +251,47 @@ impl Pipeline {
         }
     }
 
+    /// Starts another stock process on the same broker and store (a competing consumer) with
+    /// `service.instance.id` = `instance`; waits until it consumes. Returns its admin URL.
+    pub async fn add_stock_replica(&mut self, instance: &str) -> String {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
+        let mut env: Vec<(&'static str, String)> = self
+            .stock_env
+            .iter()
+            .filter(|(key, _)| *key != "STOCK_ADDR" && *key != "OTEL_RESOURCE_ATTRIBUTES")
+            .cloned()
+            .collect();
+        env.push(("STOCK_ADDR", format!("127.0.0.1:{port}")));
+        env.push(("OTEL_RESOURCE_ATTRIBUTES", format!("service.instance.id={instance}")));
+        let url = format!("http://127.0.0.1:{port}");
+        self.replicas.push((instance.to_owned(), ServiceProcess::start("stock", &env)));
+        for _ in 0..200 {
+            if let Some((200, _)) = self.get_json(&format!("{url}/healthz")).await {
+                return url;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("stock replica {instance} did not become ready");
+    }
+
+    /// SIGKILLs the replica `instance`.
+    pub fn kill_replica(&mut self, instance: &str) {
+        if let Some((_, process)) = self.replicas.iter_mut().find(|(name, _)| name == instance) {
+            process.kill();
+        }
+    }
+
+    /// How many log lines of each stock process contain `needle`: (`service.instance.id`, n).
+    pub fn stock_log_counts(&self, needle: &str) -> Vec<(String, usize)> {
+        let first = self.retired_stock.iter().chain(&self.stock_process).map(|p| p.count(needle)).sum();
+        let mut counts = vec![("stock-0".to_owned(), first)];
+        counts.extend(self.replicas.iter().map(|(name, process)| (name.clone(), process.count(needle))));
+        counts
+    }
+
     /// How many log lines of every stock process so far (killed ones included) contain `needle`.
     pub fn stock_log_count(&self, needle: &str) -> usize {
-        self.retired_stock.iter().chain(&self.stock_process).map(|p| p.count(needle)).sum()
+        self.stock_log_counts(needle).iter().map(|(_, n)| n).sum()
     }
 
     /// A client that places orders, to run beside faults.

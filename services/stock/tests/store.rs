@@ -120,8 +120,13 @@ async fn replicas_starting_together_on_an_empty_database_seed_once() {
     let location = StoreLocation::parse(db.url()).expect("url");
     let opens = (0..3).map(|_| Store::open(&location, &CATALOG, 1000));
     let stores: Vec<Store> = futures_util::future::try_join_all(opens).await.expect("all replicas open");
+    let mut seeded = Vec::new();
     for sku in CATALOG {
-        assert_eq!(available(&stores[0], sku).await, 1000, "{sku} seeded once, not three times");
+        seeded.push((sku, available(&stores[0], sku).await));
+    }
+    println!("3 replicas opened one empty PostgreSQL database at once; units per SKU: {seeded:?}");
+    for (sku, units) in seeded {
+        assert_eq!(units, 1000, "{sku} seeded once, not three times");
     }
     for store in stores {
         store.close().await;
