@@ -95,63 +95,111 @@ fn the_compose_file_validates_against_the_compose_specification() {
     assert!(errors.is_empty(), "{errors:#?}");
 }
 
+/// Checks the three services of one stack (`suffix`: "" for the demo, "-scale" for the scale
+/// profile).
+fn check_stack(compose: &Yaml, suffix: &str) -> (gateway::Config, checkout::Config, stock::Config) {
+    let name = |service: &str| format!("{service}{suffix}");
+    let env = environment(compose, &name("gateway"));
+    check_names("gateway", &env, gateway::Config::VARIABLES);
+    check_telemetry("gateway", &env);
+    let gateway = gateway::Config::from_lookup(&Env::from_map(&env)).expect("gateway config");
+
+    let env = environment(compose, &name("checkout"));
+    check_names("checkout", &env, checkout::Config::VARIABLES);
+    check_telemetry("checkout", &env);
+    let checkout = checkout::Config::from_lookup(&Env::from_map(&env)).expect("checkout config");
+
+    let env = environment(compose, &name("stock"));
+    check_names("stock", &env, stock::Config::VARIABLES);
+    check_telemetry("stock", &env);
+    let stock = stock::Config::from_lookup(&Env::from_map(&env)).expect("stock config");
+    (gateway, checkout, stock)
+}
+
 #[test]
 fn each_service_accepts_its_compose_environment() {
     let compose = compose();
-    let env = environment(&compose, "gateway");
-    check_names("gateway", &env, gateway::Config::VARIABLES);
-    check_telemetry("gateway", &env);
-    let config = gateway::Config::from_lookup(&Env::from_map(&env)).expect("gateway config");
-    assert_eq!(config.addr.port(), 8080);
-    assert_eq!(config.checkout_url.to_string(), "http://checkout:50051/");
+    let (gateway, checkout, stock) = check_stack(&compose, "");
+    assert_eq!(gateway.addr.port(), 8080);
+    assert_eq!(gateway.checkout_url.to_string(), "http://checkout:50051/");
+    assert_eq!(checkout.addr.port(), 50051);
+    assert_eq!(stock.addr.port(), 8082);
+    assert_eq!(stock.store, stock::store::StoreLocation::Sqlite("/data/stock.db".into()));
+}
 
-    let env = environment(&compose, "checkout");
-    check_names("checkout", &env, checkout::Config::VARIABLES);
-    check_telemetry("checkout", &env);
-    let config = checkout::Config::from_lookup(&Env::from_map(&env)).expect("checkout config");
-    assert_eq!(config.addr.port(), 50051);
-
-    let env = environment(&compose, "stock");
-    check_names("stock", &env, stock::Config::VARIABLES);
-    check_telemetry("stock", &env);
-    let config = stock::Config::from_lookup(&Env::from_map(&env)).expect("stock config");
-    assert_eq!(config.addr.port(), 8082);
-    assert_eq!(config.store, stock::store::StoreLocation::Sqlite("/data/stock.db".into()));
+#[test]
+fn the_scale_profile_runs_the_same_services_on_a_cluster_and_postgresql() {
+    let compose = compose();
+    let (gateway, checkout, stock) = check_stack(&compose, "-scale");
+    assert_eq!(gateway.checkout_url.to_string(), "http://checkout-scale:50051/");
+    assert_eq!(checkout.amqp.len(), 3, "checkout knows every cluster node");
+    assert_eq!(stock.amqp.len(), 3, "stock knows every cluster node");
+    assert!(matches!(stock.store, stock::store::StoreLocation::Postgres(_)), "replicas share PostgreSQL");
+    let services = &compose["services"];
+    assert_eq!(services["stock-scale"]["deploy"]["replicas"].as_u64(), Some(3));
+    for node in ["rabbitmq-1", "rabbitmq-2", "rabbitmq-3"] {
+        let env = &services[node]["environment"];
+        let cookie = env["RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"].as_str().expect("cookie");
+        assert!(cookie.contains("${RABBITMQ_ERLANG_COOKIE"), "{node}: the cookie comes from the environment");
+        assert_eq!(services[node]["hostname"].as_str(), Some(node));
+    }
+    for service in ["gateway-scale", "checkout-scale", "stock-scale"] {
+        let endpoint = services[service]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"].as_str();
+        assert_eq!(endpoint, Some("http://otel-collector:4317"), "{service} exports through the collector");
+    }
+    let collector = workspace_file("deploy/otel-collector/config.yaml");
+    for policy in ["type: status_code", "type: latency", "type: probabilistic", "endpoint: jaeger-store:4317"] {
+        assert!(collector.contains(policy), "collector config lacks {policy}");
+    }
+    assert!(workspace_file("deploy/jaeger/config-badger.yaml").contains("badger:"), "Jaeger on a persistent store");
+    let cluster = workspace_file("deploy/rabbitmq/cluster.conf");
+    for node in ["rabbit@rabbitmq-1", "rabbit@rabbitmq-2", "rabbit@rabbitmq-3"] {
+        assert!(cluster.contains(node), "peer discovery lists {node}");
+    }
 }
 
 #[test]
 fn the_demo_wiring_holds_together() {
     let compose = compose();
     let services = &compose["services"];
-    // Published ports: the API, Jaeger's UI, RabbitMQ's UI; nothing else.
-    let published: BTreeSet<String> = services
-        .as_mapping()
-        .expect("services")
-        .values()
-        .filter_map(|s| s["ports"].as_sequence())
-        .flatten()
-        .map(|p| p.as_str().expect("port string").to_owned())
-        .collect();
-    assert_eq!(published, BTreeSet::from(["8080:8080".into(), "16686:16686".into(), "15672:15672".into()]));
-    // Images pinned to releases.
-    for service in ["rabbitmq", "jaeger"] {
-        let image = services[service]["image"].as_str().expect("image");
+    // Published ports: the API, Jaeger's UI, RabbitMQ's UI; the scale stack its own three.
+    let published = |scale: bool| -> BTreeSet<String> {
+        services
+            .as_mapping()
+            .expect("services")
+            .values()
+            .filter(|s| s["profiles"].is_sequence() == scale)
+            .filter_map(|s| s["ports"].as_sequence())
+            .flatten()
+            .map(|p| p.as_str().expect("port string").to_owned())
+            .collect()
+    };
+    assert_eq!(published(false), BTreeSet::from(["8080:8080".into(), "16686:16686".into(), "15672:15672".into()]));
+    assert_eq!(published(true), BTreeSet::from(["8081:8080".into(), "16687:16686".into(), "15673:15672".into()]));
+    // Images not built here are pinned to releases.
+    for (service, definition) in services.as_mapping().expect("services") {
+        if definition["build"].is_mapping() {
+            continue;
+        }
+        let image = definition["image"].as_str().expect("image");
         let tag = image.rsplit_once(':').map(|(_, tag)| tag).unwrap_or("");
-        assert!(tag.chars().next().is_some_and(|c| c.is_ascii_digit()), "{service} image {image} is not pinned");
+        assert!(tag.chars().next().is_some_and(|c| c.is_ascii_digit()), "{service:?} image {image} is not pinned");
     }
     assert!(services["rabbitmq"]["image"].as_str().expect("image").starts_with("rabbitmq:4."));
     assert!(services["jaeger"]["image"].as_str().expect("image").contains("jaegertracing/jaeger:2."));
     assert_ne!(services["rabbitmq"]["environment"]["RABBITMQ_DEFAULT_USER"].as_str(), Some("guest"));
-    for service in ["checkout", "stock", "gateway"] {
+    for service in ["checkout", "stock", "gateway", "checkout-scale", "stock-scale", "gateway-scale"] {
         let definition = &services[service];
-        assert_eq!(definition["build"]["args"]["SERVICE"].as_str(), Some(service), "{service} builds itself");
+        let binary = service.trim_end_matches("-scale");
+        assert_eq!(definition["build"]["args"]["SERVICE"].as_str(), Some(binary), "{service} builds itself");
         let test = definition["healthcheck"]["test"].as_sequence().expect("healthcheck");
         assert_eq!(test.last().and_then(Yaml::as_str), Some("healthcheck"), "{service} probes itself");
         assert_eq!(definition["restart"].as_str(), Some("unless-stopped"));
         for (dependency, condition) in definition["depends_on"].as_mapping().expect("depends_on") {
             let condition = condition["condition"].as_str().expect("condition");
             let dependency = dependency.as_str().expect("name");
-            let expected = if dependency == "jaeger" { "service_started" } else { "service_healthy" };
+            let expected =
+                if ["jaeger", "otel-collector"].contains(&dependency) { "service_started" } else { "service_healthy" };
             assert_eq!(condition, expected, "{service} -> {dependency}");
         }
     }
