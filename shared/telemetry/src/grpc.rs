@@ -8,19 +8,23 @@
 //! Span status follows the conventions: every non-OK code fails a CLIENT span; a SERVER span
 //! fails only for codes that are the server's fault (UNKNOWN, DEADLINE_EXCEEDED,
 //! UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS), never for a caller's bad input.
+//! When the span ends, the call's duration goes to `rpc.client.call.duration` /
+//! `rpc.server.call.duration` with the same status (and `error.type` where the span failed).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll, ready};
+use std::time::Instant;
 
 use http_body::{Body, Frame};
 use opentelemetry::context::{FutureExt as _, WithContext};
+use opentelemetry::metrics::Histogram;
 use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_http::{HeaderExtractor, HeaderInjector};
 use opentelemetry_semantic_conventions::attribute::{
-    RPC_METHOD, RPC_RESPONSE_STATUS_CODE, RPC_SYSTEM_NAME, SERVER_ADDRESS, SERVER_PORT,
+    ERROR_TYPE, RPC_METHOD, RPC_RESPONSE_STATUS_CODE, RPC_SYSTEM_NAME, SERVER_ADDRESS, SERVER_PORT,
 };
 use pin_project_lite::pin_project;
 use tonic::Code;
@@ -88,21 +92,23 @@ where
         let parent = Context::current();
         let method = request.uri().path().trim_start_matches('/').to_owned();
         let (address, port) = &self.layer.peer;
+        let attributes = vec![
+            KeyValue::new(RPC_SYSTEM_NAME, "grpc"),
+            KeyValue::new(RPC_METHOD, method.clone()),
+            KeyValue::new(SERVER_ADDRESS, address.clone()),
+            KeyValue::new(SERVER_PORT, i64::from(*port)),
+        ];
+        let metric = RpcMetric::start(&telemetry.instruments().rpc_client_duration, attributes.clone());
         let span = telemetry
             .tracer()
-            .span_builder(method.clone())
+            .span_builder(method)
             .with_kind(SpanKind::Client)
-            .with_attributes([
-                KeyValue::new(RPC_SYSTEM_NAME, "grpc"),
-                KeyValue::new(RPC_METHOD, method),
-                KeyValue::new(SERVER_ADDRESS, address.clone()),
-                KeyValue::new(SERVER_PORT, i64::from(*port)),
-            ])
+            .with_attributes(attributes)
             .start_with_context(telemetry.tracer(), &parent);
         let cx = parent.with_span(span);
         telemetry.propagator().inject_context(&cx, &mut HeaderInjector(request.headers_mut()));
         let future = self.inner.call(request).with_context(cx.clone());
-        ResponseFuture { inner: future, span: Some(RpcSpan { cx: Some(cx), side: Side::Client }) }
+        ResponseFuture { inner: future, span: Some(RpcSpan { cx: Some(cx), side: Side::Client, metric }) }
     }
 }
 
@@ -165,6 +171,8 @@ where
         let parent = self.telemetry.propagator().extract(&HeaderExtractor(request.headers()));
         let method = request.uri().path().trim_start_matches('/').to_owned();
         let mut attributes = vec![KeyValue::new(RPC_SYSTEM_NAME, "grpc"), KeyValue::new(RPC_METHOD, method.clone())];
+        // server.address / server.port are opt-in for the server metric: left out.
+        let metric = RpcMetric::start(&self.telemetry.instruments().rpc_server_duration, attributes.clone());
         if let Some(authority) = request.uri().authority() {
             attributes.push(KeyValue::new(SERVER_ADDRESS, authority.host().to_owned()));
             if let Some(port) = authority.port_u16() {
@@ -184,7 +192,21 @@ where
             self.inner.call(request)
         }
         .with_context(cx.clone());
-        ResponseFuture { inner: future, span: Some(RpcSpan { cx: Some(cx), side: Side::Server }) }
+        ResponseFuture { inner: future, span: Some(RpcSpan { cx: Some(cx), side: Side::Server, metric }) }
+    }
+}
+
+/// The call-duration histogram of one call, recorded when its span ends.
+#[derive(Debug)]
+struct RpcMetric {
+    histogram: Histogram<f64>,
+    attributes: Vec<KeyValue>,
+    started: Instant,
+}
+
+impl RpcMetric {
+    fn start(histogram: &Histogram<f64>, attributes: Vec<KeyValue>) -> Self {
+        Self { histogram: histogram.clone(), attributes, started: Instant::now() }
     }
 }
 
@@ -193,17 +215,23 @@ where
 struct RpcSpan {
     cx: Option<Context>,
     side: Side,
+    metric: RpcMetric,
 }
 
 impl RpcSpan {
     fn finish(&mut self, code: Code, message: &str) {
         let Some(cx) = self.cx.take() else { return };
         let span = cx.span();
-        span.set_attribute(KeyValue::new(RPC_RESPONSE_STATUS_CODE, code_name(code)));
+        let status = KeyValue::new(RPC_RESPONSE_STATUS_CODE, code_name(code));
+        span.set_attribute(status.clone());
+        let metric = &mut self.metric;
+        metric.attributes.push(status);
         if is_error(self.side, code) {
             record_error(&span, code_name(code), if message.is_empty() { code.description() } else { message });
+            metric.attributes.push(KeyValue::new(ERROR_TYPE, code_name(code)));
         }
         span.end();
+        metric.histogram.record(metric.started.elapsed().as_secs_f64(), &metric.attributes);
     }
 }
 

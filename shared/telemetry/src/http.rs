@@ -1,6 +1,8 @@
 //! A tower layer for HTTP SERVER spans in axum, with the inbound trust policy of a public edge
 //! and the trace id handed back to the caller.
 //!
+//! It also records `http.server.request.duration` (see [`crate::metrics`]).
+//!
 //! Add it with `Router::route_layer`, so it runs after routing and names the span after the
 //! route template (`POST /api/checkout`), never the raw path: a path with ids in it would give
 //! every request a span name of its own. Routes added outside it (health checks) stay untraced.
@@ -8,17 +10,19 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll, ready};
+use std::time::Instant;
 
 use axum::extract::MatchedPath;
 use http::header::{HOST, USER_AGENT};
 use http::{HeaderValue, Request, Response};
 use opentelemetry::context::{FutureExt as _, WithContext};
+use opentelemetry::metrics::Histogram;
 use opentelemetry::trace::{Link, SpanContext, SpanKind, TraceContextExt, Tracer};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_http::HeaderExtractor;
 use opentelemetry_semantic_conventions::attribute::{
-    HTTP_REQUEST_METHOD, HTTP_RESPONSE_STATUS_CODE, HTTP_ROUTE, NETWORK_PROTOCOL_VERSION, SERVER_ADDRESS, SERVER_PORT,
-    URL_PATH, URL_SCHEME, USER_AGENT_ORIGINAL,
+    ERROR_TYPE, HTTP_REQUEST_METHOD, HTTP_RESPONSE_STATUS_CODE, HTTP_ROUTE, NETWORK_PROTOCOL_VERSION, SERVER_ADDRESS,
+    SERVER_PORT, URL_PATH, URL_SCHEME, USER_AGENT_ORIGINAL,
 };
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
@@ -155,6 +159,16 @@ where
                 attributes.push(KeyValue::new(USER_AGENT_ORIGINAL, agent.to_owned()));
             }
         }
+        // The duration histogram's attributes: the conventions' low-cardinality subset.
+        let mut metric_attributes = Vec::with_capacity(6);
+        metric_attributes.extend([
+            KeyValue::new(HTTP_REQUEST_METHOD, known_method(request.method())),
+            KeyValue::new(URL_SCHEME, "http"),
+            KeyValue::new(NETWORK_PROTOCOL_VERSION, protocol_version(request.version())),
+        ]);
+        if let Some(route) = attributes.iter().find(|kv| kv.key.as_str() == HTTP_ROUTE) {
+            metric_attributes.push(route.clone());
+        }
         let tracer = telemetry.tracer();
         let span = tracer
             .span_builder(name)
@@ -168,7 +182,31 @@ where
             self.inner.call(request)
         }
         .with_context(cx.clone());
-        HttpResponseFuture { inner: future, cx: Some(cx), trace_response_headers: self.layer.trace_response_headers }
+        HttpResponseFuture {
+            inner: future,
+            cx: Some(cx),
+            trace_response_headers: self.layer.trace_response_headers,
+            duration: telemetry.instruments().http_server_duration.clone(),
+            metric_attributes,
+            started: Instant::now(),
+        }
+    }
+}
+
+/// The method as `http.request.method` spells it in metrics: the known ones, else `_OTHER`
+/// (a client inventing methods must not invent time series).
+fn known_method(method: &http::Method) -> &'static str {
+    match *method {
+        http::Method::GET => "GET",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        http::Method::HEAD => "HEAD",
+        http::Method::OPTIONS => "OPTIONS",
+        http::Method::PATCH => "PATCH",
+        http::Method::CONNECT => "CONNECT",
+        http::Method::TRACE => "TRACE",
+        _ => "_OTHER",
     }
 }
 
@@ -204,6 +242,9 @@ pin_project! {
         inner: WithContext<F>,
         cx: Option<Context>,
         trace_response_headers: bool,
+        duration: Histogram<f64>,
+        metric_attributes: Vec<KeyValue>,
+        started: Instant,
     }
 
     impl<F> PinnedDrop for HttpResponseFuture<F> {
@@ -229,11 +270,15 @@ where
             let span = cx.span();
             if let Ok(response) = &mut result {
                 let status = response.status();
-                span.set_attribute(KeyValue::new(HTTP_RESPONSE_STATUS_CODE, i64::from(status.as_u16())));
+                let status_code = KeyValue::new(HTTP_RESPONSE_STATUS_CODE, i64::from(status.as_u16()));
+                span.set_attribute(status_code.clone());
+                this.metric_attributes.push(status_code);
                 // Conventions: a SERVER span fails on 5xx only; 4xx is the caller's doing.
                 if status.is_server_error() {
                     record_error(&span, status.as_str(), status.canonical_reason().unwrap_or("server error"));
+                    this.metric_attributes.push(KeyValue::new(ERROR_TYPE, status.as_str().to_owned()));
                 }
+                this.duration.record(this.started.elapsed().as_secs_f64(), this.metric_attributes);
                 if *this.trace_response_headers && span.span_context().is_valid() {
                     let value = traceparent(span.span_context());
                     if let Ok(timing) = HeaderValue::from_str(&format!("trace;desc={value}")) {

@@ -4,11 +4,12 @@
 //! - [`propagation`]: carriers for AMQP headers, gRPC metadata and HTTP headers, behind the
 //!   strict W3C checks of [`propagation::CheckedPropagator`].
 //! - [`setup`]: [`TelemetryConfig`] from the `OTEL_*` variables and the [`Telemetry`] handle
-//!   (tracer, propagator, flush on shutdown).
+//!   (tracer, meter, propagator, flush on shutdown).
 //! - [`propagators`]: `OTEL_PROPAGATORS`, which the Rust SDK does not read.
 //! - [`grpc`]: tower layers for gRPC CLIENT and SERVER spans (tonic).
 //! - [`http`]: an axum layer for HTTP SERVER spans, with the inbound trust policy.
-//! - [`messaging`]: PRODUCER / CONSUMER spans for RabbitMQ, parent or link.
+//! - [`messaging`]: PRODUCER / CONSUMER spans for RabbitMQ, parent or link, and their metrics.
+//! - [`metrics`]: the RED metrics the layers and messaging helpers record.
 //! - [`spans`]: recording errors, baggage as span attributes.
 //! - [`logging`]: log lines carrying `trace_id` / `span_id` (text or JSON).
 //! - [`shutdown`]: the SIGINT / SIGTERM signal every service drains on.
@@ -23,6 +24,7 @@ pub mod grpc;
 pub mod http;
 pub mod logging;
 pub mod messaging;
+pub mod metrics;
 pub mod probe;
 pub mod propagation;
 pub mod propagators;

@@ -8,8 +8,12 @@
 //!
 //! An empty exchange is spelled `amq.default`. Attributes the conventions do not define for
 //! RabbitMQ (redelivery, attempt count) use the `tracehop.` prefix.
+//!
+//! The `record_*` functions record the messaging metrics of [`crate::metrics`] with the same
+//! destination and broker, and only the conventions' low-cardinality attributes.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable};
@@ -17,9 +21,9 @@ use opentelemetry::baggage::{BaggageExt, KeyValueMetadata};
 use opentelemetry::trace::{Link, SpanKind, TraceContextExt, Tracer};
 use opentelemetry::{Context, KeyValue, StringValue};
 use opentelemetry_semantic_conventions::attribute::{
-    MESSAGING_DESTINATION_NAME, MESSAGING_MESSAGE_BODY_SIZE, MESSAGING_MESSAGE_ID, MESSAGING_OPERATION_NAME,
-    MESSAGING_OPERATION_TYPE, MESSAGING_RABBITMQ_DESTINATION_ROUTING_KEY, MESSAGING_RABBITMQ_MESSAGE_DELIVERY_TAG,
-    MESSAGING_SYSTEM, SERVER_ADDRESS, SERVER_PORT,
+    ERROR_TYPE, MESSAGING_DESTINATION_NAME, MESSAGING_MESSAGE_BODY_SIZE, MESSAGING_MESSAGE_ID,
+    MESSAGING_OPERATION_NAME, MESSAGING_OPERATION_TYPE, MESSAGING_RABBITMQ_DESTINATION_ROUTING_KEY,
+    MESSAGING_RABBITMQ_MESSAGE_DELIVERY_TAG, MESSAGING_SYSTEM, SERVER_ADDRESS, SERVER_PORT,
 };
 
 use crate::Telemetry;
@@ -191,6 +195,94 @@ pub fn start_process(
             root.with_span(span)
         }
     }
+}
+
+/// How a delivery was settled, for `messaging.client.operation.duration`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// `basic.ack`: done with it.
+    Ack,
+    /// `basic.nack`: back to the queue (or to its dead-letter exchange).
+    Nack,
+}
+
+/// The metrics' attributes: the conventions' low-cardinality ones (no message id, no tag).
+fn metric_attributes(
+    operation: &'static str,
+    operation_type: Option<&'static str>,
+    destination: &Destination,
+    peer: &BrokerPeer,
+    error_type: Option<&'static str>,
+) -> Vec<KeyValue> {
+    let mut attributes = Vec::with_capacity(7);
+    attributes.extend([
+        KeyValue::new(MESSAGING_SYSTEM, "rabbitmq"),
+        KeyValue::new(MESSAGING_OPERATION_NAME, operation),
+        KeyValue::new(MESSAGING_DESTINATION_NAME, destination.name.clone()),
+        KeyValue::new(SERVER_ADDRESS, StringValue::from(peer.address.clone())),
+        KeyValue::new(SERVER_PORT, i64::from(peer.port)),
+    ]);
+    if let Some(operation_type) = operation_type {
+        attributes.push(KeyValue::new(MESSAGING_OPERATION_TYPE, operation_type));
+    }
+    if let Some(error_type) = error_type {
+        attributes.push(KeyValue::new(ERROR_TYPE, error_type));
+    }
+    attributes
+}
+
+/// Records a publish that took `elapsed` (until the confirm, or the failure named by
+/// `error_type`): `messaging.client.operation.duration` and `messaging.client.sent.messages`.
+pub fn record_publish(
+    telemetry: &Telemetry,
+    destination: &Destination,
+    peer: &BrokerPeer,
+    elapsed: Duration,
+    error_type: Option<&'static str>,
+) {
+    let instruments = telemetry.instruments();
+    let attributes = metric_attributes("publish", Some("send"), destination, peer, error_type);
+    instruments.messaging_operation_duration.record(elapsed.as_secs_f64(), &attributes);
+    // The counter's attributes are the same without the operation type.
+    let without_type: Vec<KeyValue> =
+        attributes.into_iter().filter(|kv| kv.key.as_str() != MESSAGING_OPERATION_TYPE).collect();
+    instruments.messaging_sent.add(1, &without_type);
+}
+
+/// Counts a delivery handed to the application: `messaging.client.consumed.messages`.
+pub fn record_consumed(telemetry: &Telemetry, source: &Destination, peer: &BrokerPeer) {
+    telemetry.instruments().messaging_consumed.add(1, &metric_attributes("process", None, source, peer, None));
+}
+
+/// Records the processing of a delivery (`messaging.process.duration`); `error_type` names
+/// why it failed (it was retried or dead-lettered), `None` when it was handled.
+pub fn record_process(
+    telemetry: &Telemetry,
+    source: &Destination,
+    peer: &BrokerPeer,
+    elapsed: Duration,
+    error_type: Option<&'static str>,
+) {
+    let attributes = metric_attributes("process", None, source, peer, error_type);
+    telemetry.instruments().messaging_process_duration.record(elapsed.as_secs_f64(), &attributes);
+}
+
+/// Records an ack or nack that took `elapsed`: `messaging.client.operation.duration` with
+/// operation type `settle`.
+pub fn record_settle(
+    telemetry: &Telemetry,
+    settle: Settle,
+    source: &Destination,
+    peer: &BrokerPeer,
+    elapsed: Duration,
+    error_type: Option<&'static str>,
+) {
+    let operation = match settle {
+        Settle::Ack => "ack",
+        Settle::Nack => "nack",
+    };
+    let attributes = metric_attributes(operation, Some("settle"), source, peer, error_type);
+    telemetry.instruments().messaging_operation_duration.record(elapsed.as_secs_f64(), &attributes);
 }
 
 /// 1 + broker redeliveries (`x-delivery-count`, set by quorum queues; else 1 when flagged

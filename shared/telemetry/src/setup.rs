@@ -1,10 +1,11 @@
-//! Tracer setup from the standard `OTEL_*` variables: one call per service, one guard to flush.
+//! Tracer and meter setup from the standard `OTEL_*` variables: one call per service, one guard
+//! to flush.
 //!
 //! [`TelemetryConfig::from_env`] reads and validates what the Rust SDK ignores or reads leniently
-//! (`OTEL_PROPAGATORS`, `OTEL_SDK_DISABLED`, the sampler, the protocol, the resource); a bad
-//! value stops startup naming the variable. The OTLP exporter itself reads
-//! `OTEL_EXPORTER_OTLP_ENDPOINT`, `_HEADERS`, `_TIMEOUT` and `_COMPRESSION` (and their
-//! `_TRACES_` forms), as the spec describes. [`Telemetry::new`] builds a tracer and propagator
+//! (`OTEL_PROPAGATORS`, `OTEL_SDK_DISABLED`, the sampler, the protocol, the resource, the
+//! exporters and the metric interval); a bad value stops startup naming the variable. The OTLP
+//! exporter itself reads `OTEL_EXPORTER_OTLP_HEADERS`, `_TIMEOUT` and `_COMPRESSION` (and their
+//! `_TRACES_` / `_METRICS_` forms), as the spec describes. [`Telemetry::new`] builds a tracer and propagator
 //! that are passed to the services, never installed globally, so three services can share one
 //! test process under three service names.
 
@@ -14,16 +15,21 @@ use std::time::Duration;
 
 use opentelemetry::KeyValue;
 use opentelemetry::global::BoxedTracer;
+use opentelemetry::metrics::{Meter, MeterProvider as _, noop::NoopMeterProvider};
 use opentelemetry::propagation::{TextMapCompositePropagator, TextMapPropagator};
 use opentelemetry::trace::{TracerProvider as _, noop::NoopTracer};
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::metrics::data::ResourceMetrics;
+use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
 use opentelemetry_sdk::resource::{Resource, TelemetryResourceDetector};
 use opentelemetry_sdk::trace::{
     BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider, SpanData, SpanExporter,
 };
 
 use crate::env::{ConfigError, Env};
+use crate::metrics::Instruments;
 use crate::propagation::CheckedPropagator;
 use crate::propagators::{self, DEFAULT_PROPAGATORS, PropagatorKind};
 
@@ -66,13 +72,14 @@ pub enum OtlpProtocol {
     HttpProtobuf,
 }
 
-/// Where spans go.
+/// Where a signal (spans, metrics) goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TraceExport {
-    /// Nowhere (`OTEL_TRACES_EXPORTER=none`): spans are sampled and propagated, not exported.
+pub enum Export {
+    /// Nowhere (`OTEL_TRACES_EXPORTER=none`, `OTEL_METRICS_EXPORTER=none`): spans are still
+    /// sampled and propagated, metrics not collected.
     None,
-    /// OTLP. `endpoint: None` lets the exporter resolve `OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`
-    /// or its default; `Some` overrides both (tests point it at their receiver).
+    /// OTLP. `endpoint: None` lets the exporter use its default (`http://localhost:4317`, or
+    /// `:4318/v1/<signal>` over HTTP); `Some` is used as given (tests point it at their receiver).
     Otlp {
         /// Explicit endpoint, e.g. `http://127.0.0.1:4317`.
         endpoint: Option<String>,
@@ -93,7 +100,11 @@ pub struct TelemetryConfig {
     /// `OTEL_SDK_DISABLED=true`: no spans at all; incoming context is passed on untouched.
     pub sdk_disabled: bool,
     /// Where spans go.
-    pub export: TraceExport,
+    pub export: Export,
+    /// Where metrics go (`OTEL_METRICS_EXPORTER`, the `_METRICS_` endpoint and protocol).
+    pub metrics: Export,
+    /// How often metrics are exported (`OTEL_METRIC_EXPORT_INTERVAL`, milliseconds; 60 s).
+    pub metric_interval: Duration,
     /// The sampler.
     pub sampler: SamplerChoice,
     /// The propagators, in order (`OTEL_PROPAGATORS`); empty means none.
@@ -120,6 +131,10 @@ impl TelemetryConfig {
         "OTEL_TRACES_SAMPLER",
         "OTEL_TRACES_SAMPLER_ARG",
         "OTEL_PROPAGATORS",
+        "OTEL_METRICS_EXPORTER",
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
+        "OTEL_METRIC_EXPORT_INTERVAL",
     ];
 
     /// Defaults for `service_name`: export over OTLP/gRPC to the exporter's default endpoint.
@@ -128,7 +143,9 @@ impl TelemetryConfig {
             service_name: service_name.to_owned(),
             resource_attributes: Vec::new(),
             sdk_disabled: false,
-            export: TraceExport::Otlp { endpoint: None, protocol: OtlpProtocol::Grpc },
+            export: Export::Otlp { endpoint: None, protocol: OtlpProtocol::Grpc },
+            metrics: Export::Otlp { endpoint: None, protocol: OtlpProtocol::Grpc },
+            metric_interval: DEFAULT_METRIC_INTERVAL,
             sampler: SamplerChoice::ParentBasedAlwaysOn,
             propagators: DEFAULT_PROPAGATORS.to_vec(),
             shutdown_timeout: Duration::from_secs(5),
@@ -139,7 +156,8 @@ impl TelemetryConfig {
     /// Exports to `endpoint` over OTLP/gRPC: what tests use with their in-process receiver.
     pub fn otlp_grpc(service_name: &str, endpoint: &str) -> Self {
         Self {
-            export: TraceExport::Otlp { endpoint: Some(endpoint.to_owned()), protocol: OtlpProtocol::Grpc },
+            export: Export::Otlp { endpoint: Some(endpoint.to_owned()), protocol: OtlpProtocol::Grpc },
+            metrics: Export::Otlp { endpoint: Some(endpoint.to_owned()), protocol: OtlpProtocol::Grpc },
             ..Self::new(service_name)
         }
     }
@@ -164,22 +182,12 @@ impl TelemetryConfig {
         };
         resource_attributes.retain(|(k, _)| k != "service.name");
 
-        let protocol_var = if env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL").is_some() {
-            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
-        } else {
-            "OTEL_EXPORTER_OTLP_PROTOCOL"
-        };
-        let protocol = env.choice_or(
-            protocol_var,
-            &[("grpc", OtlpProtocol::Grpc), ("http/protobuf", OtlpProtocol::HttpProtobuf)],
-            OtlpProtocol::Grpc,
-        )?;
-        let export = match env.string_or("OTEL_TRACES_EXPORTER", "otlp").to_ascii_lowercase().as_str() {
-            "otlp" => TraceExport::Otlp { endpoint: otlp_endpoint(env, protocol)?, protocol },
-            "none" => TraceExport::None,
-            other => {
-                return Err(ConfigError::new("OTEL_TRACES_EXPORTER", format!("expected otlp or none, got {other:?}")));
-            }
+        let export = Signal::Traces.export(env)?;
+        let metrics = Signal::Metrics.export(env)?;
+        let metric_interval = match env.parse_or::<u64>("OTEL_METRIC_EXPORT_INTERVAL", 0)? {
+            0 if env.get("OTEL_METRIC_EXPORT_INTERVAL").is_none() => DEFAULT_METRIC_INTERVAL,
+            0 => return Err(ConfigError::new("OTEL_METRIC_EXPORT_INTERVAL", "an interval must be at least 1 ms")),
+            millis => Duration::from_millis(millis),
         };
         let propagators = match env.get(propagators::OTEL_PROPAGATORS) {
             Some(value) => propagators::parse_propagators(&value)?,
@@ -190,6 +198,8 @@ impl TelemetryConfig {
             resource_attributes,
             sdk_disabled: env.flag_or("OTEL_SDK_DISABLED", false)?,
             export,
+            metrics,
+            metric_interval,
             sampler: parse_sampler(env)?,
             propagators,
             shutdown_timeout: Duration::from_secs(5),
@@ -198,25 +208,61 @@ impl TelemetryConfig {
     }
 }
 
-/// The traces endpoint per the spec: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` as given, else
-/// `OTEL_EXPORTER_OTLP_ENDPOINT` (with `/v1/traces` appended for http/protobuf), else `None`
-/// (the exporter's default, `http://localhost:4317`).
-fn otlp_endpoint(env: &Env<'_>, protocol: OtlpProtocol) -> Result<Option<String>, ConfigError> {
-    let checked = |variable: &str, value: String| -> Result<String, ConfigError> {
-        match value.parse::<http::Uri>() {
-            Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => Ok(value),
-            _ => Err(ConfigError::new(variable, format!("expected an http:// or https:// URL, got {value:?}"))),
+/// The default of `OTEL_METRIC_EXPORT_INTERVAL` (the spec's 60 s).
+const DEFAULT_METRIC_INTERVAL: Duration = Duration::from_secs(60);
+
+/// A signal with an exporter of its own: its variables and its path over OTLP/HTTP.
+#[derive(Debug, Clone, Copy)]
+enum Signal {
+    Traces,
+    Metrics,
+}
+
+impl Signal {
+    /// `OTEL_<SIGNAL>_EXPORTER` (`otlp` or `none`) and, for OTLP, the endpoint and protocol.
+    fn export(self, env: &Env<'_>) -> Result<Export, ConfigError> {
+        let (exporter, protocol_var) = match self {
+            Self::Traces => ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"),
+            Self::Metrics => ("OTEL_METRICS_EXPORTER", "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"),
+        };
+        match env.string_or(exporter, "otlp").to_ascii_lowercase().as_str() {
+            "otlp" => {}
+            "none" => return Ok(Export::None),
+            other => return Err(ConfigError::new(exporter, format!("expected otlp or none, got {other:?}"))),
         }
-    };
-    if let Some(value) = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
-        return checked("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", value).map(Some);
+        let protocol_var = if env.get(protocol_var).is_some() { protocol_var } else { "OTEL_EXPORTER_OTLP_PROTOCOL" };
+        let protocol = env.choice_or(
+            protocol_var,
+            &[("grpc", OtlpProtocol::Grpc), ("http/protobuf", OtlpProtocol::HttpProtobuf)],
+            OtlpProtocol::Grpc,
+        )?;
+        Ok(Export::Otlp { endpoint: self.endpoint(env, protocol)?, protocol })
     }
-    let Some(base) = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") else { return Ok(None) };
-    let base = checked("OTEL_EXPORTER_OTLP_ENDPOINT", base)?;
-    Ok(Some(match protocol {
-        OtlpProtocol::Grpc => base,
-        OtlpProtocol::HttpProtobuf => format!("{}/v1/traces", base.trim_end_matches('/')),
-    }))
+
+    /// The endpoint per the spec: `OTEL_EXPORTER_OTLP_<SIGNAL>_ENDPOINT` as given, else
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` (with `/v1/<signal>` appended for http/protobuf), else
+    /// `None` (the exporter's default).
+    fn endpoint(self, env: &Env<'_>, protocol: OtlpProtocol) -> Result<Option<String>, ConfigError> {
+        let (variable, path) = match self {
+            Self::Traces => ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "/v1/traces"),
+            Self::Metrics => ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "/v1/metrics"),
+        };
+        let checked = |variable: &str, value: String| -> Result<String, ConfigError> {
+            match value.parse::<http::Uri>() {
+                Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => Ok(value),
+                _ => Err(ConfigError::new(variable, format!("expected an http:// or https:// URL, got {value:?}"))),
+            }
+        };
+        if let Some(value) = env.get(variable) {
+            return checked(variable, value).map(Some);
+        }
+        let Some(base) = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") else { return Ok(None) };
+        let base = checked("OTEL_EXPORTER_OTLP_ENDPOINT", base)?;
+        Ok(Some(match protocol {
+            OtlpProtocol::Grpc => base,
+            OtlpProtocol::HttpProtobuf => format!("{}{path}", base.trim_end_matches('/')),
+        }))
+    }
 }
 
 fn parse_sampler(env: &Env<'_>) -> Result<SamplerChoice, ConfigError> {
@@ -299,6 +345,11 @@ struct Inner {
     propagator: CheckedPropagator<TextMapCompositePropagator>,
     /// `None` when the SDK is disabled: nothing to flush.
     provider: Option<SdkTracerProvider>,
+    /// `None` when the SDK is disabled or metrics are off (`OTEL_METRICS_EXPORTER=none`).
+    meter_provider: Option<SdkMeterProvider>,
+    /// The meter services make their own instruments with (a no-op one without a provider).
+    meter: Meter,
+    instruments: Instruments,
     shutdown_timeout: Duration,
 }
 
@@ -307,18 +358,20 @@ impl std::fmt::Debug for Telemetry {
         f.debug_struct("Telemetry")
             .field("service_name", &self.inner.service_name)
             .field("enabled", &self.inner.provider.is_some())
+            .field("metrics", &self.inner.meter_provider.is_some())
             .finish()
     }
 }
 
 impl Telemetry {
-    /// Builds the tracer provider (batch export on its own thread) and the propagator.
+    /// Builds the tracer provider (batch export on its own thread), the meter provider
+    /// (periodic export on its own thread) and the propagator.
     ///
-    /// Call it inside a tokio runtime: the gRPC exporter's channel lives on it.
+    /// Call it inside a tokio runtime: the gRPC exporters' channels live on it.
     pub fn new(config: &TelemetryConfig) -> Result<Self, SetupError> {
         let propagator = CheckedPropagator::new(propagators::composite(&config.propagators));
         if config.sdk_disabled {
-            return Ok(Self::assemble(config, BoxedTracer::new(Box::new(NoopTracer::new())), propagator, None));
+            return Ok(Self::assemble(config, BoxedTracer::new(Box::new(NoopTracer::new())), propagator, None, None));
         }
         let mut resource = Resource::builder_empty()
             .with_detector(Box::new(TelemetryResourceDetector))
@@ -334,9 +387,10 @@ impl Telemetry {
             // replica's spans to its logs.
             resource = resource.with_attribute(KeyValue::new("host.name", host));
         }
-        let mut builder =
-            SdkTracerProvider::builder().with_resource(resource.build()).with_sampler(config.sampler.sampler());
-        if let TraceExport::Otlp { endpoint, protocol } = &config.export {
+        let resource = resource.build();
+        let meter_provider = meter_provider(config, &resource)?;
+        let mut builder = SdkTracerProvider::builder().with_resource(resource).with_sampler(config.sampler.sampler());
+        if let Export::Otlp { endpoint, protocol } = &config.export {
             let exporter = match protocol {
                 OtlpProtocol::Grpc => {
                     let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic();
@@ -364,14 +418,14 @@ impl Telemetry {
         }
         let provider = builder.build();
         let tracer = BoxedTracer::new(Box::new(provider.tracer("tracehop")));
-        Ok(Self::assemble(config, tracer, propagator, Some(provider)))
+        Ok(Self::assemble(config, tracer, propagator, Some(provider), meter_provider))
     }
 
     /// Telemetry that records nothing but still propagates context: for tests of other things.
     pub fn disabled(service_name: &str) -> Self {
         let config = TelemetryConfig { sdk_disabled: true, ..TelemetryConfig::new(service_name) };
         let propagator = CheckedPropagator::new(propagators::composite(&config.propagators));
-        Self::assemble(&config, BoxedTracer::new(Box::new(NoopTracer::new())), propagator, None)
+        Self::assemble(&config, BoxedTracer::new(Box::new(NoopTracer::new())), propagator, None, None)
     }
 
     fn assemble(
@@ -379,15 +433,34 @@ impl Telemetry {
         tracer: BoxedTracer,
         propagator: CheckedPropagator<TextMapCompositePropagator>,
         provider: Option<SdkTracerProvider>,
+        meter_provider: Option<SdkMeterProvider>,
     ) -> Self {
+        let meter = match &meter_provider {
+            Some(provider) => provider.meter("tracehop"),
+            None => NoopMeterProvider::new().meter("tracehop"),
+        };
+        let instruments = Instruments::new(&meter);
         let inner = Inner {
             service_name: config.service_name.clone(),
             tracer,
             propagator,
             provider,
+            meter_provider,
+            meter,
+            instruments,
             shutdown_timeout: config.shutdown_timeout,
         };
         Self { inner: Arc::new(inner) }
+    }
+
+    /// The meter for a service's own instruments (business counters): exported with the
+    /// layers' metrics, a no-op when metrics are off.
+    pub fn meter(&self) -> &Meter {
+        &self.inner.meter
+    }
+
+    pub(crate) fn instruments(&self) -> &Instruments {
+        &self.inner.instruments
     }
 
     /// `service.name` of this service.
@@ -405,28 +478,99 @@ impl Telemetry {
         &self.inner.propagator
     }
 
-    /// Exports the spans ended so far, now (on the blocking pool, like [`Telemetry::shutdown`]).
+    /// Exports the spans ended so far and the metrics as they stand, now (on the blocking pool,
+    /// like [`Telemetry::shutdown`]).
     pub async fn flush(&self) {
-        let Some(provider) = self.inner.provider.clone() else { return };
-        if let Ok(Err(error)) = tokio::task::spawn_blocking(move || provider.force_flush()).await {
-            tracing::warn!(%error, "flushing spans failed");
+        let spans = self
+            .inner
+            .provider
+            .clone()
+            .map(|provider| tokio::task::spawn_blocking(move || provider.force_flush().map_err(|e| ("spans", e))));
+        let metrics =
+            self.inner.meter_provider.clone().map(|provider| {
+                tokio::task::spawn_blocking(move || provider.force_flush().map_err(|e| ("metrics", e)))
+            });
+        for task in [spans, metrics].into_iter().flatten() {
+            if let Ok(Err((signal, error))) = task.await {
+                tracing::warn!(%error, signal, "flushing telemetry failed");
+            }
         }
     }
 
-    /// Flushes and stops span export, giving up after the configured timeout.
+    /// Flushes and stops span and metric export, giving up after the configured timeout (the
+    /// two run side by side, so the bound holds for both).
     ///
     /// The SDK's shutdown blocks its caller until the export thread is done; on a tokio worker
     /// (or a current-thread test runtime) that would stall the very runtime the gRPC exporter
     /// needs, so it runs on the blocking pool.
     pub async fn shutdown(&self) {
-        let Some(provider) = self.inner.provider.clone() else { return };
         let timeout = self.inner.shutdown_timeout;
-        let outcome = tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(timeout)).await;
-        match outcome {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => tracing::warn!(%error, "telemetry shutdown did not flush every span"),
-            Err(error) => tracing::warn!(%error, "telemetry shutdown task failed"),
+        let spans = self.inner.provider.clone().map(|provider| {
+            tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(timeout).map_err(|e| ("spans", e)))
+        });
+        let metrics = self.inner.meter_provider.clone().map(|provider| {
+            tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(timeout).map_err(|e| ("metrics", e)))
+        });
+        for task in [spans, metrics].into_iter().flatten() {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err((signal, error))) => {
+                    tracing::warn!(%error, signal, "telemetry shutdown did not flush everything")
+                }
+                Err(error) => tracing::warn!(%error, "telemetry shutdown task failed"),
+            }
         }
+    }
+}
+
+/// The meter provider: OTLP export every `metric_interval`, cumulative temporality (what
+/// Prometheus ingests), on the reader's own thread. `None` when metrics are off.
+fn meter_provider(config: &TelemetryConfig, resource: &Resource) -> Result<Option<SdkMeterProvider>, SetupError> {
+    let Export::Otlp { endpoint, protocol } = &config.metrics else { return Ok(None) };
+    let exporter = match protocol {
+        OtlpProtocol::Grpc => {
+            let mut exporter = opentelemetry_otlp::MetricExporter::builder().with_tonic();
+            if let Some(endpoint) = endpoint {
+                exporter = exporter.with_endpoint(endpoint);
+            }
+            exporter.with_protocol(Protocol::Grpc).build()?
+        }
+        OtlpProtocol::HttpProtobuf => {
+            let mut exporter = opentelemetry_otlp::MetricExporter::builder().with_http();
+            if let Some(endpoint) = endpoint {
+                exporter = exporter.with_endpoint(endpoint);
+            }
+            exporter.with_protocol(Protocol::HttpBinary).build()?
+        }
+    };
+    let reader = PeriodicReader::builder(LoggingMetricExporter(exporter)).with_interval(config.metric_interval).build();
+    Ok(Some(SdkMeterProvider::builder().with_resource(resource.clone()).with_reader(reader).build()))
+}
+
+/// Says in the log when a metric export fails (the SDK alone only reports it through its
+/// internal logs). Metrics are cumulative: the next export carries what this one lost.
+#[derive(Debug)]
+struct LoggingMetricExporter<E>(E);
+
+impl<E: PushMetricExporter> PushMetricExporter for LoggingMetricExporter<E> {
+    async fn export(&self, metrics: &ResourceMetrics) -> OTelSdkResult {
+        let result = self.0.export(metrics).await;
+        if let Err(error) = &result {
+            tracing::warn!(%error, "metric export failed; the next export carries the totals");
+        }
+        result
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.0.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.0.shutdown_with_timeout(timeout)
+    }
+
+    fn temporality(&self) -> Temporality {
+        self.0.temporality()
     }
 }
 
@@ -501,7 +645,7 @@ mod tests {
             config.resource_attributes,
             vec![("deployment.environment.name".into(), "demo".into()), ("team".into(), "a b".into())]
         );
-        assert_eq!(config.export, TraceExport::Otlp { endpoint: None, protocol: OtlpProtocol::HttpProtobuf });
+        assert_eq!(config.export, Export::Otlp { endpoint: None, protocol: OtlpProtocol::HttpProtobuf });
         assert_eq!(config.sampler, SamplerChoice::ParentBasedTraceIdRatio(0.25));
         assert_eq!(config.propagators, vec![PropagatorKind::B3Multi]);
         assert!(config.sdk_disabled);
@@ -512,7 +656,7 @@ mod tests {
         let grpc = config(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://jaeger:4317")]).expect("valid");
         assert_eq!(
             grpc.export,
-            TraceExport::Otlp { endpoint: Some("http://jaeger:4317".into()), protocol: OtlpProtocol::Grpc }
+            Export::Otlp { endpoint: Some("http://jaeger:4317".into()), protocol: OtlpProtocol::Grpc }
         );
         let http = config(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://jaeger:4318/"),
@@ -520,7 +664,7 @@ mod tests {
         ])
         .expect("valid");
         let expected = Some("http://jaeger:4318/v1/traces".to_owned());
-        assert_eq!(http.export, TraceExport::Otlp { endpoint: expected, protocol: OtlpProtocol::HttpProtobuf });
+        assert_eq!(http.export, Export::Otlp { endpoint: expected, protocol: OtlpProtocol::HttpProtobuf });
         let signal = config(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://ignored:4318"),
             ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://collector:4318/custom"),
@@ -528,9 +672,40 @@ mod tests {
         ])
         .expect("valid");
         let expected = Some("http://collector:4318/custom".to_owned());
-        assert_eq!(signal.export, TraceExport::Otlp { endpoint: expected, protocol: OtlpProtocol::HttpProtobuf });
+        assert_eq!(signal.export, Export::Otlp { endpoint: expected, protocol: OtlpProtocol::HttpProtobuf });
         let error = config(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "jaeger:4317")]).expect_err("no scheme");
         assert_eq!(error.variable, "OTEL_EXPORTER_OTLP_ENDPOINT");
+    }
+
+    #[test]
+    fn metrics_have_their_own_exporter_endpoint_protocol_and_interval() {
+        let defaults = config(&[]).expect("defaults");
+        assert_eq!(defaults.metrics, Export::Otlp { endpoint: None, protocol: OtlpProtocol::Grpc });
+        assert_eq!(defaults.metric_interval, Duration::from_secs(60));
+        let shared = config(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "5000"),
+        ])
+        .expect("valid");
+        let expected = Some("http://collector:4318/v1/metrics".to_owned());
+        assert_eq!(shared.metrics, Export::Otlp { endpoint: expected, protocol: OtlpProtocol::HttpProtobuf });
+        assert_eq!(shared.metric_interval, Duration::from_secs(5));
+        // Metrics straight to Prometheus's OTLP receiver, spans to Jaeger over gRPC.
+        let split = config(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://jaeger:4317"),
+            ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "http://prometheus:9090/api/v1/otlp/v1/metrics"),
+            ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "http/protobuf"),
+        ])
+        .expect("valid");
+        assert_eq!(
+            split.export,
+            Export::Otlp { endpoint: Some("http://jaeger:4317".into()), protocol: OtlpProtocol::Grpc }
+        );
+        let expected = Some("http://prometheus:9090/api/v1/otlp/v1/metrics".to_owned());
+        assert_eq!(split.metrics, Export::Otlp { endpoint: expected, protocol: OtlpProtocol::HttpProtobuf });
+        let off = config(&[("OTEL_METRICS_EXPORTER", "none")]).expect("valid");
+        assert_eq!((off.metrics, off.export), (Export::None, defaults.export));
     }
 
     #[test]
@@ -559,6 +734,11 @@ mod tests {
             (&[("OTEL_TRACES_EXPORTER", "zipkin")][..], "OTEL_TRACES_EXPORTER"),
             (&[("OTEL_RESOURCE_ATTRIBUTES", "novalue")][..], "OTEL_RESOURCE_ATTRIBUTES"),
             (&[("OTEL_RESOURCE_ATTRIBUTES", "k=%ff")][..], "OTEL_RESOURCE_ATTRIBUTES"),
+            (&[("OTEL_METRICS_EXPORTER", "prometheus")][..], "OTEL_METRICS_EXPORTER"),
+            (&[("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "udp")][..], "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"),
+            (&[("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "prometheus:9090")][..], "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"),
+            (&[("OTEL_METRIC_EXPORT_INTERVAL", "0")][..], "OTEL_METRIC_EXPORT_INTERVAL"),
+            (&[("OTEL_METRIC_EXPORT_INTERVAL", "soon")][..], "OTEL_METRIC_EXPORT_INTERVAL"),
         ] {
             let error = config(pairs).expect_err(variable);
             assert_eq!(error.variable, variable, "{error}");
