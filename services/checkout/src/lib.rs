@@ -77,9 +77,9 @@ pub async fn run(
         }
     };
     tonic::transport::Server::builder()
-        .layer(GrpcServerLayer::new(telemetry).baggage_attributes(&config.baggage_span_attributes))
+        .layer(GrpcServerLayer::new(telemetry.clone()).baggage_attributes(&config.baggage_span_attributes))
         .add_service(health_service)
-        .add_service(CheckoutServiceServer::new(CheckoutApi::new(publisher)))
+        .add_service(CheckoutServiceServer::new(CheckoutApi::new(publisher, telemetry.meter())))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stop)
         .await?;
     broker.close().await;

@@ -13,7 +13,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
@@ -213,6 +213,7 @@ impl Publisher {
             .with_timestamp(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
             .with_app_id("checkout".into())
             .with_headers(headers);
+        let started = Instant::now();
         let outcome = match tokio::time::timeout(self.timeout, self.publish_until_confirmed(&body, &properties)).await {
             Ok(outcome) => outcome,
             Err(_) => Err(PublishError::Timeout(self.timeout)),
@@ -222,6 +223,14 @@ impl Publisher {
             record_error(&span, error.kind(), &error.to_string());
         }
         span.end();
+        let error_type = outcome.as_ref().err().map(PublishError::kind);
+        messaging::record_publish(
+            &self.telemetry,
+            &self.destination,
+            &self.broker.peer(),
+            started.elapsed(),
+            error_type,
+        );
         outcome
     }
 

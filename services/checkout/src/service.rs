@@ -1,5 +1,6 @@
 //! The `checkout.v1.CheckoutService` implementation: validate, price, publish.
 
+use opentelemetry::metrics::{Counter, Meter};
 use tonic::{Request, Response, Status};
 use tracehop_broker::catalog;
 use tracehop_broker::event::{CheckoutProcessed, Item};
@@ -13,16 +14,25 @@ pub const MAX_ITEMS: usize = 100;
 /// Longest customer id accepted (it travels as baggage and span attributes).
 pub const MAX_CUSTOMER_ID: usize = 128;
 
+/// `tracehop.orders.accepted`: orders published and confirmed (the gateway answers 202).
+pub const ORDERS_ACCEPTED: &str = "tracehop.orders.accepted";
+
 /// The gRPC service.
 #[derive(Debug, Clone)]
 pub struct CheckoutApi {
     publisher: Publisher,
+    accepted: Counter<u64>,
 }
 
 impl CheckoutApi {
-    /// A service that publishes through `publisher`.
-    pub fn new(publisher: Publisher) -> Self {
-        Self { publisher }
+    /// A service that publishes through `publisher` and counts accepted orders on `meter`.
+    pub fn new(publisher: Publisher, meter: &Meter) -> Self {
+        let accepted = meter
+            .u64_counter(ORDERS_ACCEPTED)
+            .with_unit("{order}")
+            .with_description("Orders published and confirmed by the broker.")
+            .build();
+        Self { publisher, accepted }
     }
 }
 
@@ -31,6 +41,7 @@ impl CheckoutService for CheckoutApi {
     async fn checkout(&self, request: Request<CheckoutRequest>) -> Result<Response<CheckoutResponse>, Status> {
         let order = price(request.into_inner())?;
         self.publisher.publish(&order).await.map_err(AppError::from)?;
+        self.accepted.add(1, &[]);
         tracing::debug!(order_id = %order.order_id, total_cents = order.total_cents, "order published");
         Ok(Response::new(CheckoutResponse { order_id: order.order_id, total_cents: order.total_cents }))
     }

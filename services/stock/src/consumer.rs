@@ -9,7 +9,7 @@
 //! broker's delivery limit then dead-letters it. The consumer itself never exits on a message.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use lapin::message::Delivery;
@@ -20,6 +20,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation};
 use opentelemetry::context::FutureExt as _;
+use opentelemetry::metrics::{Counter, Meter};
 use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer};
 use opentelemetry::{Context, KeyValue};
 use tokio::sync::watch;
@@ -28,7 +29,7 @@ use tracehop_broker::connection::Broker;
 use tracehop_broker::event::CheckoutProcessed;
 use tracehop_broker::topology;
 use tracehop_telemetry::Telemetry;
-use tracehop_telemetry::messaging::{self, ConsumerContext, Destination, RETRY_COUNT_HEADER};
+use tracehop_telemetry::messaging::{self, ConsumerContext, Destination, RETRY_COUNT_HEADER, Settle};
 use tracehop_telemetry::spans::{baggage_attributes, record_error};
 
 use crate::store::{OrderLine, Outcome, Store};
@@ -60,6 +61,49 @@ enum Verdict {
     },
 }
 
+impl Verdict {
+    /// `error.type` of the processing metric: why the delivery was not handled.
+    fn error_type(&self) -> Option<&'static str> {
+        match self {
+            Self::Settled(_) => None,
+            Self::Poison { reason, .. } | Self::Transient { reason, .. } => Some(reason),
+        }
+    }
+}
+
+/// `tracehop.orders.reserved`: orders whose stock was reserved.
+pub const ORDERS_RESERVED: &str = "tracehop.orders.reserved";
+/// `tracehop.orders.rejected`: orders refused for want of stock (a business outcome).
+pub const ORDERS_REJECTED: &str = "tracehop.orders.rejected";
+/// `tracehop.orders.dead_lettered`: messages sent to the dead-letter queue, by
+/// [`DEAD_LETTER_REASON_ATTRIBUTE`].
+pub const ORDERS_DEAD_LETTERED: &str = "tracehop.orders.dead_lettered";
+/// Attribute of [`ORDERS_DEAD_LETTERED`]: the reason, as in the `x-dead-letter-reason` header.
+pub const DEAD_LETTER_REASON_ATTRIBUTE: &str = "tracehop.dead_letter.reason";
+
+/// The business counters stock keeps, each counted once per order (a duplicate delivery
+/// counts nothing).
+#[derive(Debug, Clone)]
+pub struct OrderCounters {
+    reserved: Counter<u64>,
+    rejected: Counter<u64>,
+    dead_lettered: Counter<u64>,
+}
+
+impl OrderCounters {
+    /// The counters, on `meter`.
+    pub fn new(meter: &Meter) -> Self {
+        let orders = |name: &'static str, description: &'static str| {
+            meter.u64_counter(name).with_unit("{order}").with_description(description).build()
+        };
+        Self {
+            reserved: orders(ORDERS_RESERVED, "Orders whose stock was reserved."),
+            rejected: orders(ORDERS_REJECTED, "Orders refused for want of stock."),
+            dead_lettered: orders(ORDERS_DEAD_LETTERED, "Messages sent to the dead-letter queue."),
+        }
+    }
+}
+
 /// Everything a delivery's processing needs.
 #[derive(Debug)]
 pub struct Handler {
@@ -77,6 +121,8 @@ pub struct Handler {
     pub consuming: watch::Sender<bool>,
     /// The CONSUMER span's destination, built once.
     pub source: Destination,
+    /// Reserved, rejected, dead-lettered.
+    pub orders: OrderCounters,
 }
 
 /// Opens the consuming channel on the current connection: confirm mode (for republishing),
@@ -205,15 +251,21 @@ async fn session(
 impl Handler {
     /// Processes one delivery under its CONSUMER span, and settles it on `channel`.
     pub async fn handle(&self, delivery: Delivery, channel: &Channel) {
-        let cx = messaging::start_process(&self.telemetry, self.mode, &self.source, &delivery, &self.broker.peer());
+        let started = Instant::now();
+        let peer = self.broker.peer();
+        messaging::record_consumed(&self.telemetry, &self.source, &peer);
+        let cx = messaging::start_process(&self.telemetry, self.mode, &self.source, &delivery, &peer);
         cx.span().set_attributes(baggage_attributes(&cx, &self.baggage_keys));
-        async {
+        let error_type = async {
             let verdict = self.decide(&delivery).await;
+            let error_type = verdict.error_type();
             self.settle(&delivery, verdict, channel).await;
+            error_type
         }
         .with_context(cx.clone())
         .await;
         cx.span().end();
+        messaging::record_process(&self.telemetry, &self.source, &peer, started.elapsed(), error_type);
     }
 
     async fn decide(&self, delivery: &Delivery) -> Verdict {
@@ -284,8 +336,12 @@ impl Handler {
             Verdict::Settled(outcome) => {
                 span.set_attribute(KeyValue::new(OUTCOME, outcome_name(&outcome)));
                 match &outcome {
-                    Outcome::Reserved => tracing::debug!(delivery_tag = tag, "stock reserved"),
+                    Outcome::Reserved => {
+                        self.orders.reserved.add(1, &[]);
+                        tracing::debug!(delivery_tag = tag, "stock reserved");
+                    }
                     Outcome::Rejected { sku, requested, available } => {
+                        self.orders.rejected.add(1, &[]);
                         span.add_event(
                             "stock rejected",
                             vec![
@@ -313,14 +369,10 @@ impl Handler {
                 record_error(&span, reason, &error);
                 span.set_attribute(KeyValue::new(OUTCOME, "dead_lettered"));
                 tracing::warn!(reason, %error, "message can never succeed; dead-lettering it");
-                self.forward(
-                    channel,
-                    delivery,
-                    topology::DEAD_LETTER_EXCHANGE,
-                    "",
-                    dead_letter_headers(reason, &error),
-                )
-                .await;
+                let headers = dead_letter_headers(reason, &error);
+                if self.forward(channel, delivery, topology::DEAD_LETTER_EXCHANGE, "", headers).await {
+                    self.count_dead_letter(reason);
+                }
             }
             Verdict::Transient { reason, error } => {
                 record_error(&span, reason, &error);
@@ -335,10 +387,28 @@ impl Handler {
                     span.set_attribute(KeyValue::new(OUTCOME, "dead_lettered"));
                     tracing::error!(reason, %error, retries, "retries exhausted; dead-lettering the message");
                     let headers = dead_letter_headers("retries_exhausted", &format!("{reason}: {error}"));
-                    self.forward(channel, delivery, topology::DEAD_LETTER_EXCHANGE, "", headers).await;
+                    if self.forward(channel, delivery, topology::DEAD_LETTER_EXCHANGE, "", headers).await {
+                        self.count_dead_letter("retries_exhausted");
+                    }
                 }
             }
         }
+    }
+
+    fn count_dead_letter(&self, reason: &'static str) {
+        self.orders.dead_lettered.add(1, &[KeyValue::new(DEAD_LETTER_REASON_ATTRIBUTE, reason)]);
+    }
+
+    /// Records an ack or nack in `messaging.client.operation.duration`.
+    fn record_settle(&self, settle: Settle, started: Instant, error_type: Option<&'static str>) {
+        messaging::record_settle(
+            &self.telemetry,
+            settle,
+            &self.source,
+            &self.broker.peer(),
+            started.elapsed(),
+            error_type,
+        );
     }
 
     async fn ack(&self, delivery: &Delivery) {
@@ -346,17 +416,29 @@ impl Handler {
         // redelivery reserve nothing. lapin answers Ok(false) when the delivery's channel was
         // recovered in between: that ack never reached the broker either.
         // Bounded: on a connection whose recovery hangs, an ack would wait forever.
-        match tokio::time::timeout(FORWARD_TIMEOUT, delivery.acker.ack(BasicAckOptions::default())).await {
-            Ok(Ok(true)) => {}
-            Ok(Ok(false)) => tracing::warn!("ack not sent: the channel was recovered; the broker will redeliver"),
-            Ok(Err(error)) => tracing::warn!(%error, "ack failed; the broker will redeliver, the store deduplicates"),
-            Err(_) => tracing::warn!("ack timed out; the broker will redeliver, the store deduplicates"),
-        }
+        let started = Instant::now();
+        let error_type =
+            match tokio::time::timeout(FORWARD_TIMEOUT, delivery.acker.ack(BasicAckOptions::default())).await {
+                Ok(Ok(true)) => None,
+                Ok(Ok(false)) => {
+                    tracing::warn!("ack not sent: the channel was recovered; the broker will redeliver");
+                    Some("channel_recovered")
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "ack failed; the broker will redeliver, the store deduplicates");
+                    Some("ack_failed")
+                }
+                Err(_) => {
+                    tracing::warn!("ack timed out; the broker will redeliver, the store deduplicates");
+                    Some("timeout")
+                }
+            };
+        self.record_settle(Settle::Ack, started, error_type);
     }
 
     /// Republishes `delivery` (body, properties and trace headers, plus `extra` headers) and
-    /// acks it once the broker confirmed the copy. On failure the delivery is requeued, so
-    /// nothing is lost; the queue's delivery limit stops that from looping forever.
+    /// acks it once the broker confirmed the copy; true then. On failure the delivery is
+    /// requeued, so nothing is lost; the queue's delivery limit stops that from looping forever.
     async fn forward(
         &self,
         channel: &Channel,
@@ -364,7 +446,7 @@ impl Handler {
         exchange: &str,
         routing_key: &str,
         extra: Vec<(&str, AMQPValue)>,
-    ) {
+    ) -> bool {
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
         for (key, value) in extra {
             headers.insert(ShortString::from(key), value);
@@ -388,18 +470,26 @@ impl Handler {
             .await
             .unwrap_or_else(|_| Err(lapin::Error::from(std::io::Error::from(std::io::ErrorKind::TimedOut))));
         match confirmed {
-            Ok(Confirmation::Ack(None)) => self.ack(delivery).await,
+            Ok(Confirmation::Ack(None)) => {
+                self.ack(delivery).await;
+                true
+            }
             other => {
                 let cx = Context::current();
                 record_error(&cx.span(), "forward_failed", &format!("{other:?}"));
                 tracing::error!(?other, exchange, routing_key, "could not forward the message; requeueing it");
                 let requeue = BasicNackOptions { requeue: true, ..BasicNackOptions::default() };
+                let started = Instant::now();
+                let mut error_type = None;
                 if let Ok(Err(error)) | Err(error) = tokio::time::timeout(FORWARD_TIMEOUT, delivery.acker.nack(requeue))
                     .await
                     .map_err(|_| lapin::Error::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))
                 {
                     tracing::warn!(%error, "nack failed; the broker will redeliver");
+                    error_type = Some("nack_failed");
                 }
+                self.record_settle(Settle::Nack, started, error_type);
+                false
             }
         }
     }

@@ -89,6 +89,7 @@ pub async fn run(
         baggage_keys: config.baggage_span_attributes.clone(),
         consuming,
         source: tracehop_broker::topology::process_destination(),
+        orders: consumer::OrderCounters::new(telemetry.meter()),
     });
     let router =
         admin::router(AdminState { store: store.clone(), broker: health, consuming: consuming_now }, telemetry);
