@@ -14,7 +14,7 @@ use tracehop_broker::connection::BrokerNodes;
 use tracehop_telemetry::http::InboundContext;
 use tracehop_telemetry::messaging::ConsumerContext;
 use tracehop_telemetry::propagators::PropagatorKind;
-use tracehop_telemetry::setup::SamplerChoice;
+use tracehop_telemetry::setup::{Export, SamplerChoice};
 use tracehop_telemetry::{Telemetry, TelemetryConfig};
 use tracehop_testkit::otlp::{OtlpReceiver, ReceivedSpan};
 use tracehop_testkit::process::ServiceProcess;
@@ -55,6 +55,8 @@ pub struct Options {
     pub cors_origins: Vec<String>,
     /// Every service's `BAGGAGE_SPAN_ATTRIBUTES`.
     pub baggage_span_attributes: Vec<String>,
+    /// Metrics exported beside the spans (`false`: `OTEL_METRICS_EXPORTER=none`).
+    pub metrics: bool,
 }
 
 impl Default for Options {
@@ -71,6 +73,7 @@ impl Default for Options {
             sampler: SamplerChoice::ParentBasedAlwaysOn,
             cors_origins: vec!["*".to_owned()],
             baggage_span_attributes: vec!["customer.id".to_owned()],
+            metrics: true,
         }
     }
 }
@@ -117,6 +120,7 @@ fn telemetry(name: &str, endpoint: &str, options: &Options) -> Telemetry {
         batch_delay: Some(Duration::from_millis(100)),
         ..TelemetryConfig::otlp_grpc(name, endpoint)
     };
+    let config = if options.metrics { config } else { TelemetryConfig { metrics: Export::None, ..config } };
     Telemetry::new(&config).expect("telemetry")
 }
 
@@ -183,6 +187,7 @@ impl Pipeline {
                     ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone()),
                     ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
                     ("OTEL_RESOURCE_ATTRIBUTES", "service.instance.id=stock-0".to_owned()),
+                    ("OTEL_METRICS_EXPORTER", if options.metrics { "otlp" } else { "none" }.to_owned()),
                     // Per-order lines are debug: the tests count them per replica.
                     ("RUST_LOG", "info,stock::consumer=debug".to_owned()),
                 ];

@@ -1,14 +1,20 @@
-//! An OTLP/gRPC trace receiver inside the test: the real exporter, the real protocol, spans kept
-//! in memory for assertions. Built on `opentelemetry-proto`'s tonic server.
+//! An OTLP/gRPC receiver inside the test: the real exporters, the real protocol, spans and
+//! metrics kept in memory for assertions. Built on `opentelemetry-proto`'s tonic server.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as ProtoValue;
+use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+use opentelemetry_proto::tonic::metrics::v1::number_data_point::Value as NumberValue;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 use tokio::net::TcpListener;
@@ -81,6 +87,115 @@ impl ReceivedSpan {
     }
 }
 
+/// What kind of instrument a metric came from, as OTLP tells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    /// An explicit-bucket histogram.
+    Histogram,
+    /// A sum; `monotonic` for a counter.
+    Sum {
+        /// Only goes up.
+        monotonic: bool,
+    },
+    /// A gauge.
+    Gauge,
+    /// Anything else (exponential histograms, summaries).
+    Other,
+}
+
+/// One data point: its attributes and what it counted.
+#[derive(Debug, Clone)]
+pub struct MetricPoint {
+    /// Attributes.
+    pub attributes: HashMap<String, Attr>,
+    /// A histogram's count of measurements; a sum's or gauge's value, truncated.
+    pub count: u64,
+    /// A histogram's sum; a sum's or gauge's value.
+    pub value: f64,
+}
+
+/// One metric of one export.
+#[derive(Debug, Clone)]
+pub struct ReceivedMetric {
+    /// `service.name` of the resource that sent it.
+    pub service_name: String,
+    /// Resource attributes.
+    pub resource: HashMap<String, Attr>,
+    /// Instrument name.
+    pub name: String,
+    /// Unit.
+    pub unit: String,
+    /// Kind.
+    pub kind: MetricKind,
+    /// Data points.
+    pub points: Vec<MetricPoint>,
+}
+
+impl ReceivedMetric {
+    /// The points whose attributes include every `(key, value)` of `filter` (string values).
+    pub fn points_with(&self, filter: &[(&str, &str)]) -> Vec<&MetricPoint> {
+        self.points
+            .iter()
+            .filter(|p| filter.iter().all(|(k, v)| p.attributes.get(*k).and_then(Attr::as_str) == Some(*v)))
+            .collect()
+    }
+}
+
+fn flatten_metric(
+    service_name: &str,
+    resource: &HashMap<String, Attr>,
+    metric: opentelemetry_proto::tonic::metrics::v1::Metric,
+) -> ReceivedMetric {
+    let number = |value: Option<NumberValue>| match value {
+        Some(NumberValue::AsInt(i)) => i as f64,
+        Some(NumberValue::AsDouble(d)) => d,
+        None => 0.0,
+    };
+    let (kind, points) = match metric.data {
+        Some(Data::Histogram(h)) => (
+            MetricKind::Histogram,
+            h.data_points
+                .into_iter()
+                .map(|p| MetricPoint {
+                    attributes: flatten(&p.attributes),
+                    count: p.count,
+                    value: p.sum.unwrap_or_default(),
+                })
+                .collect(),
+        ),
+        Some(Data::Sum(sum)) => (
+            MetricKind::Sum { monotonic: sum.is_monotonic },
+            sum.data_points
+                .into_iter()
+                .map(|p| {
+                    let value = number(p.value);
+                    MetricPoint { attributes: flatten(&p.attributes), count: value as u64, value }
+                })
+                .collect(),
+        ),
+        Some(Data::Gauge(gauge)) => (
+            MetricKind::Gauge,
+            gauge
+                .data_points
+                .into_iter()
+                .map(|p| {
+                    let value = number(p.value);
+                    MetricPoint { attributes: flatten(&p.attributes), count: value as u64, value }
+                })
+                .collect(),
+        ),
+        _ => (MetricKind::Other, Vec::new()),
+    };
+    ReceivedMetric {
+        service_name: service_name.to_owned(),
+        resource: resource.clone(),
+        name: metric.name,
+        unit: metric.unit,
+        kind,
+        points,
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -104,6 +219,7 @@ fn flatten(attributes: &[KeyValue]) -> HashMap<String, Attr> {
 #[derive(Debug, Default)]
 struct Shared {
     spans: Mutex<Vec<ReceivedSpan>>,
+    metrics: Mutex<Vec<ReceivedMetric>>,
     arrived: Notify,
 }
 
@@ -149,6 +265,28 @@ impl TraceService for Collector {
     }
 }
 
+#[tonic::async_trait]
+impl MetricsService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        let mut received = Vec::new();
+        for resource_metrics in request.into_inner().resource_metrics {
+            let resource = flatten(resource_metrics.resource.as_ref().map_or(&[][..], |r| &r.attributes));
+            let service_name = resource.get("service.name").and_then(Attr::as_str).unwrap_or_default().to_owned();
+            for scope_metrics in resource_metrics.scope_metrics {
+                for metric in scope_metrics.metrics {
+                    received.push(flatten_metric(&service_name, &resource, metric));
+                }
+            }
+        }
+        self.0.metrics.lock().unwrap_or_else(PoisonError::into_inner).extend(received);
+        self.0.arrived.notify_waiters();
+        Ok(tonic::Response::new(ExportMetricsServiceResponse { partial_success: None }))
+    }
+}
+
 /// A running receiver on a loopback port; stops when dropped.
 #[derive(Debug)]
 pub struct OtlpReceiver {
@@ -164,10 +302,12 @@ impl OtlpReceiver {
         let endpoint = format!("http://{}", listener.local_addr().expect("local addr"));
         let shared = Arc::new(Shared::default());
         let (stop, stopped) = oneshot::channel::<()>();
-        let service = TraceServiceServer::new(Collector(shared.clone()));
+        let traces = TraceServiceServer::new(Collector(shared.clone()));
+        let metrics = MetricsServiceServer::new(Collector(shared.clone()));
         tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
-                .add_service(service)
+                .add_service(traces)
+                .add_service(metrics)
                 .serve_with_incoming_shutdown(TcpIncoming::from(listener), async {
                     let _ = stopped.await;
                 })
@@ -184,6 +324,18 @@ impl OtlpReceiver {
     /// Every span received so far.
     pub fn spans(&self) -> Vec<ReceivedSpan> {
         self.shared.spans.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Every metric received so far, export after export (cumulative: a later export of the
+    /// same metric supersedes an earlier one).
+    pub fn metrics(&self) -> Vec<ReceivedMetric> {
+        self.shared.metrics.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// The latest export of metric `name` from `service`, if any arrived.
+    pub fn latest_metric(&self, service: &str, name: &str) -> Option<ReceivedMetric> {
+        let metrics = self.shared.metrics.lock().unwrap_or_else(PoisonError::into_inner);
+        metrics.iter().rev().find(|m| m.service_name == service && m.name == name).cloned()
     }
 
     /// Waits until `done` holds for the spans received, or panics after `timeout` with what
