@@ -159,30 +159,80 @@ fn the_scale_profile_runs_the_same_services_on_a_cluster_and_postgresql() {
 }
 
 #[test]
+fn the_monitoring_profile_wires_metrics_from_every_service_to_prometheus_and_jaeger() {
+    let compose = compose();
+    let services = &compose["services"];
+    let prometheus = &services["prometheus"];
+    assert_eq!(prometheus["profiles"][0].as_str(), Some("monitoring"));
+    let flags: Vec<&str> =
+        prometheus["command"].as_sequence().expect("command").iter().filter_map(Yaml::as_str).collect();
+    for flag in ["--web.enable-otlp-receiver", "--enable-feature=exemplar-storage"] {
+        assert!(flags.contains(&flag), "prometheus runs with {flag}: {flags:?}");
+    }
+    // Every service exports metrics where its spans go; Jaeger and the collector serve them.
+    for service in ["gateway", "checkout", "stock", "gateway-scale", "checkout-scale", "stock-scale"] {
+        let env = environment(&compose, service);
+        assert_eq!(env.get("OTEL_METRICS_EXPORTER").map(String::as_str), Some("otlp"), "{service}");
+        assert!(env.contains_key("OTEL_METRIC_EXPORT_INTERVAL"), "{service} sets its export interval");
+    }
+    let jaeger = workspace_file("deploy/jaeger/config.yaml");
+    let jaeger: Yaml = serde_norway::from_str(&jaeger).expect("jaeger config is YAML");
+    let pipelines = &jaeger["service"]["pipelines"];
+    let names = |list: &Yaml| -> Vec<String> {
+        list.as_sequence().expect("list").iter().filter_map(Yaml::as_str).map(str::to_owned).collect::<Vec<_>>()
+    };
+    assert!(names(&pipelines["traces"]["exporters"]).contains(&"spanmetrics".to_owned()), "span metrics from traces");
+    assert_eq!(names(&pipelines["metrics"]["receivers"]), ["otlp", "spanmetrics"]);
+    assert_eq!(names(&pipelines["metrics"]["exporters"]), ["prometheus"]);
+    assert_eq!(jaeger["exporters"]["prometheus"]["endpoint"].as_str(), Some("0.0.0.0:8889"));
+    assert_eq!(jaeger["extensions"]["jaeger_query"]["storage"]["metrics"].as_str(), Some("prometheus_store"));
+    let backend = &jaeger["extensions"]["jaeger_storage"]["metric_backends"]["prometheus_store"]["prometheus"];
+    assert_eq!(backend["endpoint"].as_str(), Some("http://prometheus:9090"), "the Monitor tab reads Prometheus");
+    assert_eq!(jaeger["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"].as_str(), Some("0.0.0.0:4317"));
+    let collector: Yaml =
+        serde_norway::from_str(&workspace_file("deploy/otel-collector/config.yaml")).expect("collector config is YAML");
+    assert_eq!(names(&collector["service"]["pipelines"]["metrics"]["exporters"]), ["prometheus"]);
+    let scrape: Yaml =
+        serde_norway::from_str(&workspace_file("deploy/prometheus/prometheus.yml")).expect("prometheus config is YAML");
+    let targets: Vec<String> = scrape["scrape_configs"][0]["static_configs"]
+        .as_sequence()
+        .expect("static configs")
+        .iter()
+        .flat_map(|c| names(&c["targets"]))
+        .collect();
+    assert_eq!(targets, ["jaeger:8889", "otel-collector:8889"]);
+}
+
+#[test]
 fn the_demo_wiring_holds_together() {
     let compose = compose();
     let services = &compose["services"];
-    // Published ports: the API, Jaeger's UI, RabbitMQ's UI; the scale stack its own three.
-    let published = |scale: bool| -> BTreeSet<String> {
+    // Published ports: the API, Jaeger's UI, RabbitMQ's UI; the scale stack its own three;
+    // monitoring Prometheus.
+    let published = |profile: Option<&str>| -> BTreeSet<String> {
         services
             .as_mapping()
             .expect("services")
             .values()
-            .filter(|s| s["profiles"].is_sequence() == scale)
+            .filter(|s| s["profiles"][0].as_str() == profile)
             .filter_map(|s| s["ports"].as_sequence())
             .flatten()
             .map(|p| p.as_str().expect("port string").to_owned())
             .collect()
     };
-    assert_eq!(published(false), BTreeSet::from(["8080:8080".into(), "16686:16686".into(), "15672:15672".into()]));
-    assert_eq!(published(true), BTreeSet::from(["8081:8080".into(), "16687:16686".into(), "15673:15672".into()]));
+    assert_eq!(published(None), BTreeSet::from(["8080:8080".into(), "16686:16686".into(), "15672:15672".into()]));
+    assert_eq!(
+        published(Some("scale")),
+        BTreeSet::from(["8081:8080".into(), "16687:16686".into(), "15673:15672".into()])
+    );
+    assert_eq!(published(Some("monitoring")), BTreeSet::from(["9090:9090".into()]));
     // Images not built here are pinned to releases.
     for (service, definition) in services.as_mapping().expect("services") {
         if definition["build"].is_mapping() {
             continue;
         }
         let image = definition["image"].as_str().expect("image");
-        let tag = image.rsplit_once(':').map(|(_, tag)| tag).unwrap_or("");
+        let tag = image.rsplit_once(':').map(|(_, tag)| tag.trim_start_matches('v')).unwrap_or("");
         assert!(tag.chars().next().is_some_and(|c| c.is_ascii_digit()), "{service:?} image {image} is not pinned");
     }
     assert!(services["rabbitmq"]["image"].as_str().expect("image").starts_with("rabbitmq:4."));
