@@ -1,9 +1,12 @@
-//! The benchmark: tracing off and tracing on, alternately, in pairs, beside the raw broker
-//! ceiling, then the latency at half the maximum throughput; CPU seconds per 1,000 orders and
-//! peak RSS of each service. Everything runs in one invocation, so the figures compare.
+//! The benchmark: telemetry off and on, alternately, in pairs, beside the raw broker ceiling,
+//! then the latency at half the maximum throughput; CPU seconds per 1,000 orders and peak RSS
+//! of each service. Everything runs in one invocation, so the figures compare.
+//! `--compare metrics` instead pairs spans alone against spans and metrics: the cost of the
+//! metrics by themselves.
 //!
 //! Each run gets fresh service processes (the release binaries beside this one), a fresh
-//! RabbitMQ vhost and a fresh SQLite store. "Tracing on" exports every span over OTLP/gRPC to
+//! RabbitMQ vhost and a fresh SQLite store. "On" exports every span (and the metrics, every
+//! second, far more often than the 60 s default, so their export cost shows) over OTLP/gRPC to
 //! a receiver in this process that answers without parsing (see [`crate::sink`]).
 
 use std::path::PathBuf;
@@ -40,6 +43,40 @@ pub struct BenchArgs {
     /// Write the latency plot of the half-load run here.
     #[arg(long)]
     svg: Option<PathBuf>,
+    /// What the pairs compare.
+    #[arg(long, value_enum, default_value_t = Compare::Tracing)]
+    compare: Compare,
+}
+
+/// What the off/on pairs compare.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compare {
+    /// `OTEL_SDK_DISABLED=true` against spans and metrics exported (with the raw ceiling and
+    /// the half-load latency run).
+    Tracing,
+    /// Spans alone against spans and metrics: what the metrics cost.
+    Metrics,
+}
+
+/// The telemetry of one run's services.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+enum Telemetry {
+    /// `OTEL_SDK_DISABLED=true`.
+    Off,
+    /// Spans exported, `OTEL_METRICS_EXPORTER=none`.
+    Spans,
+    /// Spans and metrics exported.
+    SpansAndMetrics,
+}
+
+impl Telemetry {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Off => "telemetry off",
+            Self::Spans => "spans only",
+            Self::SpansAndMetrics => "spans + metrics",
+        }
+    }
 }
 
 /// One service's resource use during a run.
@@ -52,7 +89,7 @@ struct Usage {
 
 #[derive(Debug, Clone, Serialize)]
 struct Run {
-    tracing: bool,
+    telemetry: Telemetry,
     report: Report,
     usage: Vec<Usage>,
     otlp_bytes: u64,
@@ -62,7 +99,7 @@ struct Run {
 struct Results {
     pairs: Vec<(Run, Run)>,
     raw: Vec<Report>,
-    half_load: Run,
+    half_load: Option<Run>,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -102,14 +139,20 @@ struct Services {
 }
 
 impl Services {
-    async fn start(amqp: &str, otlp: Option<&str>) -> anyhow::Result<Self> {
+    async fn start(amqp: &str, sink: &str, telemetry: Telemetry) -> anyhow::Result<Self> {
         let bin = std::env::current_exe()?.parent().map(PathBuf::from).unwrap_or_default();
         let dir = std::env::temp_dir().join(format!("tracehop-bench-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir)?;
         let (gateway, checkout, stock) = (free_port()?, free_port()?, free_port()?);
-        let telemetry: Vec<(&str, String)> = match otlp {
-            Some(endpoint) => vec![("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.to_owned())],
-            None => vec![("OTEL_SDK_DISABLED", "true".to_owned())],
+        let telemetry: Vec<(&str, String)> = match telemetry {
+            Telemetry::Off => vec![("OTEL_SDK_DISABLED", "true".to_owned())],
+            Telemetry::Spans => {
+                vec![("OTEL_EXPORTER_OTLP_ENDPOINT", sink.to_owned()), ("OTEL_METRICS_EXPORTER", "none".to_owned())]
+            }
+            Telemetry::SpansAndMetrics => vec![
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", sink.to_owned()),
+                ("OTEL_METRIC_EXPORT_INTERVAL", "1000".to_owned()),
+            ],
         };
         let services: [(&str, Vec<(&str, String)>); 3] = [
             (
@@ -208,22 +251,22 @@ fn load(args: &BenchArgs, label: &str, rate: Option<f64>) -> Load {
 
 async fn pipeline_run(
     args: &BenchArgs,
-    tracing: bool,
+    telemetry: Telemetry,
     rate: Option<f64>,
     sink: &str,
     spans: &std::sync::atomic::AtomicU64,
 ) -> anyhow::Result<Run> {
     let vhost = Vhost::create()?;
     let amqp = format!("{}/{}", args.amqp, vhost.0);
-    let services = Services::start(&amqp, tracing.then_some(sink)).await?;
+    let services = Services::start(&amqp, sink, telemetry).await?;
     let before = spans.load(Ordering::Relaxed);
-    let label = if tracing { "tracing on" } else { "tracing off" };
+    let label = telemetry.label();
     let report = crate::pipeline::run(&services.gateway, &services.stock, &load(args, label, rate)).await?;
     let usage = services.usage();
     services.stop();
     let otlp_bytes = spans.load(Ordering::Relaxed) - before;
     eprintln!("{label}: {:.0}/s", report.throughput);
-    Ok(Run { tracing, report, usage, otlp_bytes })
+    Ok(Run { telemetry, report, usage, otlp_bytes })
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -243,27 +286,37 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let sink = format!("http://{}", listener.local_addr()?);
     let spans = crate::sink::spawn(listener);
+    let (off, on) = match args.compare {
+        Compare::Tracing => (Telemetry::Off, Telemetry::SpansAndMetrics),
+        Compare::Metrics => (Telemetry::Spans, Telemetry::SpansAndMetrics),
+    };
     let mut pairs = Vec::new();
     let mut raw = Vec::new();
     for pair in 0..args.pairs {
         eprintln!("pair {}/{}", pair + 1, args.pairs);
-        let off = pipeline_run(&args, false, None, &sink, &spans).await?;
-        let on = pipeline_run(&args, true, None, &sink, &spans).await?;
+        let off = pipeline_run(&args, off, None, &sink, &spans).await?;
+        let on = pipeline_run(&args, on, None, &sink, &spans).await?;
         pairs.push((off, on));
-        let vhost = Vhost::create()?;
-        let report = crate::raw::run(&format!("{}/{}", args.amqp, vhost.0), &load(&args, "raw", None)).await?;
-        eprintln!("raw: {:.0}/s", report.throughput);
-        raw.push(report);
+        if args.compare == Compare::Tracing {
+            let vhost = Vhost::create()?;
+            let report = crate::raw::run(&format!("{}/{}", args.amqp, vhost.0), &load(&args, "raw", None)).await?;
+            eprintln!("raw: {:.0}/s", report.throughput);
+            raw.push(report);
+        }
     }
-    let on_max = median(pairs.iter().map(|(_, on)| on.report.throughput).collect());
-    let half = pipeline_run(&args, true, Some(on_max / 2.0), &sink, &spans).await?;
-    let results = Results { pairs, raw, half_load: half };
+    let half_load = if args.compare == Compare::Tracing {
+        let on_max = median(pairs.iter().map(|(_, on)| on.report.throughput).collect());
+        Some(pipeline_run(&args, on, Some(on_max / 2.0), &sink, &spans).await?)
+    } else {
+        None
+    };
+    let results = Results { pairs, raw, half_load };
     println!("{}", summary(&results, &args));
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&results)?)?;
     }
-    if let Some(path) = &args.svg {
-        std::fs::write(path, results.half_load.report.plot())?;
+    if let (Some(path), Some(half)) = (&args.svg, &results.half_load) {
+        std::fs::write(path, half.report.plot())?;
     }
     Ok(())
 }
@@ -271,61 +324,80 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 fn summary(results: &Results, args: &BenchArgs) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
+    let (off_label, on_label) = match results.pairs.first() {
+        Some((off, on)) => (off.telemetry.label(), on.telemetry.label()),
+        None => return out,
+    };
     let _ = writeln!(
         out,
         "\n## {} pairs, {} s each after {} s warm-up, {} in flight\n",
         args.pairs, args.duration, args.warmup, args.concurrency
     );
-    let _ = writeln!(out, "| pair | tracing off | tracing on | on / off | raw publish (confirms) | on / raw |");
-    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    let with_raw = !results.raw.is_empty();
+    let _ = write!(out, "| pair | {off_label} | {on_label} | on / off |");
+    let _ = writeln!(out, "{}", if with_raw { " raw publish (confirms) | on / raw |" } else { "" });
+    let _ = writeln!(out, "|---|---|---|---|{}", if with_raw { "---|---|" } else { "" });
     let mut ratios = Vec::new();
     let mut of_raw = Vec::new();
-    for (i, ((off, on), raw)) in results.pairs.iter().zip(&results.raw).enumerate() {
+    for (i, (off, on)) in results.pairs.iter().enumerate() {
         let ratio = on.report.throughput / off.report.throughput;
-        let share = on.report.throughput / raw.throughput;
         ratios.push(ratio);
-        of_raw.push(share);
-        let _ = writeln!(
+        let _ = write!(
             out,
-            "| {} | {:.0}/s | {:.0}/s | {:.3} | {:.0}/s | {:.1}% |",
+            "| {} | {:.0}/s | {:.0}/s | {:.3} |",
             i + 1,
             off.report.throughput,
             on.report.throughput,
-            ratio,
-            raw.throughput,
-            share * 100.0
+            ratio
         );
+        if let Some(raw) = results.raw.get(i) {
+            let share = on.report.throughput / raw.throughput;
+            of_raw.push(share);
+            let _ = write!(out, " {:.0}/s | {:.1}% |", raw.throughput, share * 100.0);
+        }
+        let _ = writeln!(out);
     }
-    let _ = writeln!(
+    let _ = write!(
         out,
-        "| **median** | {:.0}/s | {:.0}/s | **{:.3}** (tracing costs {:.1}%) | {:.0}/s | **{:.1}%** |",
+        "| **median** | {:.0}/s | {:.0}/s | **{:.3}** (costs {:.1}%) |",
         median(results.pairs.iter().map(|(off, _)| off.report.throughput).collect()),
         median(results.pairs.iter().map(|(_, on)| on.report.throughput).collect()),
         median(ratios.clone()),
         (1.0 - median(ratios)) * 100.0,
-        median(results.raw.iter().map(|r| r.throughput).collect()),
-        median(of_raw) * 100.0
     );
-    let _ = writeln!(out, "\n| service | CPU s / 1,000 orders (off) | CPU s / 1,000 orders (on) | peak RSS (on) |");
+    if with_raw {
+        let _ = write!(
+            out,
+            " {:.0}/s | **{:.1}%** |",
+            median(results.raw.iter().map(|r| r.throughput).collect()),
+            median(of_raw) * 100.0
+        );
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "\n| service | CPU s / 1,000 orders ({off_label}) | CPU s / 1,000 orders ({on_label}) | peak RSS ({on_label}) |"
+    );
     let _ = writeln!(out, "|---|---|---|---|");
+    let cpu_per_thousand = |run: &Run, service: Option<&str>| -> f64 {
+        let seconds: f64 =
+            run.usage.iter().filter(|u| service.is_none_or(|s| u.service == s)).map(|u| u.cpu_seconds).sum();
+        seconds / (run.report.succeeded as f64 / 1000.0)
+    };
     for service in ["gateway", "checkout", "stock"] {
-        let per_thousand = |tracing: bool| {
+        let per_thousand = |on: bool| {
             median(
                 results
                     .pairs
                     .iter()
-                    .map(|(off, on)| if tracing { on } else { off })
-                    .filter_map(|run| {
-                        let usage = run.usage.iter().find(|u| u.service == service)?;
-                        Some(usage.cpu_seconds / (run.report.succeeded as f64 / 1000.0))
-                    })
+                    .map(|(off_run, on_run)| cpu_per_thousand(if on { on_run } else { off_run }, Some(service)))
                     .collect(),
             )
         };
         let peak = results
             .pairs
             .iter()
-            .flat_map(|(off, on)| [off, on])
+            .map(|(_, on)| on)
             .filter_map(|run| run.usage.iter().find(|u| u.service == service).map(|u| u.peak_rss_kib))
             .max()
             .unwrap_or(0);
@@ -337,19 +409,31 @@ fn summary(results: &Results, args: &BenchArgs) -> String {
             peak as f64 / 1024.0
         );
     }
-    let half = &results.half_load.report;
-    let e2e = half.end_to_end.as_ref();
+    // The cost of an order: all three services' CPU, per pair, on over off.
+    let cost_ratios: Vec<f64> =
+        results.pairs.iter().map(|(off, on)| cpu_per_thousand(on, None) / cpu_per_thousand(off, None)).collect();
     let _ = writeln!(
         out,
-        "\nAt half the maximum (tracing on, open loop {}): {:.0}/s, p99 POST {:.2} ms, p99 POST -> reserved {:.2} ms \
-         (p50 {:.2} / {:.2} ms); {} bytes of spans exported",
-        half.load,
-        half.throughput,
-        half.latency.p99_ms,
-        e2e.map_or(0.0, |p| p.p99_ms),
-        half.latency.p50_ms,
-        e2e.map_or(0.0, |p| p.p50_ms),
-        results.half_load.otlp_bytes
+        "\nCPU per order, three services together, on / off per pair: {}; median {:.3} (+{:.1}%)",
+        cost_ratios.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>().join(", "),
+        median(cost_ratios.clone()),
+        (median(cost_ratios) - 1.0) * 100.0
     );
+    if let Some(half_load) = &results.half_load {
+        let half = &half_load.report;
+        let e2e = half.end_to_end.as_ref();
+        let _ = writeln!(
+            out,
+            "\nAt half the maximum ({on_label}, open loop {}): {:.0}/s, p99 POST {:.2} ms, p99 POST -> reserved {:.2} ms \
+             (p50 {:.2} / {:.2} ms); {} bytes of telemetry exported",
+            half.load,
+            half.throughput,
+            half.latency.p99_ms,
+            e2e.map_or(0.0, |p| p.p99_ms),
+            half.latency.p50_ms,
+            e2e.map_or(0.0, |p| p.p50_ms),
+            half_load.otlp_bytes
+        );
+    }
     out
 }

@@ -1,5 +1,5 @@
-//! An OTLP trace receiver (gRPC and HTTP) that answers every export and keeps nothing: the
-//! "tracing on" backend of the benchmarks. It does not parse spans (it counts bytes): a real
+//! An OTLP receiver (gRPC and HTTP, spans and metrics) that answers every export and keeps
+//! nothing: the "tracing on" backend of the benchmarks. It does not parse (it counts bytes): a real
 //! backend runs on another machine, and parsing here would only take CPU from the services
 //! being measured.
 
@@ -18,26 +18,27 @@ pub fn spawn(listener: tokio::net::TcpListener) -> Arc<AtomicU64> {
     use hyper::body::Frame;
     let bytes = Arc::new(AtomicU64::new(0));
     let counter = bytes.clone();
-    let app = axum::Router::new().route(
-        "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
-        axum::routing::post(move |body: axum::body::Bytes| {
-            let counter = counter.clone();
-            async move {
-                counter.fetch_add(body.len() as u64, Ordering::Relaxed);
-                let mut trailers = axum::http::HeaderMap::new();
-                trailers.insert("grpc-status", axum::http::HeaderValue::from_static("0"));
-                // One gRPC message: not compressed, zero bytes (an empty response).
-                let frames = futures_util::stream::iter([
-                    Ok::<_, std::convert::Infallible>(Frame::data(axum::body::Bytes::from_static(&[0, 0, 0, 0, 0]))),
-                    Ok(Frame::trailers(trailers)),
-                ]);
-                axum::http::Response::builder()
-                    .header(axum::http::header::CONTENT_TYPE, "application/grpc")
-                    .body(Body::new(StreamBody::new(frames)))
-                    .unwrap_or_default()
-            }
-        }),
-    );
+    let export = axum::routing::post(move |body: axum::body::Bytes| {
+        let counter = counter.clone();
+        async move {
+            counter.fetch_add(body.len() as u64, Ordering::Relaxed);
+            let mut trailers = axum::http::HeaderMap::new();
+            trailers.insert("grpc-status", axum::http::HeaderValue::from_static("0"));
+            // One gRPC message: not compressed, zero bytes (an empty response).
+            let frames = futures_util::stream::iter([
+                Ok::<_, std::convert::Infallible>(Frame::data(axum::body::Bytes::from_static(&[0, 0, 0, 0, 0]))),
+                Ok(Frame::trailers(trailers)),
+            ]);
+            axum::http::Response::builder()
+                .header(axum::http::header::CONTENT_TYPE, "application/grpc")
+                .body(Body::new(StreamBody::new(frames)))
+                .unwrap_or_default()
+        }
+    });
+    // Spans and metrics alike: both answers are an empty message.
+    let app = axum::Router::new()
+        .route("/opentelemetry.proto.collector.trace.v1.TraceService/Export", export.clone())
+        .route("/opentelemetry.proto.collector.metrics.v1.MetricsService/Export", export);
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
@@ -50,16 +51,14 @@ pub fn spawn(listener: tokio::net::TcpListener) -> Arc<AtomicU64> {
 pub fn spawn_http(listener: tokio::net::TcpListener) -> Arc<AtomicU64> {
     let bytes = Arc::new(AtomicU64::new(0));
     let counter = bytes.clone();
-    let app = axum::Router::new().route(
-        "/v1/traces",
-        axum::routing::post(move |body: axum::body::Bytes| {
-            let counter = counter.clone();
-            async move {
-                counter.fetch_add(body.len() as u64, Ordering::Relaxed);
-                ([(axum::http::header::CONTENT_TYPE, "application/x-protobuf")], Vec::<u8>::new())
-            }
-        }),
-    );
+    let export = axum::routing::post(move |body: axum::body::Bytes| {
+        let counter = counter.clone();
+        async move {
+            counter.fetch_add(body.len() as u64, Ordering::Relaxed);
+            ([(axum::http::header::CONTENT_TYPE, "application/x-protobuf")], Vec::<u8>::new())
+        }
+    });
+    let app = axum::Router::new().route("/v1/traces", export.clone()).route("/v1/metrics", export);
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
