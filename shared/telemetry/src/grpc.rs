@@ -98,7 +98,8 @@ where
             KeyValue::new(SERVER_ADDRESS, address.clone()),
             KeyValue::new(SERVER_PORT, i64::from(*port)),
         ];
-        let metric = RpcMetric::start(&telemetry.instruments().rpc_client_duration, attributes.clone());
+        let instruments = telemetry.instruments();
+        let metric = RpcMetric::start(instruments.enabled, &instruments.rpc_client_duration, &attributes);
         let span = telemetry
             .tracer()
             .span_builder(method)
@@ -172,7 +173,8 @@ where
         let method = request.uri().path().trim_start_matches('/').to_owned();
         let mut attributes = vec![KeyValue::new(RPC_SYSTEM_NAME, "grpc"), KeyValue::new(RPC_METHOD, method.clone())];
         // server.address / server.port are opt-in for the server metric: left out.
-        let metric = RpcMetric::start(&self.telemetry.instruments().rpc_server_duration, attributes.clone());
+        let instruments = self.telemetry.instruments();
+        let metric = RpcMetric::start(instruments.enabled, &instruments.rpc_server_duration, &attributes);
         if let Some(authority) = request.uri().authority() {
             attributes.push(KeyValue::new(SERVER_ADDRESS, authority.host().to_owned()));
             if let Some(port) = authority.port_u16() {
@@ -196,17 +198,14 @@ where
     }
 }
 
-/// The call-duration histogram of one call, recorded when its span ends.
+/// The call-duration histogram of one call, recorded when its span ends; `None` inside when
+/// metrics are off.
 #[derive(Debug)]
-struct RpcMetric {
-    histogram: Histogram<f64>,
-    attributes: Vec<KeyValue>,
-    started: Instant,
-}
+struct RpcMetric(Option<(Histogram<f64>, Vec<KeyValue>, Instant)>);
 
 impl RpcMetric {
-    fn start(histogram: &Histogram<f64>, attributes: Vec<KeyValue>) -> Self {
-        Self { histogram: histogram.clone(), attributes, started: Instant::now() }
+    fn start(enabled: bool, histogram: &Histogram<f64>, attributes: &[KeyValue]) -> Self {
+        Self(enabled.then(|| (histogram.clone(), attributes.to_vec(), Instant::now())))
     }
 }
 
@@ -224,14 +223,18 @@ impl RpcSpan {
         let span = cx.span();
         let status = KeyValue::new(RPC_RESPONSE_STATUS_CODE, code_name(code));
         span.set_attribute(status.clone());
-        let metric = &mut self.metric;
-        metric.attributes.push(status);
-        if is_error(self.side, code) {
+        let failed = is_error(self.side, code);
+        if failed {
             record_error(&span, code_name(code), if message.is_empty() { code.description() } else { message });
-            metric.attributes.push(KeyValue::new(ERROR_TYPE, code_name(code)));
         }
         span.end();
-        metric.histogram.record(metric.started.elapsed().as_secs_f64(), &metric.attributes);
+        if let Some((histogram, mut attributes, started)) = self.metric.0.take() {
+            attributes.push(status);
+            if failed {
+                attributes.push(KeyValue::new(ERROR_TYPE, code_name(code)));
+            }
+            histogram.record(started.elapsed().as_secs_f64(), &attributes);
+        }
     }
 }
 

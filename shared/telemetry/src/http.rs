@@ -160,15 +160,19 @@ where
             }
         }
         // The duration histogram's attributes: the conventions' low-cardinality subset.
-        let mut metric_attributes = Vec::with_capacity(6);
-        metric_attributes.extend([
-            KeyValue::new(HTTP_REQUEST_METHOD, known_method(request.method())),
-            KeyValue::new(URL_SCHEME, "http"),
-            KeyValue::new(NETWORK_PROTOCOL_VERSION, protocol_version(request.version())),
-        ]);
-        if let Some(route) = attributes.iter().find(|kv| kv.key.as_str() == HTTP_ROUTE) {
-            metric_attributes.push(route.clone());
-        }
+        let instruments = telemetry.instruments();
+        let duration = instruments.enabled.then(|| {
+            let mut metric_attributes = Vec::with_capacity(6);
+            metric_attributes.extend([
+                KeyValue::new(HTTP_REQUEST_METHOD, known_method(request.method())),
+                KeyValue::new(URL_SCHEME, "http"),
+                KeyValue::new(NETWORK_PROTOCOL_VERSION, protocol_version(request.version())),
+            ]);
+            if let Some(route) = attributes.iter().find(|kv| kv.key.as_str() == HTTP_ROUTE) {
+                metric_attributes.push(route.clone());
+            }
+            (instruments.http_server_duration.clone(), metric_attributes, Instant::now())
+        });
         let tracer = telemetry.tracer();
         let span = tracer
             .span_builder(name)
@@ -186,9 +190,7 @@ where
             inner: future,
             cx: Some(cx),
             trace_response_headers: self.layer.trace_response_headers,
-            duration: telemetry.instruments().http_server_duration.clone(),
-            metric_attributes,
-            started: Instant::now(),
+            duration,
         }
     }
 }
@@ -242,9 +244,8 @@ pin_project! {
         inner: WithContext<F>,
         cx: Option<Context>,
         trace_response_headers: bool,
-        duration: Histogram<f64>,
-        metric_attributes: Vec<KeyValue>,
-        started: Instant,
+        // The histogram, its attributes so far and the start: `None` when metrics are off.
+        duration: Option<(Histogram<f64>, Vec<KeyValue>, Instant)>,
     }
 
     impl<F> PinnedDrop for HttpResponseFuture<F> {
@@ -272,13 +273,17 @@ where
                 let status = response.status();
                 let status_code = KeyValue::new(HTTP_RESPONSE_STATUS_CODE, i64::from(status.as_u16()));
                 span.set_attribute(status_code.clone());
-                this.metric_attributes.push(status_code);
                 // Conventions: a SERVER span fails on 5xx only; 4xx is the caller's doing.
                 if status.is_server_error() {
                     record_error(&span, status.as_str(), status.canonical_reason().unwrap_or("server error"));
-                    this.metric_attributes.push(KeyValue::new(ERROR_TYPE, status.as_str().to_owned()));
                 }
-                this.duration.record(this.started.elapsed().as_secs_f64(), this.metric_attributes);
+                if let Some((histogram, mut attributes, started)) = this.duration.take() {
+                    attributes.push(status_code);
+                    if status.is_server_error() {
+                        attributes.push(KeyValue::new(ERROR_TYPE, status.as_str().to_owned()));
+                    }
+                    histogram.record(started.elapsed().as_secs_f64(), &attributes);
+                }
                 if *this.trace_response_headers && span.span_context().is_valid() {
                     let value = traceparent(span.span_context());
                     if let Ok(timing) = HeaderValue::from_str(&format!("trace;desc={value}")) {

@@ -241,6 +241,9 @@ pub fn record_publish(
     error_type: Option<&'static str>,
 ) {
     let instruments = telemetry.instruments();
+    if !instruments.enabled {
+        return;
+    }
     let attributes = metric_attributes("publish", Some("send"), destination, peer, error_type);
     instruments.messaging_operation_duration.record(elapsed.as_secs_f64(), &attributes);
     // The counter's attributes are the same without the operation type.
@@ -251,7 +254,10 @@ pub fn record_publish(
 
 /// Counts a delivery handed to the application: `messaging.client.consumed.messages`.
 pub fn record_consumed(telemetry: &Telemetry, source: &Destination, peer: &BrokerPeer) {
-    telemetry.instruments().messaging_consumed.add(1, &metric_attributes("process", None, source, peer, None));
+    let instruments = telemetry.instruments();
+    if instruments.enabled {
+        instruments.messaging_consumed.add(1, &metric_attributes("process", None, source, peer, None));
+    }
 }
 
 /// Records the processing of a delivery (`messaging.process.duration`); `error_type` names
@@ -263,8 +269,11 @@ pub fn record_process(
     elapsed: Duration,
     error_type: Option<&'static str>,
 ) {
-    let attributes = metric_attributes("process", None, source, peer, error_type);
-    telemetry.instruments().messaging_process_duration.record(elapsed.as_secs_f64(), &attributes);
+    let instruments = telemetry.instruments();
+    if instruments.enabled {
+        let attributes = metric_attributes("process", None, source, peer, error_type);
+        instruments.messaging_process_duration.record(elapsed.as_secs_f64(), &attributes);
+    }
 }
 
 /// Records an ack or nack that took `elapsed`: `messaging.client.operation.duration` with
@@ -277,12 +286,16 @@ pub fn record_settle(
     elapsed: Duration,
     error_type: Option<&'static str>,
 ) {
+    let instruments = telemetry.instruments();
+    if !instruments.enabled {
+        return;
+    }
     let operation = match settle {
         Settle::Ack => "ack",
         Settle::Nack => "nack",
     };
     let attributes = metric_attributes(operation, Some("settle"), source, peer, error_type);
-    telemetry.instruments().messaging_operation_duration.record(elapsed.as_secs_f64(), &attributes);
+    instruments.messaging_operation_duration.record(elapsed.as_secs_f64(), &attributes);
 }
 
 /// 1 + broker redeliveries (`x-delivery-count`, set by quorum queues; else 1 when flagged

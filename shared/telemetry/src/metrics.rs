@@ -30,6 +30,8 @@ pub const DURATION_BOUNDARIES: [f64; 18] =
 /// The instruments the layers and messaging helpers record into, created once per service.
 #[derive(Debug, Clone)]
 pub(crate) struct Instruments {
+    /// False on the no-op meter: callers skip building attributes nobody aggregates.
+    pub(crate) enabled: bool,
     pub(crate) http_server_duration: Histogram<f64>,
     pub(crate) rpc_server_duration: Histogram<f64>,
     pub(crate) rpc_client_duration: Histogram<f64>,
@@ -40,7 +42,7 @@ pub(crate) struct Instruments {
 }
 
 impl Instruments {
-    pub(crate) fn new(meter: &Meter) -> Self {
+    pub(crate) fn new(meter: &Meter, enabled: bool) -> Self {
         let seconds = |name: &'static str, description: &'static str| {
             meter
                 .f64_histogram(name)
@@ -53,6 +55,7 @@ impl Instruments {
             meter.u64_counter(name).with_unit("{message}").with_description(description).build()
         };
         Self {
+            enabled,
             http_server_duration: seconds("http.server.request.duration", "Duration of HTTP server requests."),
             rpc_server_duration: seconds("rpc.server.call.duration", "Duration of incoming RPCs."),
             rpc_client_duration: seconds("rpc.client.call.duration", "Duration of outgoing RPCs."),

@@ -439,7 +439,7 @@ impl Telemetry {
             Some(provider) => provider.meter("tracehop"),
             None => NoopMeterProvider::new().meter("tracehop"),
         };
-        let instruments = Instruments::new(&meter);
+        let instruments = Instruments::new(&meter, meter_provider.is_some());
         let inner = Inner {
             service_name: config.service_name.clone(),
             tracer,
