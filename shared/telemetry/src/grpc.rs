@@ -229,6 +229,14 @@ impl RpcSpan {
         }
         span.end();
         if let Some((histogram, mut attributes, started)) = self.metric.0.take() {
+            // A method the server does not have is any path a caller sends: one series for all.
+            if self.side == Side::Server && code == Code::Unimplemented {
+                for attribute in &mut attributes {
+                    if attribute.key.as_str() == RPC_METHOD {
+                        *attribute = KeyValue::new(RPC_METHOD, "_OTHER");
+                    }
+                }
+            }
             attributes.push(status);
             if failed {
                 attributes.push(KeyValue::new(ERROR_TYPE, code_name(code)));

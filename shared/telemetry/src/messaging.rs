@@ -71,10 +71,12 @@ impl Destination {
         }
     }
 
-    /// What a producer publishes to: exchange (empty: the default exchange) and routing key.
+    /// What a producer publishes to: exchange (empty: the default exchange) and routing key
+    /// (empty, as for a fanout exchange: the name is the exchange's alone).
     pub fn publish(exchange: &str, routing_key: &str) -> Self {
         let exchange = if exchange.is_empty() { "amq.default" } else { exchange };
-        Self::new("publish", format!("{exchange}:{routing_key}"), routing_key)
+        let name = if routing_key.is_empty() { exchange.to_owned() } else { format!("{exchange}:{routing_key}") };
+        Self::new("publish", name, routing_key)
     }
 
     /// What a consumer processes: the binding (exchange, routing key) its queue receives the

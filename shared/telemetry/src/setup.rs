@@ -709,6 +709,14 @@ mod tests {
     }
 
     #[test]
+    fn sdk_disabled_turns_metrics_off_too() {
+        let config = config(&[("OTEL_SDK_DISABLED", "true")]).expect("valid");
+        assert!(matches!(config.metrics, Export::Otlp { .. }), "the exporter is configured");
+        let telemetry = Telemetry::new(&config).expect("telemetry");
+        assert!(telemetry.inner.meter_provider.is_none() && !telemetry.instruments().enabled);
+    }
+
+    #[test]
     fn service_name_falls_back_to_the_resource_attribute() {
         let config = config(&[("OTEL_RESOURCE_ATTRIBUTES", "service.name=from-attrs")]).expect("valid");
         assert_eq!(config.service_name, "from-attrs");
