@@ -178,6 +178,43 @@ impl ChannelPool {
     }
 }
 
+/// Ends a publish's PRODUCER span and records its metrics exactly once: with the outcome, or,
+/// when the caller gives up first (checkout's gRPC deadline drops the handler), as `cancelled`:
+/// the message may still be confirmed and reserved, and the metrics must not pretend it was
+/// never sent.
+struct Finish<'a> {
+    publisher: &'a Publisher,
+    cx: Option<Context>,
+    started: Instant,
+}
+
+impl Finish<'_> {
+    fn finish(&mut self, error: Option<(&'static str, &str)>) {
+        let Some(cx) = self.cx.take() else { return };
+        let span = cx.span();
+        if let Some((kind, message)) = error {
+            record_error(&span, kind, message);
+        }
+        span.end();
+        let publisher = self.publisher;
+        let peer = publisher.broker.peer();
+        let error_type = error.map(|(kind, _)| kind);
+        messaging::record_publish(
+            &publisher.telemetry,
+            &publisher.destination,
+            &peer,
+            self.started.elapsed(),
+            error_type,
+        );
+    }
+}
+
+impl Drop for Finish<'_> {
+    fn drop(&mut self) {
+        self.finish(Some(("cancelled", "the caller gave up before the broker's confirm")));
+    }
+}
+
 /// Publishes events, each on a confirm-mode channel of its own.
 #[derive(Debug, Clone)]
 pub struct Publisher {
@@ -213,24 +250,15 @@ impl Publisher {
             .with_timestamp(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
             .with_app_id("checkout".into())
             .with_headers(headers);
-        let started = Instant::now();
+        let mut finish = Finish { publisher: self, cx: Some(cx), started: Instant::now() };
         let outcome = match tokio::time::timeout(self.timeout, self.publish_until_confirmed(&body, &properties)).await {
             Ok(outcome) => outcome,
             Err(_) => Err(PublishError::Timeout(self.timeout)),
         };
-        let span = cx.span();
-        if let Err(error) = &outcome {
-            record_error(&span, error.kind(), &error.to_string());
+        match &outcome {
+            Ok(()) => finish.finish(None),
+            Err(error) => finish.finish(Some((error.kind(), &error.to_string()))),
         }
-        span.end();
-        let error_type = outcome.as_ref().err().map(PublishError::kind);
-        messaging::record_publish(
-            &self.telemetry,
-            &self.destination,
-            &self.broker.peer(),
-            started.elapsed(),
-            error_type,
-        );
         outcome
     }
 

@@ -81,8 +81,9 @@ pub const ORDERS_DEAD_LETTERED: &str = "tracehop.orders.dead_lettered";
 /// Attribute of [`ORDERS_DEAD_LETTERED`]: the reason, as in the `x-dead-letter-reason` header.
 pub const DEAD_LETTER_REASON_ATTRIBUTE: &str = "tracehop.dead_letter.reason";
 
-/// The business counters stock keeps, each counted once per order (a duplicate delivery
-/// counts nothing).
+/// The business counters stock keeps. A duplicate delivery reserves and counts nothing; a
+/// message dead-lettered twice (its ack lost after the copy was confirmed) is two messages in
+/// the dead-letter queue and counts twice.
 #[derive(Debug, Clone)]
 pub struct OrderCounters {
     reserved: Counter<u64>,
@@ -123,6 +124,11 @@ pub struct Handler {
     pub source: Destination,
     /// Reserved, rejected, dead-lettered.
     pub orders: OrderCounters,
+    /// Where retries are published (the retry queue, through the default exchange), for the
+    /// publish metrics.
+    pub retry_target: Destination,
+    /// Where dead letters are published (the dead-letter exchange).
+    pub dead_letter_target: Destination,
 }
 
 /// Opens the consuming channel on the current connection: confirm mode (for republishing),
@@ -370,7 +376,8 @@ impl Handler {
                 span.set_attribute(KeyValue::new(OUTCOME, "dead_lettered"));
                 tracing::warn!(reason, %error, "message can never succeed; dead-lettering it");
                 let headers = dead_letter_headers(reason, &error);
-                if self.forward(channel, delivery, topology::DEAD_LETTER_EXCHANGE, "", headers).await {
+                let target = &self.dead_letter_target;
+                if self.forward(channel, delivery, target, topology::DEAD_LETTER_EXCHANGE, "", headers).await {
                     self.count_dead_letter(reason);
                 }
             }
@@ -382,12 +389,14 @@ impl Handler {
                     span.set_attribute(KeyValue::new(OUTCOME, "retried"));
                     tracing::warn!(reason, %error, retry = retries + 1, "processing failed; retrying after a delay");
                     let extra = [(RETRY_COUNT_HEADER, AMQPValue::LongLongInt(retries + 1))];
-                    self.forward(channel, delivery, "", topology::RETRY_QUEUE, extra.to_vec()).await;
+                    let target = &self.retry_target;
+                    self.forward(channel, delivery, target, "", topology::RETRY_QUEUE, extra.to_vec()).await;
                 } else {
                     span.set_attribute(KeyValue::new(OUTCOME, "dead_lettered"));
                     tracing::error!(reason, %error, retries, "retries exhausted; dead-lettering the message");
                     let headers = dead_letter_headers("retries_exhausted", &format!("{reason}: {error}"));
-                    if self.forward(channel, delivery, topology::DEAD_LETTER_EXCHANGE, "", headers).await {
+                    let target = &self.dead_letter_target;
+                    if self.forward(channel, delivery, target, topology::DEAD_LETTER_EXCHANGE, "", headers).await {
                         self.count_dead_letter("retries_exhausted");
                     }
                 }
@@ -443,6 +452,7 @@ impl Handler {
         &self,
         channel: &Channel,
         delivery: &Delivery,
+        target: &Destination,
         exchange: &str,
         routing_key: &str,
         extra: Vec<(&str, AMQPValue)>,
@@ -466,9 +476,17 @@ impl Handler {
         };
         // A confirm that never comes (a connection stuck mid-recovery) must not pin the
         // delivery forever.
+        let started = Instant::now();
         let confirmed = tokio::time::timeout(FORWARD_TIMEOUT, publish)
             .await
             .unwrap_or_else(|_| Err(lapin::Error::from(std::io::Error::from(std::io::ErrorKind::TimedOut))));
+        let error_type = match &confirmed {
+            Ok(Confirmation::Ack(None)) => None,
+            Ok(Confirmation::Ack(Some(_))) => Some("unroutable"),
+            Ok(Confirmation::Nack(_) | Confirmation::NotRequested) => Some("nacked"),
+            Err(_) => Some("publish_failed"),
+        };
+        messaging::record_publish(&self.telemetry, target, &self.broker.peer(), started.elapsed(), error_type);
         match confirmed {
             Ok(Confirmation::Ack(None)) => {
                 self.ack(delivery).await;
@@ -480,14 +498,17 @@ impl Handler {
                 tracing::error!(?other, exchange, routing_key, "could not forward the message; requeueing it");
                 let requeue = BasicNackOptions { requeue: true, ..BasicNackOptions::default() };
                 let started = Instant::now();
-                let mut error_type = None;
-                if let Ok(Err(error)) | Err(error) = tokio::time::timeout(FORWARD_TIMEOUT, delivery.acker.nack(requeue))
+                let error_type = match tokio::time::timeout(FORWARD_TIMEOUT, delivery.acker.nack(requeue))
                     .await
                     .map_err(|_| lapin::Error::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))
                 {
-                    tracing::warn!(%error, "nack failed; the broker will redeliver");
-                    error_type = Some("nack_failed");
-                }
+                    Ok(Ok(true)) => None,
+                    Ok(Ok(false)) => Some("channel_recovered"),
+                    Ok(Err(error)) | Err(error) => {
+                        tracing::warn!(%error, "nack failed; the broker will redeliver");
+                        Some("nack_failed")
+                    }
+                };
                 self.record_settle(Settle::Nack, started, error_type);
                 false
             }

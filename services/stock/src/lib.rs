@@ -25,6 +25,7 @@ use tokio::sync::watch;
 use tracehop_broker::catalog;
 use tracehop_broker::connection::{Broker, BrokerHealth};
 use tracehop_telemetry::Telemetry;
+use tracehop_telemetry::messaging::Destination;
 
 pub use config::Config;
 
@@ -90,6 +91,8 @@ pub async fn run(
         consuming,
         source: tracehop_broker::topology::process_destination(),
         orders: consumer::OrderCounters::new(telemetry.meter()),
+        retry_target: Destination::publish("", tracehop_broker::topology::RETRY_QUEUE),
+        dead_letter_target: Destination::publish(tracehop_broker::topology::DEAD_LETTER_EXCHANGE, ""),
     });
     let router =
         admin::router(AdminState { store: store.clone(), broker: health, consuming: consuming_now }, telemetry);
