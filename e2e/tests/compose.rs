@@ -194,10 +194,11 @@ fn the_monitoring_profile_wires_metrics_from_every_service_to_prometheus_and_jae
     assert_eq!(names(&collector["service"]["pipelines"]["metrics"]["exporters"]), ["prometheus"]);
     let scrape: Yaml =
         serde_norway::from_str(&workspace_file("deploy/prometheus/prometheus.yml")).expect("prometheus config is YAML");
-    let targets: Vec<String> = scrape["scrape_configs"][0]["static_configs"]
+    let targets: Vec<String> = scrape["scrape_configs"]
         .as_sequence()
-        .expect("static configs")
+        .expect("scrape configs")
         .iter()
+        .flat_map(|job| job["static_configs"].as_sequence().cloned().unwrap_or_default())
         .flat_map(|c| names(&c["targets"]))
         .collect();
     assert_eq!(targets, ["jaeger:8889", "otel-collector:8889"]);

@@ -80,10 +80,19 @@ async fn every_service_reports_red_metrics_and_business_counters() {
         assert_eq!(pipeline.wait_for_order(id).await, "reserved");
     }
     assert_eq!(pipeline.wait_for_order(rejected["order_id"].as_str().expect("id")).await, "rejected");
-    // The dead-lettering acks after its forward is confirmed; let it land before flushing.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    pipeline.flush().await;
+    // Stock records a delivery's ack and processing after the store write the checks above
+    // saw, and the poison's only once its dead-letter copy is confirmed: export until they are in.
     let receiver = &pipeline.receiver;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        pipeline.flush().await;
+        let processed = receiver.latest_metric("stock", "messaging.process.duration").map(|m| total(&m, &[]));
+        let dead = receiver.latest_metric("stock", "tracehop.orders.dead_lettered").map(|m| total(&m, &[]));
+        if processed == Some(5) && dead == Some(1) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "stock processed {processed:?}, dead-lettered {dead:?}");
+    }
 
     // gateway: HTTP server duration per route and status; the gRPC client's call duration.
     let http = metric(receiver, "gateway", "http.server.request.duration", "s", HISTOGRAM);
@@ -106,12 +115,14 @@ async fn every_service_reports_red_metrics_and_business_counters() {
     assert_eq!(total(&server, &call), 5);
     assert_eq!(total(&server, &[("rpc.response.status_code", "NOT_FOUND")]), 1);
     assert!(server.points.iter().all(|p| !p.attributes.contains_key("error.type")), "{:?}", server.points);
+    assert!(server.points.iter().all(|p| !p.attributes.contains_key("server.address")), "opt-in on the server");
     let destination = ("messaging.destination.name", "checkout:checkout.processed");
     let publish = metric(receiver, "checkout", "messaging.client.operation.duration", "s", HISTOGRAM);
     let sent_attributes = [("messaging.system", "rabbitmq"), ("messaging.operation.name", "publish"), destination];
     assert_eq!(total(&publish, &[sent_attributes.as_slice(), &[("messaging.operation.type", "send")]].concat()), 4);
     let sent = metric(receiver, "checkout", "messaging.client.sent.messages", "{message}", COUNTER);
     assert_eq!(total(&sent, &sent_attributes), 4);
+    assert!(sent.points.iter().all(|p| !p.attributes.contains_key("messaging.operation.type")), "{:?}", sent.points);
     let orders_accepted = metric(receiver, "checkout", "tracehop.orders.accepted", "{order}", COUNTER);
     assert_eq!(total(&orders_accepted, &[]), 4);
 
@@ -129,6 +140,12 @@ async fn every_service_reports_red_metrics_and_business_counters() {
     assert_eq!(total(&process, &[("error.type", "invalid_json")]), 1);
     let settle = metric(receiver, "stock", "messaging.client.operation.duration", "s", HISTOGRAM);
     assert_eq!(total(&settle, &[("messaging.operation.name", "ack"), ("messaging.operation.type", "settle")]), 5);
+    // The dead-letter copy is a publish of stock's own, to the dead-letter exchange.
+    let dead_letter =
+        [("messaging.operation.name", "publish"), ("messaging.destination.name", topology::DEAD_LETTER_EXCHANGE)];
+    assert_eq!(total(&settle, &dead_letter), 1);
+    let stock_sent = metric(receiver, "stock", "messaging.client.sent.messages", "{message}", COUNTER);
+    assert_eq!(total(&stock_sent, &[("messaging.destination.name", topology::DEAD_LETTER_EXCHANGE)]), 1);
     let counted =
         |name: &str, filter: &[(&str, &str)]| total(&metric(receiver, "stock", name, "{order}", COUNTER), filter);
     assert_eq!(counted("tracehop.orders.reserved", &[]), 3);
