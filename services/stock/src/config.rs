@@ -74,7 +74,7 @@ impl Config {
             )?,
             baggage_span_attributes: env.list_or("BAGGAGE_SPAN_ATTRIBUTES", "customer.id"),
             broker_give_up: Duration::from_secs(env.parse_or("BROKER_GIVE_UP_SECS", 120)?),
-            drain_timeout: Duration::from_secs(env.parse_or("SHUTDOWN_DRAIN_SECS", 8)?),
+            drain_timeout: Duration::from_secs(env.parse_or("SHUTDOWN_DRAIN_SECS", 5)?),
         })
     }
 }

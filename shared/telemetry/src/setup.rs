@@ -148,7 +148,7 @@ impl TelemetryConfig {
             metric_interval: DEFAULT_METRIC_INTERVAL,
             sampler: SamplerChoice::ParentBasedAlwaysOn,
             propagators: DEFAULT_PROPAGATORS.to_vec(),
-            shutdown_timeout: Duration::from_secs(5),
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             batch_delay: None,
         }
     }
@@ -202,11 +202,15 @@ impl TelemetryConfig {
             metric_interval,
             sampler: parse_sampler(env)?,
             propagators,
-            shutdown_timeout: Duration::from_secs(5),
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             batch_delay: None,
         })
     }
 }
+
+/// How long shutdown may spend flushing telemetry: with stock's 5 s drain of deliveries in
+/// progress, a service exits within 10 s of SIGTERM even with a hung trace backend.
+const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// The default of `OTEL_METRIC_EXPORT_INTERVAL` (the spec's 60 s).
 const DEFAULT_METRIC_INTERVAL: Duration = Duration::from_secs(60);
@@ -497,30 +501,52 @@ impl Telemetry {
         }
     }
 
-    /// Flushes and stops span and metric export, giving up after the configured timeout (the
-    /// two run side by side, so the bound holds for both).
+    /// Flushes and stops span and metric export, giving up after the configured timeout: the
+    /// two run side by side, and the wait for them is bounded here (the metrics SDK ignores the
+    /// timeout it is given and waits up to its own 5 s).
     ///
     /// The SDK's shutdown blocks its caller until the export thread is done; on a tokio worker
     /// (or a current-thread test runtime) that would stall the very runtime the gRPC exporter
-    /// needs, so it runs on the blocking pool.
+    /// needs, so it runs on a thread of its own. Not on tokio's blocking pool: a runtime waits
+    /// for its blocking tasks when it is dropped, so a hung export would hold the process past
+    /// this deadline anyway.
     pub async fn shutdown(&self) {
         let timeout = self.inner.shutdown_timeout;
-        let spans = self.inner.provider.clone().map(|provider| {
-            tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(timeout).map_err(|e| ("spans", e)))
-        });
-        let metrics = self.inner.meter_provider.clone().map(|provider| {
-            tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(timeout).map_err(|e| ("metrics", e)))
-        });
+        let spans = self
+            .inner
+            .provider
+            .clone()
+            .map(|provider| detached(move || provider.shutdown_with_timeout(timeout).map_err(|e| ("spans", e))));
+        let metrics = self
+            .inner
+            .meter_provider
+            .clone()
+            .map(|provider| detached(move || provider.shutdown_with_timeout(timeout).map_err(|e| ("metrics", e))));
+        let deadline = tokio::time::Instant::now() + timeout;
         for task in [spans, metrics].into_iter().flatten() {
-            match task.await {
-                Ok(Ok(())) => {}
-                Ok(Err((signal, error))) => {
-                    tracing::warn!(%error, signal, "telemetry shutdown did not flush everything")
+            match tokio::time::timeout_at(deadline, task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err((signal, error)))) => {
+                    tracing::warn!(%error, signal, "telemetry shutdown did not flush everything");
                 }
-                Err(error) => tracing::warn!(%error, "telemetry shutdown task failed"),
+                Ok(Err(_)) => tracing::warn!("telemetry shutdown thread ended without an answer"),
+                Err(_) => tracing::warn!(?timeout, "telemetry shutdown gave up at its deadline"),
             }
         }
     }
+}
+
+/// Runs `work` on a detached thread of its own; the answer arrives on the receiver (which
+/// reports an error if the thread could not be started or panicked).
+fn detached<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> tokio::sync::oneshot::Receiver<T> {
+    let (answer, receiver) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new().name("telemetry-shutdown".into()).spawn(move || {
+        let _ = answer.send(work());
+    });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "cannot start the telemetry shutdown thread");
+    }
+    receiver
 }
 
 /// The meter provider: OTLP export every `metric_interval`, cumulative temporality (what
