@@ -1,5 +1,5 @@
 //! One checkout, one trace: SERVER(gateway) -> CLIENT(gateway) -> SERVER(checkout) ->
-//! PRODUCER(checkout) -> CONSUMER(stock), with the names and attributes of DESIGN.md.
+//! PRODUCER(checkout) -> CONSUMER(stock), with the names and attributes the README shows.
 
 use std::time::Duration;
 

@@ -1,4 +1,4 @@
-//! The demo catalog: what checkout prices and stock seeds (DESIGN.md, "Wire contract").
+//! The demo catalog: what checkout prices and stock seeds (README, "API").
 
 /// One product of the demo catalog.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

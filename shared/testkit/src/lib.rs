@@ -1,4 +1,4 @@
-//! Fixtures for tracehop's tests, all on real parts (see DESIGN.md, "Testing").
+//! Fixtures for tracehop's tests, all on real parts (see the README, "Testing").
 //!
 //! # Layout
 //! - [`rabbit`]: a RabbitMQ vhost of its own per test, on the machine's broker.

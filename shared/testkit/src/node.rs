@@ -1,6 +1,6 @@
 //! Throw-away RabbitMQ nodes for destructive tests: their own node name, ports, data and log
 //! directories, started from the installed `rabbitmq-server`, so killing or restarting them
-//! never touches the machine's shared broker (DESIGN.md, "Testing").
+//! never touches the machine's shared broker (README, "Testing").
 
 use std::net::TcpListener;
 use std::path::PathBuf;
