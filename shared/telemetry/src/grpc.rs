@@ -98,8 +98,7 @@ where
             KeyValue::new(SERVER_ADDRESS, address.clone()),
             KeyValue::new(SERVER_PORT, i64::from(*port)),
         ];
-        let instruments = telemetry.instruments();
-        let metric = RpcMetric::start(instruments.enabled, &instruments.rpc_client_duration, &attributes);
+        let metric = RpcMetric::start(telemetry.instruments().map(|i| &i.rpc_client_duration), &attributes);
         let span = telemetry
             .tracer()
             .span_builder(method)
@@ -173,8 +172,7 @@ where
         let method = request.uri().path().trim_start_matches('/').to_owned();
         let mut attributes = vec![KeyValue::new(RPC_SYSTEM_NAME, "grpc"), KeyValue::new(RPC_METHOD, method.clone())];
         // server.address / server.port are opt-in for the server metric: left out.
-        let instruments = self.telemetry.instruments();
-        let metric = RpcMetric::start(instruments.enabled, &instruments.rpc_server_duration, &attributes);
+        let metric = RpcMetric::start(self.telemetry.instruments().map(|i| &i.rpc_server_duration), &attributes);
         if let Some(authority) = request.uri().authority() {
             attributes.push(KeyValue::new(SERVER_ADDRESS, authority.host().to_owned()));
             if let Some(port) = authority.port_u16() {
@@ -204,8 +202,8 @@ where
 struct RpcMetric(Option<(Histogram<f64>, Vec<KeyValue>, Instant)>);
 
 impl RpcMetric {
-    fn start(enabled: bool, histogram: &Histogram<f64>, attributes: &[KeyValue]) -> Self {
-        Self(enabled.then(|| (histogram.clone(), attributes.to_vec(), Instant::now())))
+    fn start(histogram: Option<&Histogram<f64>>, attributes: &[KeyValue]) -> Self {
+        Self(histogram.map(|histogram| (histogram.clone(), attributes.to_vec(), Instant::now())))
     }
 }
 

@@ -160,8 +160,7 @@ where
             }
         }
         // The duration histogram's attributes: the conventions' low-cardinality subset.
-        let instruments = telemetry.instruments();
-        let duration = instruments.enabled.then(|| {
+        let duration = telemetry.instruments().map(|instruments| {
             let mut metric_attributes = Vec::with_capacity(6);
             metric_attributes.extend([
                 KeyValue::new(HTTP_REQUEST_METHOD, known_method(request.method())),

@@ -209,9 +209,9 @@ pub enum Settle {
 }
 
 /// The metrics' attributes: the conventions' low-cardinality ones (no message id, no tag).
+/// Without `messaging.operation.type`, which only the operation-duration histogram carries.
 fn metric_attributes(
     operation: &'static str,
-    operation_type: Option<&'static str>,
     destination: &Destination,
     peer: &BrokerPeer,
     error_type: Option<&'static str>,
@@ -224,9 +224,6 @@ fn metric_attributes(
         KeyValue::new(SERVER_ADDRESS, StringValue::from(peer.address.clone())),
         KeyValue::new(SERVER_PORT, i64::from(peer.port)),
     ]);
-    if let Some(operation_type) = operation_type {
-        attributes.push(KeyValue::new(MESSAGING_OPERATION_TYPE, operation_type));
-    }
     if let Some(error_type) = error_type {
         attributes.push(KeyValue::new(ERROR_TYPE, error_type));
     }
@@ -234,7 +231,7 @@ fn metric_attributes(
 }
 
 /// Records a publish that took `elapsed` (until the confirm, or the failure named by
-/// `error_type`): `messaging.client.operation.duration` and `messaging.client.sent.messages`.
+/// `error_type`): `messaging.client.sent.messages` and `messaging.client.operation.duration`.
 pub fn record_publish(
     telemetry: &Telemetry,
     destination: &Destination,
@@ -242,24 +239,17 @@ pub fn record_publish(
     elapsed: Duration,
     error_type: Option<&'static str>,
 ) {
-    let instruments = telemetry.instruments();
-    if !instruments.enabled {
-        return;
-    }
-    let attributes = metric_attributes("publish", Some("send"), destination, peer, error_type);
+    let Some(instruments) = telemetry.instruments() else { return };
+    let mut attributes = metric_attributes("publish", destination, peer, error_type);
+    instruments.messaging_sent.add(1, &attributes);
+    attributes.push(KeyValue::new(MESSAGING_OPERATION_TYPE, "send"));
     instruments.messaging_operation_duration.record(elapsed.as_secs_f64(), &attributes);
-    // The counter's attributes are the same without the operation type.
-    let without_type: Vec<KeyValue> =
-        attributes.into_iter().filter(|kv| kv.key.as_str() != MESSAGING_OPERATION_TYPE).collect();
-    instruments.messaging_sent.add(1, &without_type);
 }
 
 /// Counts a delivery handed to the application: `messaging.client.consumed.messages`.
 pub fn record_consumed(telemetry: &Telemetry, source: &Destination, peer: &BrokerPeer) {
-    let instruments = telemetry.instruments();
-    if instruments.enabled {
-        instruments.messaging_consumed.add(1, &metric_attributes("process", None, source, peer, None));
-    }
+    let Some(instruments) = telemetry.instruments() else { return };
+    instruments.messaging_consumed.add(1, &metric_attributes("process", source, peer, None));
 }
 
 /// Records the processing of a delivery (`messaging.process.duration`); `error_type` names
@@ -271,11 +261,9 @@ pub fn record_process(
     elapsed: Duration,
     error_type: Option<&'static str>,
 ) {
-    let instruments = telemetry.instruments();
-    if instruments.enabled {
-        let attributes = metric_attributes("process", None, source, peer, error_type);
-        instruments.messaging_process_duration.record(elapsed.as_secs_f64(), &attributes);
-    }
+    let Some(instruments) = telemetry.instruments() else { return };
+    let attributes = metric_attributes("process", source, peer, error_type);
+    instruments.messaging_process_duration.record(elapsed.as_secs_f64(), &attributes);
 }
 
 /// Records an ack or nack that took `elapsed`: `messaging.client.operation.duration` with
@@ -288,15 +276,13 @@ pub fn record_settle(
     elapsed: Duration,
     error_type: Option<&'static str>,
 ) {
-    let instruments = telemetry.instruments();
-    if !instruments.enabled {
-        return;
-    }
+    let Some(instruments) = telemetry.instruments() else { return };
     let operation = match settle {
         Settle::Ack => "ack",
         Settle::Nack => "nack",
     };
-    let attributes = metric_attributes(operation, Some("settle"), source, peer, error_type);
+    let mut attributes = metric_attributes(operation, source, peer, error_type);
+    attributes.push(KeyValue::new(MESSAGING_OPERATION_TYPE, "settle"));
     instruments.messaging_operation_duration.record(elapsed.as_secs_f64(), &attributes);
 }
 

@@ -27,11 +27,10 @@ use opentelemetry::metrics::{Counter, Histogram, Meter};
 pub const DURATION_BOUNDARIES: [f64; 18] =
     [0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0];
 
-/// The instruments the layers and messaging helpers record into, created once per service.
+/// The instruments the layers and messaging helpers record into, created once per service
+/// that exports metrics (none otherwise, so callers build no attributes nobody aggregates).
 #[derive(Debug, Clone)]
 pub(crate) struct Instruments {
-    /// False on the no-op meter: callers skip building attributes nobody aggregates.
-    pub(crate) enabled: bool,
     pub(crate) http_server_duration: Histogram<f64>,
     pub(crate) rpc_server_duration: Histogram<f64>,
     pub(crate) rpc_client_duration: Histogram<f64>,
@@ -42,7 +41,7 @@ pub(crate) struct Instruments {
 }
 
 impl Instruments {
-    pub(crate) fn new(meter: &Meter, enabled: bool) -> Self {
+    pub(crate) fn new(meter: &Meter) -> Self {
         let seconds = |name: &'static str, description: &'static str| {
             meter
                 .f64_histogram(name)
@@ -55,7 +54,6 @@ impl Instruments {
             meter.u64_counter(name).with_unit("{message}").with_description(description).build()
         };
         Self {
-            enabled,
             http_server_duration: seconds("http.server.request.duration", "Duration of HTTP server requests."),
             rpc_server_duration: seconds("rpc.server.call.duration", "Duration of incoming RPCs."),
             rpc_client_duration: seconds("rpc.client.call.duration", "Duration of outgoing RPCs."),

@@ -18,7 +18,7 @@ use opentelemetry::global::BoxedTracer;
 use opentelemetry::metrics::{Meter, MeterProvider as _, noop::NoopMeterProvider};
 use opentelemetry::propagation::{TextMapCompositePropagator, TextMapPropagator};
 use opentelemetry::trace::{TracerProvider as _, noop::NoopTracer};
-use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_otlp::{MetricExporter, Protocol, WithExportConfig};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::metrics::data::ResourceMetrics;
 use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
@@ -353,7 +353,8 @@ struct Inner {
     meter_provider: Option<SdkMeterProvider>,
     /// The meter services make their own instruments with (a no-op one without a provider).
     meter: Meter,
-    instruments: Instruments,
+    /// `None` without a meter provider.
+    instruments: Option<Instruments>,
     shutdown_timeout: Duration,
 }
 
@@ -397,18 +398,10 @@ impl Telemetry {
         if let Export::Otlp { endpoint, protocol } = &config.export {
             let exporter = match protocol {
                 OtlpProtocol::Grpc => {
-                    let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic();
-                    if let Some(endpoint) = endpoint {
-                        exporter = exporter.with_endpoint(endpoint);
-                    }
-                    exporter.with_protocol(Protocol::Grpc).build()?
+                    configured(opentelemetry_otlp::SpanExporter::builder().with_tonic(), endpoint, *protocol).build()?
                 }
                 OtlpProtocol::HttpProtobuf => {
-                    let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_http();
-                    if let Some(endpoint) = endpoint {
-                        exporter = exporter.with_endpoint(endpoint);
-                    }
-                    exporter.with_protocol(Protocol::HttpBinary).build()?
+                    configured(opentelemetry_otlp::SpanExporter::builder().with_http(), endpoint, *protocol).build()?
                 }
             };
             // The SDK's defaults read OTEL_BSP_*; only the delay is overridden, when asked.
@@ -443,7 +436,7 @@ impl Telemetry {
             Some(provider) => provider.meter("tracehop"),
             None => NoopMeterProvider::new().meter("tracehop"),
         };
-        let instruments = Instruments::new(&meter, meter_provider.is_some());
+        let instruments = meter_provider.is_some().then(|| Instruments::new(&meter));
         let inner = Inner {
             service_name: config.service_name.clone(),
             tracer,
@@ -463,8 +456,9 @@ impl Telemetry {
         &self.inner.meter
     }
 
-    pub(crate) fn instruments(&self) -> &Instruments {
-        &self.inner.instruments
+    /// The layers' and helpers' instruments; `None` when metrics are off.
+    pub(crate) fn instruments(&self) -> Option<&Instruments> {
+        self.inner.instruments.as_ref()
     }
 
     /// `service.name` of this service.
@@ -482,55 +476,48 @@ impl Telemetry {
         &self.inner.propagator
     }
 
-    /// Exports the spans ended so far and the metrics as they stand, now (on the blocking pool,
-    /// like [`Telemetry::shutdown`]).
+    /// Exports the spans ended so far and the metrics as they stand, now (off the runtime and
+    /// bounded, like [`Telemetry::shutdown`]).
     pub async fn flush(&self) {
-        let spans = self
-            .inner
-            .provider
-            .clone()
-            .map(|provider| tokio::task::spawn_blocking(move || provider.force_flush().map_err(|e| ("spans", e))));
-        let metrics =
-            self.inner.meter_provider.clone().map(|provider| {
-                tokio::task::spawn_blocking(move || provider.force_flush().map_err(|e| ("metrics", e)))
-            });
-        for task in [spans, metrics].into_iter().flatten() {
-            if let Ok(Err((signal, error))) = task.await {
-                tracing::warn!(%error, signal, "flushing telemetry failed");
-            }
-        }
+        self.on_both_providers("flush", |p| p.force_flush(), |p| p.force_flush()).await;
     }
 
-    /// Flushes and stops span and metric export, giving up after the configured timeout: the
-    /// two run side by side, and the wait for them is bounded here (the metrics SDK ignores the
-    /// timeout it is given and waits up to its own 5 s).
-    ///
-    /// The SDK's shutdown blocks its caller until the export thread is done; on a tokio worker
-    /// (or a current-thread test runtime) that would stall the very runtime the gRPC exporter
-    /// needs, so it runs on a thread of its own. Not on tokio's blocking pool: a runtime waits
-    /// for its blocking tasks when it is dropped, so a hung export would hold the process past
-    /// this deadline anyway.
+    /// Flushes and stops span and metric export, giving up after the configured timeout (the
+    /// metrics SDK ignores the timeout it is given and waits up to its own 5 s).
     pub async fn shutdown(&self) {
         let timeout = self.inner.shutdown_timeout;
-        let spans = self
-            .inner
-            .provider
-            .clone()
-            .map(|provider| detached(move || provider.shutdown_with_timeout(timeout).map_err(|e| ("spans", e))));
-        let metrics = self
-            .inner
-            .meter_provider
-            .clone()
-            .map(|provider| detached(move || provider.shutdown_with_timeout(timeout).map_err(|e| ("metrics", e))));
+        self.on_both_providers(
+            "shutdown",
+            move |p| p.shutdown_with_timeout(timeout),
+            move |p| p.shutdown_with_timeout(timeout),
+        )
+        .await;
+    }
+
+    /// Runs `spans` and `metrics` on their providers side by side and waits for them until the
+    /// configured timeout, logging what failed.
+    ///
+    /// The SDK's calls block their caller until the export thread is done; on a tokio worker
+    /// (or a current-thread test runtime) that would stall the very runtime the gRPC exporter
+    /// needs, so they run on threads of their own. Not on tokio's blocking pool: a runtime waits
+    /// for its blocking tasks when it is dropped, so a hung export would hold the process past
+    /// the deadline anyway.
+    async fn on_both_providers(
+        &self,
+        what: &'static str,
+        spans: impl FnOnce(SdkTracerProvider) -> OTelSdkResult + Send + 'static,
+        metrics: impl FnOnce(SdkMeterProvider) -> OTelSdkResult + Send + 'static,
+    ) {
+        let timeout = self.inner.shutdown_timeout;
+        let spans = self.inner.provider.clone().map(|p| ("spans", detached(move || spans(p))));
+        let metrics = self.inner.meter_provider.clone().map(|p| ("metrics", detached(move || metrics(p))));
         let deadline = tokio::time::Instant::now() + timeout;
-        for task in [spans, metrics].into_iter().flatten() {
+        for (signal, task) in [spans, metrics].into_iter().flatten() {
             match tokio::time::timeout_at(deadline, task).await {
                 Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err((signal, error)))) => {
-                    tracing::warn!(%error, signal, "telemetry shutdown did not flush everything");
-                }
-                Ok(Err(_)) => tracing::warn!("telemetry shutdown thread ended without an answer"),
-                Err(_) => tracing::warn!(?timeout, "telemetry shutdown gave up at its deadline"),
+                Ok(Ok(Err(error))) => tracing::warn!(%error, signal, what, "telemetry did not flush everything"),
+                Ok(Err(_)) => tracing::warn!(signal, what, "the telemetry thread ended without an answer"),
+                Err(_) => tracing::warn!(?timeout, signal, what, "telemetry gave up at its deadline"),
             }
         }
     }
@@ -540,13 +527,26 @@ impl Telemetry {
 /// reports an error if the thread could not be started or panicked).
 fn detached<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> tokio::sync::oneshot::Receiver<T> {
     let (answer, receiver) = tokio::sync::oneshot::channel();
-    let spawned = std::thread::Builder::new().name("telemetry-shutdown".into()).spawn(move || {
+    let spawned = std::thread::Builder::new().name("telemetry-flush".into()).spawn(move || {
         let _ = answer.send(work());
     });
     if let Err(error) = spawned {
-        tracing::warn!(%error, "cannot start the telemetry shutdown thread");
+        tracing::warn!(%error, "cannot start a telemetry flush thread");
     }
     receiver
+}
+
+/// An OTLP exporter builder (spans or metrics, gRPC or HTTP) with our endpoint, if one was
+/// given, and protocol.
+fn configured<B: WithExportConfig>(builder: B, endpoint: &Option<String>, protocol: OtlpProtocol) -> B {
+    let builder = match endpoint {
+        Some(endpoint) => builder.with_endpoint(endpoint),
+        None => builder,
+    };
+    builder.with_protocol(match protocol {
+        OtlpProtocol::Grpc => Protocol::Grpc,
+        OtlpProtocol::HttpProtobuf => Protocol::HttpBinary,
+    })
 }
 
 /// The meter provider: OTLP export every `metric_interval`, cumulative temporality (what
@@ -554,20 +554,8 @@ fn detached<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> tok
 fn meter_provider(config: &TelemetryConfig, resource: &Resource) -> Result<Option<SdkMeterProvider>, SetupError> {
     let Export::Otlp { endpoint, protocol } = &config.metrics else { return Ok(None) };
     let exporter = match protocol {
-        OtlpProtocol::Grpc => {
-            let mut exporter = opentelemetry_otlp::MetricExporter::builder().with_tonic();
-            if let Some(endpoint) = endpoint {
-                exporter = exporter.with_endpoint(endpoint);
-            }
-            exporter.with_protocol(Protocol::Grpc).build()?
-        }
-        OtlpProtocol::HttpProtobuf => {
-            let mut exporter = opentelemetry_otlp::MetricExporter::builder().with_http();
-            if let Some(endpoint) = endpoint {
-                exporter = exporter.with_endpoint(endpoint);
-            }
-            exporter.with_protocol(Protocol::HttpBinary).build()?
-        }
+        OtlpProtocol::Grpc => configured(MetricExporter::builder().with_tonic(), endpoint, *protocol).build()?,
+        OtlpProtocol::HttpProtobuf => configured(MetricExporter::builder().with_http(), endpoint, *protocol).build()?,
     };
     let reader = PeriodicReader::builder(LoggingMetricExporter(exporter)).with_interval(config.metric_interval).build();
     Ok(Some(SdkMeterProvider::builder().with_resource(resource.clone()).with_reader(reader).build()))
@@ -739,7 +727,7 @@ mod tests {
         let config = config(&[("OTEL_SDK_DISABLED", "true")]).expect("valid");
         assert!(matches!(config.metrics, Export::Otlp { .. }), "the exporter is configured");
         let telemetry = Telemetry::new(&config).expect("telemetry");
-        assert!(telemetry.inner.meter_provider.is_none() && !telemetry.instruments().enabled);
+        assert!(telemetry.inner.meter_provider.is_none() && telemetry.instruments().is_none());
     }
 
     #[test]
