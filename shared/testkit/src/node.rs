@@ -189,26 +189,24 @@ impl ThrowawayCluster {
         self.nodes.iter().map(ThrowawayNode::amqp_url).collect::<Vec<_>>().join(",")
     }
 
-    /// What a live node says of `queue` (a quorum queue) on the default vhost: its leader, members
-    /// and the members online, one line.
+    /// What a live node lists for `queue` (a quorum queue) on the default vhost: name, leader,
+    /// members, members online, messages; `None` when no node answers or the queue is missing.
+    fn queue_row(&self, queue: &str) -> Option<String> {
+        let live = self.nodes.iter().find(|n| n.ctl(&["status"]).is_ok())?;
+        let listing =
+            live.ctl(&["list_queues", "name", "leader", "members", "online", "messages", "--no-table-headers"]).ok()?;
+        listing.lines().find(|line| line.split_whitespace().next() == Some(queue)).map(str::to_owned)
+    }
+
+    /// `queue`'s leader, members and members online, one line, for a failure message.
     pub fn describe_queue(&self, queue: &str) -> String {
-        let Some(live) = self.nodes.iter().find(|n| n.ctl(&["status"]).is_ok()) else {
-            return "no node answers".to_owned();
-        };
-        let listing = live
-            .ctl(&["list_queues", "name", "leader", "members", "online", "messages", "--no-table-headers"])
-            .unwrap_or_else(|e| e.to_string());
-        listing.lines().find(|line| line.split_whitespace().next() == Some(queue)).unwrap_or("not declared").to_owned()
+        self.queue_row(queue).unwrap_or_else(|| "no node answers, or the queue is not declared".to_owned())
     }
 
     /// The node that leads `queue` (a quorum queue) on the default vhost.
     pub fn leader_of(&self, queue: &str) -> Option<&ThrowawayNode> {
-        let live = self.nodes.iter().find(|n| n.ctl(&["status"]).is_ok())?;
-        let listing = live.ctl(&["list_queues", "name", "leader", "--no-table-headers"]).ok()?;
-        let leader = listing.lines().find_map(|line| {
-            let mut fields = line.split_whitespace();
-            (fields.next()? == queue).then(|| fields.next().map(str::to_owned)).flatten()
-        })?;
+        let row = self.queue_row(queue)?;
+        let leader = row.split_whitespace().nth(1)?;
         self.nodes.iter().find(|n| n.name() == leader)
     }
 }

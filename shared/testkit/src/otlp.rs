@@ -13,8 +13,10 @@ use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{Tra
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as ProtoValue;
+use opentelemetry_proto::tonic::metrics::v1::NumberDataPoint;
 use opentelemetry_proto::tonic::metrics::v1::metric::Data;
 use opentelemetry_proto::tonic::metrics::v1::number_data_point::Value as NumberValue;
+use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 use tokio::net::TcpListener;
@@ -146,10 +148,19 @@ fn flatten_metric(
     resource: &HashMap<String, Attr>,
     metric: opentelemetry_proto::tonic::metrics::v1::Metric,
 ) -> ReceivedMetric {
-    let number = |value: Option<NumberValue>| match value {
-        Some(NumberValue::AsInt(i)) => i as f64,
-        Some(NumberValue::AsDouble(d)) => d,
-        None => 0.0,
+    // Sums and gauges: one number per point.
+    let numbers = |points: Vec<NumberDataPoint>| -> Vec<MetricPoint> {
+        points
+            .into_iter()
+            .map(|p| {
+                let value = match p.value {
+                    Some(NumberValue::AsInt(i)) => i as f64,
+                    Some(NumberValue::AsDouble(d)) => d,
+                    None => 0.0,
+                };
+                MetricPoint { attributes: flatten(&p.attributes), count: value as u64, value }
+            })
+            .collect()
     };
     let (kind, points) = match metric.data {
         Some(Data::Histogram(h)) => (
@@ -163,27 +174,8 @@ fn flatten_metric(
                 })
                 .collect(),
         ),
-        Some(Data::Sum(sum)) => (
-            MetricKind::Sum { monotonic: sum.is_monotonic },
-            sum.data_points
-                .into_iter()
-                .map(|p| {
-                    let value = number(p.value);
-                    MetricPoint { attributes: flatten(&p.attributes), count: value as u64, value }
-                })
-                .collect(),
-        ),
-        Some(Data::Gauge(gauge)) => (
-            MetricKind::Gauge,
-            gauge
-                .data_points
-                .into_iter()
-                .map(|p| {
-                    let value = number(p.value);
-                    MetricPoint { attributes: flatten(&p.attributes), count: value as u64, value }
-                })
-                .collect(),
-        ),
+        Some(Data::Sum(sum)) => (MetricKind::Sum { monotonic: sum.is_monotonic }, numbers(sum.data_points)),
+        Some(Data::Gauge(gauge)) => (MetricKind::Gauge, numbers(gauge.data_points)),
         _ => (MetricKind::Other, Vec::new()),
     };
     ReceivedMetric {
@@ -226,6 +218,21 @@ struct Shared {
 #[derive(Debug, Clone)]
 struct Collector(Arc<Shared>);
 
+impl Collector {
+    /// Adds what one export brought and wakes the waiters.
+    fn keep<T>(&self, list: &Mutex<Vec<T>>, received: Vec<T>) {
+        list.lock().unwrap_or_else(PoisonError::into_inner).extend(received);
+        self.0.arrived.notify_waiters();
+    }
+}
+
+/// A resource's attributes, flattened, and its `service.name`.
+fn resource_of(resource: Option<&Resource>) -> (HashMap<String, Attr>, String) {
+    let attributes = flatten(resource.map_or(&[][..], |r| &r.attributes));
+    let service_name = attributes.get("service.name").and_then(Attr::as_str).unwrap_or_default().to_owned();
+    (attributes, service_name)
+}
+
 #[tonic::async_trait]
 impl TraceService for Collector {
     async fn export(
@@ -234,8 +241,7 @@ impl TraceService for Collector {
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         let mut received = Vec::new();
         for resource_spans in request.into_inner().resource_spans {
-            let resource = flatten(resource_spans.resource.as_ref().map_or(&[][..], |r| &r.attributes));
-            let service_name = resource.get("service.name").and_then(Attr::as_str).unwrap_or_default().to_owned();
+            let (resource, service_name) = resource_of(resource_spans.resource.as_ref());
             for scope_spans in resource_spans.scope_spans {
                 for span in scope_spans.spans {
                     received.push(ReceivedSpan {
@@ -259,8 +265,7 @@ impl TraceService for Collector {
                 }
             }
         }
-        self.0.spans.lock().unwrap_or_else(PoisonError::into_inner).extend(received);
-        self.0.arrived.notify_waiters();
+        self.keep(&self.0.spans, received);
         Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
     }
 }
@@ -273,16 +278,14 @@ impl MetricsService for Collector {
     ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
         let mut received = Vec::new();
         for resource_metrics in request.into_inner().resource_metrics {
-            let resource = flatten(resource_metrics.resource.as_ref().map_or(&[][..], |r| &r.attributes));
-            let service_name = resource.get("service.name").and_then(Attr::as_str).unwrap_or_default().to_owned();
+            let (resource, service_name) = resource_of(resource_metrics.resource.as_ref());
             for scope_metrics in resource_metrics.scope_metrics {
                 for metric in scope_metrics.metrics {
                     received.push(flatten_metric(&service_name, &resource, metric));
                 }
             }
         }
-        self.0.metrics.lock().unwrap_or_else(PoisonError::into_inner).extend(received);
-        self.0.arrived.notify_waiters();
+        self.keep(&self.0.metrics, received);
         Ok(tonic::Response::new(ExportMetricsServiceResponse { partial_success: None }))
     }
 }
