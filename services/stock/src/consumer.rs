@@ -124,11 +124,35 @@ pub struct Handler {
     pub source: Destination,
     /// Reserved, rejected, dead-lettered.
     pub orders: OrderCounters,
-    /// Where retries are published (the retry queue, through the default exchange), for the
-    /// publish metrics.
-    pub retry_target: Destination,
-    /// Where dead letters are published (the dead-letter exchange).
-    pub dead_letter_target: Destination,
+    /// Where retries are republished: the retry queue, through the default exchange.
+    pub retry: Forward,
+    /// Where dead letters are republished: the dead-letter exchange.
+    pub dead_letter: Forward,
+}
+
+/// Where stock republishes a delivery, and that destination as the publish metrics name it
+/// (built once).
+#[derive(Debug)]
+pub struct Forward {
+    exchange: &'static str,
+    routing_key: &'static str,
+    destination: Destination,
+}
+
+impl Forward {
+    fn new(exchange: &'static str, routing_key: &'static str) -> Self {
+        Self { exchange, routing_key, destination: Destination::publish(exchange, routing_key) }
+    }
+
+    /// The retry queue, through the default exchange.
+    pub fn retry() -> Self {
+        Self::new("", topology::RETRY_QUEUE)
+    }
+
+    /// The dead-letter exchange (fanout).
+    pub fn dead_letter() -> Self {
+        Self::new(topology::DEAD_LETTER_EXCHANGE, "")
+    }
 }
 
 /// Opens the consuming channel on the current connection: confirm mode (for republishing),
@@ -376,8 +400,7 @@ impl Handler {
                 span.set_attribute(KeyValue::new(OUTCOME, "dead_lettered"));
                 tracing::warn!(reason, %error, "message can never succeed; dead-lettering it");
                 let headers = dead_letter_headers(reason, &error);
-                let target = &self.dead_letter_target;
-                if self.forward(channel, delivery, target, topology::DEAD_LETTER_EXCHANGE, "", headers).await {
+                if self.forward(channel, delivery, &self.dead_letter, headers).await {
                     self.count_dead_letter(reason);
                 }
             }
@@ -389,14 +412,12 @@ impl Handler {
                     span.set_attribute(KeyValue::new(OUTCOME, "retried"));
                     tracing::warn!(reason, %error, retry = retries + 1, "processing failed; retrying after a delay");
                     let extra = [(RETRY_COUNT_HEADER, AMQPValue::LongLongInt(retries + 1))];
-                    let target = &self.retry_target;
-                    self.forward(channel, delivery, target, "", topology::RETRY_QUEUE, extra.to_vec()).await;
+                    self.forward(channel, delivery, &self.retry, extra.to_vec()).await;
                 } else {
                     span.set_attribute(KeyValue::new(OUTCOME, "dead_lettered"));
                     tracing::error!(reason, %error, retries, "retries exhausted; dead-lettering the message");
                     let headers = dead_letter_headers("retries_exhausted", &format!("{reason}: {error}"));
-                    let target = &self.dead_letter_target;
-                    if self.forward(channel, delivery, target, topology::DEAD_LETTER_EXCHANGE, "", headers).await {
+                    if self.forward(channel, delivery, &self.dead_letter, headers).await {
                         self.count_dead_letter("retries_exhausted");
                     }
                 }
@@ -452,9 +473,7 @@ impl Handler {
         &self,
         channel: &Channel,
         delivery: &Delivery,
-        target: &Destination,
-        exchange: &str,
-        routing_key: &str,
+        target: &Forward,
         extra: Vec<(&str, AMQPValue)>,
     ) -> bool {
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
@@ -465,8 +484,8 @@ impl Handler {
         let publish = async {
             channel
                 .basic_publish(
-                    exchange.into(),
-                    routing_key.into(),
+                    target.exchange.into(),
+                    target.routing_key.into(),
                     BasicPublishOptions::default(),
                     &delivery.data,
                     properties,
@@ -486,7 +505,13 @@ impl Handler {
             Ok(Confirmation::Nack(_) | Confirmation::NotRequested) => Some("nacked"),
             Err(_) => Some("publish_failed"),
         };
-        messaging::record_publish(&self.telemetry, target, &self.broker.peer(), started.elapsed(), error_type);
+        messaging::record_publish(
+            &self.telemetry,
+            &target.destination,
+            &self.broker.peer(),
+            started.elapsed(),
+            error_type,
+        );
         match confirmed {
             Ok(Confirmation::Ack(None)) => {
                 self.ack(delivery).await;
@@ -495,7 +520,12 @@ impl Handler {
             other => {
                 let cx = Context::current();
                 record_error(&cx.span(), "forward_failed", &format!("{other:?}"));
-                tracing::error!(?other, exchange, routing_key, "could not forward the message; requeueing it");
+                tracing::error!(
+                    ?other,
+                    exchange = target.exchange,
+                    routing_key = target.routing_key,
+                    "could not forward the message; requeueing it"
+                );
                 let requeue = BasicNackOptions { requeue: true, ..BasicNackOptions::default() };
                 let started = Instant::now();
                 let error_type = match tokio::time::timeout(FORWARD_TIMEOUT, delivery.acker.nack(requeue))

@@ -25,7 +25,6 @@ use tokio::sync::watch;
 use tracehop_broker::catalog;
 use tracehop_broker::connection::{Broker, BrokerHealth};
 use tracehop_telemetry::Telemetry;
-use tracehop_telemetry::messaging::Destination;
 
 pub use config::Config;
 
@@ -91,8 +90,8 @@ pub async fn run(
         consuming,
         source: tracehop_broker::topology::process_destination(),
         orders: consumer::OrderCounters::new(telemetry.meter()),
-        retry_target: Destination::publish("", tracehop_broker::topology::RETRY_QUEUE),
-        dead_letter_target: Destination::publish(tracehop_broker::topology::DEAD_LETTER_EXCHANGE, ""),
+        retry: consumer::Forward::retry(),
+        dead_letter: consumer::Forward::dead_letter(),
     });
     let router =
         admin::router(AdminState { store: store.clone(), broker: health, consuming: consuming_now }, telemetry);
