@@ -156,6 +156,7 @@ fn the_scale_profile_runs_the_same_services_on_a_cluster_and_postgresql() {
     for node in ["rabbit@rabbitmq-1", "rabbit@rabbitmq-2", "rabbit@rabbitmq-3"] {
         assert!(cluster.contains(node), "peer discovery lists {node}");
     }
+    assert!(cluster.contains("quorum_queue.initial_cluster_size = 3"), "the quorum queue has a member on every node");
 }
 
 #[test]

@@ -166,5 +166,8 @@ async fn orders_survive_the_queue_leader_node_being_killed() {
         report.slowest
     );
     assert_eq!(report.statuses.get("error"), None, "every request got an answer: {:?}", report.statuses);
+    // Recovered on the surviving nodes, not restarted: stock's health is up again there.
+    let health = pipeline.get_json(&format!("{}/healthz", pipeline.stock_url)).await.map(|(status, _)| status);
+    assert_eq!(health, Some(200), "stock is healthy on the remaining nodes");
     pipeline.stop().await;
 }
