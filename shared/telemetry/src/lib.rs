@@ -25,6 +25,7 @@ pub mod http;
 pub mod logging;
 pub mod messaging;
 pub mod metrics;
+pub mod otlp;
 pub mod probe;
 pub mod propagation;
 pub mod propagators;

@@ -30,6 +30,7 @@ use opentelemetry_sdk::trace::{
 
 use crate::env::{ConfigError, Env};
 use crate::metrics::Instruments;
+use crate::otlp::{GrpcExportConfig, GrpcExportError, GrpcSpanExporter};
 use crate::propagation::CheckedPropagator;
 use crate::propagators::{self, DEFAULT_PROPAGATORS, PropagatorKind};
 
@@ -114,11 +115,51 @@ pub struct TelemetryConfig {
     /// How often the batch processor exports; `None` keeps the SDK's `OTEL_BSP_SCHEDULE_DELAY`
     /// (default 5 s). Tests shorten it to see spans sooner.
     pub batch_delay: Option<Duration>,
+    /// How spans travel over OTLP/gRPC: headers, timeout, compression.
+    pub span_transport: SpanTransport,
+}
+
+/// The `OTEL_EXPORTER_OTLP_(TRACES_)HEADERS`, `_TIMEOUT` and `_COMPRESSION` of span export.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpanTransport {
+    /// Extra request headers, percent-decoded.
+    pub headers: Vec<(String, String)>,
+    /// How long one export may take, retries included (the spec's default: 10 s).
+    pub timeout: Duration,
+    /// `gzip` was asked for: the SDK's exporter does the export (see [`crate::otlp`]).
+    pub compressed: bool,
+}
+
+impl Default for SpanTransport {
+    fn default() -> Self {
+        Self { headers: Vec::new(), timeout: Duration::from_secs(10), compressed: false }
+    }
+}
+
+impl SpanTransport {
+    fn from_lookup(env: &Env<'_>) -> Result<Self, ConfigError> {
+        let pick = |specific: &'static str, general: &'static str| {
+            if env.get(specific).is_some() { specific } else { general }
+        };
+        let headers_var = pick("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS");
+        let headers = match env.get(headers_var) {
+            Some(value) => parse_key_values(headers_var, &value)?,
+            None => Vec::new(),
+        };
+        let timeout_var = pick("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT");
+        let timeout = match env.parse_or::<u64>(timeout_var, 10_000)? {
+            0 => return Err(ConfigError::new(timeout_var, "a timeout must be at least 1 ms")),
+            millis => Duration::from_millis(millis),
+        };
+        let compression_var = pick("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "OTEL_EXPORTER_OTLP_COMPRESSION");
+        let compressed = env.choice_or(compression_var, &[("none", false), ("gzip", true)], false)?;
+        Ok(Self { headers, timeout, compressed })
+    }
 }
 
 impl TelemetryConfig {
-    /// The variables [`TelemetryConfig::from_lookup`] reads (the exporter reads a few more:
-    /// `OTEL_EXPORTER_OTLP_HEADERS`, `_TIMEOUT`, `_COMPRESSION`, and the SDK `OTEL_BSP_*`).
+    /// The variables [`TelemetryConfig::from_lookup`] reads (the SDK reads `OTEL_BSP_*`, and
+    /// the metric exporter the `_METRICS_` forms of the headers, timeout and compression).
     pub const VARIABLES: &'static [&'static str] = &[
         "OTEL_SERVICE_NAME",
         "OTEL_RESOURCE_ATTRIBUTES",
@@ -135,6 +176,12 @@ impl TelemetryConfig {
         "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
         "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
         "OTEL_METRIC_EXPORT_INTERVAL",
+        "OTEL_EXPORTER_OTLP_HEADERS",
+        "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+        "OTEL_EXPORTER_OTLP_TIMEOUT",
+        "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+        "OTEL_EXPORTER_OTLP_COMPRESSION",
+        "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
     ];
 
     /// Defaults for `service_name`: export over OTLP/gRPC to the exporter's default endpoint.
@@ -150,6 +197,7 @@ impl TelemetryConfig {
             propagators: DEFAULT_PROPAGATORS.to_vec(),
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             batch_delay: None,
+            span_transport: SpanTransport::default(),
         }
     }
 
@@ -170,7 +218,7 @@ impl TelemetryConfig {
     /// Reads the `OTEL_*` variables from `env`.
     pub fn from_lookup(default_service_name: &str, env: &Env<'_>) -> Result<Self, ConfigError> {
         let mut resource_attributes = match env.get("OTEL_RESOURCE_ATTRIBUTES") {
-            Some(value) => parse_resource_attributes(&value)?,
+            Some(value) => parse_key_values("OTEL_RESOURCE_ATTRIBUTES", &value)?,
             None => Vec::new(),
         };
         // OTEL_SERVICE_NAME wins over a service.name in OTEL_RESOURCE_ATTRIBUTES (spec).
@@ -204,6 +252,7 @@ impl TelemetryConfig {
             propagators,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             batch_delay: None,
+            span_transport: SpanTransport::from_lookup(env)?,
         })
     }
 }
@@ -298,7 +347,6 @@ fn parse_sampler(env: &Env<'_>) -> Result<SamplerChoice, ConfigError> {
     })
 }
 
-/// `key1=value1,key2=value2`, values percent-encoded (W3C Baggage octets), per the spec.
 /// The host name the kernel reports (Linux), if any.
 fn host_name() -> Option<String> {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
@@ -306,22 +354,23 @@ fn host_name() -> Option<String> {
     (!name.is_empty()).then(|| name.to_owned())
 }
 
-fn parse_resource_attributes(value: &str) -> Result<Vec<(String, String)>, ConfigError> {
-    const VAR: &str = "OTEL_RESOURCE_ATTRIBUTES";
+/// `key1=value1,key2=value2`, values percent-encoded (W3C Baggage octets), per the spec:
+/// `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_EXPORTER_OTLP_HEADERS` alike.
+fn parse_key_values(var: &'static str, value: &str) -> Result<Vec<(String, String)>, ConfigError> {
     value
         .split(',')
         .map(str::trim)
         .filter(|member| !member.is_empty())
         .map(|member| {
             let (key, raw) =
-                member.split_once('=').ok_or_else(|| ConfigError::new(VAR, format!("{member:?} is not key=value")))?;
+                member.split_once('=').ok_or_else(|| ConfigError::new(var, format!("{member:?} is not key=value")))?;
             let key = key.trim();
             if key.is_empty() {
-                return Err(ConfigError::new(VAR, format!("{member:?} has an empty key")));
+                return Err(ConfigError::new(var, format!("{member:?} has an empty key")));
             }
             let decoded = percent_encoding::percent_decode_str(raw.trim())
                 .decode_utf8()
-                .map_err(|_| ConfigError::new(VAR, format!("the value of {key:?} is not UTF-8 once decoded")))?;
+                .map_err(|_| ConfigError::new(var, format!("the value of {key:?} is not UTF-8 once decoded")))?;
             Ok((key.to_owned(), decoded.into_owned()))
         })
         .collect()
@@ -333,6 +382,12 @@ pub enum SetupError {
     /// The OTLP exporter rejected its configuration (endpoint, headers, protocol).
     #[error("cannot build the OTLP span exporter: {0}")]
     Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+    /// Our OTLP/gRPC span exporter rejected its configuration (endpoint, headers).
+    #[error("cannot build the OTLP span exporter: {0}")]
+    GrpcExporter(#[from] GrpcExportError),
+    /// The exporters' runtime or its thread could not be started.
+    #[error("cannot start the telemetry export thread: {0}")]
+    Runtime(std::io::Error),
 }
 
 /// The tracer and propagator of one service, and the guard that flushes its spans.
@@ -356,6 +411,37 @@ struct Inner {
     /// `None` without a meter provider.
     instruments: Option<Instruments>,
     shutdown_timeout: Duration,
+    /// Where the exporters' I/O runs; declared last so it outlives the providers, whose drop
+    /// still exports what is left.
+    _runtime: Option<ExportRuntime>,
+}
+
+/// A current-thread tokio runtime on a thread of its own (`otlp-export`), on which the OTLP/gRPC
+/// exporters' channels run: the batch processor's and the metric reader's threads hand each
+/// export to it. The service's own runtime never encodes, writes or frees an export, and a slow
+/// backend never holds up a request.
+struct ExportRuntime {
+    handle: tokio::runtime::Handle,
+    /// Dropping it ends the thread (and with it the runtime).
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl ExportRuntime {
+    fn start() -> Result<Self, SetupError> {
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(SetupError::Runtime)?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("otlp-export".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let _ = stopped.await;
+                });
+            })
+            .map_err(SetupError::Runtime)?;
+        Ok(Self { handle, _stop: stop })
+    }
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -370,13 +456,19 @@ impl std::fmt::Debug for Telemetry {
 
 impl Telemetry {
     /// Builds the tracer provider (batch export on its own thread), the meter provider
-    /// (periodic export on its own thread) and the propagator.
-    ///
-    /// Call it inside a tokio runtime: the gRPC exporters' channels live on it.
+    /// (periodic export on its own thread), the runtime their gRPC exporters send on, and the
+    /// propagator.
     pub fn new(config: &TelemetryConfig) -> Result<Self, SetupError> {
         let propagator = CheckedPropagator::new(propagators::composite(&config.propagators));
         if config.sdk_disabled {
-            return Ok(Self::assemble(config, BoxedTracer::new(Box::new(NoopTracer::new())), propagator, None, None));
+            return Ok(Self::assemble(
+                config,
+                BoxedTracer::new(Box::new(NoopTracer::new())),
+                propagator,
+                None,
+                None,
+                None,
+            ));
         }
         let mut resource = Resource::builder_empty()
             .with_detector(Box::new(TelemetryResourceDetector))
@@ -393,36 +485,25 @@ impl Telemetry {
             resource = resource.with_attribute(KeyValue::new("host.name", host));
         }
         let resource = resource.build();
-        let meter_provider = meter_provider(config, &resource)?;
+        let runtime = ExportRuntime::start()?;
+        let meter_provider = {
+            let _entered = runtime.handle.enter();
+            meter_provider(config, &resource)?
+        };
         let mut builder = SdkTracerProvider::builder().with_resource(resource).with_sampler(config.sampler.sampler());
         if let Export::Otlp { endpoint, protocol } = &config.export {
-            let exporter = match protocol {
-                OtlpProtocol::Grpc => {
-                    configured(opentelemetry_otlp::SpanExporter::builder().with_tonic(), endpoint, *protocol).build()?
-                }
-                OtlpProtocol::HttpProtobuf => {
-                    configured(opentelemetry_otlp::SpanExporter::builder().with_http(), endpoint, *protocol).build()?
-                }
-            };
-            // The SDK's defaults read OTEL_BSP_*; only the delay is overridden, when asked.
-            let mut batch = BatchConfigBuilder::default();
-            if let Some(delay) = config.batch_delay {
-                batch = batch.with_scheduled_delay(delay);
-            }
-            let processor =
-                BatchSpanProcessor::builder(CountingExporter::new(exporter)).with_batch_config(batch.build()).build();
-            builder = builder.with_span_processor(processor);
+            builder = builder.with_span_processor(span_processor(config, endpoint, *protocol, &runtime.handle)?);
         }
         let provider = builder.build();
         let tracer = BoxedTracer::new(Box::new(provider.tracer("tracehop")));
-        Ok(Self::assemble(config, tracer, propagator, Some(provider), meter_provider))
+        Ok(Self::assemble(config, tracer, propagator, Some(provider), meter_provider, Some(runtime)))
     }
 
     /// Telemetry that records nothing but still propagates context: for tests of other things.
     pub fn disabled(service_name: &str) -> Self {
         let config = TelemetryConfig { sdk_disabled: true, ..TelemetryConfig::new(service_name) };
         let propagator = CheckedPropagator::new(propagators::composite(&config.propagators));
-        Self::assemble(&config, BoxedTracer::new(Box::new(NoopTracer::new())), propagator, None, None)
+        Self::assemble(&config, BoxedTracer::new(Box::new(NoopTracer::new())), propagator, None, None, None)
     }
 
     fn assemble(
@@ -431,6 +512,7 @@ impl Telemetry {
         propagator: CheckedPropagator<TextMapCompositePropagator>,
         provider: Option<SdkTracerProvider>,
         meter_provider: Option<SdkMeterProvider>,
+        runtime: Option<ExportRuntime>,
     ) -> Self {
         let meter = match &meter_provider {
             Some(provider) => provider.meter("tracehop"),
@@ -446,6 +528,7 @@ impl Telemetry {
             meter,
             instruments,
             shutdown_timeout: config.shutdown_timeout,
+            _runtime: runtime,
         };
         Self { inner: Arc::new(inner) }
     }
@@ -498,8 +581,8 @@ impl Telemetry {
     /// configured timeout, logging what failed.
     ///
     /// The SDK's calls block their caller until the export thread is done; on a tokio worker
-    /// (or a current-thread test runtime) that would stall the very runtime the gRPC exporter
-    /// needs, so they run on threads of their own. Not on tokio's blocking pool: a runtime waits
+    /// (or a current-thread test runtime) that would stall the service for as long as the
+    /// backend takes, so they run on threads of their own. Not on tokio's blocking pool: a runtime waits
     /// for its blocking tasks when it is dropped, so a hung export would hold the process past
     /// the deadline anyway.
     async fn on_both_providers(
@@ -535,6 +618,52 @@ fn detached<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> tok
     }
     receiver
 }
+
+/// The batch processor of OTLP span export. OTLP/gRPC over `http://` without compression goes
+/// through [`GrpcSpanExporter`] (one encoding, straight from the spans); `http/protobuf`,
+/// `https://` and gzip through the SDK's exporter.
+fn span_processor(
+    config: &TelemetryConfig,
+    endpoint: &Option<String>,
+    protocol: OtlpProtocol,
+    runtime: &tokio::runtime::Handle,
+) -> Result<BatchSpanProcessor, SetupError> {
+    // The SDK's defaults read OTEL_BSP_*; only the delay is overridden, when asked.
+    let mut batch = BatchConfigBuilder::default();
+    if let Some(delay) = config.batch_delay {
+        batch = batch.with_scheduled_delay(delay);
+    }
+    let batch = batch.build();
+    let transport = &config.span_transport;
+    let endpoint_or_default = endpoint.as_deref().unwrap_or(DEFAULT_GRPC_ENDPOINT);
+    Ok(match protocol {
+        OtlpProtocol::Grpc if !transport.compressed && endpoint_or_default.starts_with("http://") => {
+            let exporter = GrpcSpanExporter::new(
+                &GrpcExportConfig {
+                    endpoint: endpoint_or_default.to_owned(),
+                    headers: transport.headers.clone(),
+                    timeout: transport.timeout,
+                },
+                runtime,
+            )?;
+            BatchSpanProcessor::builder(CountingExporter::new(exporter)).with_batch_config(batch).build()
+        }
+        OtlpProtocol::Grpc => {
+            let _entered = runtime.enter();
+            let exporter =
+                configured(opentelemetry_otlp::SpanExporter::builder().with_tonic(), endpoint, protocol).build()?;
+            BatchSpanProcessor::builder(CountingExporter::new(exporter)).with_batch_config(batch).build()
+        }
+        OtlpProtocol::HttpProtobuf => {
+            let exporter =
+                configured(opentelemetry_otlp::SpanExporter::builder().with_http(), endpoint, protocol).build()?;
+            BatchSpanProcessor::builder(CountingExporter::new(exporter)).with_batch_config(batch).build()
+        }
+    })
+}
+
+/// Where OTLP/gRPC goes when no endpoint is given (the spec's default).
+const DEFAULT_GRPC_ENDPOINT: &str = "http://localhost:4317";
 
 /// An OTLP exporter builder (spans or metrics, gRPC or HTTP) with our endpoint, if one was
 /// given, and protocol.
@@ -689,6 +818,40 @@ mod tests {
         assert_eq!(signal.export, Export::Otlp { endpoint: expected, protocol: OtlpProtocol::HttpProtobuf });
         let error = config(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "jaeger:4317")]).expect_err("no scheme");
         assert_eq!(error.variable, "OTEL_EXPORTER_OTLP_ENDPOINT");
+    }
+
+    #[test]
+    fn span_transport_reads_headers_timeout_and_compression_traces_first() {
+        assert_eq!(config(&[]).expect("defaults").span_transport, SpanTransport::default());
+        let general = config(&[
+            ("OTEL_EXPORTER_OTLP_HEADERS", "api-key=s%20ecret, x-tenant=a"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+        ])
+        .expect("valid")
+        .span_transport;
+        assert_eq!(general.headers, [("api-key".to_owned(), "s ecret".to_owned()), ("x-tenant".into(), "a".into())]);
+        assert_eq!(general.timeout, Duration::from_millis(2500));
+        assert!(general.compressed);
+        let traces = config(&[
+            ("OTEL_EXPORTER_OTLP_HEADERS", "a=1"),
+            ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "b=2"),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+            ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "none"),
+        ])
+        .expect("valid")
+        .span_transport;
+        assert_eq!(traces.headers, [("b".to_owned(), "2".to_owned())]);
+        assert!(!traces.compressed);
+        for (variable, value) in [
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "0"),
+            ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "soon"),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "zstd"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "no-equals-sign"),
+        ] {
+            let error = config(&[(variable, value)]).expect_err(value);
+            assert_eq!(error.variable, variable, "{error}");
+        }
     }
 
     #[test]

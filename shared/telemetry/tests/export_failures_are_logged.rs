@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use opentelemetry::trace::{Span, Tracer};
 use tracehop_telemetry::logging::{CorrelatedFormat, LogFormat};
+use tracehop_telemetry::setup::SpanTransport;
 use tracehop_telemetry::{Telemetry, TelemetryConfig};
 use tracing_subscriber::fmt::MakeWriter;
 
@@ -44,8 +45,10 @@ async fn a_refused_export_is_logged_with_the_spans_it_dropped() {
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let endpoint = format!("http://{}", closed.local_addr().expect("addr"));
     drop(closed);
+    // A short export timeout: refused connections are retried (UNAVAILABLE) until it.
     let config = TelemetryConfig {
         batch_delay: Some(Duration::from_millis(50)),
+        span_transport: SpanTransport { timeout: Duration::from_millis(300), ..SpanTransport::default() },
         ..TelemetryConfig::otlp_grpc("refused", &endpoint)
     };
     let telemetry = Telemetry::new(&config).expect("telemetry");

@@ -301,7 +301,12 @@ pub struct OtlpReceiver {
 impl OtlpReceiver {
     /// Starts a receiver on `127.0.0.1:0`.
     pub async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the OTLP receiver");
+        Self::start_on(TcpListener::bind("127.0.0.1:0").await.expect("bind the OTLP receiver"))
+    }
+
+    /// Starts a receiver on `listener` (a port chosen before the receiver comes up: exporters
+    /// that retry are tested with it).
+    pub fn start_on(listener: TcpListener) -> Self {
         let endpoint = format!("http://{}", listener.local_addr().expect("local addr"));
         let shared = Arc::new(Shared::default());
         let (stop, stopped) = oneshot::channel::<()>();

@@ -1,0 +1,144 @@
+//! The encoder against the SDK's own conversion: both decoded into `opentelemetry-proto`'s
+//! structs must be equal, field for field.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use opentelemetry::trace::{Event, Link, SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState};
+use opentelemetry::{Array, InstrumentationScope, KeyValue, StringValue, Value};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::transform::common::tonic::ResourceAttributesWithSchema;
+use opentelemetry_proto::transform::trace::tonic::group_spans_by_resource_and_scope;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
+use prost::Message as _;
+
+use super::{encode_request, encode_resource};
+
+fn context(trace: u128, span: u64, remote: bool, state: &str) -> SpanContext {
+    let state: TraceState = state.parse().expect("tracestate");
+    SpanContext::new(TraceId::from(trace), SpanId::from(span), TraceFlags::SAMPLED, remote, state)
+}
+
+fn every_value() -> Vec<KeyValue> {
+    vec![
+        KeyValue::new("string", "checkout.processed"),
+        KeyValue::new("empty", ""),
+        KeyValue::new("unicode", "caf\u{e9} \u{1f6d2}"),
+        KeyValue::new("true", true),
+        KeyValue::new("false", false),
+        KeyValue::new("zero", 0_i64),
+        KeyValue::new("negative", -42_i64),
+        KeyValue::new("large", i64::MAX),
+        KeyValue::new("float", 2.5_f64),
+        KeyValue::new("nan-free negative float", -0.125_f64),
+        KeyValue::new("bools", Value::Array(Array::Bool(vec![true, false]))),
+        KeyValue::new("ints", Value::Array(Array::I64(vec![1, -1, 0]))),
+        KeyValue::new("floats", Value::Array(Array::F64(vec![0.5, 0.0]))),
+        KeyValue::new("strings", Value::Array(Array::String(vec![StringValue::from("a"), StringValue::from("")]))),
+        KeyValue::new("empty array", Value::Array(Array::I64(Vec::new()))),
+    ]
+}
+
+fn span(name: &'static str, kind: SpanKind, scope: &InstrumentationScope) -> SpanData {
+    SpanData {
+        span_context: context(0x0af7651916cd43dd8448eb211c80319c, 0xb7ad6b7169203331, false, ""),
+        parent_span_id: SpanId::INVALID,
+        parent_span_is_remote: false,
+        span_kind: kind,
+        name: name.into(),
+        start_time: UNIX_EPOCH + Duration::from_nanos(1_764_979_200_123_456_789),
+        end_time: UNIX_EPOCH + Duration::from_nanos(1_764_979_200_125_000_000),
+        attributes: Vec::new(),
+        dropped_attributes_count: 0,
+        events: SpanEvents::default(),
+        links: SpanLinks::default(),
+        status: Status::Unset,
+        instrumentation_scope: scope.clone(),
+    }
+}
+
+/// Spans covering every field: each kind, remote and local parents, every attribute type,
+/// events and links with attributes and drop counts, each status, two scopes interleaved.
+fn batch() -> Vec<SpanData> {
+    let tracehop = InstrumentationScope::builder("tracehop").build();
+    let other = InstrumentationScope::builder("other")
+        .with_version("1.2.3")
+        .with_schema_url("https://opentelemetry.io/schemas/1.39.0")
+        .with_attributes([KeyValue::new("scope.attribute", 7_i64)])
+        .build();
+
+    let mut server = span("POST /api/checkout", SpanKind::Server, &tracehop);
+    server.attributes = every_value();
+    server.dropped_attributes_count = 3;
+    server.status = Status::Ok;
+
+    let mut consumer = span("checkout.processed process", SpanKind::Consumer, &other);
+    consumer.span_context = context(1, 2, false, "vendor=value,other=x");
+    consumer.parent_span_id = SpanId::from(0x1122334455667788);
+    consumer.parent_span_is_remote = true;
+    consumer.status = Status::error("stock unavailable");
+    let mut events = SpanEvents::default();
+    events.events.push(Event::new("exception", UNIX_EPOCH + Duration::from_secs(5), every_value(), 1));
+    events.events.push(Event::new("", UNIX_EPOCH, Vec::new(), 0));
+    events.dropped_count = 4;
+    consumer.events = events;
+    let mut links = SpanLinks::default();
+    links.links.push(Link::new(context(3, 4, true, "k=v"), vec![KeyValue::new("link", "yes")], 2));
+    links.links.push(Link::new(context(5, 6, false, ""), Vec::new(), 0));
+    links.dropped_count = 1;
+    consumer.links = links;
+
+    let mut client = span("checkout.v1.CheckoutService/Checkout", SpanKind::Client, &tracehop);
+    client.parent_span_id = SpanId::from(0xb7ad6b7169203331);
+    client.status = Status::error("");
+    let internal = span("reserve", SpanKind::Internal, &other);
+    let producer = span("publish checkout.processed", SpanKind::Producer, &tracehop);
+    vec![server, consumer, client, internal, producer]
+}
+
+fn resource() -> Resource {
+    Resource::builder_empty()
+        .with_service_name("stock")
+        .with_attributes([KeyValue::new("service.instance.id", "a1"), KeyValue::new("host.count", 3_i64)])
+        .with_schema_url(Vec::<KeyValue>::new(), "https://opentelemetry.io/schemas/1.39.0")
+        .build()
+}
+
+fn ours(resource: &Resource, batch: &[SpanData]) -> ExportTraceServiceRequest {
+    let mut buf = Vec::new();
+    encode_request(&mut buf, &encode_resource(resource), batch);
+    ExportTraceServiceRequest::decode(buf.as_slice()).expect("our bytes decode as an export request")
+}
+
+fn sdks(resource: &Resource, batch: Vec<SpanData>) -> ExportTraceServiceRequest {
+    let resource = ResourceAttributesWithSchema::from(resource);
+    ExportTraceServiceRequest { resource_spans: group_spans_by_resource_and_scope(batch, &resource) }
+}
+
+#[test]
+fn the_bytes_decode_to_what_the_sdk_conversion_builds() {
+    let (resource, batch) = (resource(), batch());
+    let ours = ours(&resource, &batch);
+    assert_eq!(ours, sdks(&resource, batch));
+    // Not equal by being empty: two scopes, five spans, the attributes all there.
+    let scopes = &ours.resource_spans[0].scope_spans;
+    assert_eq!(scopes.iter().map(|s| s.spans.len()).collect::<Vec<_>>(), [3, 2]);
+    assert_eq!(scopes[0].spans[0].attributes.len(), every_value().len());
+}
+
+#[test]
+fn an_empty_resource_and_a_single_span_match_too() {
+    let resource = Resource::builder_empty().build();
+    let batch = vec![span("only", SpanKind::Internal, &InstrumentationScope::builder("s").build())];
+    assert_eq!(ours(&resource, &batch), sdks(&resource, batch));
+}
+
+#[test]
+fn the_same_bytes_come_out_of_the_same_batch() {
+    let (resource, batch) = (encode_resource(&resource()), batch());
+    let (mut first, mut second) = (Vec::new(), Vec::new());
+    encode_request(&mut first, &resource, &batch);
+    encode_request(&mut second, &resource, &batch);
+    assert_eq!(first, second);
+    assert!(first.len() > 500, "a five-span request is not {} bytes", first.len());
+}

@@ -1,0 +1,70 @@
+//! The OTLP/gRPC span exporter against a real receiver (opentelemetry-proto's tonic server):
+//! what it sends decodes, a backend that comes up late still gets the batch (UNAVAILABLE is
+//! retried within the timeout), and a header gRPC cannot carry stops startup.
+
+use std::time::Duration;
+
+use opentelemetry::KeyValue;
+use opentelemetry::trace::{Span, TraceContextExt, Tracer};
+use tracehop_telemetry::setup::{SetupError, SpanTransport};
+use tracehop_telemetry::{Telemetry, TelemetryConfig};
+use tracehop_testkit::otlp::OtlpReceiver;
+
+#[tokio::test]
+async fn spans_arrive_with_their_attributes_and_parentage() {
+    let receiver = OtlpReceiver::start().await;
+    let config = TelemetryConfig {
+        span_transport: SpanTransport { headers: vec![("x-tenant".into(), "a b".into())], ..SpanTransport::default() },
+        ..TelemetryConfig::otlp_grpc("export-test", receiver.endpoint())
+    };
+    let telemetry = Telemetry::new(&config).expect("telemetry");
+    let tracer = telemetry.tracer();
+    let mut parent = tracer.start("parent");
+    parent.set_attribute(KeyValue::new("order.lines", 3_i64));
+    let cx = opentelemetry::Context::current_with_span(parent);
+    tracer.start_with_context("child", &cx).end();
+    drop(cx);
+    telemetry.shutdown().await;
+
+    let spans = receiver.spans();
+    assert_eq!(spans.len(), 2, "{spans:?}");
+    let parent = spans.iter().find(|s| s.name == "parent").expect("parent");
+    let child = spans.iter().find(|s| s.name == "child").expect("child");
+    assert_eq!(child.trace_id, parent.trace_id);
+    assert_eq!(child.parent_span_id, parent.span_id);
+    assert_eq!(parent.attr("order.lines"), Some(&tracehop_testkit::otlp::Attr::Int(3)));
+    assert!(spans.iter().all(|s| s.service_name == "export-test"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_comes_up_late_still_gets_the_batch() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let config = TelemetryConfig {
+        batch_delay: Some(Duration::from_millis(20)),
+        ..TelemetryConfig::otlp_grpc("late-test", &format!("http://127.0.0.1:{port}"))
+    };
+    let telemetry = Telemetry::new(&config).expect("telemetry");
+    telemetry.tracer().start("sent before the backend was up").end();
+    // The first attempts are refused; the exporter backs off and tries again.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("the port is still free");
+    let receiver = OtlpReceiver::start_on(listener);
+    let spans = receiver.wait_for(Duration::from_secs(8), |spans| !spans.is_empty()).await;
+    assert_eq!(spans.len(), 1, "{spans:?}");
+    assert_eq!(spans[0].name, "sent before the backend was up");
+    telemetry.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_header_grpc_cannot_carry_stops_startup() {
+    let config = TelemetryConfig {
+        span_transport: SpanTransport {
+            headers: vec![("bad header".into(), "value".into())],
+            ..SpanTransport::default()
+        },
+        ..TelemetryConfig::otlp_grpc("header-test", "http://127.0.0.1:4317")
+    };
+    let error = Telemetry::new(&config).expect_err("an invalid header name");
+    assert!(matches!(error, SetupError::GrpcExporter(_)), "{error}");
+    assert!(error.to_string().contains("bad header"), "{error}");
+}
