@@ -9,8 +9,9 @@
 //! these bytes with `opentelemetry-proto` and compares them with the SDK's own conversion.
 //!
 //! Scope: OTLP/gRPC without compression over `http://` (what Jaeger and collectors take on
-//! 4317, and the default here). `http/protobuf`, compression and TLS keep the SDK's exporter
-//! (see [`crate::setup`]). The exporter honours `OTEL_EXPORTER_OTLP_HEADERS` and `_TIMEOUT`
+//! 4317, and the default here). `http/protobuf` goes through the SDK's exporter, and so do
+//! `gzip` and `https://`, which that exporter, built here without compression and TLS, refuses
+//! at startup (see [`crate::setup`]). The exporter honours `OTEL_EXPORTER_OTLP_HEADERS` and `_TIMEOUT`
 //! (and their `_TRACES_` forms) and retries the codes the OTLP spec calls retryable, with
 //! backoff, until the timeout.
 
@@ -77,6 +78,13 @@ impl GrpcSpanExporter {
         let endpoint = tonic::transport::Endpoint::from_shared(config.endpoint.clone()).map_err(|error| {
             GrpcExportError::Endpoint { endpoint: config.endpoint.clone(), reason: error.to_string() }
         })?;
+        // Exporters identify themselves (OTLP spec, "User Agent").
+        let endpoint = endpoint
+            .user_agent(concat!("OTel-OTLP-Exporter-Rust tracehop-telemetry/", env!("CARGO_PKG_VERSION")))
+            .map_err(|error| GrpcExportError::Endpoint {
+                endpoint: config.endpoint.clone(),
+                reason: error.to_string(),
+            })?;
         let channel = {
             let _entered = runtime.enter();
             endpoint.connect_lazy()
@@ -86,7 +94,8 @@ impl GrpcSpanExporter {
             let name = MetadataKey::from_bytes(key.to_ascii_lowercase().as_bytes())
                 .map_err(|_| GrpcExportError::Header(key.clone()))?;
             let value = MetadataValue::try_from(value.as_str()).map_err(|_| GrpcExportError::Header(key.clone()))?;
-            metadata.insert(name, value);
+            // Repeated keys are all sent, as the variable lists them.
+            metadata.append(name, value);
         }
         Ok(Self {
             client: tonic::client::Grpc::new(channel),
@@ -107,19 +116,23 @@ impl GrpcSpanExporter {
             loop {
                 let mut request = tonic::Request::new(body.clone());
                 *request.metadata_mut() = metadata.clone();
+                // `grpc-timeout`: the backend learns how long this attempt may take.
+                request.set_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
                 let call = async {
                     client.ready().await.map_err(|error| tonic::Status::unavailable(error.to_string()))?;
                     client.unary(request, PathAndQuery::from_static(EXPORT_PATH), RawCodec).await
                 };
                 let status = match tokio::time::timeout_at(deadline, call).await {
                     Ok(Ok(response)) => {
+                        // A partial success: spans rejected, or a warning (no spans rejected, a
+                        // message): the spec asks for both to be logged.
                         if let Some(partial) = response.into_inner().partial_success
-                            && partial.rejected_spans > 0
+                            && (partial.rejected_spans > 0 || !partial.error_message.is_empty())
                         {
                             tracing::warn!(
                                 rejected_spans = partial.rejected_spans,
                                 message = partial.error_message,
-                                "the trace backend rejected some spans"
+                                "the trace backend answered with a partial success"
                             );
                         }
                         return Ok(());
@@ -272,16 +285,24 @@ fn encode_request(buf: &mut Vec<u8>, resource: &[u8], batch: &[SpanData]) {
     nested(buf, 1, |buf| {
         encode_key(1, WireType::LengthDelimited, buf);
         buf.extend_from_slice(resource);
+        // Each span's scope, by index, compared once per span: a scope equal to none before it
+        // (even one unequal to itself, with a NaN attribute) gets a group of its own, so no span
+        // can fall between groups.
         let mut scopes: Vec<&InstrumentationScope> = Vec::new();
-        for span in batch {
-            if !scopes.contains(&&span.instrumentation_scope) {
-                scopes.push(&span.instrumentation_scope);
-            }
-        }
-        for scope in scopes {
+        let indices: Vec<usize> = batch
+            .iter()
+            .map(|span| match scopes.iter().position(|scope| *scope == &span.instrumentation_scope) {
+                Some(index) => index,
+                None => {
+                    scopes.push(&span.instrumentation_scope);
+                    scopes.len() - 1
+                }
+            })
+            .collect();
+        for (index, scope) in scopes.iter().enumerate() {
             nested(buf, 2, |buf| {
                 nested(buf, 1, |buf| encode_scope(buf, scope));
-                for span in batch.iter().filter(|span| &span.instrumentation_scope == scope) {
+                for (span, _) in batch.iter().zip(&indices).filter(|(_, i)| **i == index) {
                     nested(buf, 2, |buf| encode_span(buf, span));
                 }
                 bytes_field(buf, 3, scope.schema_url().unwrap_or_default().as_bytes());

@@ -620,8 +620,9 @@ fn detached<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> tok
 }
 
 /// The batch processor of OTLP span export. OTLP/gRPC over `http://` without compression goes
-/// through [`GrpcSpanExporter`] (one encoding, straight from the spans); `http/protobuf`,
-/// `https://` and gzip through the SDK's exporter.
+/// through [`GrpcSpanExporter`] (one encoding, straight from the spans); `http/protobuf` through
+/// the SDK's exporter, as do `https://` and gzip, which it refuses at startup (the workspace
+/// builds it without TLS and compression).
 fn span_processor(
     config: &TelemetryConfig,
     endpoint: &Option<String>,

@@ -142,3 +142,14 @@ fn the_same_bytes_come_out_of_the_same_batch() {
     assert_eq!(first, second);
     assert!(first.len() > 500, "a five-span request is not {} bytes", first.len());
 }
+
+#[test]
+fn a_scope_unequal_to_itself_loses_no_span() {
+    // A NaN attribute makes the scope unequal to itself: each span gets a group of its own.
+    let odd = InstrumentationScope::builder("odd").with_attributes([KeyValue::new("ratio", f64::NAN)]).build();
+    let batch = vec![span("first", SpanKind::Internal, &odd), span("second", SpanKind::Internal, &odd)];
+    let request = ours(&Resource::builder_empty().build(), &batch);
+    let names: Vec<&str> =
+        request.resource_spans[0].scope_spans.iter().flat_map(|s| &s.spans).map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["first", "second"]);
+}
