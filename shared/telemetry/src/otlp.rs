@@ -15,7 +15,6 @@
 //! (and their `_TRACES_` forms) and retries the codes the OTLP spec calls retryable, with
 //! backoff, until the timeout.
 
-use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::uri::PathAndQuery;
@@ -30,18 +29,9 @@ use prost::encoding::{WireType, encode_key, encode_varint};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 
-const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+use crate::setup::SpanTransport;
 
-/// Where and how the exporter sends: endpoint, headers, timeout.
-#[derive(Debug, Clone)]
-pub struct GrpcExportConfig {
-    /// `http://host:port` of the OTLP/gRPC receiver.
-    pub endpoint: String,
-    /// Extra request headers (`OTEL_EXPORTER_OTLP_HEADERS`), already validated.
-    pub headers: Vec<(String, String)>,
-    /// How long one export may take, retries included (`OTEL_EXPORTER_OTLP_TIMEOUT`).
-    pub timeout: Duration,
-}
+const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
 /// Why the exporter could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -68,29 +58,32 @@ pub struct GrpcSpanExporter {
     timeout: Duration,
     /// The encoded `Resource` message, set by the provider.
     resource: Bytes,
-    /// How large the last request was: the next one's buffer starts at that size.
-    last_size: Mutex<usize>,
 }
 
 impl GrpcSpanExporter {
-    /// An exporter whose connection lives on `runtime` (connected lazily, on first export).
-    pub fn new(config: &GrpcExportConfig, runtime: &tokio::runtime::Handle) -> Result<Self, GrpcExportError> {
-        let endpoint = tonic::transport::Endpoint::from_shared(config.endpoint.clone()).map_err(|error| {
-            GrpcExportError::Endpoint { endpoint: config.endpoint.clone(), reason: error.to_string() }
-        })?;
+    /// An exporter to `endpoint` (`http://host:port`) with `transport`'s headers and timeout,
+    /// whose connection lives on `runtime` (connected lazily, on first export).
+    pub fn new(
+        endpoint: &str,
+        transport: &SpanTransport,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<Self, GrpcExportError> {
+        let invalid = |error: tonic::transport::Error| GrpcExportError::Endpoint {
+            endpoint: endpoint.to_owned(),
+            reason: error.to_string(),
+        };
         // Exporters identify themselves (OTLP spec, "User Agent").
-        let endpoint = endpoint
-            .user_agent(concat!("OTel-OTLP-Exporter-Rust tracehop-telemetry/", env!("CARGO_PKG_VERSION")))
-            .map_err(|error| GrpcExportError::Endpoint {
-                endpoint: config.endpoint.clone(),
-                reason: error.to_string(),
-            })?;
+        let endpoint = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
+            .and_then(|e| {
+                e.user_agent(concat!("OTel-OTLP-Exporter-Rust tracehop-telemetry/", env!("CARGO_PKG_VERSION")))
+            })
+            .map_err(invalid)?;
         let channel = {
             let _entered = runtime.enter();
             endpoint.connect_lazy()
         };
         let mut metadata = MetadataMap::new();
-        for (key, value) in &config.headers {
+        for (key, value) in &transport.headers {
             let name = MetadataKey::from_bytes(key.to_ascii_lowercase().as_bytes())
                 .map_err(|_| GrpcExportError::Header(key.clone()))?;
             let value = MetadataValue::try_from(value.as_str()).map_err(|_| GrpcExportError::Header(key.clone()))?;
@@ -101,9 +94,8 @@ impl GrpcSpanExporter {
             client: tonic::client::Grpc::new(channel),
             runtime: runtime.clone(),
             metadata,
-            timeout: config.timeout,
+            timeout: transport.timeout,
             resource: encode_resource(&Resource::builder_empty().build()),
-            last_size: Mutex::new(4096),
         })
     }
 
@@ -167,13 +159,9 @@ fn retryable(code: tonic::Code) -> bool {
 
 impl SpanExporter for GrpcSpanExporter {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
-        let capacity = self.last_size.lock().map_or(4096, |size| *size + *size / 8);
-        let mut buf = Vec::with_capacity(capacity);
+        let mut buf = Vec::new();
         encode_request(&mut buf, &self.resource, &batch);
         drop(batch);
-        if let Ok(mut size) = self.last_size.lock() {
-            *size = buf.len();
-        }
         // On the export runtime: tonic's channel and tokio's timers live there, while the
         // caller (the batch processor's thread) only waits.
         match self.runtime.spawn(self.send(Bytes::from(buf))).await {
@@ -246,11 +234,17 @@ fn nested(buf: &mut Vec<u8>, tag: u32, body: impl FnOnce(&mut Vec<u8>)) {
     buf[start..].rotate_right(prefix_len);
 }
 
+/// A string or bytes field, written even when empty (a oneof member).
+fn length_delimited(buf: &mut Vec<u8>, tag: u32, value: &[u8]) {
+    encode_key(tag, WireType::LengthDelimited, buf);
+    encode_varint(value.len() as u64, buf);
+    buf.extend_from_slice(value);
+}
+
+/// A string or bytes field, omitted when empty (proto3's default).
 fn bytes_field(buf: &mut Vec<u8>, tag: u32, value: &[u8]) {
     if !value.is_empty() {
-        encode_key(tag, WireType::LengthDelimited, buf);
-        encode_varint(value.len() as u64, buf);
-        buf.extend_from_slice(value);
+        length_delimited(buf, tag, value);
     }
 }
 
@@ -285,13 +279,13 @@ fn encode_request(buf: &mut Vec<u8>, resource: &[u8], batch: &[SpanData]) {
     nested(buf, 1, |buf| {
         encode_key(1, WireType::LengthDelimited, buf);
         buf.extend_from_slice(resource);
-        // Each span's scope, by index, compared once per span: a scope equal to none before it
+        // Each span's scope, by index, compared once per span: a scope like none before it
         // (even one unequal to itself, with a NaN attribute) gets a group of its own, so no span
         // can fall between groups.
         let mut scopes: Vec<&InstrumentationScope> = Vec::new();
         let indices: Vec<usize> = batch
             .iter()
-            .map(|span| match scopes.iter().position(|scope| *scope == &span.instrumentation_scope) {
+            .map(|span| match scopes.iter().position(|scope| same_scope(scope, &span.instrumentation_scope)) {
                 Some(index) => index,
                 None => {
                     scopes.push(&span.instrumentation_scope);
@@ -309,6 +303,17 @@ fn encode_request(buf: &mut Vec<u8>, resource: &[u8], batch: &[SpanData]) {
             });
         }
     });
+}
+
+/// Whether two spans' scopes are one, without the allocations of `InstrumentationScope`'s `==`
+/// (it sorts copies of both attribute lists on every call; here it would run once per span).
+/// Attributes compare in order: every span of a tracer carries a clone of its scope, so equal
+/// scopes list them alike, and two equal scopes told apart would only mean two `ScopeSpans`.
+fn same_scope(a: &InstrumentationScope, b: &InstrumentationScope) -> bool {
+    a.name() == b.name()
+        && a.version() == b.version()
+        && a.schema_url() == b.schema_url()
+        && a.attributes().eq(b.attributes())
 }
 
 /// What the resource contributes to every `ResourceSpans`, encoded once: the length of the
@@ -347,11 +352,7 @@ fn encode_key_value(buf: &mut Vec<u8>, key: &str, value: &Value) {
 /// `AnyValue`: a oneof, so even a default value (`false`, `0`, `""`) is written.
 fn encode_any_value(buf: &mut Vec<u8>, value: &Value) {
     match value {
-        Value::String(value) => {
-            encode_key(1, WireType::LengthDelimited, buf);
-            encode_varint(value.as_str().len() as u64, buf);
-            buf.extend_from_slice(value.as_str().as_bytes());
-        }
+        Value::String(value) => length_delimited(buf, 1, value.as_str().as_bytes()),
         Value::Bool(value) => {
             encode_key(2, WireType::Varint, buf);
             encode_varint(u64::from(*value), buf);
@@ -364,6 +365,7 @@ fn encode_any_value(buf: &mut Vec<u8>, value: &Value) {
             encode_key(4, WireType::SixtyFourBit, buf);
             buf.put_f64_le(*value);
         }
+        // `ArrayValue.values` (1): one `AnyValue` per element.
         Value::Array(array) => nested(buf, 5, |buf| match array {
             Array::Bool(values) => {
                 values.iter().for_each(|v| nested(buf, 1, |buf| encode_any_value(buf, &Value::Bool(*v))))
@@ -374,18 +376,14 @@ fn encode_any_value(buf: &mut Vec<u8>, value: &Value) {
             Array::F64(values) => {
                 values.iter().for_each(|v| nested(buf, 1, |buf| encode_any_value(buf, &Value::F64(*v))))
             }
-            Array::String(values) => values.iter().for_each(|v| {
-                nested(buf, 1, |buf| {
-                    encode_key(1, WireType::LengthDelimited, buf);
-                    encode_varint(v.as_str().len() as u64, buf);
-                    buf.extend_from_slice(v.as_str().as_bytes());
-                })
-            }),
+            Array::String(values) => {
+                values.iter().for_each(|v| nested(buf, 1, |buf| length_delimited(buf, 1, v.as_str().as_bytes())))
+            }
             // A kind of array added after this was written: its text, rather than nothing.
-            other => nested(buf, 1, |buf| encode_any_value(buf, &Value::String(other.to_string().into()))),
+            other => nested(buf, 1, |buf| length_delimited(buf, 1, other.to_string().as_bytes())),
         }),
         // A kind of value added after this was written: its text, rather than nothing.
-        other => encode_any_value(buf, &Value::String(other.to_string().into())),
+        other => length_delimited(buf, 1, other.to_string().as_bytes()),
     }
 }
 

@@ -25,12 +25,12 @@ use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
 use opentelemetry_sdk::resource::{Resource, TelemetryResourceDetector};
 use opentelemetry_sdk::trace::{
-    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider, SpanData, SpanExporter,
+    BatchConfig, BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider, SpanData, SpanExporter,
 };
 
 use crate::env::{ConfigError, Env};
 use crate::metrics::Instruments;
-use crate::otlp::{GrpcExportConfig, GrpcExportError, GrpcSpanExporter};
+use crate::otlp::{GrpcExportError, GrpcSpanExporter};
 use crate::propagation::CheckedPropagator;
 use crate::propagators::{self, DEFAULT_PROPAGATORS, PropagatorKind};
 
@@ -639,28 +639,25 @@ fn span_processor(
     let endpoint_or_default = endpoint.as_deref().unwrap_or(DEFAULT_GRPC_ENDPOINT);
     Ok(match protocol {
         OtlpProtocol::Grpc if !transport.compressed && endpoint_or_default.starts_with("http://") => {
-            let exporter = GrpcSpanExporter::new(
-                &GrpcExportConfig {
-                    endpoint: endpoint_or_default.to_owned(),
-                    headers: transport.headers.clone(),
-                    timeout: transport.timeout,
-                },
-                runtime,
-            )?;
-            BatchSpanProcessor::builder(CountingExporter::new(exporter)).with_batch_config(batch).build()
+            batched(GrpcSpanExporter::new(endpoint_or_default, transport, runtime)?, batch)
         }
         OtlpProtocol::Grpc => {
             let _entered = runtime.enter();
-            let exporter =
-                configured(opentelemetry_otlp::SpanExporter::builder().with_tonic(), endpoint, protocol).build()?;
-            BatchSpanProcessor::builder(CountingExporter::new(exporter)).with_batch_config(batch).build()
+            batched(
+                configured(opentelemetry_otlp::SpanExporter::builder().with_tonic(), endpoint, protocol).build()?,
+                batch,
+            )
         }
-        OtlpProtocol::HttpProtobuf => {
-            let exporter =
-                configured(opentelemetry_otlp::SpanExporter::builder().with_http(), endpoint, protocol).build()?;
-            BatchSpanProcessor::builder(CountingExporter::new(exporter)).with_batch_config(batch).build()
-        }
+        OtlpProtocol::HttpProtobuf => batched(
+            configured(opentelemetry_otlp::SpanExporter::builder().with_http(), endpoint, protocol).build()?,
+            batch,
+        ),
     })
+}
+
+/// `exporter` behind the batch processor, its failures counted and logged.
+fn batched<E: SpanExporter + 'static>(exporter: E, batch: BatchConfig) -> BatchSpanProcessor {
+    BatchSpanProcessor::builder(CountingExporter::new(exporter)).with_batch_config(batch).build()
 }
 
 /// Where OTLP/gRPC goes when no endpoint is given (the spec's default).

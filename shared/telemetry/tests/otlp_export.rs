@@ -1,5 +1,5 @@
 //! The OTLP/gRPC span exporter against a real receiver (opentelemetry-proto's tonic server):
-//! what it sends decodes, a backend that comes up late still gets the batch (UNAVAILABLE is
+//! what it sends decodes and carries the configured headers, a backend that comes up late still gets the batch (UNAVAILABLE is
 //! retried within the timeout), and a header gRPC cannot carry stops startup.
 
 use std::time::Duration;
@@ -34,6 +34,11 @@ async fn spans_arrive_with_their_attributes_and_parentage() {
     assert_eq!(child.parent_span_id, parent.span_id);
     assert_eq!(parent.attr("order.lines"), Some(&tracehop_testkit::otlp::Attr::Int(3)));
     assert!(spans.iter().all(|s| s.service_name == "export-test"));
+    // OTEL_EXPORTER_OTLP_HEADERS, the exporter's user agent and the attempt's deadline.
+    let headers = receiver.span_export_headers();
+    assert_eq!(headers.get("x-tenant").map(String::as_str), Some("a b"), "{headers:?}");
+    assert!(headers.get("user-agent").is_some_and(|ua| ua.starts_with("OTel-OTLP-Exporter-Rust")), "{headers:?}");
+    assert!(headers.contains_key("grpc-timeout"), "{headers:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -211,6 +211,8 @@ fn flatten(attributes: &[KeyValue]) -> HashMap<String, Attr> {
 #[derive(Debug, Default)]
 struct Shared {
     spans: Mutex<Vec<ReceivedSpan>>,
+    /// The request headers (gRPC metadata) of the latest span export.
+    span_headers: Mutex<HashMap<String, String>>,
     metrics: Mutex<Vec<ReceivedMetric>>,
     arrived: Notify,
 }
@@ -239,6 +241,11 @@ impl TraceService for Collector {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let headers = request.metadata().clone().into_headers();
+        *self.0.span_headers.lock().unwrap_or_else(PoisonError::into_inner) = headers
+            .iter()
+            .filter_map(|(name, value)| Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned())))
+            .collect();
         let mut received = Vec::new();
         for resource_spans in request.into_inner().resource_spans {
             let (resource, service_name) = resource_of(resource_spans.resource.as_ref());
@@ -327,6 +334,11 @@ impl OtlpReceiver {
     /// The URL to give the exporter, e.g. `http://127.0.0.1:43123`.
     pub fn endpoint(&self) -> &str {
         &self.endpoint
+    }
+
+    /// The request headers of the latest span export (ASCII values only), by lower-case name.
+    pub fn span_export_headers(&self) -> HashMap<String, String> {
+        self.shared.span_headers.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Every span received so far.
