@@ -17,12 +17,12 @@ use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll, ready};
 use std::time::Instant;
 
+use crate::metrics::Durations;
 use http_body::{Body, Frame};
 use opentelemetry::context::{FutureExt as _, WithContext};
-use opentelemetry::metrics::Histogram;
 use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer};
 use opentelemetry::{Context, KeyValue};
-use opentelemetry_http::{HeaderExtractor, HeaderInjector};
+use opentelemetry_http::HeaderExtractor;
 use opentelemetry_semantic_conventions::attribute::{
     ERROR_TYPE, RPC_METHOD, RPC_RESPONSE_STATUS_CODE, RPC_SYSTEM_NAME, SERVER_ADDRESS, SERVER_PORT,
 };
@@ -31,6 +31,7 @@ use tonic::Code;
 use tower::{Layer, Service};
 
 use crate::Telemetry;
+use crate::propagation::HeaderInjector;
 use crate::spans::{baggage_attributes, record_error};
 
 /// Calls under this path (grpc.health.v1) are not traced.
@@ -199,10 +200,10 @@ where
 /// The call-duration histogram of one call, recorded when its span ends; `None` inside when
 /// metrics are off.
 #[derive(Debug)]
-struct RpcMetric(Option<(Histogram<f64>, Vec<KeyValue>, Instant)>);
+struct RpcMetric(Option<(Durations, Vec<KeyValue>, Instant)>);
 
 impl RpcMetric {
-    fn start(histogram: Option<&Histogram<f64>>, attributes: &[KeyValue]) -> Self {
+    fn start(histogram: Option<&Durations>, attributes: &[KeyValue]) -> Self {
         Self(histogram.map(|histogram| (histogram.clone(), attributes.to_vec(), Instant::now())))
     }
 }

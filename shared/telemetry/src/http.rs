@@ -12,12 +12,12 @@ use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll, ready};
 use std::time::Instant;
 
+use crate::metrics::Durations;
 use axum::extract::MatchedPath;
 use http::header::{HOST, USER_AGENT};
 use http::{HeaderValue, Request, Response};
 use opentelemetry::context::{FutureExt as _, WithContext};
-use opentelemetry::metrics::Histogram;
-use opentelemetry::trace::{Link, SpanContext, SpanKind, TraceContextExt, Tracer};
+use opentelemetry::trace::{Link, SpanKind, TraceContextExt, Tracer};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_http::HeaderExtractor;
 use opentelemetry_semantic_conventions::attribute::{
@@ -231,10 +231,7 @@ fn split_host(host: &str) -> (&str, Option<u16>) {
     }
 }
 
-/// `00-<trace id>-<span id>-<flags>` of `span_context`.
-pub fn traceparent(span_context: &SpanContext) -> String {
-    format!("00-{}-{}-{:02x}", span_context.trace_id(), span_context.span_id(), span_context.trace_flags().to_u8() & 1)
-}
+pub use crate::propagation::traceparent;
 
 pin_project! {
     /// The response future of [`HttpServerService`].
@@ -244,7 +241,7 @@ pin_project! {
         cx: Option<Context>,
         trace_response_headers: bool,
         // The histogram, its attributes so far and the start: `None` when metrics are off.
-        duration: Option<(Histogram<f64>, Vec<KeyValue>, Instant)>,
+        duration: Option<(Durations, Vec<KeyValue>, Instant)>,
     }
 
     impl<F> PinnedDrop for HttpResponseFuture<F> {
@@ -285,7 +282,7 @@ where
                 }
                 if *this.trace_response_headers && span.span_context().is_valid() {
                     let value = traceparent(span.span_context());
-                    if let Ok(timing) = HeaderValue::from_str(&format!("trace;desc={value}")) {
+                    if let Ok(timing) = HeaderValue::from_str(&["trace;desc=", value.as_str()].concat()) {
                         response.headers_mut().insert(SERVER_TIMING, timing);
                     }
                     if let Ok(value) = HeaderValue::from_str(&value) {

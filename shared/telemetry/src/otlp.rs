@@ -18,14 +18,14 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::uri::PathAndQuery;
-use opentelemetry::trace::{SpanId, SpanKind, Status};
+use opentelemetry::trace::{SpanId, SpanKind, Status, TraceState};
 use opentelemetry::{Array, InstrumentationScope, KeyValue, Value};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{SpanData, SpanExporter};
 use prost::bytes::{BufMut, Bytes};
-use prost::encoding::{WireType, encode_key, encode_varint};
+use prost::encoding::{WireType, encoded_len_varint};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 
@@ -159,7 +159,8 @@ fn retryable(code: tonic::Code) -> bool {
 
 impl SpanExporter for GrpcSpanExporter {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
-        let mut buf = Vec::new();
+        // Spans of these services encode to 250-700 bytes: one allocation for most batches.
+        let mut buf = Vec::with_capacity(self.resource.len() + 64 + batch.len() * 768);
         encode_request(&mut buf, &self.resource, &batch);
         drop(batch);
         // On the export runtime: tonic's channel and tokio's timers live there, while the
@@ -219,6 +220,20 @@ impl Decoder for RawCodec {
 // `common.proto` and `resource.proto`; defaults are omitted as prost omits them, and messages
 // the SDK conversion always sets (`status`, `resource`, `scope`, `value`) are always written.
 
+/// A varint, on a `Vec` directly (prost's writer goes through `BufMut` a byte at a time, with
+/// a capacity check per byte; tags and lengths here are mostly a single byte).
+fn encode_varint(mut value: u64, buf: &mut Vec<u8>) {
+    while value >= 0x80 {
+        buf.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    buf.push(value as u8);
+}
+
+fn encode_key(tag: u32, wire_type: WireType, buf: &mut Vec<u8>) {
+    encode_varint(u64::from(tag << 3 | wire_type as u32), buf);
+}
+
 /// Writes a length-delimited field: the body is written in place, then its length is put in
 /// front of it (one move of the body; no length pre-computation, no scratch buffers).
 fn nested(buf: &mut Vec<u8>, tag: u32, body: impl FnOnce(&mut Vec<u8>)) {
@@ -226,11 +241,8 @@ fn nested(buf: &mut Vec<u8>, tag: u32, body: impl FnOnce(&mut Vec<u8>)) {
     let start = buf.len();
     body(buf);
     let len = buf.len() - start;
-    let mut prefix = [0u8; 10];
-    let mut prefix_buf = &mut prefix[..];
-    encode_varint(len as u64, &mut prefix_buf);
-    let prefix_len = 10 - prefix_buf.len();
-    buf.extend_from_slice(&prefix[..prefix_len]);
+    encode_varint(len as u64, buf);
+    let prefix_len = buf.len() - start - len;
     buf[start..].rotate_right(prefix_len);
 }
 
@@ -258,14 +270,14 @@ fn varint_field(buf: &mut Vec<u8>, tag: u32, value: u64) {
 fn fixed32_field(buf: &mut Vec<u8>, tag: u32, value: u32) {
     if value != 0 {
         encode_key(tag, WireType::ThirtyTwoBit, buf);
-        buf.put_u32_le(value);
+        buf.extend_from_slice(&value.to_le_bytes());
     }
 }
 
 fn fixed64_field(buf: &mut Vec<u8>, tag: u32, value: u64) {
     if value != 0 {
         encode_key(tag, WireType::SixtyFourBit, buf);
-        buf.put_u64_le(value);
+        buf.extend_from_slice(&value.to_le_bytes());
     }
 }
 
@@ -321,7 +333,7 @@ fn same_scope(a: &InstrumentationScope, b: &InstrumentationScope) -> bool {
 fn encode_resource(resource: &Resource) -> Bytes {
     let mut message = Vec::new();
     for (key, value) in resource.iter() {
-        nested(&mut message, 1, |buf| encode_key_value(buf, key.as_str(), value));
+        encode_key_value(&mut message, 1, key.as_str(), value);
     }
     let mut framed = Vec::with_capacity(message.len() + 10);
     encode_varint(message.len() as u64, &mut framed);
@@ -340,13 +352,39 @@ fn encode_scope(buf: &mut Vec<u8>, scope: &InstrumentationScope) {
 
 fn encode_attributes<'a>(buf: &mut Vec<u8>, tag: u32, attributes: impl IntoIterator<Item = &'a KeyValue>) {
     for attribute in attributes {
-        nested(buf, tag, |buf| encode_key_value(buf, attribute.key.as_str(), &attribute.value));
+        encode_key_value(buf, tag, attribute.key.as_str(), &attribute.value);
     }
 }
 
-fn encode_key_value(buf: &mut Vec<u8>, key: &str, value: &Value) {
+/// A `KeyValue` as field `tag`. Scalars (nearly every attribute) have their lengths worked out
+/// first and are written front to back; arrays go through [`nested`].
+fn encode_key_value(buf: &mut Vec<u8>, tag: u32, key: &str, value: &Value) {
+    let key_len = if key.is_empty() { 0 } else { 1 + encoded_len_varint(key.len() as u64) + key.len() };
+    let Some(value_len) = scalar_len(value) else {
+        nested(buf, tag, |buf| {
+            bytes_field(buf, 1, key.as_bytes());
+            nested(buf, 2, |buf| encode_any_value(buf, value));
+        });
+        return;
+    };
+    encode_key(tag, WireType::LengthDelimited, buf);
+    encode_varint((key_len + 1 + encoded_len_varint(value_len as u64) + value_len) as u64, buf);
     bytes_field(buf, 1, key.as_bytes());
-    nested(buf, 2, |buf| encode_any_value(buf, value));
+    encode_key(2, WireType::LengthDelimited, buf);
+    encode_varint(value_len as u64, buf);
+    encode_any_value(buf, value);
+}
+
+/// The encoded length of a scalar `AnyValue` (see [`encode_any_value`]); `None` for arrays
+/// and kinds of value added after this was written.
+fn scalar_len(value: &Value) -> Option<usize> {
+    match value {
+        Value::String(value) => Some(1 + encoded_len_varint(value.as_str().len() as u64) + value.as_str().len()),
+        Value::Bool(_) => Some(2),
+        Value::I64(value) => Some(1 + encoded_len_varint(*value as u64)),
+        Value::F64(_) => Some(9),
+        _ => None,
+    }
 }
 
 /// `AnyValue`: a oneof, so even a default value (`false`, `0`, `""`) is written.
@@ -363,7 +401,7 @@ fn encode_any_value(buf: &mut Vec<u8>, value: &Value) {
         }
         Value::F64(value) => {
             encode_key(4, WireType::SixtyFourBit, buf);
-            buf.put_f64_le(*value);
+            buf.extend_from_slice(&value.to_le_bytes());
         }
         // `ArrayValue.values` (1): one `AnyValue` per element.
         Value::Array(array) => nested(buf, 5, |buf| match array {
@@ -403,11 +441,18 @@ fn span_kind(kind: &SpanKind) -> u64 {
     }
 }
 
+/// Field 3 of a span or link; no `String` is made for the usual empty trace state.
+fn encode_trace_state(buf: &mut Vec<u8>, trace_state: &TraceState) {
+    if *trace_state != TraceState::NONE {
+        bytes_field(buf, 3, trace_state.header().as_bytes());
+    }
+}
+
 fn encode_span(buf: &mut Vec<u8>, span: &SpanData) {
     let context = &span.span_context;
     bytes_field(buf, 1, &context.trace_id().to_bytes());
     bytes_field(buf, 2, &context.span_id().to_bytes());
-    bytes_field(buf, 3, context.trace_state().header().as_bytes());
+    encode_trace_state(buf, context.trace_state());
     if span.parent_span_id != SpanId::INVALID {
         bytes_field(buf, 4, &span.parent_span_id.to_bytes());
     }
@@ -430,7 +475,7 @@ fn encode_span(buf: &mut Vec<u8>, span: &SpanData) {
         nested(buf, 13, |buf| {
             bytes_field(buf, 1, &link.span_context.trace_id().to_bytes());
             bytes_field(buf, 2, &link.span_context.span_id().to_bytes());
-            bytes_field(buf, 3, link.span_context.trace_state().header().as_bytes());
+            encode_trace_state(buf, link.span_context.trace_state());
             encode_attributes(buf, 4, &link.attributes);
             varint_field(buf, 5, u64::from(link.dropped_attributes_count));
             fixed32_field(buf, 6, span_flags(link.span_context.is_remote(), link.span_context.trace_flags().to_u8()));

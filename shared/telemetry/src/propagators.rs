@@ -2,7 +2,7 @@
 //!
 //! | name | propagator | crate |
 //! |---|---|---|
-//! | `tracecontext` | W3C Trace Context | opentelemetry_sdk |
+//! | `tracecontext` | W3C Trace Context | [`W3cTraceContextPropagator`] (the SDK's, without `format!` and radix parsing) |
 //! | `baggage` | W3C Baggage | opentelemetry_sdk (extract), [`W3cBaggagePropagator`] (inject: the SDK does not encode `%`) |
 //! | `b3` | B3 single header (`b3:`) | opentelemetry-zipkin |
 //! | `b3multi` | B3 multiple headers (`x-b3-*`) | opentelemetry-zipkin |
@@ -17,12 +17,11 @@
 //! one stops startup rather than silently not propagating.
 
 use opentelemetry::propagation::{TextMapCompositePropagator, TextMapPropagator};
-use opentelemetry_sdk::propagation::TraceContextPropagator;
 #[allow(deprecated)]
 use opentelemetry_zipkin::{B3Encoding, Propagator as B3Propagator};
 
 use crate::env::ConfigError;
-use crate::propagation::W3cBaggagePropagator;
+use crate::propagation::{W3cBaggagePropagator, W3cTraceContextPropagator};
 
 /// The variable this module reads.
 pub const OTEL_PROPAGATORS: &str = "OTEL_PROPAGATORS";
@@ -93,7 +92,7 @@ pub fn composite(kinds: &[PropagatorKind]) -> TextMapCompositePropagator {
         .iter()
         .map(|kind| -> Box<dyn TextMapPropagator + Send + Sync> {
             match kind {
-                PropagatorKind::TraceContext => Box::new(TraceContextPropagator::new()),
+                PropagatorKind::TraceContext => Box::new(W3cTraceContextPropagator::new()),
                 PropagatorKind::Baggage => Box::new(W3cBaggagePropagator::new()),
                 PropagatorKind::B3 => Box::new(B3Propagator::with_encoding(B3Encoding::SingleHeader)),
                 PropagatorKind::B3Multi => Box::new(B3Propagator::with_encoding(B3Encoding::MultipleHeader)),

@@ -38,7 +38,7 @@ impl TextMapPropagator for W3cBaggagePropagator {
         if baggage.is_empty() {
             return;
         }
-        let mut header = String::new();
+        let mut header = String::with_capacity(64);
         for (name, (value, metadata)) in baggage {
             if !header.is_empty() {
                 header.push(',');

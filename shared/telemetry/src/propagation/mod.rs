@@ -14,10 +14,14 @@ mod baggage;
 mod checked;
 pub mod counters;
 mod grpc;
+mod http;
+mod trace_context;
 pub mod w3c;
 
 pub use amqp::{AmqpHeaderExtractor, AmqpHeaderInjector};
 pub use baggage::W3cBaggagePropagator;
 pub use checked::CheckedPropagator;
 pub use grpc::{MetadataExtractor, MetadataInjector};
-pub use opentelemetry_http::{HeaderExtractor, HeaderInjector};
+pub use http::HeaderInjector;
+pub use opentelemetry_http::HeaderExtractor;
+pub use trace_context::{W3cTraceContextPropagator, trace_id_hex, traceparent};
