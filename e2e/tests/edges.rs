@@ -249,3 +249,20 @@ async fn health_checks_are_not_traced() {
     assert!(health.is_empty(), "{health:?}");
     pipeline.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_order_crosses_grpc_and_the_broker_whole() {
+    // 100 lines (the gateway's limit): a gRPC request about three times the codec's initial
+    // 512-byte buffer, which must grow rather than cut the message.
+    let pipeline = Pipeline::start(Options::default()).await;
+    let (status, small) = checkout(&pipeline, "c-small", &[]).await;
+    assert_eq!(status, 202, "{small}");
+    let items: Vec<Value> = (0..100).map(|_| json!({"sku": "SKU-002", "quantity": 1})).collect();
+    let response = pipeline.checkout(&json!({"customer_id": "c-large", "items": items}), &[]).await;
+    assert_eq!(response.status(), 202);
+    let large: Value = serde_json::from_slice(&response.bytes().await.expect("body")).expect("json");
+    assert_eq!(large["total_cents"].as_i64(), small["total_cents"].as_i64().map(|cents| cents * 100), "{large}");
+    let order_id = large["order_id"].as_str().expect("order id");
+    assert_eq!(pipeline.wait_for_order(order_id).await, "reserved");
+    pipeline.stop().await;
+}

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 use tracehop_proto::{CheckoutRequest, LineItem};
+use tracehop_telemetry::propagation::trace_id_hex;
 use tracehop_telemetry::spans::{baggage_attributes, with_baggage_entry};
 
 use crate::AppState;
@@ -77,7 +78,8 @@ fn validate(body: &CheckoutBody) -> Result<(), AppError> {
     Ok(())
 }
 
-/// Handles `POST /api/checkout`.
+/// Handles `POST /api/checkout`. The state is this request's own copy: its client is moved out,
+/// not cloned again.
 pub async fn checkout(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<CheckoutBody>,
@@ -93,7 +95,7 @@ pub async fn checkout(
     });
     // Tell checkout the deadline too, so it stops work nobody waits for.
     request.set_timeout(state.checkout_timeout);
-    let mut client = state.client.clone();
+    let mut client = state.client;
     let call = client.checkout(request).with_context(cx.clone());
     let response = tokio::time::timeout(state.checkout_timeout, call)
         .await
@@ -103,8 +105,8 @@ pub async fn checkout(
     let span = cx.span();
     let span_context = span.span_context();
     let (trace_id, trace_url) = if span_context.is_valid() {
-        let trace_id = span_context.trace_id().to_string();
-        let url = format!("{}/trace/{trace_id}", state.jaeger_ui_url);
+        let trace_id = trace_id_hex(span_context.trace_id());
+        let url = [&*state.jaeger_ui_url, "/trace/", &trace_id].concat();
         (Some(trace_id), Some(url))
     } else {
         (None, None)

@@ -16,6 +16,7 @@ pub mod error;
 pub mod page;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -45,9 +46,9 @@ pub struct AppState {
     /// `CHECKOUT_TIMEOUT_MS`.
     pub checkout_timeout: Duration,
     /// `JAEGER_UI_URL`, without a trailing slash.
-    pub jaeger_ui_url: String,
+    pub jaeger_ui_url: Arc<str>,
     /// `BAGGAGE_SPAN_ATTRIBUTES`.
-    pub baggage_span_attributes: Vec<String>,
+    pub baggage_span_attributes: Arc<[String]>,
 }
 
 impl AppState {
@@ -63,8 +64,8 @@ impl AppState {
         Self {
             client: CheckoutServiceClient::new(traced),
             checkout_timeout: config.checkout_timeout,
-            jaeger_ui_url: config.jaeger_ui_url.clone(),
-            baggage_span_attributes: config.baggage_span_attributes.clone(),
+            jaeger_ui_url: config.jaeger_ui_url.as_str().into(),
+            baggage_span_attributes: config.baggage_span_attributes.as_slice().into(),
         }
     }
 }
