@@ -1,5 +1,7 @@
 //! Inject and extract per carrier, beside the bare SDK propagator over a `HashMap` (the
-//! baseline every Rust OpenTelemetry user pays already). Run with
+//! baseline every Rust OpenTelemetry user pays already). The carriers run with what the
+//! services use, [`CheckedPropagator`] over [`W3cTraceContextPropagator`]; the AMQP carrier
+//! also runs with the checks over the SDK's propagator. Run with
 //! `cargo bench -p tracehop-telemetry --bench carriers`.
 
 use std::collections::HashMap;
@@ -16,7 +18,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tonic::metadata::MetadataMap;
 use tracehop_telemetry::propagation::{
     AmqpHeaderExtractor, AmqpHeaderInjector, CheckedPropagator, HeaderExtractor, HeaderInjector, MetadataExtractor,
-    MetadataInjector,
+    MetadataInjector, W3cTraceContextPropagator,
 };
 
 fn context() -> Context {
@@ -33,7 +35,8 @@ fn context() -> Context {
 fn carriers(c: &mut Criterion) {
     let cx = context();
     let sdk = TraceContextPropagator::new();
-    let checked = CheckedPropagator::new(TraceContextPropagator::new());
+    let checked = CheckedPropagator::new(W3cTraceContextPropagator::new());
+    let checked_sdk = CheckedPropagator::new(TraceContextPropagator::new());
 
     let mut group = c.benchmark_group("inject");
     group.bench_function("baseline: sdk propagator, HashMap", |b| {
@@ -47,6 +50,13 @@ fn carriers(c: &mut Criterion) {
         b.iter(|| {
             let mut headers = FieldTable::default();
             checked.inject_context(black_box(&cx), &mut AmqpHeaderInjector(&mut headers));
+            headers
+        })
+    });
+    group.bench_function("amqp: checked sdk propagator, FieldTable", |b| {
+        b.iter(|| {
+            let mut headers = FieldTable::default();
+            checked_sdk.inject_context(black_box(&cx), &mut AmqpHeaderInjector(&mut headers));
             headers
         })
     });
@@ -79,6 +89,9 @@ fn carriers(c: &mut Criterion) {
     group.bench_function("baseline: sdk propagator, HashMap", |b| b.iter(|| sdk.extract(black_box(&map))));
     group.bench_function("amqp: checked propagator, FieldTable", |b| {
         b.iter(|| checked.extract(&AmqpHeaderExtractor(black_box(&table))))
+    });
+    group.bench_function("amqp: checked sdk propagator, FieldTable", |b| {
+        b.iter(|| checked_sdk.extract(&AmqpHeaderExtractor(black_box(&table))))
     });
     group.bench_function("grpc: checked propagator, MetadataMap", |b| {
         b.iter(|| checked.extract(&MetadataExtractor(black_box(&metadata))))

@@ -261,7 +261,7 @@ async fn pipeline_run(
     let services = Services::start(&amqp, sink, telemetry).await?;
     let before = spans.load(Ordering::Relaxed);
     let label = telemetry.label();
-    let report = crate::pipeline::run(&services.gateway, &services.stock, &load(args, label, rate)).await?;
+    let report = crate::pipeline::run(&services.gateway, Some(&services.stock), &load(args, label, rate)).await?;
     let usage = services.usage();
     services.stop();
     let otlp_bytes = spans.load(Ordering::Relaxed) - before;

@@ -95,6 +95,10 @@ struct PipelineArgs {
     /// Stock's admin API, to learn when each order was reserved.
     #[arg(long, default_value = "http://127.0.0.1:8082")]
     stock: String,
+    /// Do not look the orders up afterwards (no end-to-end figures): for a measurement of the
+    /// services' work per order that the lookups' traced requests would add to.
+    #[arg(long)]
+    no_follow: bool,
     #[command(flatten)]
     load: Load,
 }
@@ -112,7 +116,8 @@ struct RawArgs {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Pipeline(args) => {
-            let report = pipeline::run(&args.gateway, &args.stock, &args.load).await?;
+            let report =
+                pipeline::run(&args.gateway, (!args.no_follow).then_some(args.stock.as_str()), &args.load).await?;
             report.finish(&args.load)?;
         }
         Command::Raw(args) => {
