@@ -9,9 +9,9 @@
 //! these bytes with `opentelemetry-proto` and compares them with the SDK's own conversion.
 //!
 //! Scope: OTLP/gRPC without compression over `http://` (what Jaeger and collectors take on
-//! 4317, and the default here). `http/protobuf` goes through the SDK's exporter, and so do
-//! `gzip` and `https://`, which that exporter, built here without compression and TLS, refuses
-//! at startup (see [`crate::setup`]). The exporter honours `OTEL_EXPORTER_OTLP_HEADERS` and `_TIMEOUT`
+//! 4317, and the default here). `http/protobuf` goes through the SDK's exporter, and so does
+//! `https://`, which that exporter, built here without TLS, refuses at startup; `gzip` is
+//! refused by the configuration (see [`crate::setup`]). The exporter honours `OTEL_EXPORTER_OTLP_HEADERS` and `_TIMEOUT`
 //! (and their `_TRACES_` forms) and retries the codes the OTLP spec calls retryable, with
 //! backoff, until the timeout.
 

@@ -119,20 +119,19 @@ pub struct TelemetryConfig {
     pub span_transport: SpanTransport,
 }
 
-/// The `OTEL_EXPORTER_OTLP_(TRACES_)HEADERS`, `_TIMEOUT` and `_COMPRESSION` of span export.
+/// The `OTEL_EXPORTER_OTLP_(TRACES_)HEADERS` and `_TIMEOUT` of span export. `_COMPRESSION` is
+/// checked too: only `none` is accepted, since the exporters are built without compression.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SpanTransport {
     /// Extra request headers, percent-decoded.
     pub headers: Vec<(String, String)>,
     /// How long one export may take, retries included (the spec's default: 10 s).
     pub timeout: Duration,
-    /// `gzip` was asked for: the SDK's exporter does the export (see [`crate::otlp`]).
-    pub compressed: bool,
 }
 
 impl Default for SpanTransport {
     fn default() -> Self {
-        Self { headers: Vec::new(), timeout: Duration::from_secs(10), compressed: false }
+        Self { headers: Vec::new(), timeout: Duration::from_secs(10) }
     }
 }
 
@@ -152,8 +151,15 @@ impl SpanTransport {
             millis => Duration::from_millis(millis),
         };
         let compression_var = pick("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "OTEL_EXPORTER_OTLP_COMPRESSION");
-        let compressed = env.choice_or(compression_var, &[("none", false), ("gzip", true)], false)?;
-        Ok(Self { headers, timeout, compressed })
+        if env.choice_or(compression_var, &[("none", false), ("gzip", true)], false)? {
+            // Said here, by name, rather than by the SDK's exporter at first use.
+            return Err(ConfigError::new(
+                compression_var,
+                "gzip is not available: the OTLP exporters are built without compression; use \"none\" \
+                 (a collector next to the service can compress onward)",
+            ));
+        }
+        Ok(Self { headers, timeout })
     }
 }
 
@@ -427,20 +433,41 @@ struct ExportRuntime {
 }
 
 impl ExportRuntime {
+    /// Starts the thread, which builds its runtime there: a failure on either side leaves
+    /// nothing behind on the caller's thread (dropping a runtime inside async code panics).
     fn start() -> Result<Self, SetupError> {
-        let runtime =
-            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(SetupError::Runtime)?;
-        let handle = runtime.handle().clone();
+        let (ready, started) = std::sync::mpsc::sync_channel(1);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         std::thread::Builder::new()
             .name("otlp-export".into())
-            .spawn(move || {
-                runtime.block_on(async move {
-                    let _ = stopped.await;
-                });
+            .spawn(move || match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => {
+                    let _ = ready.send(Ok(runtime.handle().clone()));
+                    runtime.block_on(async move {
+                        let _ = stopped.await;
+                    });
+                }
+                Err(error) => {
+                    let _ = ready.send(Err(error));
+                }
             })
             .map_err(SetupError::Runtime)?;
+        let handle = started
+            .recv()
+            .map_err(|_| SetupError::Runtime(std::io::Error::other("the otlp-export thread ended before it started")))?
+            .map_err(SetupError::Runtime)?;
         Ok(Self { handle, _stop: stop })
+    }
+
+    /// The runtime's handle, starting it on first need: only gRPC exporters use it.
+    fn handle(runtime: &mut Option<Self>) -> Result<tokio::runtime::Handle, SetupError> {
+        if let Some(started) = runtime {
+            return Ok(started.handle.clone());
+        }
+        let started = Self::start()?;
+        let handle = started.handle.clone();
+        *runtime = Some(started);
+        Ok(handle)
     }
 }
 
@@ -485,18 +512,15 @@ impl Telemetry {
             resource = resource.with_attribute(KeyValue::new("host.name", host));
         }
         let resource = resource.build();
-        let runtime = ExportRuntime::start()?;
-        let meter_provider = {
-            let _entered = runtime.handle.enter();
-            meter_provider(config, &resource)?
-        };
+        let mut runtime = None;
+        let meter_provider = meter_provider(config, &resource, &mut runtime)?;
         let mut builder = SdkTracerProvider::builder().with_resource(resource).with_sampler(config.sampler.sampler());
         if let Export::Otlp { endpoint, protocol } = &config.export {
-            builder = builder.with_span_processor(span_processor(config, endpoint, *protocol, &runtime.handle)?);
+            builder = builder.with_span_processor(span_processor(config, endpoint, *protocol, &mut runtime)?);
         }
         let provider = builder.build();
         let tracer = BoxedTracer::new(Box::new(provider.tracer("tracehop")));
-        Ok(Self::assemble(config, tracer, propagator, Some(provider), meter_provider, Some(runtime)))
+        Ok(Self::assemble(config, tracer, propagator, Some(provider), meter_provider, runtime))
     }
 
     /// Telemetry that records nothing but still propagates context: for tests of other things.
@@ -627,7 +651,7 @@ fn span_processor(
     config: &TelemetryConfig,
     endpoint: &Option<String>,
     protocol: OtlpProtocol,
-    runtime: &tokio::runtime::Handle,
+    runtime: &mut Option<ExportRuntime>,
 ) -> Result<BatchSpanProcessor, SetupError> {
     // The SDK's defaults read OTEL_BSP_*; only the delay is overridden, when asked.
     let mut batch = BatchConfigBuilder::default();
@@ -638,11 +662,11 @@ fn span_processor(
     let transport = &config.span_transport;
     let endpoint_or_default = endpoint.as_deref().unwrap_or(DEFAULT_GRPC_ENDPOINT);
     Ok(match protocol {
-        OtlpProtocol::Grpc if !transport.compressed && endpoint_or_default.starts_with("http://") => {
-            batched(GrpcSpanExporter::new(endpoint_or_default, transport, runtime)?, batch)
+        OtlpProtocol::Grpc if endpoint_or_default.starts_with("http://") => {
+            batched(GrpcSpanExporter::new(endpoint_or_default, transport, &ExportRuntime::handle(runtime)?)?, batch)
         }
         OtlpProtocol::Grpc => {
-            let _entered = runtime.enter();
+            let _entered = ExportRuntime::handle(runtime)?.enter();
             batched(
                 configured(opentelemetry_otlp::SpanExporter::builder().with_tonic(), endpoint, protocol).build()?,
                 batch,
@@ -678,10 +702,17 @@ fn configured<B: WithExportConfig>(builder: B, endpoint: &Option<String>, protoc
 
 /// The meter provider: OTLP export every `metric_interval`, cumulative temporality (what
 /// Prometheus ingests), on the reader's own thread. `None` when metrics are off.
-fn meter_provider(config: &TelemetryConfig, resource: &Resource) -> Result<Option<SdkMeterProvider>, SetupError> {
+fn meter_provider(
+    config: &TelemetryConfig,
+    resource: &Resource,
+    runtime: &mut Option<ExportRuntime>,
+) -> Result<Option<SdkMeterProvider>, SetupError> {
     let Export::Otlp { endpoint, protocol } = &config.metrics else { return Ok(None) };
     let exporter = match protocol {
-        OtlpProtocol::Grpc => configured(MetricExporter::builder().with_tonic(), endpoint, *protocol).build()?,
+        OtlpProtocol::Grpc => {
+            let _entered = ExportRuntime::handle(runtime)?.enter();
+            configured(MetricExporter::builder().with_tonic(), endpoint, *protocol).build()?
+        }
         OtlpProtocol::HttpProtobuf => configured(MetricExporter::builder().with_http(), endpoint, *protocol).build()?,
     };
     let reader = PeriodicReader::builder(LoggingMetricExporter(exporter)).with_interval(config.metric_interval).build();
@@ -824,27 +855,28 @@ mod tests {
         let general = config(&[
             ("OTEL_EXPORTER_OTLP_HEADERS", "api-key=s%20ecret, x-tenant=a"),
             ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
-            ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "none"),
         ])
         .expect("valid")
         .span_transport;
         assert_eq!(general.headers, [("api-key".to_owned(), "s ecret".to_owned()), ("x-tenant".into(), "a".into())]);
         assert_eq!(general.timeout, Duration::from_millis(2500));
-        assert!(general.compressed);
         let traces = config(&[
             ("OTEL_EXPORTER_OTLP_HEADERS", "a=1"),
             ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "b=2"),
             ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
             ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "none"),
         ])
-        .expect("valid")
+        .expect("the traces' own none wins over the general gzip")
         .span_transport;
         assert_eq!(traces.headers, [("b".to_owned(), "2".to_owned())]);
-        assert!(!traces.compressed);
+        let error = config(&[("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip")]).expect_err("gzip");
+        assert!(error.message.contains("built without compression"), "{error}");
         for (variable, value) in [
             ("OTEL_EXPORTER_OTLP_TIMEOUT", "0"),
             ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "soon"),
             ("OTEL_EXPORTER_OTLP_COMPRESSION", "zstd"),
+            ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "gzip"),
             ("OTEL_EXPORTER_OTLP_HEADERS", "no-equals-sign"),
         ] {
             let error = config(&[(variable, value)]).expect_err(value);
@@ -889,6 +921,16 @@ mod tests {
         assert!(matches!(config.metrics, Export::Otlp { .. }), "the exporter is configured");
         let telemetry = Telemetry::new(&config).expect("telemetry");
         assert!(telemetry.inner.meter_provider.is_none() && telemetry.instruments().is_none());
+    }
+
+    #[test]
+    fn the_export_thread_starts_only_for_grpc_exporters() {
+        let http = config(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")]).expect("valid");
+        assert!(Telemetry::new(&http).expect("telemetry").inner._runtime.is_none(), "nothing would run on it");
+        let grpc_metrics_only = config(&[("OTEL_TRACES_EXPORTER", "none")]).expect("valid");
+        assert!(Telemetry::new(&grpc_metrics_only).expect("telemetry").inner._runtime.is_some());
+        let grpc_spans_only = config(&[("OTEL_METRICS_EXPORTER", "none")]).expect("valid");
+        assert!(Telemetry::new(&grpc_spans_only).expect("telemetry").inner._runtime.is_some());
     }
 
     #[test]
