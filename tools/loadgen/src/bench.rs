@@ -1,5 +1,5 @@
 //! The benchmark: telemetry off and on, alternately, in pairs, beside the raw broker ceiling,
-//! then the latency at half the maximum throughput; CPU seconds per 1,000 orders and peak RSS
+//! then the latency at half the maximum throughput (on, and off at the same rate); CPU seconds per 1,000 orders and peak RSS
 //! of each service. Everything runs in one invocation, so the figures compare.
 //! `--compare metrics` instead pairs spans alone against spans and metrics: the cost of the
 //! metrics by themselves.
@@ -99,6 +99,8 @@ struct Run {
 struct Results {
     pairs: Vec<(Run, Run)>,
     raw: Vec<Report>,
+    /// Telemetry off at the rate of the half-load run.
+    half_load_off: Option<Run>,
     half_load: Option<Run>,
 }
 
@@ -304,13 +306,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             raw.push(report);
         }
     }
-    let half_load = if args.compare == Compare::Tracing {
-        let on_max = median(pairs.iter().map(|(_, on)| on.report.throughput).collect());
-        Some(pipeline_run(&args, on, Some(on_max / 2.0), &sink, &spans).await?)
+    // Both at the same rate, so the latency tracing adds shows apart from the machine's own.
+    let (half_load_off, half_load) = if args.compare == Compare::Tracing {
+        let rate = Some(median(pairs.iter().map(|(_, on)| on.report.throughput).collect()) / 2.0);
+        let off_run = pipeline_run(&args, off, rate, &sink, &spans).await?;
+        (Some(off_run), Some(pipeline_run(&args, on, rate, &sink, &spans).await?))
     } else {
-        None
+        (None, None)
     };
-    let results = Results { pairs, raw, half_load };
+    let results = Results { pairs, raw, half_load_off, half_load };
     println!("{}", summary(&results, &args));
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&results)?)?;
@@ -419,13 +423,14 @@ fn summary(results: &Results, args: &BenchArgs) -> String {
         median(cost_ratios.clone()),
         (median(cost_ratios) - 1.0) * 100.0
     );
-    if let Some(half_load) = &results.half_load {
+    for half_load in results.half_load_off.iter().chain(&results.half_load) {
         let half = &half_load.report;
         let e2e = half.end_to_end.as_ref();
         let _ = writeln!(
             out,
-            "\nAt half the maximum ({on_label}, open loop {}): {:.0}/s, p99 POST {:.2} ms, p99 POST -> reserved {:.2} ms \
+            "\nAt half the maximum ({}, open loop {}): {:.0}/s, p99 POST {:.2} ms, p99 POST -> reserved {:.2} ms \
              (p50 {:.2} / {:.2} ms); {} bytes of telemetry exported",
+            half_load.telemetry.label(),
             half.load,
             half.throughput,
             half.latency.p99_ms,
