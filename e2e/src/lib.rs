@@ -539,15 +539,11 @@ pub struct Processes {
     pub stock_env: Vec<(&'static str, String)>,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
-}
-
 impl Processes {
     /// Starts stock, checkout and the gateway against `amqp_url`, exporting spans to
     /// `otlp_endpoint`, stock on a SQLite file at `db`.
     pub async fn start(amqp_url: &str, otlp_endpoint: &str, db: &std::path::Path) -> Self {
-        let (gateway, checkout, stock) = (free_port(), free_port(), free_port());
+        let [gateway, checkout, stock] = tracehop_testkit::free_ports();
         let common = |name: &str| {
             vec![
                 ("OTEL_SERVICE_NAME", name.to_owned()),

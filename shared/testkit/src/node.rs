@@ -2,7 +2,6 @@
 //! directories, started from the installed `rabbitmq-server`, so killing or restarting them
 //! never touches the machine's shared broker (README, "Testing").
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -14,10 +13,6 @@ pub struct ThrowawayNode {
     port: u16,
     dist_port: u16,
     dir: PathBuf,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
 
 fn run(command: &mut Command) -> Result<String, String> {
@@ -40,12 +35,8 @@ impl ThrowawayNode {
     pub fn start(prefix: &str) -> Self {
         let dir = std::env::temp_dir().join(crate::unique_name(&format!("tracehop-node-{prefix}")));
         std::fs::create_dir_all(&dir).expect("node directory");
-        let node = Self {
-            name: format!("{}@localhost", crate::unique_name(prefix)),
-            port: free_port(),
-            dist_port: free_port(),
-            dir,
-        };
+        let [port, dist_port] = crate::free_ports();
+        let node = Self { name: format!("{}@localhost", crate::unique_name(prefix)), port, dist_port, dir };
         // The machine's /etc/rabbitmq/rabbitmq.conf pins the listener to 5672: use our own.
         let config = format!("listeners.tcp.default = 127.0.0.1:{}\nloopback_users = none\n", node.port);
         std::fs::write(node.dir.join("rabbitmq.conf"), config).expect("config");

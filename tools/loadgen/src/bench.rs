@@ -104,8 +104,19 @@ struct Results {
     half_load: Option<Run>,
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// Three distinct free loopback ports: the listeners are held until all are known (ports
+/// asked for one at a time can repeat, and a run once served its load from stock's port).
+fn free_ports() -> anyhow::Result<[u16; 3]> {
+    let listeners = [
+        std::net::TcpListener::bind("127.0.0.1:0")?,
+        std::net::TcpListener::bind("127.0.0.1:0")?,
+        std::net::TcpListener::bind("127.0.0.1:0")?,
+    ];
+    let mut ports = [0; 3];
+    for (port, listener) in ports.iter_mut().zip(&listeners) {
+        *port = listener.local_addr()?.port();
+    }
+    Ok(ports)
 }
 
 fn rabbitmqctl(args: &[&str]) -> anyhow::Result<()> {
@@ -145,7 +156,7 @@ impl Services {
         let bin = std::env::current_exe()?.parent().map(PathBuf::from).unwrap_or_default();
         let dir = std::env::temp_dir().join(format!("tracehop-bench-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir)?;
-        let (gateway, checkout, stock) = (free_port()?, free_port()?, free_port()?);
+        let [gateway, checkout, stock] = free_ports()?;
         let telemetry: Vec<(&str, String)> = match telemetry {
             Telemetry::Off => vec![("OTEL_SDK_DISABLED", "true".to_owned())],
             Telemetry::Spans => {
@@ -185,7 +196,7 @@ impl Services {
             let child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
             children.push((name.to_owned(), child));
         }
-        let services = Self {
+        let mut services = Self {
             children,
             gateway: format!("http://127.0.0.1:{gateway}"),
             stock: format!("http://127.0.0.1:{stock}"),
@@ -198,11 +209,23 @@ impl Services {
                 async move { http.get(url).send().await.is_ok_and(|r| r.status().is_success()) }
             };
             if up(format!("{}/healthz", services.stock)).await && up(format!("{}/healthz", services.gateway)).await {
+                services.all_running()?;
                 return Ok(services);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         anyhow::bail!("the services did not become ready")
+    }
+
+    /// Fails, naming it, when a service has exited (a port taken by something else, say):
+    /// whatever answers then is not the pipeline.
+    fn all_running(&mut self) -> anyhow::Result<()> {
+        for (name, child) in &mut self.children {
+            if let Some(status) = child.try_wait()? {
+                anyhow::bail!("{name} exited ({status}) while the run was starting");
+            }
+        }
+        Ok(())
     }
 
     fn usage(&self) -> Vec<Usage> {
@@ -260,12 +283,22 @@ async fn pipeline_run(
 ) -> anyhow::Result<Run> {
     let vhost = Vhost::create()?;
     let amqp = format!("{}/{}", args.amqp, vhost.0);
-    let services = Services::start(&amqp, sink, telemetry).await?;
+    let mut services = Services::start(&amqp, sink, telemetry).await?;
     let before = spans.load(Ordering::Relaxed);
     let label = telemetry.label();
     let report = crate::pipeline::run(&services.gateway, Some(&services.stock), &load(args, label, rate)).await?;
     let usage = services.usage();
+    let running = services.all_running();
     services.stop();
+    running?;
+    // A run that mostly failed measures nothing: stop rather than report its rate.
+    let failed: u64 = report.failures.values().sum();
+    anyhow::ensure!(
+        failed * 100 <= report.sent,
+        "{label}: {failed} of {} orders failed ({:?}); not a measurement",
+        report.sent,
+        report.failures
+    );
     let otlp_bytes = spans.load(Ordering::Relaxed) - before;
     eprintln!("{label}: {:.0}/s", report.throughput);
     Ok(Run { telemetry, report, usage, otlp_bytes })
