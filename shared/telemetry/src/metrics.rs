@@ -88,43 +88,39 @@ impl<B> BoundSets<B> {
     }
 }
 
-/// A duration histogram with bound handles for the attribute sets it sees.
+/// An instrument with bound handles (`H`) for the attribute sets it sees.
 #[derive(Debug, Clone)]
-pub(crate) struct Durations {
-    histogram: Histogram<f64>,
-    bound: Arc<BoundSets<BoundHistogram<f64>>>,
+pub(crate) struct WithBound<I, H> {
+    instrument: I,
+    bound: Arc<BoundSets<H>>,
 }
 
-impl Durations {
-    fn new(histogram: Histogram<f64>) -> Self {
-        Self { histogram, bound: Arc::default() }
+impl<I, H> WithBound<I, H> {
+    fn new(instrument: I) -> Self {
+        Self { instrument, bound: Arc::default() }
     }
+}
 
+/// A duration histogram.
+pub(crate) type Durations = WithBound<Histogram<f64>, BoundHistogram<f64>>;
+
+impl Durations {
     /// Records `seconds` with `attributes`.
     pub(crate) fn record(&self, seconds: f64, attributes: &[KeyValue]) {
-        let bound = self.bound.record(attributes, |set| self.histogram.bind(set), |bound| bound.record(seconds));
-        if !bound {
-            self.histogram.record(seconds, attributes);
+        if !self.bound.record(attributes, |set| self.instrument.bind(set), |bound| bound.record(seconds)) {
+            self.instrument.record(seconds, attributes);
         }
     }
 }
 
-/// A message counter with bound handles for the attribute sets it sees.
-#[derive(Debug, Clone)]
-pub(crate) struct Messages {
-    counter: Counter<u64>,
-    bound: Arc<BoundSets<BoundCounter<u64>>>,
-}
+/// A message counter.
+pub(crate) type Messages = WithBound<Counter<u64>, BoundCounter<u64>>;
 
 impl Messages {
-    fn new(counter: Counter<u64>) -> Self {
-        Self { counter, bound: Arc::default() }
-    }
-
     /// Adds `count` with `attributes`.
     pub(crate) fn add(&self, count: u64, attributes: &[KeyValue]) {
-        if !self.bound.record(attributes, |set| self.counter.bind(set), |bound| bound.add(count)) {
-            self.counter.add(count, attributes);
+        if !self.bound.record(attributes, |set| self.instrument.bind(set), |bound| bound.add(count)) {
+            self.instrument.add(count, attributes);
         }
     }
 }

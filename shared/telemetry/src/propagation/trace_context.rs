@@ -184,6 +184,11 @@ mod tests {
     }
 
     #[test]
+    fn names_the_fields_it_uses() {
+        assert_eq!(W3cTraceContextPropagator::new().fields().collect::<Vec<_>>(), ["traceparent", "tracestate"]);
+    }
+
+    #[test]
     fn trace_ids_print_as_32_hex_digits() {
         let trace_id = TraceId::from_hex("000f651916cd43dd8448eb211c80319c").expect("trace id");
         assert_eq!(trace_id_hex(trace_id), trace_id.to_string());
