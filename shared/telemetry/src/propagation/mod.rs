@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | AMQP headers (lapin) | [`AmqpHeaderInjector`] | [`AmqpHeaderExtractor`] |
 //! | gRPC metadata (tonic) | [`MetadataInjector`] | [`MetadataExtractor`] |
-//! | HTTP headers | [`HeaderInjector`] | [`HeaderExtractor`] (from `opentelemetry-http`) |
+//! | HTTP headers | [`HeaderInjector`] (from `opentelemetry-http`) | [`HeaderExtractor`] (from `opentelemetry-http`) |
 //!
 //! Use them with a [`CheckedPropagator`] (what [`crate::Telemetry`] hands out): it validates
 //! `traceparent` strictly and bounds `tracestate` and `baggage` to the W3C limits.
@@ -14,7 +14,6 @@ mod baggage;
 mod checked;
 pub mod counters;
 mod grpc;
-mod http;
 mod trace_context;
 pub mod w3c;
 
@@ -22,6 +21,5 @@ pub use amqp::{AmqpHeaderExtractor, AmqpHeaderInjector};
 pub use baggage::W3cBaggagePropagator;
 pub use checked::CheckedPropagator;
 pub use grpc::{MetadataExtractor, MetadataInjector};
-pub use http::HeaderInjector;
-pub use opentelemetry_http::HeaderExtractor;
+pub use opentelemetry_http::{HeaderExtractor, HeaderInjector};
 pub use trace_context::{W3cTraceContextPropagator, trace_id_hex, traceparent};
