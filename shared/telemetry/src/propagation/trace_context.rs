@@ -4,7 +4,7 @@
 //! of a `u128`, and parses it by splitting into a `Vec` and `from_str_radix`: about 4,000
 //! instructions per inject or extract under callgrind, on every hop of every order. This one
 //! writes the 55 bytes from a table and decodes them in place. It behaves as the SDK's does,
-//! except that it accepts only what [`is_valid_traceparent`] accepts (the SDK takes forms W3C
+//! except that it accepts only what [`super::w3c::is_valid_traceparent`] accepts (the SDK takes forms W3C
 //! rejects): only the sampled flag is kept, an unparsable `tracestate` is dropped whole, the
 //! extracted context is remote, and nothing is injected for an invalid span context.
 
@@ -16,58 +16,50 @@ use opentelemetry::propagation::text_map_propagator::FieldIter;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 
-use super::w3c::{TRACEPARENT, TRACESTATE, is_valid_traceparent};
+use super::w3c::{TRACEPARENT, TRACESTATE, parse_traceparent};
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-fn push_hex(out: &mut String, bytes: &[u8]) {
-    for byte in bytes {
-        out.push(char::from(HEX[usize::from(byte >> 4)]));
-        out.push(char::from(HEX[usize::from(byte & 0x0f)]));
+/// Writes `bytes` as lowercase hex into `out` (two digits per byte).
+fn hex_into(out: &mut [u8], bytes: &[u8]) {
+    for (pair, byte) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = HEX[usize::from(byte >> 4)];
+        pair[1] = HEX[usize::from(byte & 0x0f)];
     }
+}
+
+/// The hex written above is ASCII, so the check passes (and is cheap: ASCII is its fast path).
+fn ascii(bytes: &[u8]) -> String {
+    std::str::from_utf8(bytes).map(str::to_owned).unwrap_or_default()
 }
 
 /// `00-<trace id>-<span id>-<flags>` of `span_context`, the sampled flag alone.
 pub fn traceparent(span_context: &SpanContext) -> String {
-    let mut value = String::with_capacity(55);
-    value.push_str("00-");
-    push_hex(&mut value, &span_context.trace_id().to_bytes());
-    value.push('-');
-    push_hex(&mut value, &span_context.span_id().to_bytes());
-    value.push('-');
-    push_hex(&mut value, &[(span_context.trace_flags() & TraceFlags::SAMPLED).to_u8()]);
-    value
+    let mut value = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    hex_into(&mut value[3..35], &span_context.trace_id().to_bytes());
+    hex_into(&mut value[36..52], &span_context.span_id().to_bytes());
+    hex_into(&mut value[53..55], &[(span_context.trace_flags() & TraceFlags::SAMPLED).to_u8()]);
+    ascii(&value)
 }
 
 /// The 32 lowercase hex digits of `trace_id` (what Jaeger's URLs and the logs show).
 pub fn trace_id_hex(trace_id: TraceId) -> String {
-    let mut value = String::with_capacity(32);
-    push_hex(&mut value, &trace_id.to_bytes());
-    value
-}
-
-/// Decodes lowercase hex already checked by [`is_valid_traceparent`].
-fn decode_hex<const N: usize>(hex: &[u8]) -> [u8; N] {
-    let digit = |c: u8| if c.is_ascii_digit() { c - b'0' } else { c - b'a' + 10 };
-    let mut bytes = [0u8; N];
-    for (byte, pair) in bytes.iter_mut().zip(hex.chunks_exact(2)) {
-        *byte = digit(pair[0]) << 4 | digit(pair[1]);
-    }
-    bytes
+    let mut value = [0u8; 32];
+    hex_into(&mut value, &trace_id.to_bytes());
+    ascii(&value)
 }
 
 /// The span context a valid `traceparent` (and its `tracestate`) describe.
 fn span_context(traceparent: &str, tracestate: Option<&str>) -> Option<SpanContext> {
-    let traceparent = traceparent.trim();
-    if !is_valid_traceparent(traceparent) {
-        return None;
-    }
-    let bytes = traceparent.as_bytes();
-    let trace_id = TraceId::from_bytes(decode_hex(&bytes[3..35]));
-    let span_id = SpanId::from_bytes(decode_hex(&bytes[36..52]));
-    let [flags] = decode_hex::<1>(&bytes[53..55]);
+    let fields = parse_traceparent(traceparent.trim())?;
     let trace_state = tracestate.and_then(|value| TraceState::from_str(value).ok()).unwrap_or_default();
-    Some(SpanContext::new(trace_id, span_id, TraceFlags::new(flags) & TraceFlags::SAMPLED, true, trace_state))
+    Some(SpanContext::new(
+        TraceId::from_bytes(fields.trace_id),
+        SpanId::from_bytes(fields.parent_id),
+        TraceFlags::new(fields.flags) & TraceFlags::SAMPLED,
+        true,
+        trace_state,
+    ))
 }
 
 /// W3C Trace Context propagation; see the module documentation.

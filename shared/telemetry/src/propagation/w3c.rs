@@ -29,46 +29,90 @@ pub const MAX_BAGGAGE_LEN: usize = 8192;
 /// Length of a version-00 `traceparent`: `vv-<32 hex>-<16 hex>-ff`.
 const TRACEPARENT_LEN: usize = 55;
 
+/// The fields of a `traceparent` that passed [`parse_traceparent`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Traceparent {
+    /// The version (`00` today).
+    pub version: u8,
+    /// The trace id, never all zero.
+    pub trace_id: [u8; 16],
+    /// The caller's span id, never all zero.
+    pub parent_id: [u8; 8],
+    /// The trace flags, all eight bits as sent.
+    pub flags: u8,
+}
+
 /// Whether `value` is a `traceparent` the W3C spec lets a receiver continue.
 ///
 /// Lowercase hex only, exact field widths, non-zero ids, version `ff` forbidden, and for version
 /// `00` nothing after the flags. A higher version may append fields after a `-` (§3.2.4).
 pub fn is_valid_traceparent(value: &str) -> bool {
+    parse_traceparent(value).is_some()
+}
+
+/// Checks `value` as [`is_valid_traceparent`] does and decodes it in the same pass (one table
+/// lookup per byte: this runs on every hop of every request).
+pub fn parse_traceparent(value: &str) -> Option<Traceparent> {
     let bytes = value.as_bytes();
     if bytes.len() < TRACEPARENT_LEN {
-        return false;
+        return None;
     }
     let (head, rest) = bytes.split_at(TRACEPARENT_LEN);
-    let version = &head[0..2];
-    let trace_id = &head[3..35];
-    let parent_id = &head[36..52];
-    let flags = &head[53..55];
-    let dashes_ok = head[2] == b'-' && head[35] == b'-' && head[52] == b'-';
-    let fields_ok = is_lower_hex(version)
-        && version != b"ff"
-        && is_lower_hex(trace_id)
-        && !all_zero(trace_id)
-        && is_lower_hex(parent_id)
-        && !all_zero(parent_id)
-        && is_lower_hex(flags);
-    if !(dashes_ok && fields_ok) {
-        return false;
+    if head[2] != b'-' || head[35] != b'-' || head[52] != b'-' {
+        return None;
     }
-    match rest {
+    let mut fields = Traceparent { version: 0, trace_id: [0; 16], parent_id: [0; 8], flags: 0 };
+    let mut version = [0u8; 1];
+    let mut flags = [0u8; 1];
+    // `&`, not `&&`: all four are decoded either way, and no branch per field.
+    let hex = decode_lower_hex(&head[0..2], &mut version)
+        & decode_lower_hex(&head[3..35], &mut fields.trace_id)
+        & decode_lower_hex(&head[36..52], &mut fields.parent_id)
+        & decode_lower_hex(&head[53..55], &mut flags);
+    [fields.version] = version;
+    [fields.flags] = flags;
+    if !hex || fields.version == 0xff || fields.trace_id == [0; 16] || fields.parent_id == [0; 8] {
+        return None;
+    }
+    let rest_ok = match rest {
         [] => true,
         // Version 00 has exactly four fields; only a future version may carry more.
-        _ if version == b"00" => false,
+        _ if fields.version == 0 => false,
         [b'-', more @ ..] => !more.is_empty(),
         _ => false,
+    };
+    rest_ok.then_some(fields)
+}
+
+/// Marks every byte that is not a lowercase hex digit (its high bits are set).
+const NOT_HEX: u8 = 0xf0;
+
+/// The value of each lowercase hex digit, [`NOT_HEX`] for every other byte.
+const HEX_VALUE: [u8; 256] = {
+    let mut table = [NOT_HEX; 256];
+    let mut digit = 0;
+    while digit < 10 {
+        table[b'0' as usize + digit] = digit as u8;
+        digit += 1;
     }
-}
+    let mut letter = 0;
+    while letter < 6 {
+        table[b'a' as usize + letter] = 10 + letter as u8;
+        letter += 1;
+    }
+    table
+};
 
-fn is_lower_hex(bytes: &[u8]) -> bool {
-    bytes.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
-fn all_zero(bytes: &[u8]) -> bool {
-    bytes.iter().all(|&b| b == b'0')
+/// Decodes `hex` (two lowercase hex digits per byte of `out`) into `out`; false when a byte is
+/// not a lowercase hex digit (`out` then holds garbage).
+fn decode_lower_hex(hex: &[u8], out: &mut [u8]) -> bool {
+    let mut seen = 0u8;
+    for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        let (high, low) = (HEX_VALUE[usize::from(pair[0])], HEX_VALUE[usize::from(pair[1])]);
+        seen |= high | low;
+        *byte = high << 4 | low;
+    }
+    seen & NOT_HEX == 0
 }
 
 /// What [`bound_tracestate`] and [`bound_baggage`] did to a value.
@@ -154,6 +198,30 @@ mod tests {
     #[test]
     fn accepts_a_future_version_with_extra_fields() {
         assert!(is_valid_traceparent("01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-what-the-future-holds"));
+    }
+
+    #[test]
+    fn decodes_the_fields_it_accepts() {
+        let fields = parse_traceparent(VALID).expect("the spec example is valid");
+        assert_eq!(fields.version, 0);
+        assert_eq!(fields.trace_id, 0x0af7651916cd43dd8448eb211c80319c_u128.to_be_bytes());
+        assert_eq!(fields.parent_id, 0xb7ad6b7169203331_u64.to_be_bytes());
+        assert_eq!(fields.flags, 1);
+        let future = parse_traceparent("cc-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-fe-x").expect("valid");
+        assert_eq!((future.version, future.flags), (0xcc, 0xfe));
+    }
+
+    #[test]
+    fn every_byte_that_is_not_lowercase_hex_is_refused_in_every_field() {
+        for position in (0..55).filter(|p| ![2, 35, 52].contains(p)) {
+            for byte in 0..=255u8 {
+                let mut value = VALID.as_bytes().to_vec();
+                value[position] = byte;
+                let Ok(value) = String::from_utf8(value) else { continue };
+                let hex = byte.is_ascii_digit() || (b'a'..=b'f').contains(&byte);
+                assert_eq!(parse_traceparent(&value).is_some(), hex, "byte {byte:#04x} at {position}");
+            }
+        }
     }
 
     #[test]
