@@ -28,8 +28,8 @@
 
 use std::sync::{Arc, RwLock};
 
-use opentelemetry::KeyValue;
 use opentelemetry::metrics::{BoundCounter, BoundHistogram, Counter, Histogram, Meter};
+use opentelemetry::{KeyValue, Value};
 
 /// Seconds: 0.5 ms to 10 s. The conventions' recommendation starts at 5 ms, then 10 ms, which
 /// would put nearly every call of this pipeline in one bucket; 0.5, 1, 2.5 and 7.5 ms are added.
@@ -58,7 +58,7 @@ impl<B> BoundSets<B> {
     /// Calls `record` with the handle bound to `attributes`, binding it on first sight.
     /// Returns `false`, without calling `record`, when the set is not bound and no more can be.
     fn record(&self, attributes: &[KeyValue], bind: impl FnOnce(&[KeyValue]) -> B, record: impl Fn(&B)) -> bool {
-        let find = |sets: &[(Box<[KeyValue]>, B)]| sets.iter().position(|(set, _)| **set == *attributes);
+        let find = |sets: &[(Box<[KeyValue]>, B)]| sets.iter().position(|(set, _)| same_set(set, attributes));
         {
             let sets = self.sets.read().unwrap_or_else(|poisoned| poisoned.into_inner());
             if let Some(index) = find(&sets) {
@@ -86,6 +86,24 @@ impl<B> BoundSets<B> {
     fn len(&self) -> usize {
         self.sets.read().map_or(0, |sets| sets.len())
     }
+}
+
+/// `a == b`, without comparing the bytes of strings that are the same string: a bound set
+/// holds clones of the caller's attributes, and keys are `&'static str` constants and values
+/// shared `Arc<str>`s, so most strings compare by address and length alone.
+fn same_set(a: &[KeyValue], b: &[KeyValue]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(a, b)| {
+            same_str(a.key.as_str(), b.key.as_str())
+                && match (&a.value, &b.value) {
+                    (Value::String(a), Value::String(b)) => same_str(a.as_str(), b.as_str()),
+                    (a, b) => a == b,
+                }
+        })
+}
+
+fn same_str(a: &str, b: &str) -> bool {
+    (std::ptr::eq(a.as_ptr(), b.as_ptr()) && a.len() == b.len()) || a == b
 }
 
 /// An instrument with bound handles (`H`) for the attribute sets it sees.
@@ -209,6 +227,32 @@ mod tests {
         assert!(record(&set("/a", 500)));
         assert_eq!(binds.get(), 3);
         assert_eq!(recorded.take(), vec![1, 2, 1, 3], "the same set, the same handle");
+    }
+
+    #[test]
+    fn sets_compare_by_content_whether_or_not_they_share_their_strings() {
+        let shared = KeyValue::new(
+            "messaging.destination.name",
+            opentelemetry::StringValue::from(std::sync::Arc::<str>::from("checkout:x")),
+        );
+        let bound = vec![shared.clone(), KeyValue::new("server.port", 5672)];
+        assert!(same_set(&bound, &[shared.clone(), KeyValue::new("server.port", 5672)]), "shared strings");
+        assert!(
+            same_set(
+                &bound,
+                &[
+                    KeyValue::new("messaging.destination.name", "checkout:x".to_owned()),
+                    KeyValue::new("server.port", 5672)
+                ]
+            ),
+            "equal copies"
+        );
+        let text: &'static str = Box::leak("checkout:xy".into());
+        assert!(!same_set(&bound[..1], &[KeyValue::new("messaging.destination.name", text)]), "different value");
+        let prefix = &text[..10];
+        assert!(!same_set(&[KeyValue::new("k", text)], &[KeyValue::new("k", prefix)]), "same address, shorter");
+        assert!(!same_set(&bound, &bound[..1]), "fewer attributes");
+        assert!(!same_set(&bound, &[shared, KeyValue::new("server.port", 5671)]), "different number");
     }
 
     #[test]
