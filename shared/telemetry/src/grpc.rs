@@ -22,7 +22,6 @@ use http_body::{Body, Frame};
 use opentelemetry::context::{FutureExt as _, WithContext};
 use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer};
 use opentelemetry::{Context, KeyValue};
-use opentelemetry_http::HeaderExtractor;
 use opentelemetry_semantic_conventions::attribute::{
     ERROR_TYPE, RPC_METHOD, RPC_RESPONSE_STATUS_CODE, RPC_SYSTEM_NAME, SERVER_ADDRESS, SERVER_PORT,
 };
@@ -31,7 +30,7 @@ use tonic::Code;
 use tower::{Layer, Service};
 
 use crate::Telemetry;
-use crate::propagation::HeaderInjector;
+use crate::propagation::{HeaderExtractor, HeaderInjector};
 use crate::spans::{baggage_attributes, record_error};
 
 /// Calls under this path (grpc.health.v1) are not traced.

@@ -212,15 +212,31 @@ mod tests {
     }
 
     #[test]
-    fn every_byte_that_is_not_lowercase_hex_is_refused_in_every_field() {
-        for position in (0..55).filter(|p| ![2, 35, 52].contains(p)) {
-            for byte in 0..=255u8 {
+    fn every_position_takes_only_its_own_kind_of_byte() {
+        // Every ASCII byte in every position: a dash where the dashes go, lowercase hex
+        // elsewhere. (Bytes from 0x80 up are not UTF-8 on their own; see the next test.)
+        for position in 0..55 {
+            for byte in 0..=127u8 {
                 let mut value = VALID.as_bytes().to_vec();
                 value[position] = byte;
-                let Ok(value) = String::from_utf8(value) else { continue };
-                let hex = byte.is_ascii_digit() || (b'a'..=b'f').contains(&byte);
-                assert_eq!(parse_traceparent(&value).is_some(), hex, "byte {byte:#04x} at {position}");
+                let value = String::from_utf8(value).expect("ASCII");
+                let allowed = if [2, 35, 52].contains(&position) {
+                    byte == b'-'
+                } else {
+                    byte.is_ascii_digit() || (b'a'..=b'f').contains(&byte)
+                };
+                assert_eq!(parse_traceparent(&value).is_some(), allowed, "byte {byte:#04x} at {position}");
             }
+        }
+    }
+
+    #[test]
+    fn a_non_ascii_character_in_place_of_two_hex_digits_is_refused() {
+        for position in (0..54).filter(|p| ![2, 35, 52].iter().any(|dash| *dash == *p || *dash == p + 1)) {
+            let mut value = VALID.to_owned();
+            value.replace_range(position..position + 2, "é");
+            assert_eq!(value.len(), 55);
+            assert!(parse_traceparent(&value).is_none(), "accepted {value:?}");
         }
     }
 
