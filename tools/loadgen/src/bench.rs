@@ -1,7 +1,8 @@
-//! The benchmark: telemetry off and on, alternately, in pairs (every other pair "on" first),
-//! beside the raw broker ceiling, then the latency at half the maximum throughput (on, and off
-//! at the same rate); CPU seconds per 1,000 orders and peak RSS of each service. Everything
-//! runs in one invocation, so the figures compare.
+//! The benchmark: telemetry off and on, alternately, in pairs (every other pair "on" first, so
+//! an even number of pairs balances the order), beside the raw broker ceiling, then the latency
+//! at half the maximum throughput (off, on, on, off at the same rate); CPU seconds per 1,000
+//! orders and peak RSS of each service. Everything runs in one invocation, so the figures
+//! compare.
 //! `--compare metrics` instead pairs spans alone against spans and metrics: the cost of the
 //! metrics by themselves.
 //!
@@ -98,11 +99,13 @@ struct Run {
 
 #[derive(Debug, Serialize)]
 struct Results {
+    /// (off, on) of each pair.
     pairs: Vec<(Run, Run)>,
+    /// Whether the pair of the same index ran "on" first.
+    on_first: Vec<bool>,
     raw: Vec<Report>,
-    /// Telemetry off at the rate of the half-load run.
-    half_load_off: Option<Run>,
-    half_load: Option<Run>,
+    /// At half the maximum: off, on, on, off, in the order they ran.
+    half_load: Vec<Run>,
 }
 
 /// Three distinct free loopback ports: the listeners are held until all are known (ports
@@ -327,20 +330,23 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Compare::Metrics => (Telemetry::Spans, Telemetry::SpansAndMetrics),
     };
     let mut pairs = Vec::new();
+    let mut on_first = Vec::new();
     let mut raw = Vec::new();
     for pair in 0..args.pairs {
         eprintln!("pair {}/{}", pair + 1, args.pairs);
         // Every other pair runs "on" first: whatever drifts during a run of pairs (the broker's
         // queue files, the previous run's vhost still being deleted) then falls on both sides
         // alike instead of always on the second run.
-        let (off, on) = if pair % 2 == 0 {
-            let off = pipeline_run(&args, off, None, &sink, &spans).await?;
-            (off, pipeline_run(&args, on, None, &sink, &spans).await?)
+        let on_runs_first = pair % 2 == 1;
+        let (off_run, on_run) = if on_runs_first {
+            let on_run = pipeline_run(&args, on, None, &sink, &spans).await?;
+            (pipeline_run(&args, off, None, &sink, &spans).await?, on_run)
         } else {
-            let on = pipeline_run(&args, on, None, &sink, &spans).await?;
-            (pipeline_run(&args, off, None, &sink, &spans).await?, on)
+            let off_run = pipeline_run(&args, off, None, &sink, &spans).await?;
+            (off_run, pipeline_run(&args, on, None, &sink, &spans).await?)
         };
-        pairs.push((off, on));
+        pairs.push((off_run, on_run));
+        on_first.push(on_runs_first);
         if args.compare == Compare::Tracing {
             let vhost = Vhost::create()?;
             let report = crate::raw::run(&format!("{}/{}", args.amqp, vhost.0), &load(&args, "raw", None)).await?;
@@ -348,20 +354,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             raw.push(report);
         }
     }
-    // Both at the same rate, so the latency tracing adds shows apart from the machine's own.
-    let (half_load_off, half_load) = if args.compare == Compare::Tracing {
+    // All at the same rate, so the latency tracing adds shows apart from the machine's own; in
+    // the order off, on, on, off, so that neither side always runs second.
+    let mut half_load = Vec::new();
+    if args.compare == Compare::Tracing {
         let rate = Some(median(pairs.iter().map(|(_, on)| on.report.throughput).collect()) / 2.0);
-        let off_run = pipeline_run(&args, off, rate, &sink, &spans).await?;
-        (Some(off_run), Some(pipeline_run(&args, on, rate, &sink, &spans).await?))
-    } else {
-        (None, None)
-    };
-    let results = Results { pairs, raw, half_load_off, half_load };
+        for telemetry in [off, on, on, off] {
+            half_load.push(pipeline_run(&args, telemetry, rate, &sink, &spans).await?);
+        }
+    }
+    let results = Results { pairs, on_first, raw, half_load };
     println!("{}", summary(&results, &args));
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&results)?)?;
     }
-    if let (Some(path), Some(half)) = (&args.svg, &results.half_load) {
+    if let (Some(path), Some(half)) = (&args.svg, results.half_load.iter().find(|run| run.telemetry == on)) {
         std::fs::write(path, half.report.plot())?;
     }
     Ok(())
@@ -380,18 +387,23 @@ fn summary(results: &Results, args: &BenchArgs) -> String {
         args.pairs, args.duration, args.warmup, args.concurrency
     );
     let with_raw = !results.raw.is_empty();
-    let _ = write!(out, "| pair | {off_label} | {on_label} | on / off |");
+    let _ = write!(out, "| pair | first | {off_label} | {on_label} | on / off |");
     let _ = writeln!(out, "{}", if with_raw { " raw publish (confirms) | on / raw |" } else { "" });
-    let _ = writeln!(out, "|---|---|---|---|{}", if with_raw { "---|---|" } else { "" });
+    let _ = writeln!(out, "|---|---|---|---|---|{}", if with_raw { "---|---|" } else { "" });
     let mut ratios = Vec::new();
     let mut of_raw = Vec::new();
+    let mut off_of_raw = Vec::new();
+    let mut by_order: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     for (i, (off, on)) in results.pairs.iter().enumerate() {
         let ratio = on.report.throughput / off.report.throughput;
         ratios.push(ratio);
+        let on_first = results.on_first.get(i).copied().unwrap_or(false);
+        by_order[usize::from(on_first)].push(ratio);
         let _ = write!(
             out,
-            "| {} | {:.0}/s | {:.0}/s | {:.3} |",
+            "| {} | {} | {:.0}/s | {:.0}/s | {:.3} |",
             i + 1,
+            if on_first { "on" } else { "off" },
             off.report.throughput,
             on.report.throughput,
             ratio
@@ -399,6 +411,7 @@ fn summary(results: &Results, args: &BenchArgs) -> String {
         if let Some(raw) = results.raw.get(i) {
             let share = on.report.throughput / raw.throughput;
             of_raw.push(share);
+            off_of_raw.push(off.report.throughput / raw.throughput);
             let _ = write!(out, " {:.0}/s | {:.1}% |", raw.throughput, share * 100.0);
         }
         let _ = writeln!(out);
@@ -420,6 +433,18 @@ fn summary(results: &Results, args: &BenchArgs) -> String {
         );
     }
     let _ = writeln!(out);
+    // The order matters on a machine whose speed drifts: say what each order gave.
+    let _ = writeln!(
+        out,
+        "\non / off, median of the pairs run off first: {:.3} ({} pairs); run on first: {:.3} ({} pairs)",
+        median(by_order[0].clone()),
+        by_order[0].len(),
+        median(by_order[1].clone()),
+        by_order[1].len()
+    );
+    if with_raw {
+        let _ = writeln!(out, "off / raw, median of the pairs: {:.1}%", median(off_of_raw) * 100.0);
+    }
     let _ = writeln!(
         out,
         "\n| service | CPU s / 1,000 orders ({off_label}) | CPU s / 1,000 orders ({on_label}) | peak RSS ({on_label}) |"
@@ -465,7 +490,7 @@ fn summary(results: &Results, args: &BenchArgs) -> String {
         median(cost_ratios.clone()),
         (median(cost_ratios) - 1.0) * 100.0
     );
-    for half_load in results.half_load_off.iter().chain(&results.half_load) {
+    for half_load in &results.half_load {
         let half = &half_load.report;
         let e2e = half.end_to_end.as_ref();
         let _ = writeln!(
