@@ -97,12 +97,17 @@ struct Run {
     otlp_bytes: u64,
 }
 
+/// One off/on pair, and which of its runs went first.
+#[derive(Debug, Clone, Serialize)]
+struct Pair {
+    off: Run,
+    on: Run,
+    on_first: bool,
+}
+
 #[derive(Debug, Serialize)]
 struct Results {
-    /// (off, on) of each pair.
-    pairs: Vec<(Run, Run)>,
-    /// Whether the pair of the same index ran "on" first.
-    on_first: Vec<bool>,
+    pairs: Vec<Pair>,
     raw: Vec<Report>,
     /// At half the maximum: off, on, on, off, in the order they ran.
     half_load: Vec<Run>,
@@ -330,23 +335,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Compare::Metrics => (Telemetry::Spans, Telemetry::SpansAndMetrics),
     };
     let mut pairs = Vec::new();
-    let mut on_first = Vec::new();
     let mut raw = Vec::new();
     for pair in 0..args.pairs {
         eprintln!("pair {}/{}", pair + 1, args.pairs);
         // Every other pair runs "on" first: whatever drifts during a run of pairs (the broker's
         // queue files, the previous run's vhost still being deleted) then falls on both sides
         // alike instead of always on the second run.
-        let on_runs_first = pair % 2 == 1;
-        let (off_run, on_run) = if on_runs_first {
+        let on_first = pair % 2 == 1;
+        pairs.push(if on_first {
             let on_run = pipeline_run(&args, on, None, &sink, &spans).await?;
-            (pipeline_run(&args, off, None, &sink, &spans).await?, on_run)
+            Pair { off: pipeline_run(&args, off, None, &sink, &spans).await?, on: on_run, on_first }
         } else {
             let off_run = pipeline_run(&args, off, None, &sink, &spans).await?;
-            (off_run, pipeline_run(&args, on, None, &sink, &spans).await?)
-        };
-        pairs.push((off_run, on_run));
-        on_first.push(on_runs_first);
+            Pair { off: off_run, on: pipeline_run(&args, on, None, &sink, &spans).await?, on_first }
+        });
         if args.compare == Compare::Tracing {
             let vhost = Vhost::create()?;
             let report = crate::raw::run(&format!("{}/{}", args.amqp, vhost.0), &load(&args, "raw", None)).await?;
@@ -358,12 +360,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // the order off, on, on, off, so that neither side always runs second.
     let mut half_load = Vec::new();
     if args.compare == Compare::Tracing {
-        let rate = Some(median(pairs.iter().map(|(_, on)| on.report.throughput).collect()) / 2.0);
+        let rate = Some(median(pairs.iter().map(|pair| pair.on.report.throughput).collect()) / 2.0);
         for telemetry in [off, on, on, off] {
             half_load.push(pipeline_run(&args, telemetry, rate, &sink, &spans).await?);
         }
     }
-    let results = Results { pairs, on_first, raw, half_load };
+    let results = Results { pairs, raw, half_load };
     println!("{}", summary(&results, &args));
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&results)?)?;
@@ -378,7 +380,7 @@ fn summary(results: &Results, args: &BenchArgs) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let (off_label, on_label) = match results.pairs.first() {
-        Some((off, on)) => (off.telemetry.label(), on.telemetry.label()),
+        Some(pair) => (pair.off.telemetry.label(), pair.on.telemetry.label()),
         None => return out,
     };
     let _ = writeln!(
@@ -394,16 +396,15 @@ fn summary(results: &Results, args: &BenchArgs) -> String {
     let mut of_raw = Vec::new();
     let mut off_of_raw = Vec::new();
     let mut by_order: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
-    for (i, (off, on)) in results.pairs.iter().enumerate() {
+    for (i, Pair { off, on, on_first }) in results.pairs.iter().enumerate() {
         let ratio = on.report.throughput / off.report.throughput;
         ratios.push(ratio);
-        let on_first = results.on_first.get(i).copied().unwrap_or(false);
-        by_order[usize::from(on_first)].push(ratio);
+        by_order[usize::from(*on_first)].push(ratio);
         let _ = write!(
             out,
             "| {} | {} | {:.0}/s | {:.0}/s | {:.3} |",
             i + 1,
-            if on_first { "on" } else { "off" },
+            if *on_first { "on" } else { "off" },
             off.report.throughput,
             on.report.throughput,
             ratio
@@ -418,9 +419,9 @@ fn summary(results: &Results, args: &BenchArgs) -> String {
     }
     let _ = write!(
         out,
-        "| **median** | {:.0}/s | {:.0}/s | **{:.3}** (costs {:.1}%) |",
-        median(results.pairs.iter().map(|(off, _)| off.report.throughput).collect()),
-        median(results.pairs.iter().map(|(_, on)| on.report.throughput).collect()),
+        "| **median** | | {:.0}/s | {:.0}/s | **{:.3}** (costs {:.1}%) |",
+        median(results.pairs.iter().map(|pair| pair.off.report.throughput).collect()),
+        median(results.pairs.iter().map(|pair| pair.on.report.throughput).collect()),
         median(ratios.clone()),
         (1.0 - median(ratios)) * 100.0,
     );
@@ -461,14 +462,14 @@ fn summary(results: &Results, args: &BenchArgs) -> String {
                 results
                     .pairs
                     .iter()
-                    .map(|(off_run, on_run)| cpu_per_thousand(if on { on_run } else { off_run }, Some(service)))
+                    .map(|pair| cpu_per_thousand(if on { &pair.on } else { &pair.off }, Some(service)))
                     .collect(),
             )
         };
         let peak = results
             .pairs
             .iter()
-            .map(|(_, on)| on)
+            .map(|pair| &pair.on)
             .filter_map(|run| run.usage.iter().find(|u| u.service == service).map(|u| u.peak_rss_kib))
             .max()
             .unwrap_or(0);
@@ -482,7 +483,7 @@ fn summary(results: &Results, args: &BenchArgs) -> String {
     }
     // The cost of an order: all three services' CPU, per pair, on over off.
     let cost_ratios: Vec<f64> =
-        results.pairs.iter().map(|(off, on)| cpu_per_thousand(on, None) / cpu_per_thousand(off, None)).collect();
+        results.pairs.iter().map(|pair| cpu_per_thousand(&pair.on, None) / cpu_per_thousand(&pair.off, None)).collect();
     let _ = writeln!(
         out,
         "\nCPU per order, three services together, on / off per pair: {}; median {:.3} (+{:.1}%)",
@@ -508,4 +509,65 @@ fn summary(results: &Results, args: &BenchArgs) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::{Percentiles, histogram};
+
+    fn report(throughput: f64) -> Report {
+        Report {
+            mode: "pipeline",
+            label: String::new(),
+            load: String::new(),
+            seconds: 1.0,
+            sent: throughput as u64,
+            succeeded: throughput as u64,
+            failures: Default::default(),
+            throughput,
+            latency: Percentiles::of(&histogram()),
+            end_to_end: None,
+            not_reserved: 0,
+        }
+    }
+
+    fn run(telemetry: Telemetry, throughput: f64) -> Run {
+        let usage = ["gateway", "checkout", "stock"]
+            .map(|service| Usage { service: service.to_owned(), cpu_seconds: 1.0, peak_rss_kib: 1024 })
+            .to_vec();
+        Run { telemetry, report: report(throughput), usage, otlp_bytes: 0 }
+    }
+
+    #[test]
+    fn the_summary_reports_each_order_apart_and_its_table_lines_up() {
+        let args = BenchArgs {
+            pairs: 2,
+            duration: 1.0,
+            warmup: 0.0,
+            concurrency: 1,
+            amqp: String::new(),
+            json: None,
+            svg: None,
+            compare: Compare::Tracing,
+        };
+        let pair = |off: f64, on: f64, on_first| Pair {
+            off: run(Telemetry::Off, off),
+            on: run(Telemetry::SpansAndMetrics, on),
+            on_first,
+        };
+        let results = Results {
+            pairs: vec![pair(1000.0, 900.0, false), pair(1000.0, 800.0, true)],
+            raw: vec![report(4000.0), report(5000.0)],
+            half_load: Vec::new(),
+        };
+        let summary = summary(&results, &args);
+        let table: Vec<&str> = summary.lines().filter(|line| line.starts_with("| ")).take(4).collect();
+        let cells = |line: &str| line.matches('|').count();
+        assert!(table.iter().all(|line| cells(line) == cells(table[0])), "{summary}");
+        assert!(table[1].contains("| 1 | off |") && table[2].contains("| 2 | on |"), "{summary}");
+        assert!(summary.contains("run off first: 0.900 (1 pairs); run on first: 0.800 (1 pairs)"), "{summary}");
+        assert!(summary.contains("off / raw, median of the pairs: 22.5%"), "{summary}");
+        assert!(table[3].contains("**0.850**"), "{summary}");
+    }
 }
