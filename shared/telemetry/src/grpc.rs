@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll, ready};
 use std::time::Instant;
 
-use crate::metrics::Durations;
 use http_body::{Body, Frame};
 use opentelemetry::context::{FutureExt as _, WithContext};
 use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer};
@@ -30,6 +29,7 @@ use tonic::Code;
 use tower::{Layer, Service};
 
 use crate::Telemetry;
+use crate::metrics::Durations;
 use crate::propagation::{HeaderExtractor, HeaderInjector};
 use crate::spans::{baggage_attributes, record_error};
 

@@ -12,7 +12,6 @@ use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll, ready};
 use std::time::Instant;
 
-use crate::metrics::Durations;
 use axum::extract::MatchedPath;
 use http::header::{HOST, USER_AGENT};
 use http::{HeaderValue, Request, Response};
@@ -28,6 +27,8 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::Telemetry;
+use crate::metrics::Durations;
+use crate::propagation::traceparent;
 use crate::spans::record_error;
 
 /// What the edge does with a caller's trace context (`GATEWAY_INBOUND_CONTEXT`).
@@ -230,8 +231,6 @@ fn split_host(host: &str) -> (&str, Option<u16>) {
         _ => (host, None),
     }
 }
-
-pub use crate::propagation::traceparent;
 
 pin_project! {
     /// The response future of [`HttpServerService`].

@@ -11,8 +11,8 @@
 //! Scope: OTLP/gRPC without compression over `http://` (what Jaeger and collectors take on
 //! 4317, and the default here). `http/protobuf` goes through the SDK's exporter, and so does
 //! `https://`, which that exporter, built here without TLS, refuses at startup; `gzip` is
-//! refused by the configuration (see [`crate::setup`]). The exporter honours `OTEL_EXPORTER_OTLP_HEADERS` and `_TIMEOUT`
-//! (and their `_TRACES_` forms) and retries the codes the OTLP spec calls retryable, with
+//! refused by the configuration (see [`crate::setup`]). The exporter honours
+//! `OTEL_EXPORTER_OTLP_HEADERS` and `_TIMEOUT` (and their `_TRACES_` forms) and retries the codes the OTLP spec calls retryable, with
 //! backoff, until the timeout.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -3,7 +3,7 @@
 //! | name | propagator | crate |
 //! |---|---|---|
 //! | `tracecontext` | W3C Trace Context | [`W3cTraceContextPropagator`] (the SDK's, without `format!` and radix parsing) |
-//! | `baggage` | W3C Baggage | opentelemetry_sdk (extract), [`W3cBaggagePropagator`] (inject: the SDK does not encode `%`) |
+//! | `baggage` | W3C Baggage | [`W3cBaggagePropagator`] (the SDK's reading, with less copying; its writing encodes `%`, which the SDK's does not) |
 //! | `b3` | B3 single header (`b3:`) | opentelemetry-zipkin |
 //! | `b3multi` | B3 multiple headers (`x-b3-*`) | opentelemetry-zipkin |
 //! | `none` | nothing is injected or extracted | - |
