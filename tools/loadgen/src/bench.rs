@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::Load;
-use crate::report::Report;
+use crate::report::{Report, worst_second};
 
 /// The benchmark's settings.
 #[derive(clap::Args, Clone, Debug)]
@@ -48,6 +48,10 @@ pub struct BenchArgs {
     /// What the pairs compare.
     #[arg(long, value_enum, default_value_t = Compare::Tracing)]
     compare: Compare,
+    /// Run the half-load latency runs at this rate (orders/s) instead of half the pairs' median
+    /// "on" rate; with `--pairs 0`, the latency runs alone.
+    #[arg(long)]
+    half_load_rate: Option<f64>,
 }
 
 /// What the off/on pairs compare.
@@ -327,9 +331,13 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 /// Runs the whole benchmark and prints the summary.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    anyhow::ensure!(
+        args.pairs > 0 || args.half_load_rate.is_some(),
+        "nothing to run: --pairs 0 needs --half-load-rate"
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let sink = format!("http://{}", listener.local_addr()?);
-    let spans = crate::sink::spawn(listener);
+    let spans = crate::sink::spawn_on_own_thread(listener)?;
     let (off, on) = match args.compare {
         Compare::Tracing => (Telemetry::Off, Telemetry::SpansAndMetrics),
         Compare::Metrics => (Telemetry::Spans, Telemetry::SpansAndMetrics),
@@ -360,9 +368,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // the order off, on, on, off, so that neither side always runs second.
     let mut half_load = Vec::new();
     if args.compare == Compare::Tracing {
-        let rate = Some(median(pairs.iter().map(|pair| pair.on.report.throughput).collect()) / 2.0);
+        let rate = args
+            .half_load_rate
+            .unwrap_or_else(|| median(pairs.iter().map(|pair| pair.on.report.throughput).collect()) / 2.0);
         for telemetry in [off, on, on, off] {
-            half_load.push(pipeline_run(&args, telemetry, rate, &sink, &spans).await?);
+            half_load.push(pipeline_run(&args, telemetry, Some(rate), &sink, &spans).await?);
         }
     }
     let results = Results { pairs, raw, half_load };
@@ -381,7 +391,7 @@ fn summary(results: &Results, args: &BenchArgs) -> String {
     let mut out = String::new();
     let (off_label, on_label) = match results.pairs.first() {
         Some(pair) => (pair.off.telemetry.label(), pair.on.telemetry.label()),
-        None => return out,
+        None => return half_load_summary(&results.half_load),
     };
     let _ = writeln!(
         out,
@@ -491,13 +501,21 @@ fn summary(results: &Results, args: &BenchArgs) -> String {
         median(cost_ratios.clone()),
         (median(cost_ratios) - 1.0) * 100.0
     );
-    for half_load in &results.half_load {
+    out.push_str(&half_load_summary(&results.half_load));
+    out
+}
+
+/// One line per half-load run.
+fn half_load_summary(runs: &[Run]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    for half_load in runs {
         let half = &half_load.report;
         let e2e = half.end_to_end.as_ref();
         let _ = writeln!(
             out,
             "\nAt half the maximum ({}, open loop {}): {:.0}/s, p99 POST {:.2} ms, p99 POST -> reserved {:.2} ms \
-             (p50 {:.2} / {:.2} ms); {} bytes of telemetry exported",
+             (p50 {:.2} / {:.2} ms); {} bytes of telemetry exported; worst second: POST {}, POST -> reserved {}",
             half_load.telemetry.label(),
             half.load,
             half.throughput,
@@ -505,7 +523,9 @@ fn summary(results: &Results, args: &BenchArgs) -> String {
             e2e.map_or(0.0, |p| p.p99_ms),
             half.latency.p50_ms,
             e2e.map_or(0.0, |p| p.p50_ms),
-            half_load.otlp_bytes
+            half_load.otlp_bytes,
+            worst_second(&half.timeline),
+            worst_second(&half.end_to_end_timeline),
         );
     }
     out
@@ -527,7 +547,9 @@ mod tests {
             failures: Default::default(),
             throughput,
             latency: Percentiles::of(&histogram()),
+            timeline: Vec::new(),
             end_to_end: None,
+            end_to_end_timeline: Vec::new(),
             not_reserved: 0,
         }
     }
@@ -537,6 +559,23 @@ mod tests {
             .map(|service| Usage { service: service.to_owned(), cpu_seconds: 1.0, peak_rss_kib: 1024 })
             .to_vec();
         Run { telemetry, report: report(throughput), usage, otlp_bytes: 0 }
+    }
+
+    #[tokio::test]
+    async fn no_pairs_and_no_half_load_rate_is_refused_before_anything_starts() {
+        let args = BenchArgs {
+            pairs: 0,
+            duration: 1.0,
+            warmup: 0.0,
+            concurrency: 1,
+            amqp: String::new(),
+            json: None,
+            svg: None,
+            compare: Compare::Tracing,
+            half_load_rate: None,
+        };
+        let error = super::run(args).await.expect_err("nothing to run");
+        assert!(error.to_string().contains("--pairs 0 needs --half-load-rate"), "{error}");
     }
 
     #[test]
@@ -550,6 +589,7 @@ mod tests {
             json: None,
             svg: None,
             compare: Compare::Tracing,
+            half_load_rate: None,
         };
         let pair = |off: f64, on: f64, on_first| Pair {
             off: run(Telemetry::Off, off),

@@ -11,7 +11,7 @@ use hdrhistogram::Histogram;
 use tokio::time::Instant;
 
 use crate::Load;
-use crate::report::{histogram, progress};
+use crate::report::{Second, Timeline, histogram, progress};
 
 /// The index warm-up operations get.
 pub const WARMUP: u64 = u64::MAX;
@@ -28,13 +28,28 @@ pub struct Driven<T> {
     pub failures: BTreeMap<String, u64>,
     /// Latency of the successful ones, µs.
     pub latency: Histogram<u64>,
+    /// Their latency second by second, by intended start.
+    pub timeline: Vec<Second>,
 }
 
 struct State<T> {
     successes: Vec<T>,
     failures: BTreeMap<String, u64>,
     latency: Histogram<u64>,
+    timeline: Timeline,
     sent: u64,
+}
+
+impl<T> State<T> {
+    fn new() -> Self {
+        Self {
+            successes: Vec::new(),
+            failures: BTreeMap::new(),
+            latency: histogram(),
+            timeline: Timeline::default(),
+            sent: 0,
+        }
+    }
 }
 
 /// Runs `operation(i)` under `load`.
@@ -45,8 +60,7 @@ where
     Fut: Future<Output = Result<T, String>> + Send + 'static,
 {
     let operation = Arc::new(operation);
-    let state =
-        Arc::new(Mutex::new(State { successes: Vec::new(), failures: BTreeMap::new(), latency: histogram(), sent: 0 }));
+    let state = Arc::new(Mutex::new(State::new()));
     let (limit, duration) = load.stop_after();
     let started = Instant::now();
     let warmup = Duration::from_secs_f64(load.warmup);
@@ -68,7 +82,9 @@ where
                     state.sent += 1;
                     match result {
                         Ok(value) => {
-                            let _ = state.latency.record((latency.as_micros() as u64).max(1));
+                            let us = (latency.as_micros() as u64).max(1);
+                            let _ = state.latency.record(us);
+                            state.timeline.record((intended - window_start).as_secs() as usize, us);
                             state.successes.push(value);
                         }
                         Err(kind) => *state.failures.entry(kind).or_default() += 1,
@@ -157,9 +173,13 @@ where
         Some(d) => d.as_secs_f64(),
         None => (Instant::now() - window_start).as_secs_f64(),
     };
-    let state = std::mem::replace(
-        &mut *state.lock().unwrap_or_else(PoisonError::into_inner),
-        State { successes: Vec::new(), failures: BTreeMap::new(), latency: histogram(), sent: 0 },
-    );
-    Driven { seconds, sent: state.sent, successes: state.successes, failures: state.failures, latency: state.latency }
+    let state = std::mem::replace(&mut *state.lock().unwrap_or_else(PoisonError::into_inner), State::new());
+    Driven {
+        seconds,
+        sent: state.sent,
+        successes: state.successes,
+        failures: state.failures,
+        latency: state.latency,
+        timeline: state.timeline.seconds(),
+    }
 }

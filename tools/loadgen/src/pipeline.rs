@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::Load;
 use crate::driver::drive;
-use crate::report::{Percentiles, Report, histogram};
+use crate::report::{Percentiles, Report, Second, Timeline, histogram};
 
 fn now_us() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
@@ -46,12 +46,12 @@ pub async fn run(gateway: &str, stock: Option<&str>, load: &Load) -> anyhow::Res
         })
         .await
     };
-    let (end_to_end, not_reserved) = match stock {
+    let (end_to_end, end_to_end_timeline, not_reserved) = match stock {
         Some(stock) => {
-            let (end_to_end, not_reserved) = follow(&http, stock, &driven.successes).await;
-            (Some(Percentiles::of(&end_to_end)), not_reserved)
+            let followed = follow(&http, stock, &driven.successes).await;
+            (Some(Percentiles::of(&followed.latency)), followed.timeline, followed.not_reserved)
         }
-        None => (None, 0),
+        None => (None, Vec::new(), 0),
     };
     Ok(Report {
         mode: "pipeline",
@@ -63,7 +63,9 @@ pub async fn run(gateway: &str, stock: Option<&str>, load: &Load) -> anyhow::Res
         failures: driven.failures,
         throughput: driven.successes.len() as f64 / driven.seconds.max(f64::EPSILON),
         latency: Percentiles::of(&driven.latency),
+        timeline: driven.timeline,
         end_to_end,
+        end_to_end_timeline,
         not_reserved,
     })
 }
@@ -76,13 +78,22 @@ pub fn describe(load: &Load) -> String {
     }
 }
 
-/// Looks up when each accepted order was reserved (waiting up to a minute for the last ones).
-async fn follow(
-    http: &reqwest::Client,
-    stock: &str,
-    accepted: &[(String, i64)],
-) -> (hdrhistogram::Histogram<u64>, u64) {
+/// What following the accepted orders found.
+struct Followed {
+    /// POST to reserved, µs.
+    latency: hdrhistogram::Histogram<u64>,
+    /// The same, by the second in which each order was sent.
+    timeline: Vec<Second>,
+    /// Orders stock had not reserved by the deadline.
+    not_reserved: u64,
+}
+
+/// Looks up when each accepted order was reserved, 64 lookups at a time (waiting up to a minute
+/// for the last ones).
+async fn follow(http: &reqwest::Client, stock: &str, accepted: &[(String, i64)]) -> Followed {
     let mut histogram = histogram();
+    let mut timeline = Timeline::default();
+    let first_sent = accepted.iter().map(|(_, sent_at)| *sent_at).min().unwrap_or_default();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let base = format!("{}/api/orders", stock.trim_end_matches('/'));
     let mut missing = 0;
@@ -105,26 +116,15 @@ async fn follow(
                 }
             }
         });
-        for latency in futures_join(lookups).await {
+        for (latency, (_, sent_at)) in futures_util::future::join_all(lookups).await.into_iter().zip(chunk) {
             match latency {
                 Some(us) => {
                     let _ = histogram.record(us);
+                    timeline.record(((sent_at - first_sent) / 1_000_000) as usize, us);
                 }
                 None => missing += 1,
             }
         }
     }
-    (histogram, missing)
-}
-
-async fn futures_join<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let mut set = Vec::new();
-    for future in futures {
-        set.push(future);
-    }
-    let mut out = Vec::with_capacity(set.len());
-    for future in set {
-        out.push(future.await);
-    }
-    out
+    Followed { latency: histogram, timeline: timeline.seconds(), not_reserved: missing }
 }

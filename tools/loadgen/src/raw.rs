@@ -78,7 +78,9 @@ pub async fn run(amqp: &str, load: &Load) -> anyhow::Result<Report> {
         failures: driven.failures,
         throughput: driven.successes.len() as f64 / driven.seconds.max(f64::EPSILON),
         latency: Percentiles::of(&driven.latency),
+        timeline: driven.timeline,
         end_to_end: None,
+        end_to_end_timeline: Vec::new(),
         not_reserved: 0,
     })
 }

@@ -54,6 +54,59 @@ impl Percentiles {
     }
 }
 
+/// One second of a run, by when its operations were sent: a stall shows here even when it is
+/// too short to move the run's percentiles much.
+#[derive(Debug, Clone, Serialize)]
+pub struct Second {
+    /// Seconds since the first measured operation.
+    pub second: usize,
+    /// Operations sent in this second that succeeded.
+    pub count: u64,
+    /// Their 99th percentile.
+    pub p99_ms: f64,
+    /// Their slowest.
+    pub max_ms: f64,
+}
+
+/// Latencies bucketed by the second in which each operation was sent.
+#[derive(Default)]
+pub struct Timeline(Vec<Histogram<u64>>);
+
+impl Timeline {
+    /// Records `us` for an operation sent `second` seconds into the measured window.
+    pub fn record(&mut self, second: usize, us: u64) {
+        if self.0.len() <= second {
+            // Two significant digits: a second's percentile needs no more, at a tenth of the size.
+            self.0.resize_with(second + 1, || {
+                Histogram::new_with_bounds(1, 60_000_000, 2).expect("valid histogram bounds")
+            });
+        }
+        let _ = self.0[second].record(us.max(1));
+    }
+
+    /// Each second's count, p99 and maximum.
+    pub fn seconds(&self) -> Vec<Second> {
+        self.0
+            .iter()
+            .enumerate()
+            .map(|(second, h)| Second {
+                second,
+                count: h.len(),
+                p99_ms: h.value_at_quantile(0.99) as f64 / 1000.0,
+                max_ms: h.max() as f64 / 1000.0,
+            })
+            .collect()
+    }
+}
+
+/// The second with the highest p99, as "p99 X ms in second N".
+pub fn worst_second(seconds: &[Second]) -> String {
+    match seconds.iter().max_by(|a, b| a.p99_ms.total_cmp(&b.p99_ms)) {
+        Some(worst) => format!("p99 {:.2} ms in second {} ({} orders)", worst.p99_ms, worst.second, worst.count),
+        None => "none".to_owned(),
+    }
+}
+
 /// One run's results.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -75,8 +128,12 @@ pub struct Report {
     pub throughput: f64,
     /// POST (or publish-to-confirm) latency.
     pub latency: Percentiles,
+    /// The POST (or publish-to-confirm) latency second by second.
+    pub timeline: Vec<Second>,
     /// POST-to-reserved latency (pipeline only).
     pub end_to_end: Option<Percentiles>,
+    /// The POST-to-reserved latency second by second (pipeline only).
+    pub end_to_end_timeline: Vec<Second>,
     /// Accepted orders stock never reserved within the follow-up window.
     pub not_reserved: u64,
 }
@@ -118,6 +175,10 @@ impl Report {
         if let Some(e2e) = &self.end_to_end {
             let _ = writeln!(out, "{}", row("POST -> reserved", e2e));
             let _ = writeln!(out, "  not reserved: {}", self.not_reserved);
+        }
+        let _ = writeln!(out, "  worst second, {first}: {}", worst_second(&self.timeline));
+        if self.end_to_end.is_some() {
+            let _ = writeln!(out, "  worst second, POST -> reserved: {}", worst_second(&self.end_to_end_timeline));
         }
         out
     }
@@ -186,5 +247,31 @@ pub fn progress(quiet: bool, elapsed: Duration, done: u64, last_second: u64, fai
             failures,
             p99_ms
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slow_second_stands_out_of_the_timeline() {
+        let mut timeline = Timeline::default();
+        for _ in 0..1000 {
+            timeline.record(0, 2_000);
+            timeline.record(2, 2_000);
+        }
+        // Twenty orders of second 2 held for a quarter of a second: 2% of that second.
+        for _ in 0..20 {
+            timeline.record(2, 250_000);
+        }
+        let seconds = timeline.seconds();
+        let counts: Vec<u64> = seconds.iter().map(|s| s.count).collect();
+        assert_eq!(counts, [1000, 0, 1020]);
+        assert!((seconds[0].p99_ms - 2.0).abs() < 0.05, "{seconds:?}");
+        assert!((seconds[2].p99_ms - 250.0).abs() < 2.5, "{seconds:?}");
+        assert!((seconds[2].max_ms - 250.0).abs() < 2.5, "{seconds:?}");
+        assert!(worst_second(&seconds).ends_with("in second 2 (1020 orders)"), "{}", worst_second(&seconds));
+        assert_eq!(worst_second(&[]), "none");
     }
 }

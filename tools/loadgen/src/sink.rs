@@ -45,6 +45,29 @@ pub fn spawn(listener: tokio::net::TcpListener) -> Arc<AtomicU64> {
     bytes
 }
 
+/// [`spawn`] on a thread and runtime of its own (`otlp-sink`), for the benchmark: the receiver
+/// then never waits behind the load generator's tasks, nor they behind it, much as a backend
+/// in a process of its own would not. Runs until the process exits.
+pub fn spawn_on_own_thread(listener: std::net::TcpListener) -> anyhow::Result<Arc<AtomicU64>> {
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (counter_tx, counter_rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new().name("otlp-sink".to_owned()).spawn(move || {
+        runtime.block_on(async move {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(listener) => {
+                    let _ = counter_tx.send(Ok(spawn(listener)));
+                    std::future::pending::<()>().await;
+                }
+                Err(error) => {
+                    let _ = counter_tx.send(Err(error));
+                }
+            }
+        });
+    })?;
+    Ok(counter_rx.recv()??)
+}
+
 /// OTLP/HTTP (protobuf) on `listener`: reads each export request and answers an empty
 /// `ExportTraceServiceResponse`, counting bytes, not parsing spans (a backend on another machine
 /// would do the parsing; this one stands in for the network, cheaply).
