@@ -98,7 +98,15 @@ struct Run {
     telemetry: Telemetry,
     report: Report,
     usage: Vec<Usage>,
+    bystanders: Bystanders,
     otlp_bytes: u64,
+}
+
+/// One raw-ceiling run.
+#[derive(Debug, Clone, Serialize)]
+struct RawRun {
+    report: Report,
+    bystanders: Bystanders,
 }
 
 /// One off/on pair, and which of its runs went first.
@@ -112,7 +120,7 @@ struct Pair {
 #[derive(Debug, Serialize)]
 struct Results {
     pairs: Vec<Pair>,
-    raw: Vec<Report>,
+    raw: Vec<RawRun>,
     /// At half the maximum: off, on, on, off, in the order they ran.
     half_load: Vec<Run>,
 }
@@ -245,11 +253,7 @@ impl Services {
         self.children
             .iter()
             .map(|(name, child)| {
-                let pid = child.id();
-                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-                let fields: Vec<&str> =
-                    stat.rsplit_once(") ").map_or("", |(_, rest)| rest).split_whitespace().collect();
-                let ticks: u64 = [11, 12].iter().filter_map(|&i| fields.get(i)?.parse::<u64>().ok()).sum();
+                let pid = child.id().to_string();
                 let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
                 let peak = status
                     .lines()
@@ -257,7 +261,7 @@ impl Services {
                     .and_then(|l| l.split_whitespace().nth(1))
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(0);
-                Usage { service: name.clone(), cpu_seconds: ticks as f64 / 100.0, peak_rss_kib: peak }
+                Usage { service: name.clone(), cpu_seconds: cpu_seconds(&pid), peak_rss_kib: peak }
             })
             .collect()
     }
@@ -270,6 +274,53 @@ impl Services {
             let _ = child.wait();
         }
         let _ = std::fs::remove_dir_all(&self._dir);
+    }
+}
+
+/// User and system CPU seconds a process (`self`, or a pid) has used so far; 0 if it is gone.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit_once(") ").map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let ticks: u64 = [11, 12].iter().filter_map(|&i| fields.get(i)?.parse::<u64>().ok()).sum();
+    ticks as f64 / 100.0
+}
+
+/// The local RabbitMQ node's Erlang VM, if the broker runs on this machine.
+fn broker_pid() -> Option<String> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid = entry.file_name().into_string().ok()?;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        // rabbitmqctl runs an Erlang VM too, briefly: the node is the one started with `-s rabbit`.
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        let node = args.windows(2).any(|pair| pair == [b"-s".as_slice(), b"rabbit".as_slice()]);
+        (comm.trim() == "beam.smp" && node).then_some(pid)
+    })
+}
+
+/// The CPU the rest of the machine spent during a run: the broker, and this process (the
+/// load generator with its OTLP sink).
+#[derive(Debug, Clone, Default, Serialize)]
+struct Bystanders {
+    /// `None` when no local RabbitMQ node was found.
+    broker_cpu_seconds: Option<f64>,
+    loadgen_cpu_seconds: f64,
+}
+
+impl Bystanders {
+    /// Counts from now until `stop`.
+    fn start() -> Self {
+        Self { broker_cpu_seconds: broker_pid().map(|pid| cpu_seconds(&pid)), loadgen_cpu_seconds: cpu_seconds("self") }
+    }
+
+    fn stop(&self) -> Self {
+        Self {
+            broker_cpu_seconds: self
+                .broker_cpu_seconds
+                .zip(broker_pid())
+                .map(|(before, pid)| cpu_seconds(&pid) - before),
+            loadgen_cpu_seconds: cpu_seconds("self") - self.loadgen_cpu_seconds,
+        }
     }
 }
 
@@ -299,7 +350,9 @@ async fn pipeline_run(
     let mut services = Services::start(&amqp, sink, telemetry).await?;
     let before = spans.load(Ordering::Relaxed);
     let label = telemetry.label();
+    let bystanders = Bystanders::start();
     let report = crate::pipeline::run(&services.gateway, Some(&services.stock), &load(args, label, rate)).await?;
+    let bystanders = bystanders.stop();
     let usage = services.usage();
     let running = services.all_running();
     services.stop();
@@ -314,7 +367,7 @@ async fn pipeline_run(
     );
     let otlp_bytes = spans.load(Ordering::Relaxed) - before;
     eprintln!("{label}: {:.0}/s", report.throughput);
-    Ok(Run { telemetry, report, usage, otlp_bytes })
+    Ok(Run { telemetry, report, usage, bystanders, otlp_bytes })
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -359,9 +412,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         });
         if args.compare == Compare::Tracing {
             let vhost = Vhost::create()?;
+            let bystanders = Bystanders::start();
             let report = crate::raw::run(&format!("{}/{}", args.amqp, vhost.0), &load(&args, "raw", None)).await?;
+            let bystanders = bystanders.stop();
             eprintln!("raw: {:.0}/s", report.throughput);
-            raw.push(report);
+            raw.push(RawRun { report, bystanders });
         }
     }
     // All at the same rate, so the latency tracing adds shows apart from the machine's own; in
@@ -419,7 +474,7 @@ fn summary(results: &Results, args: &BenchArgs) -> String {
             on.report.throughput,
             ratio
         );
-        if let Some(raw) = results.raw.get(i) {
+        if let Some(RawRun { report: raw, .. }) = results.raw.get(i) {
             let share = on.report.throughput / raw.throughput;
             of_raw.push(share);
             off_of_raw.push(off.report.throughput / raw.throughput);
@@ -439,7 +494,7 @@ fn summary(results: &Results, args: &BenchArgs) -> String {
         let _ = write!(
             out,
             " {:.0}/s | **{:.1}%** |",
-            median(results.raw.iter().map(|r| r.throughput).collect()),
+            median(results.raw.iter().map(|r| r.report.throughput).collect()),
             median(of_raw) * 100.0
         );
     }
@@ -501,6 +556,46 @@ fn summary(results: &Results, args: &BenchArgs) -> String {
         median(cost_ratios.clone()),
         (median(cost_ratios) - 1.0) * 100.0
     );
+    // The rest of the machine's two cores: where the CPU an order costs goes besides the services.
+    let per_thousand = |seconds: Option<f64>, orders: u64| seconds.map(|s| s / (orders as f64 / 1000.0));
+    let shown = |values: Vec<Option<f64>>| {
+        let values: Vec<f64> = values.into_iter().flatten().collect();
+        if values.is_empty() { "?".to_owned() } else { format!("{:.3}", median(values)) }
+    };
+    let runs = |on: bool| results.pairs.iter().map(move |pair| if on { &pair.on } else { &pair.off });
+    let broker = |on: bool| {
+        shown(runs(on).map(|run| per_thousand(run.bystanders.broker_cpu_seconds, run.report.succeeded)).collect())
+    };
+    let loadgen = |on: bool| {
+        shown(
+            runs(on).map(|run| per_thousand(Some(run.bystanders.loadgen_cpu_seconds), run.report.succeeded)).collect(),
+        )
+    };
+    let _ = writeln!(
+        out,
+        "\nCPU s / 1,000 orders besides the services (medians): broker {} ({off_label}), {} ({on_label}); \
+         load generator with its sink {} ({off_label}), {} ({on_label})",
+        broker(false),
+        broker(true),
+        loadgen(false),
+        loadgen(true)
+    );
+    if with_raw {
+        let _ = writeln!(
+            out,
+            "Raw, CPU s / 1,000 messages (medians): broker {}, load generator {}",
+            shown(
+                results.raw.iter().map(|r| per_thousand(r.bystanders.broker_cpu_seconds, r.report.succeeded)).collect()
+            ),
+            shown(
+                results
+                    .raw
+                    .iter()
+                    .map(|r| per_thousand(Some(r.bystanders.loadgen_cpu_seconds), r.report.succeeded))
+                    .collect()
+            ),
+        );
+    }
     out.push_str(&half_load_summary(&results.half_load));
     out
 }
@@ -558,7 +653,8 @@ mod tests {
         let usage = ["gateway", "checkout", "stock"]
             .map(|service| Usage { service: service.to_owned(), cpu_seconds: 1.0, peak_rss_kib: 1024 })
             .to_vec();
-        Run { telemetry, report: report(throughput), usage, otlp_bytes: 0 }
+        let bystanders = Bystanders { broker_cpu_seconds: Some(throughput / 10_000.0), loadgen_cpu_seconds: 0.05 };
+        Run { telemetry, report: report(throughput), usage, bystanders, otlp_bytes: 0 }
     }
 
     #[tokio::test]
@@ -598,7 +694,12 @@ mod tests {
         };
         let results = Results {
             pairs: vec![pair(1000.0, 900.0, false), pair(1000.0, 800.0, true)],
-            raw: vec![report(4000.0), report(5000.0)],
+            raw: [4000.0, 5000.0]
+                .map(|throughput| RawRun {
+                    report: report(throughput),
+                    bystanders: Bystanders { broker_cpu_seconds: None, loadgen_cpu_seconds: 1.0 },
+                })
+                .to_vec(),
             half_load: Vec::new(),
         };
         let summary = summary(&results, &args);
@@ -609,5 +710,12 @@ mod tests {
         assert!(summary.contains("run off first: 0.900 (1 pairs); run on first: 0.800 (1 pairs)"), "{summary}");
         assert!(summary.contains("off / raw, median of the pairs: 22.5%"), "{summary}");
         assert!(table[3].contains("**0.850**"), "{summary}");
+        // 0.1 s of broker CPU for 1,000 orders off, 0.09 s for 900 and 0.08 s for 800 on.
+        assert!(summary.contains("broker 0.100 (telemetry off), 0.100 (spans + metrics)"), "{summary}");
+        assert!(
+            summary.contains("load generator with its sink 0.050 (telemetry off), 0.059 (spans + metrics)"),
+            "{summary}"
+        );
+        assert!(summary.contains("Raw, CPU s / 1,000 messages (medians): broker ?, load generator 0.225"), "{summary}");
     }
 }
