@@ -357,7 +357,15 @@ async fn pipeline_run(
     let running = services.all_running();
     services.stop();
     running?;
-    // A run that mostly failed measures nothing: stop rather than report its rate.
+    a_measurement(label, &report)?;
+    let otlp_bytes = spans.load(Ordering::Relaxed) - before;
+    eprintln!("{label}: {:.0}/s", report.throughput);
+    Ok(Run { telemetry, report, usage, bystanders, otlp_bytes })
+}
+
+/// A run where more than 1% of the orders failed measures nothing: the benchmark stops rather
+/// than report its rate.
+fn a_measurement(label: &str, report: &Report) -> anyhow::Result<()> {
     let failed: u64 = report.failures.values().sum();
     anyhow::ensure!(
         failed * 100 <= report.sent,
@@ -365,9 +373,7 @@ async fn pipeline_run(
         report.sent,
         report.failures
     );
-    let otlp_bytes = spans.load(Ordering::Relaxed) - before;
-    eprintln!("{label}: {:.0}/s", report.throughput);
-    Ok(Run { telemetry, report, usage, bystanders, otlp_bytes })
+    Ok(())
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -655,6 +661,39 @@ mod tests {
             .to_vec();
         let bystanders = Bystanders { broker_cpu_seconds: Some(throughput / 10_000.0), loadgen_cpu_seconds: 0.05 };
         Run { telemetry, report: report(throughput), usage, bystanders, otlp_bytes: 0 }
+    }
+
+    #[test]
+    fn a_run_with_more_than_one_percent_failed_is_not_a_measurement() {
+        let mut report = report(1000.0);
+        report.failures.insert("503".to_owned(), 10);
+        assert!(a_measurement("telemetry off", &report).is_ok());
+        report.failures.insert("timeout".to_owned(), 1);
+        let error = a_measurement("telemetry off", &report).expect_err("11 of 1000 failed");
+        assert!(error.to_string().starts_with("telemetry off: 11 of 1000 orders failed"), "{error}");
+    }
+
+    #[test]
+    fn a_service_that_exited_is_named() -> anyhow::Result<()> {
+        let running = Command::new("sleep").arg("30").spawn()?;
+        let exited = Command::new("sh").args(["-c", "exit 3"]).spawn()?;
+        let mut services = Services {
+            children: vec![("gateway".to_owned(), running), ("stock".to_owned(), exited)],
+            gateway: String::new(),
+            stock: String::new(),
+            _dir: std::env::temp_dir().join(format!("tracehop-bench-test-{}", uuid::Uuid::new_v4().simple())),
+        };
+        // Wait for the short one to exit (the status is kept once seen).
+        for _ in 0..100 {
+            if services.children[1].1.try_wait()?.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let error = services.all_running().expect_err("stock exited");
+        assert!(error.to_string().starts_with("stock exited (exit status: 3)"), "{error}");
+        services.stop();
+        Ok(())
     }
 
     #[tokio::test]
