@@ -52,6 +52,10 @@ pub struct BenchArgs {
     /// "on" rate; with `--pairs 0`, the latency runs alone.
     #[arg(long)]
     half_load_rate: Option<f64>,
+    /// Write every span the receiver gets to this file, for `loadgen breakdown` (about 2 KB an
+    /// order: meant for `--pairs 0`).
+    #[arg(long)]
+    dump_spans: Option<PathBuf>,
 }
 
 /// What the off/on pairs compare.
@@ -396,7 +400,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let sink = format!("http://{}", listener.local_addr()?);
-    let spans = crate::sink::spawn_on_own_thread(listener)?;
+    let dump = match &args.dump_spans {
+        Some(path) => {
+            Some(std::fs::File::create(path).map_err(|e| anyhow::anyhow!("--dump-spans {}: {e}", path.display()))?)
+        }
+        None => None,
+    };
+    let spans = crate::sink::spawn_on_own_thread(listener, dump)?;
     let (off, on) = match args.compare {
         Compare::Tracing => (Telemetry::Off, Telemetry::SpansAndMetrics),
         Compare::Metrics => (Telemetry::Spans, Telemetry::SpansAndMetrics),
@@ -708,6 +718,7 @@ mod tests {
             svg: None,
             compare: Compare::Tracing,
             half_load_rate: None,
+            dump_spans: None,
         };
         let error = super::run(args).await.expect_err("nothing to run");
         assert!(error.to_string().contains("--pairs 0 needs --half-load-rate"), "{error}");
@@ -725,6 +736,7 @@ mod tests {
             svg: None,
             compare: Compare::Tracing,
             half_load_rate: None,
+            dump_spans: None,
         };
         let pair = |off: f64, on: f64, on_first| Pair {
             off: run(Telemetry::Off, off),

@@ -10,8 +10,10 @@
 //! - [`sink`]: an OTLP/gRPC receiver that counts spans and keeps none, for benchmarks.
 //! - [`bench`]: the benchmark: tracing off/on in pairs beside the raw ceiling, CPU and memory
 //!   per service, latency at half the maximum throughput.
+//! - [`breakdown`]: where an order's time goes, from the spans a benchmark wrote to a file.
 
 mod bench;
+mod breakdown;
 mod driver;
 mod pipeline;
 mod raw;
@@ -39,6 +41,11 @@ enum Command {
     Raw(RawArgs),
     /// The benchmark: tracing off/on pairs beside the raw ceiling, then half-load latency.
     Bench(bench::BenchArgs),
+    /// Where an order's time goes, part by part, from the spans `bench --dump-spans` wrote.
+    Breakdown {
+        /// The file `bench --dump-spans` wrote.
+        dump: PathBuf,
+    },
     /// An OTLP/gRPC receiver that counts spans and keeps none.
     Sink {
         /// Address to listen on.
@@ -125,6 +132,7 @@ async fn main() -> anyhow::Result<()> {
             report.finish(&args.load)?;
         }
         Command::Bench(args) => bench::run(args).await?,
+        Command::Breakdown { dump } => breakdown::run(&dump)?,
         Command::Sink { listen } => sink::run(listen).await?,
     }
     Ok(())
