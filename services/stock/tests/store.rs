@@ -200,3 +200,32 @@ on_both_backends!(
     postgres_concurrent_reservations_keep_their_own_outcomes,
     concurrent_reservations_keep_their_own_outcomes
 );
+
+/// The SQLite writer leaves checkpoints (copying the WAL into the database file, two fsyncs) to a
+/// thread of their own, so no reservation waits behind one; the rows still reach the file.
+#[tokio::test]
+async fn sqlite_reservations_reach_the_database_file_through_the_checkpointer() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("stock.db");
+    let store = Store::open(&StoreLocation::Sqlite(path.clone()), &CATALOG, 1000).await.expect("open");
+    for i in 0..20 {
+        store.reserve(&format!("order-{i}"), &[line("SKU-001", 1)]).await.expect("reserve");
+    }
+    // A copy of the database file alone, without its WAL: what has been checkpointed so far.
+    let copy = dir.path().join("copy.db");
+    let checkpointed = || -> Option<i64> {
+        std::fs::copy(&path, &copy).ok()?;
+        let conn = rusqlite::Connection::open(&copy).ok()?;
+        conn.query_row("SELECT count(*) FROM orders", [], |r| r.get(0)).ok()
+    };
+    let mut seen = None;
+    for _ in 0..50 {
+        seen = checkpointed();
+        if seen == Some(20) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen, Some(20), "the 20 orders did not reach the database file within 5 s");
+    store.close().await;
+}
