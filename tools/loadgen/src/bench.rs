@@ -52,8 +52,8 @@ pub struct BenchArgs {
     /// "on" rate; with `--pairs 0`, the latency runs alone.
     #[arg(long)]
     half_load_rate: Option<f64>,
-    /// Write every span the receiver gets to this file, for `loadgen breakdown` (about 2 KB an
-    /// order: meant for `--pairs 0`).
+    /// Write every span the receiver gets to this file, warm-ups included, for `loadgen
+    /// breakdown` (about 2 KB an order; only with `--pairs 0`).
     #[arg(long)]
     dump_spans: Option<PathBuf>,
 }
@@ -398,6 +398,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.pairs > 0 || args.half_load_rate.is_some(),
         "nothing to run: --pairs 0 needs --half-load-rate"
     );
+    anyhow::ensure!(
+        args.compare == Compare::Tracing || args.half_load_rate.is_none(),
+        "--half-load-rate: --compare metrics has no half-load runs"
+    );
+    // The dump keeps every span: meant for the latency runs alone, not for full-speed pairs.
+    anyhow::ensure!(args.dump_spans.is_none() || args.pairs == 0, "--dump-spans needs --pairs 0");
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let sink = format!("http://{}", listener.local_addr()?);
     let dump = match &args.dump_spans {
@@ -707,7 +713,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn no_pairs_and_no_half_load_rate_is_refused_before_anything_starts() {
+    async fn settings_that_run_nothing_or_too_much_are_refused_before_anything_starts() {
         let args = BenchArgs {
             pairs: 0,
             duration: 1.0,
@@ -720,8 +726,14 @@ mod tests {
             half_load_rate: None,
             dump_spans: None,
         };
-        let error = super::run(args).await.expect_err("nothing to run");
+        let error = super::run(args.clone()).await.expect_err("nothing to run");
         assert!(error.to_string().contains("--pairs 0 needs --half-load-rate"), "{error}");
+        let metrics = BenchArgs { compare: Compare::Metrics, half_load_rate: Some(100.0), ..args.clone() };
+        let error = super::run(metrics).await.expect_err("no half load with --compare metrics");
+        assert!(error.to_string().contains("--compare metrics has no half-load runs"), "{error}");
+        let dump = BenchArgs { pairs: 1, dump_spans: Some("spans.dump".into()), ..args };
+        let error = super::run(dump).await.expect_err("a dump of full-speed pairs");
+        assert!(error.to_string().contains("--dump-spans needs --pairs 0"), "{error}");
     }
 
     #[test]

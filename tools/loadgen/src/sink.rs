@@ -28,8 +28,11 @@ pub fn spawn(listener: tokio::net::TcpListener, dump: Option<std::fs::File>) -> 
             if let Some(dump) = dump.filter(|_| uri.path().ends_with("TraceService/Export")) {
                 use std::io::Write as _;
                 let mut file = dump.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                let written = file.write_all(&(body.len() as u32).to_le_bytes()).and_then(|()| file.write_all(&body));
-                if let Err(error) = written {
+                // A length and its body in one buffer, written together.
+                let mut record = Vec::with_capacity(4 + body.len());
+                record.extend_from_slice(&(body.len() as u32).to_le_bytes());
+                record.extend_from_slice(&body);
+                if let Err(error) = file.write_all(&record) {
                     eprintln!("sink: cannot write the span dump: {error}");
                 }
             }

@@ -1,11 +1,13 @@
 //! The SQLite backend: one file, one writer thread that owns the connection, WAL journal.
 //!
 //! Every statement runs on that thread, so a group of reservations costs one hand-over each
-//! way instead of one per statement. The writer never checkpoints: a checkpoint (copying the
-//! WAL into the database, with two fsyncs) would hold every reservation queued behind it. A
-//! checkpointer thread with a connection of its own does it instead, every
-//! [`CHECKPOINT_EVERY`], without blocking the writer (SQLite's `PASSIVE` mode); the writer
-//! reuses the WAL from its start once a checkpoint has caught up.
+//! way instead of one per statement. A checkpoint (copying the WAL into the database, with two
+//! fsyncs) on that thread would hold every reservation queued behind it, so a checkpointer
+//! thread with a connection of its own does it, every [`CHECKPOINT_EVERY`], without blocking
+//! the writer (SQLite's `PASSIVE` mode). SQLite reuses the WAL from its start only when a
+//! write begins after a checkpoint copied everything, so a writer busy without a pause could
+//! outrun it: the writer still checkpoints by itself past [`WRITER_CHECKPOINT_PAGES`], four
+//! times SQLite's default, and the WAL file is cut back to [`WAL_SIZE_LIMIT`] when it restarts.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -20,6 +22,13 @@ use super::{
 
 /// How often the checkpointer copies the WAL into the database.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
+
+/// The WAL's length, in pages, past which the writer checkpoints by itself (the checkpointer
+/// has not caught up with it).
+const WRITER_CHECKPOINT_PAGES: u32 = 4000;
+
+/// The WAL file's size (bytes) kept after it restarts.
+const WAL_SIZE_LIMIT: u32 = 16 << 20;
 
 /// What the writer thread is asked to do.
 enum Request {
@@ -42,8 +51,9 @@ fn connect(path: &Path, catalog: &[String], units: u32) -> Result<Connection, St
     // an OS crash can lose the last commits.
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
-    // The checkpointer's job (module doc).
-    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    // The checkpointer's job, the writer's only as a fallback (module doc).
+    conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)?;
+    conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     for statement in SCHEMA {
@@ -62,30 +72,30 @@ impl SqliteStore {
         let (opened, ready) = oneshot::channel();
         let path: PathBuf = path.to_owned();
         let catalog: Vec<String> = catalog.iter().map(|s| s.to_string()).collect();
-        // The checkpointer stops when the writer does: the writer holds the sender.
-        let (writer_alive, writer_gone) = std::sync::mpsc::channel::<()>();
-        let writer_path = path.clone();
         std::thread::Builder::new()
             .name("stock-sqlite".into())
             .spawn(move || {
-                let _alive = writer_alive;
-                match connect(&writer_path, &catalog, units) {
-                    Ok(mut conn) => {
-                        let _ = opened.send(Ok(()));
-                        serve(&mut conn, queue);
-                    }
+                let (mut conn, checkpointer) = match connect(&path, &catalog, units).and_then(|conn| {
+                    let checkpointer = Checkpointer::start(&path)?;
+                    Ok((conn, checkpointer))
+                }) {
+                    Ok(started) => started,
                     Err(error) => {
                         let _ = opened.send(Err(error));
+                        return;
                     }
+                };
+                let _ = opened.send(Ok(()));
+                let closed = serve(&mut conn, queue);
+                drop(conn);
+                // The last checkpoint before `close` returns: the WAL is then in the database.
+                checkpointer.stop();
+                if let Some(done) = closed {
+                    let _ = done.send(());
                 }
             })
             .map_err(|e| StoreError::Database(Box::new(e)))?;
         ready.await.map_err(|_| StoreError::Closed)??;
-        let checkpoints = Connection::open(&path)?;
-        std::thread::Builder::new()
-            .name("stock-checkpoint".into())
-            .spawn(move || checkpoint(&checkpoints, &writer_gone))
-            .map_err(|e| StoreError::Database(Box::new(e)))?;
         Ok(Self { requests })
     }
 
@@ -117,15 +127,13 @@ impl SqliteStore {
 }
 
 /// The writer thread: reservations in groups (whatever is queued, up to [`MAX_BATCH`]),
-/// everything else as it comes. Returns when asked to close or when every sender is gone.
-fn serve(conn: &mut Connection, mut queue: mpsc::Receiver<Request>) {
+/// everything else as it comes. Returns when every sender is gone, or when asked to close,
+/// with the answer to give once the store has closed.
+fn serve(conn: &mut Connection, mut queue: mpsc::Receiver<Request>) -> Option<oneshot::Sender<()>> {
     while let Some(request) = queue.blocking_recv() {
         let first = match request {
             Request::Reserve(job) => job,
-            Request::Close(done) => {
-                let _ = done.send(());
-                return;
-            }
+            Request::Close(done) => return Some(done),
             other => {
                 answer_query(conn, other);
                 continue;
@@ -144,22 +152,56 @@ fn serve(conn: &mut Connection, mut queue: mpsc::Receiver<Request>) {
         answer(group, outcomes);
         for request in later {
             if let Request::Close(done) = request {
-                let _ = done.send(());
-                return;
+                return Some(done);
             }
             answer_query(conn, request);
         }
     }
+    None
 }
 
-/// The checkpointer thread: a `PASSIVE` checkpoint every [`CHECKPOINT_EVERY`] (it copies what
-/// it can and never waits for the writer) until the writer has stopped, then a last one.
-fn checkpoint(conn: &Connection, writer_gone: &std::sync::mpsc::Receiver<()>) {
+/// The checkpointer thread (module doc).
+struct Checkpointer {
+    /// Dropped to stop it.
+    running: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Checkpointer {
+    fn start(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        let (running, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("stock-checkpoint".into())
+            .spawn(move || checkpoint(&conn, &stopped))
+            .map_err(|e| StoreError::Database(Box::new(e)))?;
+        Ok(Self { running, thread })
+    }
+
+    /// Stops it after one last checkpoint, and waits for that.
+    fn stop(self) {
+        drop(self.running);
+        let _ = self.thread.join();
+    }
+}
+
+/// A `PASSIVE` checkpoint every [`CHECKPOINT_EVERY`] (it copies what it can and never waits for
+/// the writer) until `stopped`, then a last one. A failure is logged once, not every time.
+fn checkpoint(conn: &Connection, stopped: &std::sync::mpsc::Receiver<()>) {
+    let mut failing = false;
     loop {
-        let stop =
-            !matches!(writer_gone.recv_timeout(CHECKPOINT_EVERY), Err(std::sync::mpsc::RecvTimeoutError::Timeout));
-        if let Err(error) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::warn!(%error, "WAL checkpoint failed; the next one will try again");
+        let stop = !matches!(stopped.recv_timeout(CHECKPOINT_EVERY), Err(std::sync::mpsc::RecvTimeoutError::Timeout));
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            Ok(()) if failing => {
+                failing = false;
+                tracing::info!("WAL checkpoints work again");
+            }
+            Ok(()) => {}
+            Err(error) if !failing => {
+                failing = true;
+                tracing::warn!(%error, "WAL checkpoint failed; trying again every {CHECKPOINT_EVERY:?}");
+            }
+            Err(_) => {}
         }
         if stop {
             return;
