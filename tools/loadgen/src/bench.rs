@@ -671,6 +671,22 @@ mod tests {
         }
     }
 
+    /// `pairs` pairs of one-second runs, nothing else set.
+    fn args(pairs: usize) -> BenchArgs {
+        BenchArgs {
+            pairs,
+            duration: 1.0,
+            warmup: 0.0,
+            concurrency: 1,
+            amqp: String::new(),
+            json: None,
+            svg: None,
+            compare: Compare::Tracing,
+            half_load_rate: None,
+            dump_spans: None,
+        }
+    }
+
     fn run(telemetry: Telemetry, throughput: f64) -> Run {
         let usage = ["gateway", "checkout", "stock"]
             .map(|service| Usage { service: service.to_owned(), cpu_seconds: 1.0, peak_rss_kib: 1024 })
@@ -714,18 +730,7 @@ mod tests {
 
     #[tokio::test]
     async fn settings_that_run_nothing_or_too_much_are_refused_before_anything_starts() {
-        let args = BenchArgs {
-            pairs: 0,
-            duration: 1.0,
-            warmup: 0.0,
-            concurrency: 1,
-            amqp: String::new(),
-            json: None,
-            svg: None,
-            compare: Compare::Tracing,
-            half_load_rate: None,
-            dump_spans: None,
-        };
+        let args = args(0);
         let error = super::run(args.clone()).await.expect_err("nothing to run");
         assert!(error.to_string().contains("--pairs 0 needs --half-load-rate"), "{error}");
         let metrics = BenchArgs { compare: Compare::Metrics, half_load_rate: Some(100.0), ..args.clone() };
@@ -738,18 +743,7 @@ mod tests {
 
     #[test]
     fn the_summary_reports_each_order_apart_and_its_table_lines_up() {
-        let args = BenchArgs {
-            pairs: 2,
-            duration: 1.0,
-            warmup: 0.0,
-            concurrency: 1,
-            amqp: String::new(),
-            json: None,
-            svg: None,
-            compare: Compare::Tracing,
-            half_load_rate: None,
-            dump_spans: None,
-        };
+        let args = args(2);
         let pair = |off: f64, on: f64, on_first| Pair {
             off: run(Telemetry::Off, off),
             on: run(Telemetry::SpansAndMetrics, on),

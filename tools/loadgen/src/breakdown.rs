@@ -10,11 +10,12 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
-use hdrhistogram::Histogram;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use prost::Message as _;
+
+use crate::report::histogram;
 
 /// The six spans of an order, in the order of `SPANS`: (start, end), ns since the epoch.
 type Order = [Option<(u64, u64)>; 6];
@@ -117,7 +118,7 @@ fn table(orders: &[Order]) -> String {
     let _ = writeln!(out, "| part | p50 | p99 | p99.9 | mean, slowest 1% |");
     let _ = writeln!(out, "|---|---|---|---|---|");
     for spec in PARTS {
-        let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
+        let mut histogram = histogram();
         for order in orders {
             let _ = histogram.record((part(order, spec) / 1000).max(1));
         }
@@ -153,18 +154,21 @@ mod tests {
 
     use super::*;
 
-    fn resource_spans(service: &str, spans: Vec<Span>) -> ResourceSpans {
-        ResourceSpans {
-            resource: Some(Resource {
-                attributes: vec![KeyValue {
-                    key: "service.name".to_owned(),
-                    value: Some(AnyValue { value: Some(Value::StringValue(service.to_owned())) }),
+    /// One service's export, as the SDK sends it: its resource (`service.name`) and its spans.
+    fn export(service: &str, spans: Vec<Span>) -> ExportTraceServiceRequest {
+        ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(Resource {
+                    attributes: vec![KeyValue {
+                        key: "service.name".to_owned(),
+                        value: Some(AnyValue { value: Some(Value::StringValue(service.to_owned())) }),
+                        ..Default::default()
+                    }],
                     ..Default::default()
-                }],
+                }),
+                scope_spans: vec![ScopeSpans { spans, ..Default::default() }],
                 ..Default::default()
-            }),
-            scope_spans: vec![ScopeSpans { spans, ..Default::default() }],
-            ..Default::default()
+            }],
         }
     }
 
@@ -197,32 +201,23 @@ mod tests {
         // Trace 1 is complete; trace 2 lacks stock's spans and is left out; a lookup span
         // (stock, SERVER) is not one of the six.
         let exports = [
-            ExportTraceServiceRequest {
-                resource_spans: vec![resource_spans(
-                    "gateway",
-                    vec![
-                        span(1, SpanKind::Server, 0, 5_000),
-                        span(1, SpanKind::Client, 100, 4_900),
-                        span(2, SpanKind::Server, 0, 1),
-                    ],
-                )],
-            },
-            ExportTraceServiceRequest {
-                resource_spans: vec![resource_spans(
-                    "checkout",
-                    vec![span(1, SpanKind::Server, 400, 4_500), span(1, SpanKind::Producer, 500, 4_400)],
-                )],
-            },
-            ExportTraceServiceRequest {
-                resource_spans: vec![resource_spans(
-                    "stock",
-                    vec![
-                        span(1, SpanKind::Consumer, 3_000, 3_600),
-                        span(1, SpanKind::Client, 3_100, 3_400),
-                        span(9, SpanKind::Server, 0, 9),
-                    ],
-                )],
-            },
+            export(
+                "gateway",
+                vec![
+                    span(1, SpanKind::Server, 0, 5_000),
+                    span(1, SpanKind::Client, 100, 4_900),
+                    span(2, SpanKind::Server, 0, 1),
+                ],
+            ),
+            export("checkout", vec![span(1, SpanKind::Server, 400, 4_500), span(1, SpanKind::Producer, 500, 4_400)]),
+            export(
+                "stock",
+                vec![
+                    span(1, SpanKind::Consumer, 3_000, 3_600),
+                    span(1, SpanKind::Client, 3_100, 3_400),
+                    span(9, SpanKind::Server, 0, 9),
+                ],
+            ),
         ];
         let orders = orders(&dump(&exports))?;
         assert_eq!(orders.len(), 1);
