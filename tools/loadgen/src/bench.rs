@@ -304,28 +304,53 @@ fn broker_pid() -> Option<String> {
 
 /// The CPU the rest of the machine spent during a run: the broker, and this process (the
 /// load generator with its OTLP sink).
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 struct Bystanders {
     /// `None` when no local RabbitMQ node was found.
     broker_cpu_seconds: Option<f64>,
     loadgen_cpu_seconds: f64,
 }
 
+/// [`Bystanders`] being counted: the broker found once, so both readings are of one process.
+struct BystandersSince {
+    broker: Option<(String, f64)>,
+    loadgen: f64,
+}
+
 impl Bystanders {
-    /// Counts from now until `stop`.
-    fn start() -> Self {
-        Self { broker_cpu_seconds: broker_pid().map(|pid| cpu_seconds(&pid)), loadgen_cpu_seconds: cpu_seconds("self") }
+    /// Counts from now until [`BystandersSince::stop`].
+    fn start() -> BystandersSince {
+        let broker = broker_pid().map(|pid| {
+            let seconds = cpu_seconds(&pid);
+            (pid, seconds)
+        });
+        BystandersSince { broker, loadgen: cpu_seconds("self") }
     }
 
-    fn stop(&self) -> Self {
-        Self {
-            broker_cpu_seconds: self
-                .broker_cpu_seconds
-                .zip(broker_pid())
-                .map(|(before, pid)| cpu_seconds(&pid) - before),
-            loadgen_cpu_seconds: cpu_seconds("self") - self.loadgen_cpu_seconds,
+    /// This run's CPU seconds per 1,000 of its `orders`: (broker, load generator).
+    fn per_thousand(&self, orders: u64) -> (Option<f64>, f64) {
+        let thousands = orders as f64 / 1000.0;
+        (self.broker_cpu_seconds.map(|s| s / thousands), self.loadgen_cpu_seconds / thousands)
+    }
+}
+
+impl BystandersSince {
+    fn stop(self) -> Bystanders {
+        Bystanders {
+            broker_cpu_seconds: self.broker.map(|(pid, before)| cpu_seconds(&pid) - before),
+            loadgen_cpu_seconds: cpu_seconds("self") - self.loadgen,
         }
     }
+}
+
+/// The medians over `runs` (bystanders, orders) of the broker's and the load generator's CPU
+/// seconds per 1,000 orders, formatted; "?" for a broker never found.
+fn bystander_medians<'a>(runs: impl Iterator<Item = (&'a Bystanders, u64)>) -> (String, String) {
+    let (broker, loadgen): (Vec<Option<f64>>, Vec<f64>) =
+        runs.map(|(bystanders, orders)| bystanders.per_thousand(orders)).unzip();
+    let broker: Vec<f64> = broker.into_iter().flatten().collect();
+    let broker = if broker.is_empty() { "?".to_owned() } else { format!("{:.3}", median(broker)) };
+    (broker, format!("{:.3}", median(loadgen)))
 }
 
 fn load(args: &BenchArgs, label: &str, rate: Option<f64>) -> Load {
@@ -579,44 +604,22 @@ fn summary(results: &Results, args: &BenchArgs) -> String {
         (median(cost_ratios) - 1.0) * 100.0
     );
     // The rest of the machine's two cores: where the CPU an order costs goes besides the services.
-    let per_thousand = |seconds: Option<f64>, orders: u64| seconds.map(|s| s / (orders as f64 / 1000.0));
-    let shown = |values: Vec<Option<f64>>| {
-        let values: Vec<f64> = values.into_iter().flatten().collect();
-        if values.is_empty() { "?".to_owned() } else { format!("{:.3}", median(values)) }
+    let medians = |on: bool| {
+        bystander_medians(results.pairs.iter().map(|pair| {
+            let run = if on { &pair.on } else { &pair.off };
+            (&run.bystanders, run.report.succeeded)
+        }))
     };
-    let runs = |on: bool| results.pairs.iter().map(move |pair| if on { &pair.on } else { &pair.off });
-    let broker = |on: bool| {
-        shown(runs(on).map(|run| per_thousand(run.bystanders.broker_cpu_seconds, run.report.succeeded)).collect())
-    };
-    let loadgen = |on: bool| {
-        shown(
-            runs(on).map(|run| per_thousand(Some(run.bystanders.loadgen_cpu_seconds), run.report.succeeded)).collect(),
-        )
-    };
+    let ((broker_off, loadgen_off), (broker_on, loadgen_on)) = (medians(false), medians(true));
     let _ = writeln!(
         out,
-        "\nCPU s / 1,000 orders besides the services (medians): broker {} ({off_label}), {} ({on_label}); \
-         load generator with its sink {} ({off_label}), {} ({on_label})",
-        broker(false),
-        broker(true),
-        loadgen(false),
-        loadgen(true)
+        "\nCPU s / 1,000 orders besides the services (medians): broker {broker_off} ({off_label}), \
+         {broker_on} ({on_label}); load generator with its sink {loadgen_off} ({off_label}), {loadgen_on} ({on_label})"
     );
     if with_raw {
-        let _ = writeln!(
-            out,
-            "Raw, CPU s / 1,000 messages (medians): broker {}, load generator {}",
-            shown(
-                results.raw.iter().map(|r| per_thousand(r.bystanders.broker_cpu_seconds, r.report.succeeded)).collect()
-            ),
-            shown(
-                results
-                    .raw
-                    .iter()
-                    .map(|r| per_thousand(Some(r.bystanders.loadgen_cpu_seconds), r.report.succeeded))
-                    .collect()
-            ),
-        );
+        let (broker, loadgen) =
+            bystander_medians(results.raw.iter().map(|raw| (&raw.bystanders, raw.report.succeeded)));
+        let _ = writeln!(out, "Raw, CPU s / 1,000 messages (medians): broker {broker}, load generator {loadgen}");
     }
     out.push_str(&half_load_summary(&results.half_load));
     out
