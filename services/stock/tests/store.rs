@@ -202,7 +202,8 @@ on_both_backends!(
 );
 
 /// The SQLite writer leaves checkpoints (copying the WAL into the database file, two fsyncs) to a
-/// thread of their own, so no reservation waits behind one; the rows still reach the file.
+/// thread of their own, so no reservation waits behind one; the rows still reach the file, and
+/// all of them once the store has closed.
 #[tokio::test]
 async fn sqlite_reservations_reach_the_database_file_through_the_checkpointer() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -227,5 +228,10 @@ async fn sqlite_reservations_reach_the_database_file_through_the_checkpointer() 
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert_eq!(seen, Some(20), "the 20 orders did not reach the database file within 5 s");
+    // Closing waits for a last checkpoint: what was reserved just before is in the file at once.
+    for i in 20..40 {
+        store.reserve(&format!("order-{i}"), &[line("SKU-001", 1)]).await.expect("reserve");
+    }
     store.close().await;
+    assert_eq!(checkpointed(), Some(40), "orders reserved just before close are not in the database file");
 }
