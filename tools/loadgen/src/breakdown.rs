@@ -239,6 +239,33 @@ mod tests {
         Ok(())
     }
 
+    /// The sink's dump, written as it answers real OTLP/gRPC exports, read back here.
+    #[tokio::test]
+    async fn what_the_sink_dumps_is_what_breakdown_reads() -> anyhow::Result<()> {
+        use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("spans.dump");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        let bytes = crate::sink::spawn(listener, Some(std::fs::File::create(&path)?));
+        let mut client = TraceServiceClient::connect(format!("http://{address}")).await?;
+        let exports = [
+            export("gateway", vec![span(7, SpanKind::Server, 0, 3_000), span(7, SpanKind::Client, 10, 2_990)]),
+            export("checkout", vec![span(7, SpanKind::Server, 20, 2_980), span(7, SpanKind::Producer, 30, 2_970)]),
+            export("stock", vec![span(7, SpanKind::Consumer, 1_000, 1_500), span(7, SpanKind::Client, 1_100, 1_400)]),
+        ];
+        for request in exports.clone() {
+            client.export(request).await?;
+        }
+        assert!(bytes.load(std::sync::atomic::Ordering::Relaxed) > 0);
+        let dumped = std::fs::read(&path)?;
+        assert_eq!(dumped, dump(&exports), "the dump is each body behind its length, as breakdown reads it");
+        let orders = orders(&dumped)?;
+        assert_eq!(orders.len(), 1);
+        assert!(table(&orders).contains("| publish -> confirm | 2.94 ms |"), "{}", table(&orders));
+        Ok(())
+    }
+
     #[test]
     fn a_truncated_dump_is_an_error_not_a_panic() {
         let whole = dump(&[ExportTraceServiceRequest::default()]);
