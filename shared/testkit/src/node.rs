@@ -6,6 +6,30 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+/// An AMQP port and a distribution port for a node, both free, and both below the kernel's
+/// ephemeral range. A port from `bind(":0")` is an ephemeral one: once released it can go to any
+/// outgoing connection (rabbitmqctl's, another test's) before the node binds it, and a node whose
+/// distribution port is taken dies before it writes a line of log. CI lost a cluster test to
+/// that. Ports below the range go only to listeners that ask for them by number.
+fn node_ports() -> [u16; 2] {
+    let band = 10_000..ephemeral_from().max(20_000);
+    let mut held: Vec<std::net::TcpListener> = Vec::new();
+    while held.len() < 2 {
+        let offset = (uuid::Uuid::new_v4().as_u128() % u128::from(band.end - band.start)) as u16;
+        // The distribution listener binds every interface; a free wildcard port is free on loopback.
+        if let Ok(listener) = std::net::TcpListener::bind(("0.0.0.0", band.start + offset)) {
+            held.push(listener);
+        }
+    }
+    std::array::from_fn(|i| held[i].local_addr().expect("a bound address").port())
+}
+
+/// The first port of the kernel's ephemeral range (Linux's default where it cannot be read).
+fn ephemeral_from() -> u16 {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    range.split_whitespace().next().and_then(|low| low.parse().ok()).unwrap_or(32768)
+}
+
 /// One throw-away node; stopped and deleted on drop.
 #[derive(Debug)]
 pub struct ThrowawayNode {
@@ -29,14 +53,30 @@ fn run(command: &mut Command) -> Result<String, String> {
 }
 
 impl ThrowawayNode {
-    /// Starts a node named `<prefix>-<random>@localhost` on free ports and waits until it
-    /// accepts connections. Panics, saying what is missing, where `rabbitmq-server` is not
-    /// installed.
+    /// Starts a node named `<prefix>_<random>@localhost` on free ports and waits until it
+    /// accepts connections. A node that does not come up is tried again, twice, on new ports;
+    /// the panic after the third names every attempt with the tail of its log. Panics, saying
+    /// what is missing, where `rabbitmq-server` is not installed.
     pub fn start(prefix: &str) -> Self {
-        let dir = std::env::temp_dir().join(crate::unique_name(&format!("tracehop-node-{prefix}")));
+        let mut attempts = Vec::new();
+        for _ in 0..3 {
+            let node = Self::prepare(prefix);
+            match node.launch() {
+                Ok(()) => return node,
+                // Dropping the node stops whatever is left of it and deletes its directory.
+                Err(failure) => attempts.push(failure),
+            }
+        }
+        panic!("no throw-away node started in three attempts:\n{}", attempts.join("\n"))
+    }
+
+    /// A new node's name, ports, directory and configuration, not yet started.
+    fn prepare(prefix: &str) -> Self {
+        let name = crate::unique_name(prefix);
+        let dir = std::env::temp_dir().join(format!("tracehop-node-{name}"));
         std::fs::create_dir_all(&dir).expect("node directory");
-        let [port, dist_port] = crate::free_ports();
-        let node = Self { name: format!("{}@localhost", crate::unique_name(prefix)), port, dist_port, dir };
+        let [port, dist_port] = node_ports();
+        let node = Self { name: format!("{name}@localhost"), port, dist_port, dir };
         // The machine's /etc/rabbitmq/rabbitmq.conf pins the listener to 5672: use our own.
         let config = format!("listeners.tcp.default = 127.0.0.1:{}\nloopback_users = none\n", node.port);
         std::fs::write(node.dir.join("rabbitmq.conf"), config).expect("config");
@@ -44,11 +84,10 @@ impl ThrowawayNode {
         std::fs::write(node.dir.join("rabbitmq-env.conf"), "").expect("env file");
         // Started as root, the node runs as the rabbitmq user: it must own its directory.
         let _ = Command::new("chown").args(["-R", "rabbitmq:rabbitmq"]).arg(&node.dir).status();
-        node.launch();
         node
     }
 
-    fn launch(&self) {
+    fn launch(&self) -> Result<(), String> {
         let dir = self.dir.display().to_string();
         let mut command = Command::new("rabbitmq-server");
         command
@@ -66,26 +105,58 @@ impl ThrowawayNode {
         run(&mut command).unwrap_or_else(|e| {
             panic!("{e}\nthe destructive tests need an installed rabbitmq-server (run them as root)")
         });
-        self.await_startup(Duration::from_secs(60));
+        self.await_startup(Duration::from_secs(60), Duration::from_secs(15)).map_err(|failure| {
+            format!(
+                "node {} (AMQP port {}, distribution port {}) {failure}\n{}",
+                self.name,
+                self.port,
+                self.dist_port,
+                self.log_tail(20)
+            )
+        })
     }
 
-    fn await_startup(&self, timeout: Duration) {
+    /// Waits until the node has booted. Gives up after `timeout`, or once epmd has said for
+    /// `gone_for` that no VM of this name is running: a VM that dies at boot (its distribution
+    /// port taken, say) writes no log and would otherwise be waited on for the whole timeout.
+    fn await_startup(&self, timeout: Duration, gone_for: Duration) -> Result<(), String> {
         let started = Instant::now();
+        let mut absent_since: Option<Instant> = None;
         loop {
-            let ready =
-                run(Command::new("rabbitmqctl").args(["-n", &self.name, "-q", "await_startup", "--timeout", "5"]));
-            if ready.is_ok() {
-                return;
+            let ready = self.ctl(&["await_startup", "--timeout", "5"]);
+            let Err(error) = ready else { return Ok(()) };
+            if error.contains("not running at all") {
+                let since = *absent_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > gone_for {
+                    return Err(format!("has not been running for {gone_for:?} (its VM exited): {error}"));
+                }
+            } else {
+                absent_since = None;
             }
             if started.elapsed() > timeout {
-                panic!(
-                    "node {} did not start within {timeout:?}: {ready:?}; logs in {}",
-                    self.name,
-                    self.dir.display()
-                );
+                return Err(format!("did not start within {timeout:?}: {error}"));
             }
             std::thread::sleep(Duration::from_millis(300));
         }
+    }
+
+    /// The last `lines` lines of each of the node's log files, or why there are none.
+    fn log_tail(&self, lines: usize) -> String {
+        let logs: Vec<PathBuf> = std::fs::read_dir(self.dir.join("log"))
+            .map(|entries| entries.flatten().map(|entry| entry.path()).filter(|path| path.is_file()).collect())
+            .unwrap_or_default();
+        if logs.is_empty() {
+            return "no log written: the VM stopped before RabbitMQ booted".to_owned();
+        }
+        logs.iter()
+            .map(|path| {
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                let all: Vec<&str> = text.lines().collect();
+                let tail = all[all.len().saturating_sub(lines)..].join("\n");
+                format!("--- {}:\n{tail}", path.display())
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// The node name, e.g. `restart-1a2b@localhost`.
@@ -133,7 +204,7 @@ impl ThrowawayNode {
     /// Starts the node again on its data directory (after [`stop`](Self::stop) or
     /// [`kill`](Self::kill)).
     pub fn restart(&self) {
-        self.launch();
+        self.launch().unwrap_or_else(|failure| panic!("restarting: {failure}"));
     }
 }
 
@@ -199,5 +270,35 @@ impl ThrowawayCluster {
         let row = self.queue_row(queue)?;
         let leader = row.split_whitespace().nth(1)?;
         self.nodes.iter().find(|n| n.name() == leader)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_whose_distribution_port_is_taken_is_reported_as_exited_without_a_log() {
+        let taken = std::net::TcpListener::bind("0.0.0.0:0").expect("a port to take");
+        let mut node = ThrowawayNode::prepare("taken");
+        node.dist_port = taken.local_addr().expect("bound").port();
+
+        let failure = node.launch().expect_err("a node whose distribution port is taken cannot start");
+
+        assert!(failure.contains("its VM exited"), "{failure}");
+        assert!(failure.contains("no log written"), "{failure}");
+        assert!(failure.contains(&format!("distribution port {}", node.dist_port)), "{failure}");
+    }
+
+    #[test]
+    fn node_ports_are_two_free_ports_below_the_ephemeral_range() {
+        let [amqp, dist] = node_ports();
+
+        assert_ne!(amqp, dist);
+        let below = 10_000..ephemeral_from();
+        assert!(below.contains(&amqp) && below.contains(&dist), "{amqp} {dist} not in {below:?}");
+        for port in [amqp, dist] {
+            std::net::TcpListener::bind(("0.0.0.0", port)).expect("the port is free");
+        }
     }
 }
