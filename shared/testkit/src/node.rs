@@ -6,30 +6,6 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// An AMQP port and a distribution port for a node, both free, and both below the kernel's
-/// ephemeral range. A port from `bind(":0")` is an ephemeral one: once released it can go to any
-/// outgoing connection (rabbitmqctl's, another test's) before the node binds it, and a node whose
-/// distribution port is taken dies before it writes a line of log. CI lost a cluster test to
-/// that. Ports below the range go only to listeners that ask for them by number.
-fn node_ports() -> [u16; 2] {
-    let band = 10_000..ephemeral_from().max(20_000);
-    let mut held: Vec<std::net::TcpListener> = Vec::new();
-    while held.len() < 2 {
-        let offset = (uuid::Uuid::new_v4().as_u128() % u128::from(band.end - band.start)) as u16;
-        // The distribution listener binds every interface; a free wildcard port is free on loopback.
-        if let Ok(listener) = std::net::TcpListener::bind(("0.0.0.0", band.start + offset)) {
-            held.push(listener);
-        }
-    }
-    std::array::from_fn(|i| held[i].local_addr().expect("a bound address").port())
-}
-
-/// The first port of the kernel's ephemeral range (Linux's default where it cannot be read).
-fn ephemeral_from() -> u16 {
-    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
-    range.split_whitespace().next().and_then(|low| low.parse().ok()).unwrap_or(32768)
-}
-
 /// One throw-away node; stopped and deleted on drop.
 #[derive(Debug)]
 pub struct ThrowawayNode {
@@ -75,7 +51,7 @@ impl ThrowawayNode {
         let name = crate::unique_name(prefix);
         let dir = std::env::temp_dir().join(format!("tracehop-node-{name}"));
         std::fs::create_dir_all(&dir).expect("node directory");
-        let [port, dist_port] = node_ports();
+        let [port, dist_port] = crate::free_ports();
         let node = Self { name: format!("{name}@localhost"), port, dist_port, dir };
         // The machine's /etc/rabbitmq/rabbitmq.conf pins the listener to 5672: use our own.
         let config = format!("listeners.tcp.default = 127.0.0.1:{}\nloopback_users = none\n", node.port);
@@ -288,17 +264,5 @@ mod tests {
         assert!(failure.contains("its VM exited"), "{failure}");
         assert!(failure.contains("no log written"), "{failure}");
         assert!(failure.contains(&format!("distribution port {}", node.dist_port)), "{failure}");
-    }
-
-    #[test]
-    fn node_ports_are_two_free_ports_below_the_ephemeral_range() {
-        let [amqp, dist] = node_ports();
-
-        assert_ne!(amqp, dist);
-        let below = 10_000..ephemeral_from();
-        assert!(below.contains(&amqp) && below.contains(&dist), "{amqp} {dist} not in {below:?}");
-        for port in [amqp, dist] {
-            std::net::TcpListener::bind(("0.0.0.0", port)).expect("the port is free");
-        }
     }
 }
