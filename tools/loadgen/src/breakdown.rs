@@ -239,15 +239,16 @@ mod tests {
         Ok(())
     }
 
-    /// The sink's dump, written as it answers real OTLP/gRPC exports, read back here.
+    /// The sink's dump, written as it answers real OTLP/gRPC exports, read back here. The sink
+    /// runs as the benchmark runs it: on a thread and runtime of its own.
     #[tokio::test]
     async fn what_the_sink_dumps_is_what_breakdown_reads() -> anyhow::Result<()> {
         use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("spans.dump");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         let address = listener.local_addr()?;
-        let bytes = crate::sink::spawn(listener, Some(std::fs::File::create(&path)?));
+        let bytes = crate::sink::spawn_on_own_thread(listener, Some(std::fs::File::create(&path)?))?;
         let mut client = TraceServiceClient::connect(format!("http://{address}")).await?;
         let exports = [
             export("gateway", vec![span(7, SpanKind::Server, 0, 3_000), span(7, SpanKind::Client, 10, 2_990)]),
