@@ -13,7 +13,7 @@
 //! `https://`, which that exporter, built here without TLS, refuses at startup; `gzip` is
 //! refused by the configuration (see [`crate::setup`]). The exporter honours
 //! `OTEL_EXPORTER_OTLP_HEADERS` and `_TIMEOUT` (and their `_TRACES_` forms) and retries the codes the OTLP spec calls retryable, with
-//! backoff, until the timeout.
+//! jittered exponential backoff, until the timeout.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -132,14 +132,29 @@ impl GrpcSpanExporter {
                     Ok(Err(status)) => status,
                     Err(_) => return Err(OTelSdkError::Timeout(timeout)),
                 };
-                if !retryable(status.code()) || tokio::time::Instant::now() + backoff >= deadline {
+                let wait = jittered(backoff, unit_random());
+                if !retryable(status.code()) || tokio::time::Instant::now() + wait >= deadline {
                     return Err(OTelSdkError::InternalFailure(format!("OTLP export failed: {status}")));
                 }
-                tokio::time::sleep(backoff).await;
+                tokio::time::sleep(wait).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }
+}
+
+/// The wait before the next attempt: `backoff` less up to half of it at random (`random` is
+/// uniform in [0, 1)). The OTLP specification asks for exponential backoff with jitter: services
+/// that lost the same backend at once then retry out of step instead of all together.
+fn jittered(backoff: Duration, random: f64) -> Duration {
+    backoff.mul_f64(1.0 - random / 2.0)
+}
+
+/// A number uniform in [0, 1), from the thread-local generator behind `uuid`'s `fast-rng`.
+fn unit_random() -> f64 {
+    // The low 64 bits of a v4 UUID: 62 random bits under the two variant bits.
+    let bits = (uuid::Uuid::new_v4().as_u128() as u64) << 2;
+    (bits >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// The codes the OTLP specification says a client retries (RESOURCE_EXHAUSTED is retried only

@@ -12,7 +12,7 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
 use prost::Message as _;
 
-use super::{encode_request, encode_resource};
+use super::{encode_request, encode_resource, jittered, unit_random};
 
 fn context(trace: u128, span: u64, remote: bool, state: &str) -> SpanContext {
     let state: TraceState = state.parse().expect("tracestate");
@@ -152,4 +152,21 @@ fn a_scope_unequal_to_itself_loses_no_span() {
     let names: Vec<&str> =
         request.resource_spans[0].scope_spans.iter().flat_map(|s| &s.spans).map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["first", "second"]);
+}
+
+#[test]
+fn retries_wait_between_half_the_backoff_and_all_of_it_and_out_of_step() {
+    let backoff = Duration::from_millis(400);
+    assert_eq!(jittered(backoff, 0.0), backoff);
+    assert_eq!(jittered(backoff, 0.5), Duration::from_millis(300));
+    assert!(jittered(backoff, 0.999_999) > Duration::from_millis(200));
+
+    let waits: Vec<Duration> = (0..1_000).map(|_| jittered(backoff, unit_random())).collect();
+    assert!(waits.iter().all(|wait| (Duration::from_millis(200)..=backoff).contains(wait)));
+    // Spread over the whole range, not bunched: each quarter of it gets its share.
+    for quarter in 0..4 {
+        let from = Duration::from_millis(200 + 50 * quarter);
+        let count = waits.iter().filter(|wait| (from..from + Duration::from_millis(50)).contains(wait)).count();
+        assert!((150..=350).contains(&count), "{count} of 1,000 waits in the quarter from {from:?}");
+    }
 }
