@@ -15,6 +15,8 @@
 //! `OTEL_EXPORTER_OTLP_HEADERS` and `_TIMEOUT` (and their `_TRACES_` forms) and retries the codes the OTLP spec calls retryable, with
 //! jittered exponential backoff, until the timeout.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::uri::PathAndQuery;
@@ -58,6 +60,9 @@ pub struct GrpcSpanExporter {
     timeout: Duration,
     /// The encoded `Resource` message, set by the provider.
     resource: Bytes,
+    /// Spans lost so far, shared with whatever counts the failed exports (see
+    /// [`counting_lost_spans_in`](Self::counting_lost_spans_in)).
+    lost: Arc<AtomicU64>,
 }
 
 impl GrpcSpanExporter {
@@ -96,12 +101,21 @@ impl GrpcSpanExporter {
             metadata,
             timeout: transport.timeout,
             resource: encode_resource(&Resource::builder_empty().build()),
+            lost: Arc::default(),
         })
+    }
+
+    /// Adds the spans a backend rejects in a partial success to `lost`, the count of spans
+    /// lost to failed exports, so the log's running total covers both.
+    pub(crate) fn counting_lost_spans_in(mut self, lost: Arc<AtomicU64>) -> Self {
+        self.lost = lost;
+        self
     }
 
     /// Sends `body` until it is accepted, a non-retryable error comes back, or the timeout.
     fn send(&self, body: Bytes) -> impl Future<Output = OTelSdkResult> + Send + 'static {
         let (mut client, metadata, timeout) = (self.client.clone(), self.metadata.clone(), self.timeout);
+        let lost = self.lost.clone();
         async move {
             let deadline = tokio::time::Instant::now() + timeout;
             let mut backoff = Duration::from_millis(100);
@@ -117,15 +131,24 @@ impl GrpcSpanExporter {
                 let status = match tokio::time::timeout_at(deadline, call).await {
                     Ok(Ok(response)) => {
                         // A partial success: spans rejected, or a warning (no spans rejected, a
-                        // message): the spec asks for both to be logged.
-                        if let Some(partial) = response.into_inner().partial_success
-                            && (partial.rejected_spans > 0 || !partial.error_message.is_empty())
-                        {
-                            tracing::warn!(
-                                rejected_spans = partial.rejected_spans,
-                                message = partial.error_message,
-                                "the trace backend answered with a partial success"
-                            );
+                        // message). The spec asks for both to be logged and for neither to be
+                        // retried; rejected spans are lost spans, and counted as such.
+                        if let Some(partial) = response.into_inner().partial_success {
+                            let rejected = u64::try_from(partial.rejected_spans).unwrap_or(0);
+                            if rejected > 0 {
+                                let total = lost.fetch_add(rejected, Ordering::Relaxed) + rejected;
+                                tracing::warn!(
+                                    dropped_spans = rejected,
+                                    dropped_spans_total = total,
+                                    error_message = partial.error_message,
+                                    "the trace backend rejected spans (a partial success)"
+                                );
+                            } else if !partial.error_message.is_empty() {
+                                tracing::warn!(
+                                    error_message = partial.error_message,
+                                    "the trace backend accepted the spans with a warning"
+                                );
+                            }
                         }
                         return Ok(());
                     }

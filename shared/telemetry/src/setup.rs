@@ -663,25 +663,30 @@ fn span_processor(
     let endpoint_or_default = endpoint.as_deref().unwrap_or(DEFAULT_GRPC_ENDPOINT);
     Ok(match protocol {
         OtlpProtocol::Grpc if endpoint_or_default.starts_with("http://") => {
-            batched(GrpcSpanExporter::new(endpoint_or_default, transport, &ExportRuntime::handle(runtime)?)?, batch)
+            let lost = Arc::default();
+            let exporter = GrpcSpanExporter::new(endpoint_or_default, transport, &ExportRuntime::handle(runtime)?)?
+                .counting_lost_spans_in(Arc::clone(&lost));
+            batched(exporter, batch, lost)
         }
         OtlpProtocol::Grpc => {
             let _entered = ExportRuntime::handle(runtime)?.enter();
             batched(
                 configured(opentelemetry_otlp::SpanExporter::builder().with_tonic(), endpoint, protocol).build()?,
                 batch,
+                Arc::default(),
             )
         }
         OtlpProtocol::HttpProtobuf => batched(
             configured(opentelemetry_otlp::SpanExporter::builder().with_http(), endpoint, protocol).build()?,
             batch,
+            Arc::default(),
         ),
     })
 }
 
-/// `exporter` behind the batch processor, its failures counted and logged.
-fn batched<E: SpanExporter + 'static>(exporter: E, batch: BatchConfig) -> BatchSpanProcessor {
-    BatchSpanProcessor::builder(CountingExporter::new(exporter)).with_batch_config(batch).build()
+/// `exporter` behind the batch processor, its failures counted in `lost` and logged.
+fn batched<E: SpanExporter + 'static>(exporter: E, batch: BatchConfig, lost: Arc<AtomicU64>) -> BatchSpanProcessor {
+    BatchSpanProcessor::builder(CountingExporter { inner: exporter, lost }).with_batch_config(batch).build()
 }
 
 /// Where OTLP/gRPC goes when no endpoint is given (the spec's default).
@@ -746,17 +751,12 @@ impl<E: PushMetricExporter> PushMetricExporter for LoggingMetricExporter<E> {
     }
 }
 
-/// Counts spans lost to failed exports and says so in the log (the SDK alone is silent).
+/// Counts spans lost to failed exports and says so in the log (the SDK alone is silent). The
+/// count is shared with our gRPC exporter, which adds the spans a backend rejects.
 #[derive(Debug)]
 struct CountingExporter<E> {
     inner: E,
-    lost: AtomicU64,
-}
-
-impl<E> CountingExporter<E> {
-    fn new(inner: E) -> Self {
-        Self { inner, lost: AtomicU64::new(0) }
-    }
+    lost: Arc<AtomicU64>,
 }
 
 impl<E: SpanExporter> SpanExporter for CountingExporter<E> {

@@ -1,10 +1,16 @@
-//! A trace backend that refuses connections is not silent: the failed export and the number of
-//! spans it cost are logged. (Its own test binary: it installs the process-wide subscriber the
-//! SDK's export thread logs through.)
+//! A trace backend that refuses connections, or rejects spans in a partial success, is not
+//! silent: the number of spans lost is logged with a running total. (A test binary of its own:
+//! it installs the process-wide subscriber the SDK's export thread logs through, once, for
+//! both tests.)
 
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 
 use opentelemetry::trace::{Span, Tracer};
 use tracehop_telemetry::logging::{CorrelatedFormat, LogFormat};
@@ -32,16 +38,36 @@ impl<'a> MakeWriter<'a> for Captured {
     }
 }
 
+/// What the process's WARN logs wrote (JSON lines), captured from the first call on.
+fn captured() -> &'static Captured {
+    static CAPTURED: OnceLock<Captured> = OnceLock::new();
+    CAPTURED.get_or_init(|| {
+        let captured = Captured::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(captured.clone())
+            .with_max_level(tracing::Level::WARN)
+            .event_format(CorrelatedFormat { format: LogFormat::Json })
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("the only subscriber");
+        captured
+    })
+}
+
+/// The first log line containing `message`, as JSON, waiting up to 5 s for it.
+async fn logged(message: &str) -> serde_json::Value {
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let text = String::from_utf8(captured().0.lock().expect("lock").clone()).expect("utf8");
+        if let Some(line) = text.lines().find(|line| line.contains(message)) {
+            return serde_json::from_str(line).expect("json");
+        }
+    }
+    panic!("no log line says {message:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_export_is_logged_with_the_spans_it_dropped() {
-    let captured = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(captured.clone())
-        .with_max_level(tracing::Level::WARN)
-        .event_format(CorrelatedFormat { format: LogFormat::Json })
-        .finish();
-    tracing::subscriber::set_global_default(subscriber).expect("first subscriber");
-
+    captured();
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let endpoint = format!("http://{}", closed.local_addr().expect("addr"));
     drop(closed);
@@ -55,19 +81,55 @@ async fn a_refused_export_is_logged_with_the_spans_it_dropped() {
     for _ in 0..3 {
         telemetry.tracer().start("lost").end();
     }
-    let mut found = None;
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let text = String::from_utf8(captured.0.lock().expect("lock").clone()).expect("utf8");
-        if let Some(line) = text.lines().find(|line| line.contains("span export failed")) {
-            found = Some(line.to_owned());
-            break;
-        }
-    }
-    let line = found.expect("a warning about the failed export");
-    let json: serde_json::Value = serde_json::from_str(&line).expect("json");
+    let json = logged("span export failed").await;
     assert_eq!(json["level"], "WARN");
-    assert_eq!(json["dropped_spans"], 3, "{line}");
-    assert!(json["dropped_spans_total"].as_u64().unwrap_or(0) >= 3, "{line}");
+    assert_eq!(json["dropped_spans"], 3, "{json}");
+    assert!(json["dropped_spans_total"].as_u64().unwrap_or(0) >= 3, "{json}");
+    telemetry.shutdown().await;
+}
+
+/// A backend that accepts every export but says it rejected two of its spans.
+struct RejectsTwo;
+
+#[tonic::async_trait]
+impl TraceService for RejectsTwo {
+    async fn export(
+        &self,
+        _request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: Some(ExportTracePartialSuccess {
+                rejected_spans: 2,
+                error_message: "two spans over the quota".to_owned(),
+            }),
+        }))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_a_backend_rejects_are_logged_and_counted_as_lost() {
+    captured();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(RejectsTwo))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let config = TelemetryConfig {
+        batch_delay: Some(Duration::from_millis(50)),
+        ..TelemetryConfig::otlp_grpc("rejected", &endpoint)
+    };
+    let telemetry = Telemetry::new(&config).expect("telemetry");
+    for _ in 0..3 {
+        telemetry.tracer().start("partly rejected").end();
+    }
+
+    let json = logged("the trace backend rejected spans").await;
+
+    assert_eq!(json["level"], "WARN");
+    assert_eq!(json["dropped_spans"], 2, "{json}");
+    assert_eq!(json["dropped_spans_total"], 2, "{json}");
+    assert_eq!(json["error_message"], "two spans over the quota", "{json}");
     telemetry.shutdown().await;
 }
