@@ -53,17 +53,21 @@ fn captured() -> &'static Captured {
     })
 }
 
-/// The first log line containing `message`, as JSON, waiting up to 5 s for it.
-async fn logged(message: &str) -> serde_json::Value {
+/// The first log line `wanted` picks, as JSON, waiting up to 5 s for it. (Both tests log into
+/// one capture when they share a process, as under `cargo test`.)
+async fn logged(wanted: impl Fn(&str) -> bool) -> serde_json::Value {
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let text = String::from_utf8(captured().0.lock().expect("lock").clone()).expect("utf8");
-        if let Some(line) = text.lines().find(|line| line.contains(message)) {
+        if let Some(line) = text.lines().find(|line| wanted(line)) {
             return serde_json::from_str(line).expect("json");
         }
     }
-    panic!("no log line says {message:?}");
+    panic!("no such log line in:\n{}", String::from_utf8_lossy(&captured().0.lock().expect("lock")));
 }
+
+/// The backend of the second test refuses with this.
+const NO_MORE: &str = "no more spans accepted";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_export_is_logged_with_the_spans_it_dropped() {
@@ -81,22 +85,27 @@ async fn a_refused_export_is_logged_with_the_spans_it_dropped() {
     for _ in 0..3 {
         telemetry.tracer().start("lost").end();
     }
-    let json = logged("span export failed").await;
+    let json = logged(|line| line.contains("span export failed") && !line.contains(NO_MORE)).await;
     assert_eq!(json["level"], "WARN");
     assert_eq!(json["dropped_spans"], 3, "{json}");
     assert!(json["dropped_spans_total"].as_u64().unwrap_or(0) >= 3, "{json}");
     telemetry.shutdown().await;
 }
 
-/// A backend that accepts every export but says it rejected two of its spans.
-struct RejectsTwo;
+/// A backend that accepts its first export but says it rejected two of its spans, then refuses
+/// every export for good (a status not retried).
+#[derive(Default)]
+struct RejectsTwoThenAll(std::sync::atomic::AtomicUsize);
 
 #[tonic::async_trait]
-impl TraceService for RejectsTwo {
+impl TraceService for RejectsTwoThenAll {
     async fn export(
         &self,
         _request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        if self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed) > 0 {
+            return Err(tonic::Status::invalid_argument(NO_MORE));
+        }
         Ok(tonic::Response::new(ExportTraceServiceResponse {
             partial_success: Some(ExportTracePartialSuccess {
                 rejected_spans: 2,
@@ -107,13 +116,13 @@ impl TraceService for RejectsTwo {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spans_a_backend_rejects_are_logged_and_counted_as_lost() {
+async fn spans_a_backend_rejects_are_logged_and_counted_with_those_lost_to_failed_exports() {
     captured();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(RejectsTwo))
+            .add_service(TraceServiceServer::new(RejectsTwoThenAll::default()))
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
     );
     let config = TelemetryConfig {
@@ -125,11 +134,18 @@ async fn spans_a_backend_rejects_are_logged_and_counted_as_lost() {
         telemetry.tracer().start("partly rejected").end();
     }
 
-    let json = logged("the trace backend rejected spans").await;
+    let rejected = logged(|line| line.contains("the trace backend rejected spans")).await;
+    for _ in 0..4 {
+        telemetry.tracer().start("refused").end();
+    }
+    let failed = logged(|line| line.contains("span export failed") && line.contains(NO_MORE)).await;
 
-    assert_eq!(json["level"], "WARN");
-    assert_eq!(json["dropped_spans"], 2, "{json}");
-    assert_eq!(json["dropped_spans_total"], 2, "{json}");
-    assert_eq!(json["error_message"], "two spans over the quota", "{json}");
+    assert_eq!(rejected["level"], "WARN");
+    assert_eq!(rejected["dropped_spans"], 2, "{rejected}");
+    assert_eq!(rejected["dropped_spans_total"], 2, "{rejected}");
+    assert_eq!(rejected["error_message"], "two spans over the quota", "{rejected}");
+    // One running total: the failed export's spans come on top of the two rejected.
+    let dropped = failed["dropped_spans"].as_u64().expect("dropped_spans");
+    assert_eq!(failed["dropped_spans_total"], 2 + dropped, "{failed}");
     telemetry.shutdown().await;
 }

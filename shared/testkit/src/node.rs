@@ -135,7 +135,7 @@ impl ThrowawayNode {
             .join("\n")
     }
 
-    /// The node name, e.g. `restart-1a2b@localhost`.
+    /// The node name, e.g. `restart_<32 hex digits>@localhost`.
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -184,12 +184,31 @@ impl ThrowawayNode {
     }
 }
 
+impl ThrowawayNode {
+    /// The pids of this node's Erlang VM, found by the node name in its environment: a VM still
+    /// booting has not written its pid file yet.
+    fn vm_pids(&self) -> Vec<String> {
+        let wanted = format!("RABBITMQ_NODENAME={}\0", self.name);
+        let Ok(processes) = std::fs::read_dir("/proc") else { return Vec::new() };
+        processes
+            .flatten()
+            .filter(|process| {
+                let path = process.path();
+                std::fs::read_to_string(path.join("comm")).is_ok_and(|comm| comm.trim() == "beam.smp")
+                    && std::fs::read(path.join("environ"))
+                        .is_ok_and(|environ| environ.windows(wanted.len()).any(|w| w == wanted.as_bytes()))
+            })
+            .map(|process| process.file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+}
+
 impl Drop for ThrowawayNode {
     fn drop(&mut self) {
-        if self.ctl(&["stop"]).is_err()
-            && let Ok(pid) = std::fs::read_to_string(self.dir.join("pid"))
-        {
-            let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+        if self.ctl(&["stop"]).is_err() {
+            for pid in self.vm_pids() {
+                let _ = Command::new("kill").args(["-9", &pid]).status();
+            }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -264,5 +283,14 @@ mod tests {
         assert!(failure.contains("its VM exited"), "{failure}");
         assert!(failure.contains("no log written"), "{failure}");
         assert!(failure.contains(&format!("distribution port {}", node.dist_port)), "{failure}");
+        assert_eq!(node.vm_pids(), Vec::<String>::new(), "no VM is left behind");
+    }
+
+    #[test]
+    fn a_nodes_vm_is_found_by_its_name_for_the_drop_to_kill_it() {
+        let node = ThrowawayNode::start("pids");
+        let pid = std::fs::read_to_string(node.dir.join("pid")).expect("the pid file of a started node");
+
+        assert_eq!(node.vm_pids(), vec![pid.trim().to_owned()]);
     }
 }
