@@ -301,3 +301,24 @@ fn reserve(tx: &rusqlite::Transaction<'_>, job: &Job) -> Result<Result<Outcome, 
     }
     Ok(Ok(Outcome::Reserved))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The writer's fallback (module doc): should the checkpointer fall behind, the writer
+    /// checkpoints by itself past 4,000 pages, and the WAL file is cut back to 16 MiB after it
+    /// restarts. (Watching it happen takes over 16 MB of writes with the checkpointer stalled;
+    /// the README's benchmark section has that measurement.)
+    #[test]
+    fn the_writer_is_set_to_checkpoint_past_4000_pages_and_cut_the_wal_back_to_16_mib() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let conn = connect(&dir.path().join("stock.db"), &["SKU-001".to_owned()], 10).expect("connect");
+        let pragma = |name: &str| -> i64 { conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get(0)).expect(name) };
+
+        assert_eq!(pragma("wal_autocheckpoint"), 4000);
+        assert_eq!(pragma("journal_size_limit"), 16 << 20);
+        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).expect("journal_mode");
+        assert_eq!(mode, "wal");
+    }
+}
