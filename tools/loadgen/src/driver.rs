@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use hdrhistogram::Histogram;
 use tokio::time::Instant;
@@ -30,6 +30,9 @@ pub struct Driven<T> {
     pub latency: Histogram<u64>,
     /// Their latency second by second, by intended start.
     pub timeline: Vec<Second>,
+    /// When the measured window began, by the wall clock: second 0 of `timeline`, for timelines
+    /// of the same operations kept elsewhere (the pipeline's POST -> reserved).
+    pub window_start: SystemTime,
 }
 
 struct State<T> {
@@ -62,8 +65,11 @@ where
     let operation = Arc::new(operation);
     let state = Arc::new(Mutex::new(State::new()));
     let (limit, duration) = load.stop_after();
-    let started = Instant::now();
     let warmup = Duration::from_secs_f64(load.warmup);
+    // Read first, so an operation's wall-clock time never places it a second earlier than its
+    // intended start does.
+    let window_start_wall = SystemTime::now() + warmup;
+    let started = Instant::now();
     let window_start = started + warmup;
     let stop = Arc::new(AtomicBool::new(false));
     let next = Arc::new(AtomicU64::new(0));
@@ -181,5 +187,40 @@ where
         failures: state.failures,
         latency: state.latency,
         timeline: state.timeline.seconds(),
+        window_start: window_start_wall,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An operation's wall-clock send time, placed by `window_start`, falls in the second the
+    /// driver's own timeline counts it in: timelines kept elsewhere (POST -> reserved) line up.
+    #[tokio::test]
+    async fn the_window_start_is_second_zero_of_the_timeline() {
+        let load = crate::Load {
+            concurrency: 1,
+            // Four a second, 250 ms apart: a late send stays in its second.
+            rate: Some(4.0),
+            orders: None,
+            duration: Some(3.0),
+            warmup: 0.5,
+            label: "timeline".to_owned(),
+            json: None,
+            svg: None,
+            quiet: true,
+        };
+
+        let driven = drive(&load, |_| async { Ok::<_, String>(SystemTime::now()) }).await;
+
+        let mut by_send_time = vec![0u64; driven.timeline.len()];
+        for sent in &driven.successes {
+            let second = sent.duration_since(driven.window_start).expect("sent in the window").as_secs() as usize;
+            by_send_time[second] += 1;
+        }
+        let by_intended_start: Vec<u64> = driven.timeline.iter().map(|second| second.count).collect();
+        assert_eq!(by_send_time, by_intended_start);
+        assert_eq!(by_intended_start, [4, 4, 4]);
     }
 }

@@ -48,7 +48,8 @@ pub async fn run(gateway: &str, stock: Option<&str>, load: &Load) -> anyhow::Res
     };
     let (end_to_end, end_to_end_timeline, not_reserved) = match stock {
         Some(stock) => {
-            let followed = follow(&http, stock, &driven.successes).await;
+            let origin = driven.window_start.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
+            let followed = follow(&http, stock, &driven.successes, origin).await;
             (Some(Percentiles::of(&followed.latency)), followed.timeline, followed.not_reserved)
         }
         None => (None, Vec::new(), 0),
@@ -82,18 +83,18 @@ pub fn describe(load: &Load) -> String {
 struct Followed {
     /// POST to reserved, µs.
     latency: hdrhistogram::Histogram<u64>,
-    /// The same, by the second in which each order was sent.
+    /// The same, by the second of the measured window in which each order was sent (the POST
+    /// timeline's seconds).
     timeline: Vec<Second>,
     /// Orders stock had not reserved by the deadline.
     not_reserved: u64,
 }
 
 /// Looks up when each accepted order was reserved, 64 lookups at a time (waiting up to a minute
-/// for the last ones).
-async fn follow(http: &reqwest::Client, stock: &str, accepted: &[(String, i64)]) -> Followed {
+/// for the last ones). `origin`: the measured window's start, µs since the epoch.
+async fn follow(http: &reqwest::Client, stock: &str, accepted: &[(String, i64)], origin: i64) -> Followed {
     let mut histogram = histogram();
     let mut timeline = Timeline::default();
-    let first_sent = accepted.iter().map(|(_, sent_at)| *sent_at).min().unwrap_or_default();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let base = format!("{}/api/orders", stock.trim_end_matches('/'));
     let mut missing = 0;
@@ -120,7 +121,7 @@ async fn follow(http: &reqwest::Client, stock: &str, accepted: &[(String, i64)])
             match latency {
                 Some(us) => {
                     let _ = histogram.record(us);
-                    timeline.record(((sent_at - first_sent) / 1_000_000) as usize, us);
+                    timeline.record(((sent_at - origin).max(0) / 1_000_000) as usize, us);
                 }
                 None => missing += 1,
             }

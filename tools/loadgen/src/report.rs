@@ -58,7 +58,7 @@ impl Percentiles {
 /// too short to move the run's percentiles much.
 #[derive(Debug, Clone, Serialize)]
 pub struct Second {
-    /// Seconds since the first measured operation.
+    /// Seconds since the measured window began.
     pub second: usize,
     /// Operations sent in this second that succeeded.
     pub count: u64,
