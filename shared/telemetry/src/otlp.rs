@@ -397,6 +397,11 @@ fn encode_attributes<'a>(buf: &mut Vec<u8>, tag: u32, attributes: impl IntoItera
 /// A `KeyValue` as field `tag`. Scalars (nearly every attribute) have their lengths worked out
 /// first and are written front to back; arrays go through [`nested`].
 fn encode_key_value(buf: &mut Vec<u8>, tag: u32, key: &str, value: &Value) {
+    if let Value::String(text) = value
+        && short_string_key_value(buf, tag, key.as_bytes(), text.as_str().as_bytes())
+    {
+        return;
+    }
     let key_len = if key.is_empty() { 0 } else { 1 + encoded_len_varint(key.len() as u64) + key.len() };
     let Some(value_len) = scalar_len(value) else {
         nested(buf, tag, |buf| {
@@ -411,6 +416,36 @@ fn encode_key_value(buf: &mut Vec<u8>, tag: u32, key: &str, value: &Value) {
     encode_key(2, WireType::LengthDelimited, buf);
     encode_varint(value_len as u64, buf);
     encode_any_value(buf, value);
+}
+
+/// The common attribute, a string under a non-empty key, whose lengths all fit one-byte
+/// varints (field tag below 16, the whole `KeyValue` under 128 bytes): written as two 4-byte
+/// headers and the two strings, after one capacity check. False, having written nothing, for
+/// anything else. The same bytes as the general path (the equivalence tests cover both).
+fn short_string_key_value(buf: &mut Vec<u8>, tag: u32, key: &[u8], value: &[u8]) -> bool {
+    // KeyValue { key (1), value (2): AnyValue { string_value (1) } }
+    let any_value_len = 2 + value.len();
+    let key_value_len = 2 + key.len() + 2 + any_value_len;
+    if tag >= 16 || key.is_empty() || key_value_len >= 128 {
+        return false;
+    }
+    const LENGTH_DELIMITED: u8 = 2;
+    buf.reserve(2 + key_value_len);
+    buf.extend_from_slice(&[
+        (tag as u8) << 3 | LENGTH_DELIMITED,
+        key_value_len as u8,
+        1 << 3 | LENGTH_DELIMITED,
+        key.len() as u8,
+    ]);
+    buf.extend_from_slice(key);
+    buf.extend_from_slice(&[
+        2 << 3 | LENGTH_DELIMITED,
+        any_value_len as u8,
+        1 << 3 | LENGTH_DELIMITED,
+        value.len() as u8,
+    ]);
+    buf.extend_from_slice(value);
+    true
 }
 
 /// The encoded length of a scalar `AnyValue` (see [`encode_any_value`]); `None` for arrays

@@ -36,6 +36,12 @@ fn every_value() -> Vec<KeyValue> {
         KeyValue::new("floats", Value::Array(Array::F64(vec![0.5, 0.0]))),
         KeyValue::new("strings", Value::Array(Array::String(vec![StringValue::from("a"), StringValue::from("")]))),
         KeyValue::new("empty array", Value::Array(Array::I64(Vec::new()))),
+        // Either side of the short-string path's bound (a `KeyValue` of 127 bytes and of 128),
+        // a value whose length needs a two-byte varint, and an empty key (omitted on the wire).
+        KeyValue::new("boundary", "x".repeat(113)),
+        KeyValue::new("boundary", "y".repeat(114)),
+        KeyValue::new("long", "z".repeat(300)),
+        KeyValue::new("", "no key"),
     ]
 }
 
