@@ -155,7 +155,7 @@ impl GrpcSpanExporter {
                     Ok(Err(status)) => status,
                     Err(_) => return Err(OTelSdkError::Timeout(timeout)),
                 };
-                let wait = jittered(backoff, unit_random());
+                let wait = jittered(backoff, rand::random());
                 if !retryable(status.code()) || tokio::time::Instant::now() + wait >= deadline {
                     return Err(OTelSdkError::InternalFailure(format!("OTLP export failed: {status}")));
                 }
@@ -171,13 +171,6 @@ impl GrpcSpanExporter {
 /// that lost the same backend at once then retry out of step instead of all together.
 fn jittered(backoff: Duration, random: f64) -> Duration {
     backoff.mul_f64(1.0 - random / 2.0)
-}
-
-/// A number uniform in [0, 1), from the thread-local generator behind `uuid`'s `fast-rng`.
-fn unit_random() -> f64 {
-    // The low 64 bits of a v4 UUID: 62 random bits under the two variant bits.
-    let bits = (uuid::Uuid::new_v4().as_u128() as u64) << 2;
-    (bits >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// The codes the OTLP specification says a client retries (RESOURCE_EXHAUSTED is retried only

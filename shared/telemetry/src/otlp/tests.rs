@@ -12,7 +12,7 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
 use prost::Message as _;
 
-use super::{encode_request, encode_resource, jittered, unit_random};
+use super::{encode_request, encode_resource, jittered};
 
 fn context(trace: u128, span: u64, remote: bool, state: &str) -> SpanContext {
     let state: TraceState = state.parse().expect("tracestate");
@@ -167,7 +167,7 @@ fn retries_wait_between_half_the_backoff_and_all_of_it_and_out_of_step() {
     assert_eq!(jittered(backoff, 0.5), Duration::from_millis(300));
     assert!(jittered(backoff, 0.999_999) > Duration::from_millis(200));
 
-    let waits: Vec<Duration> = (0..1_000).map(|_| jittered(backoff, unit_random())).collect();
+    let waits: Vec<Duration> = (0..1_000).map(|_| jittered(backoff, rand::random())).collect();
     assert!(waits.iter().all(|wait| (Duration::from_millis(200)..=backoff).contains(wait)));
     // Spread over the whole range, not bunched: each quarter of it gets its share.
     for quarter in 0..4 {
