@@ -62,7 +62,19 @@ pub struct GrpcSpanExporter {
     resource: Bytes,
     /// Spans lost so far, shared with whatever counts the failed exports (see
     /// [`counting_lost_spans_in`](Self::counting_lost_spans_in)).
-    lost: Arc<AtomicU64>,
+    lost: LostSpans,
+}
+
+/// The running count of spans lost on their way out (failed exports, spans a backend
+/// rejects), shared by its clones, so the log gives one total however they were lost.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LostSpans(Arc<AtomicU64>);
+
+impl LostSpans {
+    /// Adds `spans` lost; the total so far.
+    pub(crate) fn add(&self, spans: u64) -> u64 {
+        self.0.fetch_add(spans, Ordering::Relaxed) + spans
+    }
 }
 
 impl GrpcSpanExporter {
@@ -101,13 +113,13 @@ impl GrpcSpanExporter {
             metadata,
             timeout: transport.timeout,
             resource: encode_resource(&Resource::builder_empty().build()),
-            lost: Arc::default(),
+            lost: LostSpans::default(),
         })
     }
 
     /// Adds the spans a backend rejects in a partial success to `lost`, the count of spans
     /// lost to failed exports, so the log's running total covers both.
-    pub(crate) fn counting_lost_spans_in(mut self, lost: Arc<AtomicU64>) -> Self {
+    pub(crate) fn counting_lost_spans_in(mut self, lost: LostSpans) -> Self {
         self.lost = lost;
         self
     }
@@ -136,7 +148,7 @@ impl GrpcSpanExporter {
                         if let Some(partial) = response.into_inner().partial_success {
                             let rejected = u64::try_from(partial.rejected_spans).unwrap_or(0);
                             if rejected > 0 {
-                                let total = lost.fetch_add(rejected, Ordering::Relaxed) + rejected;
+                                let total = lost.add(rejected);
                                 tracing::warn!(
                                     dropped_spans = rejected,
                                     dropped_spans_total = total,

@@ -10,7 +10,6 @@
 //! test process under three service names.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
@@ -30,7 +29,7 @@ use opentelemetry_sdk::trace::{
 
 use crate::env::{ConfigError, Env};
 use crate::metrics::Instruments;
-use crate::otlp::{GrpcExportError, GrpcSpanExporter};
+use crate::otlp::{GrpcExportError, GrpcSpanExporter, LostSpans};
 use crate::propagation::CheckedPropagator;
 use crate::propagators::{self, DEFAULT_PROPAGATORS, PropagatorKind};
 
@@ -663,9 +662,9 @@ fn span_processor(
     let endpoint_or_default = endpoint.as_deref().unwrap_or(DEFAULT_GRPC_ENDPOINT);
     Ok(match protocol {
         OtlpProtocol::Grpc if endpoint_or_default.starts_with("http://") => {
-            let lost = Arc::default();
+            let lost = LostSpans::default();
             let exporter = GrpcSpanExporter::new(endpoint_or_default, transport, &ExportRuntime::handle(runtime)?)?
-                .counting_lost_spans_in(Arc::clone(&lost));
+                .counting_lost_spans_in(lost.clone());
             batched(exporter, batch, lost)
         }
         OtlpProtocol::Grpc => {
@@ -673,19 +672,19 @@ fn span_processor(
             batched(
                 configured(opentelemetry_otlp::SpanExporter::builder().with_tonic(), endpoint, protocol).build()?,
                 batch,
-                Arc::default(),
+                LostSpans::default(),
             )
         }
         OtlpProtocol::HttpProtobuf => batched(
             configured(opentelemetry_otlp::SpanExporter::builder().with_http(), endpoint, protocol).build()?,
             batch,
-            Arc::default(),
+            LostSpans::default(),
         ),
     })
 }
 
 /// `exporter` behind the batch processor, its failures counted in `lost` and logged.
-fn batched<E: SpanExporter + 'static>(exporter: E, batch: BatchConfig, lost: Arc<AtomicU64>) -> BatchSpanProcessor {
+fn batched<E: SpanExporter + 'static>(exporter: E, batch: BatchConfig, lost: LostSpans) -> BatchSpanProcessor {
     BatchSpanProcessor::builder(CountingExporter { inner: exporter, lost }).with_batch_config(batch).build()
 }
 
@@ -756,7 +755,7 @@ impl<E: PushMetricExporter> PushMetricExporter for LoggingMetricExporter<E> {
 #[derive(Debug)]
 struct CountingExporter<E> {
     inner: E,
-    lost: Arc<AtomicU64>,
+    lost: LostSpans,
 }
 
 impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
@@ -764,7 +763,7 @@ impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
         let spans = batch.len() as u64;
         let result = self.inner.export(batch).await;
         if let Err(error) = &result {
-            let total = self.lost.fetch_add(spans, Ordering::Relaxed) + spans;
+            let total = self.lost.add(spans);
             tracing::warn!(%error, dropped_spans = spans, dropped_spans_total = total, "span export failed");
         }
         result
