@@ -11,6 +11,7 @@
 //! second, far more often than the 60 s default, so their export cost shows) over OTLP/gRPC to
 //! a receiver in this process that answers without parsing (see [`crate::sink`]).
 
+use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -431,12 +432,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.dump_spans.is_none() || args.pairs == 0, "--dump-spans needs --pairs 0");
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let sink = format!("http://{}", listener.local_addr()?);
-    let dump = match &args.dump_spans {
-        Some(path) => {
-            Some(std::fs::File::create(path).map_err(|e| anyhow::anyhow!("--dump-spans {}: {e}", path.display()))?)
-        }
-        None => None,
-    };
+    let dump = args
+        .dump_spans
+        .as_ref()
+        .map(|path| std::fs::File::create(path).map_err(|e| anyhow::anyhow!("--dump-spans {}: {e}", path.display())))
+        .transpose()?;
     let spans = crate::sink::spawn_on_own_thread(listener, dump)?;
     let (off, on) = match args.compare {
         Compare::Tracing => (Telemetry::Off, Telemetry::SpansAndMetrics),
@@ -489,7 +489,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 fn summary(results: &Results, args: &BenchArgs) -> String {
-    use std::fmt::Write as _;
     let mut out = String::new();
     let (off_label, on_label) = match results.pairs.first() {
         Some(pair) => (pair.off.telemetry.label(), pair.on.telemetry.label()),
@@ -627,7 +626,6 @@ fn summary(results: &Results, args: &BenchArgs) -> String {
 
 /// One line per half-load run.
 fn half_load_summary(runs: &[Run]) -> String {
-    use std::fmt::Write as _;
     let mut out = String::new();
     for half_load in runs {
         let half = &half_load.report;

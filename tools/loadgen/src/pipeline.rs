@@ -13,8 +13,9 @@ use crate::Load;
 use crate::driver::drive;
 use crate::report::{Percentiles, Report, Second, Timeline, histogram};
 
-fn now_us() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
+/// `time` in µs since the epoch: the unit of stock's `recorded_at_us`.
+fn epoch_us(time: SystemTime) -> i64 {
+    time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
 }
 
 /// Runs the pipeline load and, given stock's admin API, follows every accepted order.
@@ -27,7 +28,7 @@ pub async fn run(gateway: &str, stock: Option<&str>, load: &Load) -> anyhow::Res
             let (http, url) = (http.clone(), url.clone());
             async move {
                 let body = json!({"customer_id": format!("load-{i}"), "items": [{"sku": "SKU-001", "quantity": 1}]});
-                let sent_at = now_us();
+                let sent_at = epoch_us(SystemTime::now());
                 let response = http
                     .post(&url)
                     .header("content-type", "application/json")
@@ -48,8 +49,7 @@ pub async fn run(gateway: &str, stock: Option<&str>, load: &Load) -> anyhow::Res
     };
     let (end_to_end, end_to_end_timeline, not_reserved) = match stock {
         Some(stock) => {
-            let origin = driven.window_start.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
-            let followed = follow(&http, stock, &driven.successes, origin).await;
+            let followed = follow(&http, stock, &driven.successes, epoch_us(driven.window_start)).await;
             (Some(Percentiles::of(&followed.latency)), followed.timeline, followed.not_reserved)
         }
         None => (None, Vec::new(), 0),

@@ -13,7 +13,8 @@ use std::time::Duration;
 /// on another machine would parse; here the parsing would only compete with the services for
 /// the benchmark machine's two cores.) With `dump`, each span export's body is also appended
 /// to it as it came (gRPC framing included) behind its length, a little-endian `u32`: the
-/// input of `loadgen breakdown`.
+/// input of `loadgen breakdown`. The two writes happen under the file's lock, so concurrent
+/// exports never interleave.
 pub fn spawn(listener: tokio::net::TcpListener, dump: Option<std::fs::File>) -> Arc<AtomicU64> {
     use axum::body::Body;
     use http_body_util::StreamBody;
@@ -28,11 +29,8 @@ pub fn spawn(listener: tokio::net::TcpListener, dump: Option<std::fs::File>) -> 
             if let Some(dump) = dump.filter(|_| uri.path().ends_with("TraceService/Export")) {
                 use std::io::Write as _;
                 let mut file = dump.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                // A length and its body in one buffer, written together.
-                let mut record = Vec::with_capacity(4 + body.len());
-                record.extend_from_slice(&(body.len() as u32).to_le_bytes());
-                record.extend_from_slice(&body);
-                if let Err(error) = file.write_all(&record) {
+                let written = file.write_all(&(body.len() as u32).to_le_bytes()).and_then(|()| file.write_all(&body));
+                if let Err(error) = written {
                     eprintln!("sink: cannot write the span dump: {error}");
                 }
             }
