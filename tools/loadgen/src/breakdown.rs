@@ -182,6 +182,13 @@ mod tests {
         }
     }
 
+    /// One order's exports, one per service, its six spans at these (start, end) µs, in the
+    /// order of `SPANS`.
+    fn order_exports(trace: u8, times: [(u64, u64); 6]) -> [ExportTraceServiceRequest; 3] {
+        let mut spans = SPANS.iter().zip(times).map(|((_, kind), (start, end))| span(trace, *kind, start, end));
+        ["gateway", "checkout", "stock"].map(|service| export(service, spans.by_ref().take(2).collect()))
+    }
+
     /// One export per service, as the dump holds them (length, gRPC frame, message).
     fn dump(exports: &[ExportTraceServiceRequest]) -> Vec<u8> {
         let mut out = Vec::new();
@@ -200,25 +207,10 @@ mod tests {
     fn an_orders_six_spans_are_joined_and_measured_edge_to_edge() -> anyhow::Result<()> {
         // Trace 1 is complete; trace 2 lacks stock's spans and is left out; a lookup span
         // (stock, SERVER) is not one of the six.
-        let exports = [
-            export(
-                "gateway",
-                vec![
-                    span(1, SpanKind::Server, 0, 5_000),
-                    span(1, SpanKind::Client, 100, 4_900),
-                    span(2, SpanKind::Server, 0, 1),
-                ],
-            ),
-            export("checkout", vec![span(1, SpanKind::Server, 400, 4_500), span(1, SpanKind::Producer, 500, 4_400)]),
-            export(
-                "stock",
-                vec![
-                    span(1, SpanKind::Consumer, 3_000, 3_600),
-                    span(1, SpanKind::Client, 3_100, 3_400),
-                    span(9, SpanKind::Server, 0, 9),
-                ],
-            ),
-        ];
+        let mut exports =
+            order_exports(1, [(0, 5_000), (100, 4_900), (400, 4_500), (500, 4_400), (3_000, 3_600), (3_100, 3_400)]);
+        exports[0].resource_spans[0].scope_spans[0].spans.push(span(2, SpanKind::Server, 0, 1));
+        exports[2].resource_spans[0].scope_spans[0].spans.push(span(9, SpanKind::Server, 0, 9));
         let orders = orders(&dump(&exports))?;
         assert_eq!(orders.len(), 1);
         let table = table(&orders);
@@ -250,11 +242,8 @@ mod tests {
         let address = listener.local_addr()?;
         let bytes = crate::sink::spawn_on_own_thread(listener, Some(std::fs::File::create(&path)?))?;
         let mut client = TraceServiceClient::connect(format!("http://{address}")).await?;
-        let exports = [
-            export("gateway", vec![span(7, SpanKind::Server, 0, 3_000), span(7, SpanKind::Client, 10, 2_990)]),
-            export("checkout", vec![span(7, SpanKind::Server, 20, 2_980), span(7, SpanKind::Producer, 30, 2_970)]),
-            export("stock", vec![span(7, SpanKind::Consumer, 1_000, 1_500), span(7, SpanKind::Client, 1_100, 1_400)]),
-        ];
+        let exports =
+            order_exports(7, [(0, 3_000), (10, 2_990), (20, 2_980), (30, 2_970), (1_000, 1_500), (1_100, 1_400)]);
         for request in exports.clone() {
             client.export(request).await?;
         }
