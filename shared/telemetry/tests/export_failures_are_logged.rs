@@ -66,7 +66,7 @@ async fn logged(wanted: impl Fn(&str) -> bool) -> serde_json::Value {
     panic!("no such log line in:\n{}", String::from_utf8_lossy(&captured().0.lock().expect("lock")));
 }
 
-/// The backend of the second test refuses with this.
+/// How the partial-success backends below refuse exports, once they have answered one.
 const NO_MORE: &str = "no more spans accepted";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -92,44 +92,62 @@ async fn a_refused_export_is_logged_with_the_spans_it_dropped() {
     telemetry.shutdown().await;
 }
 
-/// A backend that accepts its first export but says it rejected two of its spans, then refuses
-/// every export for good (a status not retried).
-#[derive(Default)]
-struct RejectsTwoThenAll(std::sync::atomic::AtomicUsize);
+/// A backend that answers its first export with a partial success (`rejected` spans rejected,
+/// `message`), then refuses every export for good (a status not retried) with `refusal`, which
+/// starts with [`NO_MORE`].
+struct PartialThenRefuse {
+    rejected: i64,
+    message: &'static str,
+    refusal: &'static str,
+    exports: std::sync::atomic::AtomicUsize,
+}
 
 #[tonic::async_trait]
-impl TraceService for RejectsTwoThenAll {
+impl TraceService for PartialThenRefuse {
     async fn export(
         &self,
         _request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        if self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed) > 0 {
-            return Err(tonic::Status::invalid_argument(NO_MORE));
+        if self.exports.fetch_add(1, std::sync::atomic::Ordering::Relaxed) > 0 {
+            return Err(tonic::Status::invalid_argument(self.refusal));
         }
         Ok(tonic::Response::new(ExportTraceServiceResponse {
             partial_success: Some(ExportTracePartialSuccess {
-                rejected_spans: 2,
-                error_message: "two spans over the quota".to_owned(),
+                rejected_spans: self.rejected,
+                error_message: self.message.to_owned(),
             }),
         }))
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spans_a_backend_rejects_are_logged_and_counted_with_those_lost_to_failed_exports() {
-    captured();
+/// Telemetry exporting to `backend`, served on a loopback port.
+async fn exporting_to(backend: PartialThenRefuse) -> Telemetry {
+    assert!(backend.refusal.starts_with(NO_MORE), "the refused test would take this backend's refusal for its own");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(RejectsTwoThenAll::default()))
+            .add_service(TraceServiceServer::new(backend))
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
     );
     let config = TelemetryConfig {
         batch_delay: Some(Duration::from_millis(50)),
-        ..TelemetryConfig::otlp_grpc("rejected", &endpoint)
+        ..TelemetryConfig::otlp_grpc("partial", &endpoint)
     };
-    let telemetry = Telemetry::new(&config).expect("telemetry");
+    Telemetry::new(&config).expect("telemetry")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_a_backend_rejects_are_logged_and_counted_with_those_lost_to_failed_exports() {
+    captured();
+    const REFUSAL: &str = "no more spans accepted, after a rejection";
+    let telemetry = exporting_to(PartialThenRefuse {
+        rejected: 2,
+        message: "two spans over the quota",
+        refusal: REFUSAL,
+        exports: Default::default(),
+    })
+    .await;
     for _ in 0..3 {
         telemetry.tracer().start("partly rejected").end();
     }
@@ -138,7 +156,7 @@ async fn spans_a_backend_rejects_are_logged_and_counted_with_those_lost_to_faile
     for _ in 0..4 {
         telemetry.tracer().start("refused").end();
     }
-    let failed = logged(|line| line.contains("span export failed") && line.contains(NO_MORE)).await;
+    let failed = logged(|line| line.contains("span export failed") && line.contains(REFUSAL)).await;
 
     assert_eq!(rejected["level"], "WARN");
     assert_eq!(rejected["dropped_spans"], 2, "{rejected}");
@@ -147,5 +165,34 @@ async fn spans_a_backend_rejects_are_logged_and_counted_with_those_lost_to_faile
     // One running total: the failed export's spans come on top of the two rejected.
     let dropped = failed["dropped_spans"].as_u64().expect("dropped_spans");
     assert_eq!(failed["dropped_spans_total"], 2 + dropped, "{failed}");
+    telemetry.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_success_with_only_a_warning_is_logged_and_counts_nothing_lost() {
+    captured();
+    const REFUSAL: &str = "no more spans accepted, after a warning";
+    let telemetry = exporting_to(PartialThenRefuse {
+        rejected: 0,
+        message: "an unknown field was ignored",
+        refusal: REFUSAL,
+        exports: Default::default(),
+    })
+    .await;
+    for _ in 0..3 {
+        telemetry.tracer().start("accepted").end();
+    }
+
+    let warned = logged(|line| line.contains("accepted the spans with a warning")).await;
+    for _ in 0..4 {
+        telemetry.tracer().start("refused").end();
+    }
+    let failed = logged(|line| line.contains("span export failed") && line.contains(REFUSAL)).await;
+
+    assert_eq!(warned["level"], "WARN");
+    assert_eq!(warned["error_message"], "an unknown field was ignored", "{warned}");
+    assert!(warned.get("dropped_spans").is_none(), "{warned}");
+    // Nothing lost before the refusal: the total is the refused export's spans alone.
+    assert_eq!(failed["dropped_spans_total"], failed["dropped_spans"], "{failed}");
     telemetry.shutdown().await;
 }
