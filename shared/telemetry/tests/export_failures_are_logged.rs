@@ -120,9 +120,14 @@ impl TraceService for PartialThenRefuse {
     }
 }
 
-/// Telemetry exporting to `backend`, served on a loopback port.
-async fn exporting_to(backend: PartialThenRefuse) -> Telemetry {
+/// Exports three spans to `backend` and waits for the log line saying `what` of its partial
+/// success, then four more, refused, and waits for that failure's line: the two lines.
+async fn partial_success_then_refusal(
+    backend: PartialThenRefuse,
+    what: &str,
+) -> (serde_json::Value, serde_json::Value) {
     assert!(backend.refusal.starts_with(NO_MORE), "the refused test would take this backend's refusal for its own");
+    let (message, refusal) = (backend.message, backend.refusal);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
     tokio::spawn(
@@ -134,29 +139,30 @@ async fn exporting_to(backend: PartialThenRefuse) -> Telemetry {
         batch_delay: Some(Duration::from_millis(50)),
         ..TelemetryConfig::otlp_grpc("partial", &endpoint)
     };
-    Telemetry::new(&config).expect("telemetry")
+    let telemetry = Telemetry::new(&config).expect("telemetry");
+    for _ in 0..3 {
+        telemetry.tracer().start("answered").end();
+    }
+    let partial = logged(|line| line.contains(what) && line.contains(message)).await;
+    for _ in 0..4 {
+        telemetry.tracer().start("refused").end();
+    }
+    let failed = logged(|line| line.contains("span export failed") && line.contains(refusal)).await;
+    telemetry.shutdown().await;
+    (partial, failed)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_a_backend_rejects_are_logged_and_counted_with_those_lost_to_failed_exports() {
     captured();
-    const REFUSAL: &str = "no more spans accepted, after a rejection";
-    let telemetry = exporting_to(PartialThenRefuse {
+    let backend = PartialThenRefuse {
         rejected: 2,
         message: "two spans over the quota",
-        refusal: REFUSAL,
+        refusal: "no more spans accepted, after a rejection",
         exports: Default::default(),
-    })
-    .await;
-    for _ in 0..3 {
-        telemetry.tracer().start("partly rejected").end();
-    }
+    };
 
-    let rejected = logged(|line| line.contains("the trace backend rejected spans")).await;
-    for _ in 0..4 {
-        telemetry.tracer().start("refused").end();
-    }
-    let failed = logged(|line| line.contains("span export failed") && line.contains(REFUSAL)).await;
+    let (rejected, failed) = partial_success_then_refusal(backend, "the trace backend rejected spans").await;
 
     assert_eq!(rejected["level"], "WARN");
     assert_eq!(rejected["dropped_spans"], 2, "{rejected}");
@@ -165,34 +171,23 @@ async fn spans_a_backend_rejects_are_logged_and_counted_with_those_lost_to_faile
     // One running total: the failed export's spans come on top of the two rejected.
     let dropped = failed["dropped_spans"].as_u64().expect("dropped_spans");
     assert_eq!(failed["dropped_spans_total"], 2 + dropped, "{failed}");
-    telemetry.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partial_success_with_only_a_warning_is_logged_and_counts_nothing_lost() {
     captured();
-    const REFUSAL: &str = "no more spans accepted, after a warning";
-    let telemetry = exporting_to(PartialThenRefuse {
+    let backend = PartialThenRefuse {
         rejected: 0,
         message: "an unknown field was ignored",
-        refusal: REFUSAL,
+        refusal: "no more spans accepted, after a warning",
         exports: Default::default(),
-    })
-    .await;
-    for _ in 0..3 {
-        telemetry.tracer().start("accepted").end();
-    }
+    };
 
-    let warned = logged(|line| line.contains("accepted the spans with a warning")).await;
-    for _ in 0..4 {
-        telemetry.tracer().start("refused").end();
-    }
-    let failed = logged(|line| line.contains("span export failed") && line.contains(REFUSAL)).await;
+    let (warned, failed) = partial_success_then_refusal(backend, "accepted the spans with a warning").await;
 
     assert_eq!(warned["level"], "WARN");
     assert_eq!(warned["error_message"], "an unknown field was ignored", "{warned}");
     assert!(warned.get("dropped_spans").is_none(), "{warned}");
     // Nothing lost before the refusal: the total is the refused export's spans alone.
     assert_eq!(failed["dropped_spans_total"], failed["dropped_spans"], "{failed}");
-    telemetry.shutdown().await;
 }
