@@ -14,7 +14,7 @@ use tracehop_broker::connection::BrokerNodes;
 use tracehop_telemetry::http::InboundContext;
 use tracehop_telemetry::messaging::ConsumerContext;
 use tracehop_telemetry::propagators::PropagatorKind;
-use tracehop_telemetry::setup::{Export, SamplerChoice};
+use tracehop_telemetry::setup::{BatchLimits, Export, SamplerChoice};
 use tracehop_telemetry::{Telemetry, TelemetryConfig};
 use tracehop_testkit::otlp::{OtlpReceiver, ReceivedSpan};
 use tracehop_testkit::process::ServiceProcess;
@@ -117,7 +117,7 @@ fn telemetry(name: &str, endpoint: &str, options: &Options) -> Telemetry {
     let config = TelemetryConfig {
         propagators: options.propagators.clone(),
         sampler: options.sampler,
-        batch_delay: Some(Duration::from_millis(100)),
+        batch: BatchLimits { delay: Duration::from_millis(100), ..BatchLimits::default() },
         ..TelemetryConfig::otlp_grpc(name, endpoint)
     };
     let config = if options.metrics { config } else { TelemetryConfig { metrics: Export::None, ..config } };

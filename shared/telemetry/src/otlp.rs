@@ -1,5 +1,6 @@
-//! A span exporter for OTLP/gRPC that encodes each batch straight from the SDK's `SpanData` into
-//! protobuf bytes, once.
+//! OTLP/gRPC span export that encodes each span straight from the SDK's `SpanData` into
+//! protobuf bytes, once, as it ends ([`EncodingSpanProcessor`]), and sends the batches
+//! ([`GrpcSpanExporter`]).
 //!
 //! The SDK's exporter clones the whole batch (so it can retry), converts every span into the
 //! `opentelemetry-proto` structs (a `String` per attribute key and per string value), then
@@ -12,8 +13,8 @@
 //! 4317, and the default here). `http/protobuf` goes through the SDK's exporter, and so does
 //! `https://`, which that exporter, built here without TLS, refuses at startup; `gzip` is
 //! refused by the configuration (see [`crate::setup`]). The exporter honours
-//! `OTEL_EXPORTER_OTLP_HEADERS` and `_TIMEOUT` (and their `_TRACES_` forms) and retries the codes the OTLP spec calls retryable, with
-//! jittered exponential backoff, until the timeout.
+//! `OTEL_EXPORTER_OTLP_HEADERS` and `_TIMEOUT` (and their `_TRACES_` forms) and retries the
+//! codes the OTLP spec calls retryable, with jittered exponential backoff, until the timeout.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,13 +26,17 @@ use opentelemetry::{Array, InstrumentationScope, KeyValue, Value};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
-use opentelemetry_sdk::trace::{SpanData, SpanExporter};
+use opentelemetry_sdk::trace::SpanData;
 use prost::bytes::{BufMut, Bytes};
 use prost::encoding::{WireType, encoded_len_varint};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 
 use crate::setup::SpanTransport;
+
+mod processor;
+
+pub use processor::EncodingSpanProcessor;
 
 const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
@@ -58,8 +63,6 @@ pub struct GrpcSpanExporter {
     runtime: tokio::runtime::Handle,
     metadata: MetadataMap,
     timeout: Duration,
-    /// The encoded `Resource` message, set by the provider.
-    resource: Bytes,
     /// Spans lost so far, shared with whatever counts the failed exports (see
     /// [`counting_lost_spans_in`](Self::counting_lost_spans_in)).
     lost: LostSpans,
@@ -112,7 +115,6 @@ impl GrpcSpanExporter {
             runtime: runtime.clone(),
             metadata,
             timeout: transport.timeout,
-            resource: encode_resource(&Resource::builder_empty().build()),
             lost: LostSpans::default(),
         })
     }
@@ -122,6 +124,20 @@ impl GrpcSpanExporter {
     pub(crate) fn counting_lost_spans_in(mut self, lost: LostSpans) -> Self {
         self.lost = lost;
         self
+    }
+
+    /// Sends an encoded request on the export runtime and waits for the outcome: for the
+    /// batch processor's thread, which is not a runtime thread. tonic's channel and tokio's
+    /// timers live on that runtime; the caller only waits.
+    pub(crate) fn export_blocking(&self, request: Vec<u8>) -> OTelSdkResult {
+        let (answer, outcome) = std::sync::mpsc::sync_channel(1);
+        let send = self.send(Bytes::from(request));
+        self.runtime.spawn(async move {
+            let _ = answer.send(send.await);
+        });
+        outcome.recv().unwrap_or_else(|_| {
+            Err(OTelSdkError::InternalFailure("the OTLP export task ended without an answer".into()))
+        })
     }
 
     /// Sends `body` until it is accepted, a non-retryable error comes back, or the timeout.
@@ -198,25 +214,6 @@ fn retryable(code: tonic::Code) -> bool {
             | Code::Unavailable
             | Code::DataLoss
     )
-}
-
-impl SpanExporter for GrpcSpanExporter {
-    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
-        // Spans of these services encode to 250-700 bytes: one allocation for most batches.
-        let mut buf = Vec::with_capacity(self.resource.len() + 64 + batch.len() * 768);
-        encode_request(&mut buf, &self.resource, &batch);
-        drop(batch);
-        // On the export runtime: tonic's channel and tokio's timers live there, while the
-        // caller (the batch processor's thread) only waits.
-        match self.runtime.spawn(self.send(Bytes::from(buf))).await {
-            Ok(result) => result,
-            Err(error) => Err(OTelSdkError::InternalFailure(format!("the OTLP export task failed: {error}"))),
-        }
-    }
-
-    fn set_resource(&mut self, resource: &Resource) {
-        self.resource = encode_resource(resource);
-    }
 }
 
 /// Passes pre-encoded request bytes through and decodes the response with prost.
@@ -328,36 +325,89 @@ fn nanos(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as u64
 }
 
-/// `ExportTraceServiceRequest` with one `ResourceSpans`, one `ScopeSpans` per instrumentation
-/// scope, in the order the scopes first appear.
-fn encode_request(buf: &mut Vec<u8>, resource: &[u8], batch: &[SpanData]) {
-    nested(buf, 1, |buf| {
-        encode_key(1, WireType::LengthDelimited, buf);
-        buf.extend_from_slice(resource);
-        // Each span's scope, by index, compared once per span: a scope like none before it
-        // (even one unequal to itself, with a NaN attribute) gets a group of its own, so no span
-        // can fall between groups.
-        let mut scopes: Vec<&InstrumentationScope> = Vec::new();
-        let indices: Vec<usize> = batch
+/// Spans encoded as they end, grouped by instrumentation scope in the order the scopes first
+/// appear, waiting to go out as one `ExportTraceServiceRequest`. A span costs its encoded bytes
+/// here (250-700 for these services' spans) instead of a `SpanData` in a queue.
+#[derive(Debug, Default)]
+pub(crate) struct EncodedBatch {
+    groups: Vec<ScopeGroup>,
+    spans: usize,
+}
+
+/// One `ScopeSpans`: its scope and its spans, each already framed as field 2.
+#[derive(Debug)]
+struct ScopeGroup {
+    scope: InstrumentationScope,
+    spans: Vec<u8>,
+}
+
+impl EncodedBatch {
+    /// Encodes `span` into its scope's group. A scope like none before it (even one unequal to
+    /// itself, with a NaN attribute) gets a group of its own, so no span can fall between
+    /// groups.
+    pub(crate) fn push(&mut self, span: &SpanData) {
+        let index = match self.groups.iter().position(|group| same_scope(&group.scope, &span.instrumentation_scope)) {
+            Some(index) => index,
+            None => {
+                self.groups.push(ScopeGroup { scope: span.instrumentation_scope.clone(), spans: Vec::new() });
+                self.groups.len() - 1
+            }
+        };
+        nested(&mut self.groups[index].spans, 2, |buf| encode_span(buf, span));
+        self.spans += 1;
+    }
+
+    /// How many spans it holds.
+    pub(crate) fn len(&self) -> usize {
+        self.spans
+    }
+
+    /// Empties it, keeping the first group's buffer (the usual batch has one scope) for the
+    /// next spans.
+    pub(crate) fn clear(&mut self) {
+        self.groups.truncate(1);
+        if let Some(group) = self.groups.first_mut() {
+            group.spans.clear();
+        }
+        self.spans = 0;
+    }
+
+    /// The request: one `ResourceSpans` with `resource` (from [`encode_resource`]) and a
+    /// `ScopeSpans` per group that holds spans.
+    pub(crate) fn request(&self, resource: &[u8]) -> Vec<u8> {
+        let scopes: Vec<(Vec<u8>, &ScopeGroup)> = self
+            .groups
             .iter()
-            .map(|span| match scopes.iter().position(|scope| same_scope(scope, &span.instrumentation_scope)) {
-                Some(index) => index,
-                None => {
-                    scopes.push(&span.instrumentation_scope);
-                    scopes.len() - 1
-                }
+            .filter(|group| !group.spans.is_empty())
+            .map(|group| {
+                let mut scope = Vec::new();
+                nested(&mut scope, 1, |buf| encode_scope(buf, &group.scope));
+                bytes_field(&mut scope, 3, group.scope.schema_url().unwrap_or_default().as_bytes());
+                (scope, group)
             })
             .collect();
-        for (index, scope) in scopes.iter().enumerate() {
-            nested(buf, 2, |buf| {
-                nested(buf, 1, |buf| encode_scope(buf, scope));
-                for (span, _) in batch.iter().zip(&indices).filter(|(_, i)| **i == index) {
-                    nested(buf, 2, |buf| encode_span(buf, span));
-                }
-                bytes_field(buf, 3, scope.schema_url().unwrap_or_default().as_bytes());
-            });
+        let scope_spans_len = |(scope, group): &(Vec<u8>, &ScopeGroup)| scope.len() + group.spans.len();
+        let resource_spans_len = 1
+            + resource.len()
+            + scopes
+                .iter()
+                .map(|s| 1 + encoded_len_varint(scope_spans_len(s) as u64) + scope_spans_len(s))
+                .sum::<usize>();
+        let mut buf = Vec::with_capacity(1 + encoded_len_varint(resource_spans_len as u64) + resource_spans_len);
+        encode_key(1, WireType::LengthDelimited, &mut buf);
+        encode_varint(resource_spans_len as u64, &mut buf);
+        encode_key(1, WireType::LengthDelimited, &mut buf);
+        buf.extend_from_slice(resource);
+        for entry in &scopes {
+            encode_key(2, WireType::LengthDelimited, &mut buf);
+            encode_varint(scope_spans_len(entry) as u64, &mut buf);
+            // The scope and its schema URL (fields 1 and 3) ahead of the spans (field 2):
+            // protobuf fields may come in any order.
+            buf.extend_from_slice(&entry.0);
+            buf.extend_from_slice(&entry.1.spans);
         }
-    });
+        buf
+    }
 }
 
 /// Whether two spans' scopes are one, without the allocations of `InstrumentationScope`'s `==`
@@ -373,7 +423,7 @@ fn same_scope(a: &InstrumentationScope, b: &InstrumentationScope) -> bool {
 
 /// What the resource contributes to every `ResourceSpans`, encoded once: the length of the
 /// `Resource` message and the message (field 1's value), then the schema URL (field 3).
-fn encode_resource(resource: &Resource) -> Bytes {
+pub(crate) fn encode_resource(resource: &Resource) -> Bytes {
     let mut message = Vec::new();
     for (key, value) in resource.iter() {
         encode_key_value(&mut message, 1, key.as_str(), value);

@@ -25,11 +25,12 @@ use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
 use opentelemetry_sdk::resource::{Resource, TelemetryResourceDetector};
 use opentelemetry_sdk::trace::{
     BatchConfig, BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider, SpanData, SpanExporter,
+    TracerProviderBuilder,
 };
 
 use crate::env::{ConfigError, Env};
 use crate::metrics::Instruments;
-use crate::otlp::{GrpcExportError, GrpcSpanExporter, LostSpans};
+use crate::otlp::{EncodingSpanProcessor, GrpcExportError, GrpcSpanExporter, LostSpans};
 use crate::propagation::CheckedPropagator;
 use crate::propagators::{self, DEFAULT_PROPAGATORS, PropagatorKind};
 
@@ -111,9 +112,9 @@ pub struct TelemetryConfig {
     pub propagators: Vec<PropagatorKind>,
     /// How long shutdown may spend flushing spans before it gives up on them.
     pub shutdown_timeout: Duration,
-    /// How often the batch processor exports; `None` keeps the SDK's `OTEL_BSP_SCHEDULE_DELAY`
-    /// (default 5 s). Tests shorten it to see spans sooner.
-    pub batch_delay: Option<Duration>,
+    /// The batch span processor's delay, queue bound and batch size (`OTEL_BSP_*`). Tests
+    /// shorten the delay to see spans sooner.
+    pub batch: BatchLimits,
     /// How spans travel over OTLP/gRPC: headers, timeout, compression.
     pub span_transport: SpanTransport,
 }
@@ -131,6 +132,25 @@ pub struct SpanTransport {
 impl Default for SpanTransport {
     fn default() -> Self {
         Self { headers: Vec::new(), timeout: Duration::from_secs(10) }
+    }
+}
+
+/// The batch processor's limits (`OTEL_BSP_SCHEDULE_DELAY`, `_MAX_QUEUE_SIZE`,
+/// `_MAX_EXPORT_BATCH_SIZE`; the defaults are the spec's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    /// The longest a span waits for a batch to fill before the batch goes anyway.
+    pub delay: Duration,
+    /// Spans held at most, encoded or being sent; past it, spans are dropped (and counted) so
+    /// that a slow backend costs spans, never the service's memory.
+    pub max_queue: usize,
+    /// Spans per export request, at most (never more than `max_queue`).
+    pub max_batch: usize,
+}
+
+impl Default for BatchLimits {
+    fn default() -> Self {
+        Self { delay: Duration::from_secs(5), max_queue: 2048, max_batch: 512 }
     }
 }
 
@@ -163,8 +183,7 @@ impl SpanTransport {
 }
 
 impl TelemetryConfig {
-    /// The variables [`TelemetryConfig::from_lookup`] reads (the SDK reads `OTEL_BSP_*`, and
-    /// the metric exporter the `_METRICS_` forms of the headers, timeout and compression).
+    /// The variables [`TelemetryConfig::from_lookup`] reads (the metric exporter the `_METRICS_` forms of the headers, timeout and compression).
     pub const VARIABLES: &'static [&'static str] = &[
         "OTEL_SERVICE_NAME",
         "OTEL_RESOURCE_ATTRIBUTES",
@@ -187,6 +206,9 @@ impl TelemetryConfig {
         "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
         "OTEL_EXPORTER_OTLP_COMPRESSION",
         "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+        "OTEL_BSP_SCHEDULE_DELAY",
+        "OTEL_BSP_MAX_QUEUE_SIZE",
+        "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
     ];
 
     /// Defaults for `service_name`: export over OTLP/gRPC to the exporter's default endpoint.
@@ -201,7 +223,7 @@ impl TelemetryConfig {
             sampler: SamplerChoice::ParentBasedAlwaysOn,
             propagators: DEFAULT_PROPAGATORS.to_vec(),
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
-            batch_delay: None,
+            batch: BatchLimits::default(),
             span_transport: SpanTransport::default(),
         }
     }
@@ -256,10 +278,25 @@ impl TelemetryConfig {
             sampler: parse_sampler(env)?,
             propagators,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
-            batch_delay: None,
+            batch: batch_limits(env)?,
             span_transport: SpanTransport::from_lookup(env)?,
         })
     }
+}
+
+/// `OTEL_BSP_SCHEDULE_DELAY` (ms), `_MAX_QUEUE_SIZE` and `_MAX_EXPORT_BATCH_SIZE`, the spec's
+/// defaults where unset. A batch larger than the queue is cut to it, as the spec asks; a zero
+/// is refused by name (the SDK alone would ignore a value it cannot parse, silently).
+fn batch_limits(env: &Env<'_>) -> Result<BatchLimits, ConfigError> {
+    let defaults = BatchLimits::default();
+    let positive = |name: &'static str, default: u64| match env.parse_or::<u64>(name, default)? {
+        0 => Err(ConfigError::new(name, "must be at least 1")),
+        value => Ok(value),
+    };
+    let delay = Duration::from_millis(positive("OTEL_BSP_SCHEDULE_DELAY", defaults.delay.as_millis() as u64)?);
+    let max_queue = positive("OTEL_BSP_MAX_QUEUE_SIZE", defaults.max_queue as u64)? as usize;
+    let max_batch = positive("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", defaults.max_batch as u64)? as usize;
+    Ok(BatchLimits { delay, max_queue, max_batch: max_batch.min(max_queue) })
 }
 
 /// How long shutdown may spend flushing telemetry: with stock's 5 s drain of deliveries in
@@ -515,7 +552,7 @@ impl Telemetry {
         let meter_provider = meter_provider(config, &resource, &mut runtime)?;
         let mut builder = SdkTracerProvider::builder().with_resource(resource).with_sampler(config.sampler.sampler());
         if let Export::Otlp { endpoint, protocol } = &config.export {
-            builder = builder.with_span_processor(span_processor(config, endpoint, *protocol, &mut runtime)?);
+            builder = with_span_export(builder, config, endpoint, *protocol, &mut runtime)?;
         }
         let provider = builder.build();
         let tracer = BoxedTracer::new(Box::new(provider.tracer("tracehop")));
@@ -642,50 +679,51 @@ fn detached<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> tok
     receiver
 }
 
-/// The batch processor of OTLP span export. OTLP/gRPC over `http://` without compression goes
-/// through [`GrpcSpanExporter`] (one encoding, straight from the spans); `http/protobuf` through
-/// the SDK's exporter, as do `https://` and gzip, which it refuses at startup (the workspace
-/// builds it without TLS and compression).
-fn span_processor(
+/// Adds the batch processor of OTLP span export to `builder`. OTLP/gRPC over `http://` without
+/// compression goes through [`EncodingSpanProcessor`] (each span encoded as it ends, batches
+/// sent by [`GrpcSpanExporter`]); `http/protobuf` through the SDK's batch processor and
+/// exporter, as do `https://` and gzip, which it refuses at startup (the workspace builds it
+/// without TLS and compression). Both take their limits from `config.batch`.
+fn with_span_export(
+    builder: TracerProviderBuilder,
     config: &TelemetryConfig,
     endpoint: &Option<String>,
     protocol: OtlpProtocol,
     runtime: &mut Option<ExportRuntime>,
-) -> Result<BatchSpanProcessor, SetupError> {
-    // The SDK's defaults read OTEL_BSP_*; only the delay is overridden, when asked.
-    let mut batch = BatchConfigBuilder::default();
-    if let Some(delay) = config.batch_delay {
-        batch = batch.with_scheduled_delay(delay);
-    }
-    let batch = batch.build();
-    let transport = &config.span_transport;
+) -> Result<TracerProviderBuilder, SetupError> {
+    let limits = config.batch;
+    let batch = BatchConfigBuilder::default()
+        .with_scheduled_delay(limits.delay)
+        .with_max_queue_size(limits.max_queue)
+        .with_max_export_batch_size(limits.max_batch)
+        .build();
     let endpoint_or_default = endpoint.as_deref().unwrap_or(DEFAULT_GRPC_ENDPOINT);
     Ok(match protocol {
         OtlpProtocol::Grpc if endpoint_or_default.starts_with("http://") => {
-            let lost = LostSpans::default();
-            let exporter = GrpcSpanExporter::new(endpoint_or_default, transport, &ExportRuntime::handle(runtime)?)?
-                .counting_lost_spans_in(lost.clone());
-            batched(exporter, batch, lost)
+            let exporter =
+                GrpcSpanExporter::new(endpoint_or_default, &config.span_transport, &ExportRuntime::handle(runtime)?)?;
+            let processor =
+                EncodingSpanProcessor::new(exporter, limits, LostSpans::default()).map_err(SetupError::Runtime)?;
+            builder.with_span_processor(processor)
         }
         OtlpProtocol::Grpc => {
             let _entered = ExportRuntime::handle(runtime)?.enter();
-            batched(
-                configured(opentelemetry_otlp::SpanExporter::builder().with_tonic(), endpoint, protocol).build()?,
-                batch,
-                LostSpans::default(),
-            )
+            let exporter =
+                configured(opentelemetry_otlp::SpanExporter::builder().with_tonic(), endpoint, protocol).build()?;
+            builder.with_span_processor(batched(exporter, batch))
         }
-        OtlpProtocol::HttpProtobuf => batched(
+        OtlpProtocol::HttpProtobuf => builder.with_span_processor(batched(
             configured(opentelemetry_otlp::SpanExporter::builder().with_http(), endpoint, protocol).build()?,
             batch,
-            LostSpans::default(),
-        ),
+        )),
     })
 }
 
-/// `exporter` behind the batch processor, its failures counted in `lost` and logged.
-fn batched<E: SpanExporter + 'static>(exporter: E, batch: BatchConfig, lost: LostSpans) -> BatchSpanProcessor {
-    BatchSpanProcessor::builder(CountingExporter { inner: exporter, lost }).with_batch_config(batch).build()
+/// `exporter` behind the SDK's batch processor, its failures counted and logged.
+fn batched<E: SpanExporter + 'static>(exporter: E, batch: BatchConfig) -> BatchSpanProcessor {
+    BatchSpanProcessor::builder(CountingExporter { inner: exporter, lost: LostSpans::default() })
+        .with_batch_config(batch)
+        .build()
 }
 
 /// Where OTLP/gRPC goes when no endpoint is given (the spec's default).
@@ -920,6 +958,25 @@ mod tests {
         assert!(matches!(config.metrics, Export::Otlp { .. }), "the exporter is configured");
         let telemetry = Telemetry::new(&config).expect("telemetry");
         assert!(telemetry.inner.meter_provider.is_none() && telemetry.instruments().is_none());
+    }
+
+    #[test]
+    fn the_batch_limits_follow_otel_bsp() {
+        assert_eq!(config(&[]).expect("defaults").batch, BatchLimits::default());
+        let set = config(&[
+            ("OTEL_BSP_SCHEDULE_DELAY", "250"),
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "100"),
+            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "40"),
+        ])
+        .expect("valid");
+        assert_eq!(set.batch, BatchLimits { delay: Duration::from_millis(250), max_queue: 100, max_batch: 40 });
+        let oversize = config(&[("OTEL_BSP_MAX_QUEUE_SIZE", "100"), ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "500")]);
+        assert_eq!(oversize.expect("valid").batch.max_batch, 100, "a batch is never larger than the queue");
+        for variable in ["OTEL_BSP_SCHEDULE_DELAY", "OTEL_BSP_MAX_QUEUE_SIZE", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"] {
+            for bad in ["0", "many"] {
+                assert_eq!(config(&[(variable, bad)]).expect_err(bad).variable, variable);
+            }
+        }
     }
 
     #[test]

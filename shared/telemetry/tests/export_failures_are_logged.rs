@@ -1,7 +1,7 @@
-//! A trace backend that refuses connections, or rejects spans in a partial success, is not
-//! silent: the number of spans lost is logged with a running total. (A test binary of its own:
-//! it installs the process-wide subscriber the SDK's export thread logs through, once, for
-//! both tests.)
+//! A trace backend that refuses connections, rejects spans in a partial success, or is too slow
+//! for the spans coming is not silent: the number of spans lost is logged with a running total.
+//! (A test binary of its own: it installs the process-wide subscriber the export thread logs
+//! through, once, for all its tests.)
 
 use std::io;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -14,7 +14,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 
 use opentelemetry::trace::{Span, Tracer};
 use tracehop_telemetry::logging::{CorrelatedFormat, LogFormat};
-use tracehop_telemetry::setup::SpanTransport;
+use tracehop_telemetry::setup::{BatchLimits, SpanTransport};
 use tracehop_telemetry::{Telemetry, TelemetryConfig};
 use tracing_subscriber::fmt::MakeWriter;
 
@@ -77,7 +77,7 @@ async fn a_refused_export_is_logged_with_the_spans_it_dropped() {
     drop(closed);
     // A short export timeout: refused connections are retried (UNAVAILABLE) until it.
     let config = TelemetryConfig {
-        batch_delay: Some(Duration::from_millis(50)),
+        batch: BatchLimits { delay: Duration::from_millis(50), ..BatchLimits::default() },
         span_transport: SpanTransport { timeout: Duration::from_millis(300), ..SpanTransport::default() },
         ..TelemetryConfig::otlp_grpc("refused", &endpoint)
     };
@@ -136,7 +136,7 @@ async fn partial_success_then_refusal(
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
     );
     let config = TelemetryConfig {
-        batch_delay: Some(Duration::from_millis(50)),
+        batch: BatchLimits { delay: Duration::from_millis(50), ..BatchLimits::default() },
         ..TelemetryConfig::otlp_grpc("partial", &endpoint)
     };
     let telemetry = Telemetry::new(&config).expect("telemetry");
@@ -190,4 +190,45 @@ async fn a_partial_success_with_only_a_warning_is_logged_and_counts_nothing_lost
     assert!(warned.get("dropped_spans").is_none(), "{warned}");
     // Nothing lost before the refusal: the total is the refused export's spans alone.
     assert_eq!(failed["dropped_spans_total"], failed["dropped_spans"], "{failed}");
+}
+
+/// A backend that takes a second over every export, then accepts it.
+struct Slow;
+
+#[tonic::async_trait]
+impl TraceService for Slow {
+    async fn export(
+        &self,
+        _request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_past_a_full_queue_are_dropped_counted_and_logged() {
+    captured();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(Slow))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    // Room for four spans: the first batch of two goes to the slow backend and is held until
+    // it answers, the second waits behind it, and the six spans after those find no room.
+    let config = TelemetryConfig {
+        batch: BatchLimits { delay: Duration::from_secs(3600), max_queue: 4, max_batch: 2 },
+        ..TelemetryConfig::otlp_grpc("full-queue", &endpoint)
+    };
+    let telemetry = Telemetry::new(&config).expect("telemetry");
+    for _ in 0..10 {
+        telemetry.tracer().start("queued").end();
+    }
+    let json = logged(|line| line.contains("the span queue was full")).await;
+    assert_eq!(json["level"], "WARN");
+    assert_eq!(json["dropped_spans"], 6, "{json}");
+    assert_eq!(json["dropped_spans_total"], 6, "{json}");
+    telemetry.shutdown().await;
 }

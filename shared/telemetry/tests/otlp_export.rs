@@ -1,12 +1,13 @@
 //! The OTLP/gRPC span exporter against a real receiver (opentelemetry-proto's tonic server):
 //! what it sends decodes and carries the configured headers, a backend that comes up late still gets the batch (UNAVAILABLE is
-//! retried within the timeout), and a header gRPC cannot carry stops startup.
+//! retried within the timeout), a full batch goes out without waiting for the delay, and a
+//! header gRPC cannot carry stops startup.
 
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
 use opentelemetry::trace::{Span, TraceContextExt, Tracer};
-use tracehop_telemetry::setup::{SetupError, SpanTransport};
+use tracehop_telemetry::setup::{BatchLimits, SetupError, SpanTransport};
 use tracehop_telemetry::{Telemetry, TelemetryConfig};
 use tracehop_testkit::otlp::OtlpReceiver;
 
@@ -45,7 +46,7 @@ async fn spans_arrive_with_their_attributes_and_parentage() {
 async fn a_backend_that_comes_up_late_still_gets_the_batch() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
     let config = TelemetryConfig {
-        batch_delay: Some(Duration::from_millis(20)),
+        batch: BatchLimits { delay: Duration::from_millis(20), ..BatchLimits::default() },
         ..TelemetryConfig::otlp_grpc("late-test", &format!("http://127.0.0.1:{port}"))
     };
     let telemetry = Telemetry::new(&config).expect("telemetry");
@@ -57,6 +58,30 @@ async fn a_backend_that_comes_up_late_still_gets_the_batch() {
     let spans = receiver.wait_for(Duration::from_secs(8), |spans| !spans.is_empty()).await;
     assert_eq!(spans.len(), 1, "{spans:?}");
     assert_eq!(spans[0].name, "sent before the backend was up");
+    telemetry.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_batch_goes_out_at_once_and_the_rest_at_a_flush() {
+    let receiver = OtlpReceiver::start().await;
+    // An hour's delay: only a full batch or a flush sends anything.
+    let config = TelemetryConfig {
+        batch: BatchLimits { delay: Duration::from_secs(3600), max_queue: 2048, max_batch: 4 },
+        ..TelemetryConfig::otlp_grpc("batch-test", receiver.endpoint())
+    };
+    let telemetry = Telemetry::new(&config).expect("telemetry");
+    for i in 0..7 {
+        telemetry.tracer().start(format!("span {i}")).end();
+    }
+    let full = receiver.wait_for(Duration::from_secs(5), |spans| !spans.is_empty()).await;
+    let names =
+        |spans: &[tracehop_testkit::otlp::ReceivedSpan]| spans.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&full), ["span 0", "span 1", "span 2", "span 3"], "the first four, as one batch");
+    // The three left wait for the delay, or a flush.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(receiver.spans().len(), 4);
+    telemetry.flush().await;
+    assert_eq!(names(&receiver.spans())[4..], ["span 4", "span 5", "span 6"]);
     telemetry.shutdown().await;
 }
 

@@ -12,7 +12,7 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
 use prost::Message as _;
 
-use super::{encode_request, encode_resource, jittered};
+use super::{EncodedBatch, encode_resource, jittered};
 
 fn context(trace: u128, span: u64, remote: bool, state: &str) -> SpanContext {
     let state: TraceState = state.parse().expect("tracestate");
@@ -110,10 +110,20 @@ fn resource() -> Resource {
         .build()
 }
 
+/// The request the processor sends for `batch`, its spans encoded one by one as they end.
+fn encoded(resource: &[u8], batch: &[SpanData]) -> Vec<u8> {
+    let mut encoded = EncodedBatch::default();
+    batch.iter().for_each(|span| encoded.push(span));
+    assert_eq!(encoded.len(), batch.len());
+    encoded.request(resource)
+}
+
+fn decoded(request: &[u8]) -> ExportTraceServiceRequest {
+    ExportTraceServiceRequest::decode(request).expect("our bytes decode as an export request")
+}
+
 fn ours(resource: &Resource, batch: &[SpanData]) -> ExportTraceServiceRequest {
-    let mut buf = Vec::new();
-    encode_request(&mut buf, &encode_resource(resource), batch);
-    ExportTraceServiceRequest::decode(buf.as_slice()).expect("our bytes decode as an export request")
+    decoded(&encoded(&encode_resource(resource), batch))
 }
 
 fn sdks(resource: &Resource, batch: Vec<SpanData>) -> ExportTraceServiceRequest {
@@ -142,11 +152,25 @@ fn an_empty_resource_and_a_single_span_match_too() {
 #[test]
 fn the_same_bytes_come_out_of_the_same_batch() {
     let (resource, batch) = (encode_resource(&resource()), batch());
-    let (mut first, mut second) = (Vec::new(), Vec::new());
-    encode_request(&mut first, &resource, &batch);
-    encode_request(&mut second, &resource, &batch);
+    let (first, second) = (encoded(&resource, &batch), encoded(&resource, &batch));
     assert_eq!(first, second);
     assert!(first.len() > 500, "a five-span request is not {} bytes", first.len());
+}
+
+#[test]
+fn a_batch_emptied_for_reuse_sends_only_its_new_spans() {
+    let (resource, batch) = (resource(), batch());
+    let mut reused = EncodedBatch::default();
+    batch.iter().for_each(|span| reused.push(span));
+    reused.clear();
+    assert_eq!(reused.len(), 0);
+    // Only spans of the second scope now: the first scope's emptied group sends no ScopeSpans.
+    let second_scope: Vec<SpanData> = batch.into_iter().filter(|s| s.instrumentation_scope.name() == "other").collect();
+    assert_eq!(second_scope.len(), 2);
+    second_scope.iter().for_each(|span| reused.push(span));
+    let request = decoded(&reused.request(&encode_resource(&resource)));
+    assert_eq!(request, sdks(&resource, second_scope));
+    assert_eq!(request.resource_spans[0].scope_spans.len(), 1);
 }
 
 #[test]
