@@ -130,21 +130,6 @@ struct Results {
     half_load: Vec<Run>,
 }
 
-/// Three distinct free loopback ports: the listeners are held until all are known (ports
-/// asked for one at a time can repeat, and a run once served its load from stock's port).
-fn free_ports() -> anyhow::Result<[u16; 3]> {
-    let listeners = [
-        std::net::TcpListener::bind("127.0.0.1:0")?,
-        std::net::TcpListener::bind("127.0.0.1:0")?,
-        std::net::TcpListener::bind("127.0.0.1:0")?,
-    ];
-    let mut ports = [0; 3];
-    for (port, listener) in ports.iter_mut().zip(&listeners) {
-        *port = listener.local_addr()?.port();
-    }
-    Ok(ports)
-}
-
 fn rabbitmqctl(args: &[&str]) -> anyhow::Result<()> {
     let status = Command::new("rabbitmqctl").arg("-q").args(args).status()?;
     anyhow::ensure!(status.success(), "rabbitmqctl {args:?} failed");
@@ -182,7 +167,10 @@ impl Services {
         let bin = std::env::current_exe()?.parent().map(PathBuf::from).unwrap_or_default();
         let dir = std::env::temp_dir().join(format!("tracehop-bench-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir)?;
-        let [gateway, checkout, stock] = free_ports()?;
+        // Outside the ephemeral range, so no outgoing connection (rabbitmqctl's, the load's)
+        // takes one before its service binds it; and picked together, so none repeats (a run
+        // once served its load from stock's port).
+        let [gateway, checkout, stock] = tracehop_ports::free_ports()?;
         let telemetry: Vec<(&str, String)> = match telemetry {
             Telemetry::Off => vec![("OTEL_SDK_DISABLED", "true".to_owned())],
             Telemetry::Spans => {
