@@ -52,6 +52,12 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:4317")]
         listen: SocketAddr,
     },
+    /// Distinct free ports outside the kernel's ephemeral range, on one line separated by
+    /// spaces, for scripts that start servers on them (`scripts/bench-instructions`).
+    FreePorts {
+        /// How many.
+        count: usize,
+    },
 }
 
 /// How much load, and where the report goes.
@@ -134,6 +140,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args).await?,
         Command::Breakdown { dump } => breakdown::run(&dump)?,
         Command::Sink { listen } => sink::run(listen).await?,
+        Command::FreePorts { count } => {
+            let ports: Vec<String> = tracehop_ports::free_port_list(count)?.iter().map(u16::to_string).collect();
+            println!("{}", ports.join(" "));
+        }
     }
     Ok(())
 }
