@@ -36,7 +36,7 @@ use crate::setup::SpanTransport;
 
 mod processor;
 
-pub use processor::EncodingSpanProcessor;
+pub use processor::{BatchError, EncodingSpanProcessor};
 
 const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
@@ -128,15 +128,16 @@ impl GrpcSpanExporter {
 
     /// Sends an encoded request on the export runtime and waits for the outcome: for the
     /// batch processor's thread, which is not a runtime thread. tonic's channel and tokio's
-    /// timers live on that runtime; the caller only waits.
+    /// timers live on that runtime; the caller only waits, a second past the export's own
+    /// timeout at most (should the runtime be stuck or gone).
     pub(crate) fn export_blocking(&self, request: Vec<u8>) -> OTelSdkResult {
         let (answer, outcome) = std::sync::mpsc::sync_channel(1);
         let send = self.send(Bytes::from(request));
         self.runtime.spawn(async move {
             let _ = answer.send(send.await);
         });
-        outcome.recv().unwrap_or_else(|_| {
-            Err(OTelSdkError::InternalFailure("the OTLP export task ended without an answer".into()))
+        outcome.recv_timeout(self.timeout + Duration::from_secs(1)).unwrap_or_else(|_| {
+            Err(OTelSdkError::InternalFailure("the OTLP export runtime did not answer in time".into()))
         })
     }
 
@@ -342,24 +343,36 @@ struct ScopeGroup {
 }
 
 impl EncodedBatch {
-    /// Encodes `span` into its scope's group. A scope like none before it (even one unequal to
-    /// itself, with a NaN attribute) gets a group of its own, so no span can fall between
-    /// groups.
-    pub(crate) fn push(&mut self, span: &SpanData) {
-        let index = match self.groups.iter().position(|group| same_scope(&group.scope, &span.instrumentation_scope)) {
+    /// Adds a span [`encode_span_entry`] wrote, to its scope's group. A scope like none before
+    /// it (even one unequal to itself, with a NaN attribute) gets a group of its own, so no
+    /// span can fall between groups.
+    pub(crate) fn push_encoded(&mut self, scope: &InstrumentationScope, entry: &[u8]) {
+        let index = match self.groups.iter().position(|group| same_scope(&group.scope, scope)) {
             Some(index) => index,
             None => {
-                self.groups.push(ScopeGroup { scope: span.instrumentation_scope.clone(), spans: Vec::new() });
+                self.groups.push(ScopeGroup { scope: scope.clone(), spans: Vec::new() });
                 self.groups.len() - 1
             }
         };
-        nested(&mut self.groups[index].spans, 2, |buf| encode_span(buf, span));
+        self.groups[index].spans.extend_from_slice(entry);
         self.spans += 1;
+    }
+
+    /// Encodes `span` and adds it (what the tests use; the processor encodes outside its lock).
+    #[cfg(test)]
+    pub(crate) fn push(&mut self, span: &SpanData) {
+        let mut entry = Vec::new();
+        encode_span_entry(&mut entry, span);
+        self.push_encoded(&span.instrumentation_scope, &entry);
     }
 
     /// How many spans it holds.
     pub(crate) fn len(&self) -> usize {
         self.spans
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.spans == 0
     }
 
     /// Empties it, keeping the first group's buffer (the usual batch has one scope) for the
@@ -375,21 +388,23 @@ impl EncodedBatch {
     /// The request: one `ResourceSpans` with `resource` (from [`encode_resource`]) and a
     /// `ScopeSpans` per group that holds spans.
     pub(crate) fn request(&self, resource: &[u8]) -> Vec<u8> {
-        let scopes: Vec<(Vec<u8>, &ScopeGroup)> = self
+        // Each group's scope (field 1) and schema URL (field 3), around its spans (field 2).
+        let framed: Vec<(Vec<u8>, &[u8], Vec<u8>)> = self
             .groups
             .iter()
             .filter(|group| !group.spans.is_empty())
             .map(|group| {
-                let mut scope = Vec::new();
+                let (mut scope, mut schema_url) = (Vec::new(), Vec::new());
                 nested(&mut scope, 1, |buf| encode_scope(buf, &group.scope));
-                bytes_field(&mut scope, 3, group.scope.schema_url().unwrap_or_default().as_bytes());
-                (scope, group)
+                bytes_field(&mut schema_url, 3, group.scope.schema_url().unwrap_or_default().as_bytes());
+                (scope, group.spans.as_slice(), schema_url)
             })
             .collect();
-        let scope_spans_len = |(scope, group): &(Vec<u8>, &ScopeGroup)| scope.len() + group.spans.len();
+        let scope_spans_len =
+            |(scope, spans, schema_url): &(Vec<u8>, &[u8], Vec<u8>)| scope.len() + spans.len() + schema_url.len();
         let resource_spans_len = 1
             + resource.len()
-            + scopes
+            + framed
                 .iter()
                 .map(|s| 1 + encoded_len_varint(scope_spans_len(s) as u64) + scope_spans_len(s))
                 .sum::<usize>();
@@ -398,16 +413,21 @@ impl EncodedBatch {
         encode_varint(resource_spans_len as u64, &mut buf);
         encode_key(1, WireType::LengthDelimited, &mut buf);
         buf.extend_from_slice(resource);
-        for entry in &scopes {
+        for entry in &framed {
             encode_key(2, WireType::LengthDelimited, &mut buf);
             encode_varint(scope_spans_len(entry) as u64, &mut buf);
-            // The scope and its schema URL (fields 1 and 3) ahead of the spans (field 2):
-            // protobuf fields may come in any order.
             buf.extend_from_slice(&entry.0);
-            buf.extend_from_slice(&entry.1.spans);
+            buf.extend_from_slice(entry.1);
+            buf.extend_from_slice(&entry.2);
         }
         buf
     }
+}
+
+/// A span as a `ScopeSpans` entry (field 2), length-prefixed, ready for
+/// [`EncodedBatch::push_encoded`].
+pub(crate) fn encode_span_entry(buf: &mut Vec<u8>, span: &SpanData) {
+    nested(buf, 2, |buf| encode_span(buf, span));
 }
 
 /// Whether two spans' scopes are one, without the allocations of `InstrumentationScope`'s `==`

@@ -30,7 +30,7 @@ use opentelemetry_sdk::trace::{
 
 use crate::env::{ConfigError, Env};
 use crate::metrics::Instruments;
-use crate::otlp::{EncodingSpanProcessor, GrpcExportError, GrpcSpanExporter, LostSpans};
+use crate::otlp::{BatchError, EncodingSpanProcessor, GrpcExportError, GrpcSpanExporter, LostSpans};
 use crate::propagation::CheckedPropagator;
 use crate::propagators::{self, DEFAULT_PROPAGATORS, PropagatorKind};
 
@@ -427,6 +427,9 @@ pub enum SetupError {
     /// Our OTLP/gRPC span exporter rejected its configuration (endpoint, headers).
     #[error("cannot build the OTLP span exporter: {0}")]
     GrpcExporter(#[from] GrpcExportError),
+    /// The batch span processor refused its limits, or its thread could not be started.
+    #[error("cannot start span export: {0}")]
+    Batch(#[from] BatchError),
     /// The exporters' runtime or its thread could not be started.
     #[error("cannot start the telemetry export thread: {0}")]
     Runtime(std::io::Error),
@@ -702,9 +705,7 @@ fn with_span_export(
         OtlpProtocol::Grpc if endpoint_or_default.starts_with("http://") => {
             let exporter =
                 GrpcSpanExporter::new(endpoint_or_default, &config.span_transport, &ExportRuntime::handle(runtime)?)?;
-            let processor =
-                EncodingSpanProcessor::new(exporter, limits, LostSpans::default()).map_err(SetupError::Runtime)?;
-            builder.with_span_processor(processor)
+            builder.with_span_processor(EncodingSpanProcessor::new(exporter, limits)?)
         }
         OtlpProtocol::Grpc => {
             let _entered = ExportRuntime::handle(runtime)?.enter();

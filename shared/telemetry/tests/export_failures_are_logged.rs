@@ -192,16 +192,25 @@ async fn a_partial_success_with_only_a_warning_is_logged_and_counts_nothing_lost
     assert_eq!(failed["dropped_spans_total"], failed["dropped_spans"], "{failed}");
 }
 
-/// A backend that takes a second over every export, then accepts it.
-struct Slow;
+/// A backend that holds every export until the test opens its gate, saying when one arrives
+/// and counting the spans it accepted.
+struct Gated {
+    arrived: tokio::sync::mpsc::UnboundedSender<()>,
+    gate: Arc<tokio::sync::Semaphore>,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+}
 
 #[tonic::async_trait]
-impl TraceService for Slow {
+impl TraceService for Gated {
     async fn export(
         &self,
-        _request: tonic::Request<ExportTraceServiceRequest>,
+        request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        let _ = self.arrived.send(());
+        let _open = self.gate.acquire().await.map_err(|_| tonic::Status::unavailable("closed"))?;
+        let spans =
+            request.into_inner().resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum();
+        self.accepted.fetch_add(spans, std::sync::atomic::Ordering::SeqCst);
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
 }
@@ -209,26 +218,36 @@ impl TraceService for Slow {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_past_a_full_queue_are_dropped_counted_and_logged() {
     captured();
+    let (arrived, mut arrivals) = tokio::sync::mpsc::unbounded_channel();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let backend = Gated { arrived, gate: gate.clone(), accepted: accepted.clone() };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(Slow))
+            .add_service(TraceServiceServer::new(backend))
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
     );
-    // Room for four spans: the first batch of two goes to the slow backend and is held until
-    // it answers, the second waits behind it, and the six spans after those find no room.
+    // Four spans may wait; the batch being sent is not counted among them.
     let config = TelemetryConfig {
         batch: BatchLimits { delay: Duration::from_secs(3600), max_queue: 4, max_batch: 2 },
         ..TelemetryConfig::otlp_grpc("full-queue", &endpoint)
     };
     let telemetry = Telemetry::new(&config).expect("telemetry");
-    for _ in 0..10 {
-        telemetry.tracer().start("queued").end();
-    }
+    let end = |count: usize| (0..count).for_each(|_| telemetry.tracer().start("queued").end());
+    end(2);
+    tokio::time::timeout(Duration::from_secs(10), arrivals.recv()).await.expect("the first batch is being sent");
+    // While the backend holds it: four spans find room, four do not.
+    end(8);
+    gate.add_permits(1_000);
     let json = logged(|line| line.contains("the span queue was full")).await;
     assert_eq!(json["level"], "WARN");
-    assert_eq!(json["dropped_spans"], 6, "{json}");
-    assert_eq!(json["dropped_spans_total"], 6, "{json}");
+    assert_eq!(json["dropped_spans"], 4, "{json}");
+    assert_eq!(json["dropped_spans_total"], 4, "{json}");
+    // The queue is free again: a span ended now is exported too.
+    end(1);
+    telemetry.flush().await;
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2 + 4 + 1);
     telemetry.shutdown().await;
 }

@@ -1,14 +1,18 @@
 //! The batch span processor of OTLP/gRPC export: each span is encoded when it ends, on the
-//! thread that ends it, into the batch being filled; a thread of its own sends the full batches.
+//! thread that ends it, and waits in the batch being filled; a thread of its own sends the
+//! batches.
 //!
 //! The SDK's `BatchSpanProcessor` moves every `SpanData` (about 300 bytes, and its attributes
 //! behind it) through a channel to its thread, copies the batch once more (`split_off`), and
 //! frees it all there, on another thread than the one that allocated it. Encoded at `end`, a
 //! span is freed where it was built, while its allocations are still in that thread's cache,
 //! and waits as its 250-700 encoded bytes; the export thread's work per batch is one request
-//! and its send. The queue bound, batch size and delay are those of `OTEL_BSP_*`, with the
-//! SDK's defaults; as there, a span that finds the queue full is dropped, and counted.
+//! and its send. The limits are those of `OTEL_BSP_*`, with the SDK's meaning: at most
+//! `max_queue` spans wait (the batch being sent is not counted, as in the SDK's channel), a
+//! batch goes as soon as it is full or `delay` after the last export. As there, a span that
+//! finds the queue full is dropped; here it is also counted and logged.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -21,83 +25,121 @@ use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{Span, SpanData, SpanProcessor};
 use prost::bytes::Bytes;
 
-use super::{EncodedBatch, GrpcSpanExporter, LostSpans, encode_resource};
+use super::{EncodedBatch, GrpcSpanExporter, LostSpans, encode_resource, encode_span_entry};
 use crate::setup::BatchLimits;
 
+/// How long `force_flush` waits (the SDK's processor waits as long).
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the processor could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    /// A zero delay would keep the export thread spinning; a zero queue or batch would send
+    /// nothing.
+    #[error("the batch span processor's delay, queue size and batch size must each be above zero: {0:?}")]
+    Limits(BatchLimits),
+    /// The export thread could not be started.
+    #[error("cannot start the span export thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
 /// The OTLP/gRPC batch span processor; see the module documentation.
-#[derive(Debug)]
 pub struct EncodingSpanProcessor {
     shared: Arc<Shared>,
-    /// The export thread, joined on shutdown (after its last export, or at the deadline).
+    /// The export thread: joined at shutdown once it has answered (it is left to finish on its
+    /// own when shutdown gives up at its deadline, bounded by the exporter's timeout).
     worker: Mutex<Option<JoinHandle<()>>>,
 }
 
+/// What the threads ending spans and the export thread share.
 #[derive(Debug)]
 struct Shared {
+    /// Everything below it, behind one lock: a span's turn under it is a copy of its bytes.
     queue: Mutex<Queue>,
     /// Wakes the export thread: a batch is full, or a flush or the shutdown is asked for.
     wake: Condvar,
     limits: BatchLimits,
+    /// Spans lost on the way: a full queue, failed exports, spans a backend rejects.
+    lost: LostSpans,
 }
 
 #[derive(Debug, Default)]
 struct Queue {
-    /// The batch spans are encoded into as they end.
+    /// The batch spans go into as they end.
     filling: EncodedBatch,
     /// Full batches, oldest first, waiting for the export thread.
     full: VecDeque<EncodedBatch>,
     /// An emptied batch the export thread handed back, so the next one reuses its buffer.
     spare: Option<EncodedBatch>,
-    /// Spans encoded and not yet sent or given up: what `max_queue` bounds.
-    held: usize,
+    /// Spans in `filling` and `full`: what `max_queue` bounds.
+    waiting: usize,
+    /// Spans the export thread took and has not finished sending.
+    sending: usize,
     /// Spans dropped at a full queue since the export thread last logged it.
     dropped: u64,
     /// The resource, encoded (set by the provider before the first span).
     resource: Bytes,
     /// Callers of `force_flush` waiting for the spans ended before their call to go out.
     flushes: Vec<SyncSender<OTelSdkResult>>,
-    /// Set once shutdown is asked for: spans ending after it are not exported.
+    /// The caller of shutdown, waiting for the last export.
     shutdown: Option<SyncSender<OTelSdkResult>>,
+    /// Set once shutdown is asked for (or the export thread is gone): from then on spans are
+    /// not taken and flushes are refused, since no export would follow.
     closed: bool,
 }
 
+thread_local! {
+    /// Where a span is encoded before the lock is taken, reused span after span.
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(1024));
+}
+
 impl EncodingSpanProcessor {
-    /// A processor sending through `exporter`, with its export thread started. `lost` counts
-    /// the spans lost on the way (a full queue, failed exports, spans a backend rejects).
-    pub(crate) fn new(exporter: GrpcSpanExporter, limits: BatchLimits, lost: LostSpans) -> std::io::Result<Self> {
-        let limits = BatchLimits { max_batch: limits.max_batch.clamp(1, limits.max_queue.max(1)), ..limits };
+    /// A processor sending through `exporter`, with its export thread (`otlp-batch`) started.
+    pub fn new(exporter: GrpcSpanExporter, limits: BatchLimits) -> Result<Self, BatchError> {
+        if limits.delay.is_zero() || limits.max_queue == 0 || limits.max_batch == 0 {
+            return Err(BatchError::Limits(limits));
+        }
+        let lost = LostSpans::default();
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
                 resource: encode_resource(&Resource::builder_empty().build()),
                 ..Queue::default()
             }),
             wake: Condvar::new(),
-            limits,
+            limits: BatchLimits { max_batch: limits.max_batch.min(limits.max_queue), ..limits },
+            lost: lost.clone(),
         });
-        let exporter = exporter.counting_lost_spans_in(lost.clone());
+        let exporter = exporter.counting_lost_spans_in(lost);
         let worker = {
             let shared = shared.clone();
-            std::thread::Builder::new()
-                .name("otlp-batch".into())
-                .spawn(move || export_loop(&shared, &exporter, &lost))?
+            std::thread::Builder::new().name("otlp-batch".into()).spawn(move || {
+                let guard = ExportThread { shared: &shared };
+                export_loop(guard.shared, &exporter);
+                // Ended as asked, having answered the shutdown: nothing for the guard to do.
+                std::mem::forget(guard);
+            })?
         };
         Ok(Self { shared, worker: Mutex::new(Some(worker)) })
-    }
-
-    /// Asks the export thread for something (a flush or the shutdown) and waits up to
-    /// `timeout` for its answer.
-    fn ask(&self, timeout: Duration, ask: impl FnOnce(&mut Queue, SyncSender<OTelSdkResult>)) -> OTelSdkResult {
-        let (answer, outcome) = sync_channel(1);
-        ask(&mut self.shared.lock(), answer);
-        self.shared.wake.notify_one();
-        outcome.recv_timeout(timeout).unwrap_or(Err(OTelSdkError::Timeout(timeout)))
     }
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Queue> {
-        // A panic while the lock was held leaves counts at worst; spans keep flowing.
+        // The lock is never held across anything that can panic half-way through a change.
         self.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl std::fmt::Debug for EncodingSpanProcessor {
+    /// The limits and counts, not the encoded spans.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let queue = self.shared.lock();
+        f.debug_struct("EncodingSpanProcessor")
+            .field("limits", &self.shared.limits)
+            .field("waiting", &queue.waiting)
+            .field("sending", &queue.sending)
+            .field("closed", &queue.closed)
+            .finish()
     }
 }
 
@@ -109,45 +151,71 @@ impl SpanProcessor for EncodingSpanProcessor {
             return;
         }
         let limits = &self.shared.limits;
-        let mut queue = self.shared.lock();
-        if queue.closed {
-            return;
-        }
-        if queue.held >= limits.max_queue {
-            queue.dropped += 1;
-            return;
-        }
-        queue.filling.push(&span);
-        queue.held += 1;
-        if queue.filling.len() >= limits.max_batch {
-            let next = queue.spare.take().unwrap_or_default();
-            let full = std::mem::replace(&mut queue.filling, next);
-            queue.full.push_back(full);
-            drop(queue);
-            self.shared.wake.notify_one();
-        }
-        // `span` is freed here, on the thread that built it, after the lock is released.
+        SCRATCH.with_borrow_mut(|entry| {
+            entry.clear();
+            encode_span_entry(entry, &span);
+            let mut queue = self.shared.lock();
+            if queue.closed {
+                return;
+            }
+            if queue.waiting >= limits.max_queue {
+                queue.dropped += 1;
+                return;
+            }
+            queue.filling.push_encoded(&span.instrumentation_scope, entry);
+            queue.waiting += 1;
+            if queue.filling.len() >= limits.max_batch {
+                let next = queue.spare.take().unwrap_or_default();
+                let full = std::mem::replace(&mut queue.filling, next);
+                queue.full.push_back(full);
+                drop(queue);
+                self.shared.wake.notify_one();
+            }
+        });
+        // `span` is freed here, on the thread that built it.
     }
 
     fn force_flush(&self) -> OTelSdkResult {
-        self.ask(Duration::from_secs(5), |queue, answer| queue.flushes.push(answer))
+        let (answer, outcome) = sync_channel(1);
+        {
+            let mut queue = self.shared.lock();
+            if queue.closed {
+                return Err(OTelSdkError::AlreadyShutdown);
+            }
+            queue.flushes.push(answer);
+        }
+        self.shared.wake.notify_one();
+        outcome.recv_timeout(FLUSH_TIMEOUT).unwrap_or(Err(OTelSdkError::Timeout(FLUSH_TIMEOUT)))
     }
 
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        let (answer, outcome) = sync_channel(1);
         {
             let mut queue = self.shared.lock();
             if queue.closed {
                 return Err(OTelSdkError::AlreadyShutdown);
             }
             queue.closed = true;
+            queue.shutdown = Some(answer);
         }
-        let result = self.ask(timeout, |queue, answer| queue.shutdown = Some(answer));
-        if result.is_ok()
-            && let Some(worker) = self.worker.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take()
-        {
-            let _ = worker.join();
+        self.shared.wake.notify_one();
+        match outcome.recv_timeout(timeout) {
+            Ok(result) => {
+                if let Some(worker) = self.worker.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take() {
+                    let _ = worker.join();
+                }
+                result
+            }
+            Err(_) => {
+                let queue = self.shared.lock();
+                tracing::warn!(
+                    unsent_spans = queue.waiting + queue.sending,
+                    ?timeout,
+                    "span export shutdown gave up at its deadline; the spans not yet sent may be lost"
+                );
+                Err(OTelSdkError::Timeout(timeout))
+            }
         }
-        result
     }
 
     fn set_resource(&mut self, resource: &Resource) {
@@ -156,8 +224,8 @@ impl SpanProcessor for EncodingSpanProcessor {
 }
 
 impl Drop for EncodingSpanProcessor {
-    /// Without a shutdown (a provider dropped without one still calls it; this is for a
-    /// processor never given to a provider), the thread would wait forever: tell it to stop.
+    /// A provider shuts its processors down before dropping them; a processor never given to
+    /// one would leave its thread waiting forever: tell it to send what it has and stop.
     fn drop(&mut self) {
         let mut queue = self.shared.lock();
         if !queue.closed {
@@ -170,67 +238,101 @@ impl Drop for EncodingSpanProcessor {
     }
 }
 
+/// Set while the export thread runs: should it panic, the processor is closed and whoever
+/// waits on it is answered, instead of spans piling up unsent and flushes waiting out their
+/// timeouts.
+struct ExportThread<'a> {
+    shared: &'a Shared,
+}
+
+impl Drop for ExportThread<'_> {
+    fn drop(&mut self) {
+        let mut queue = self.shared.lock();
+        queue.closed = true;
+        let gone = || Err(OTelSdkError::InternalFailure("the span export thread stopped".into()));
+        for flush in queue.flushes.drain(..) {
+            let _ = flush.send(gone());
+        }
+        if let Some(shutdown) = queue.shutdown.take() {
+            let _ = shutdown.send(gone());
+        }
+        tracing::error!(unsent_spans = queue.waiting, "the span export thread stopped: no more spans are exported");
+    }
+}
+
 /// What the export thread takes from the queue in one round.
 struct Round {
     batches: Vec<EncodedBatch>,
     resource: Bytes,
+    /// Spans dropped at a full queue since the last round.
     dropped: u64,
     flushes: Vec<SyncSender<OTelSdkResult>>,
     shutdown: Option<SyncSender<OTelSdkResult>>,
 }
 
-/// The export thread: waits for a full batch, the delay, a flush or the shutdown; sends what
-/// is due, one request per batch; answers the flushes; ends after answering the shutdown.
-fn export_loop(shared: &Shared, exporter: &GrpcSpanExporter, lost: &LostSpans) {
-    let delay = shared.limits.delay;
+impl Shared {
+    /// Waits until something is due (a full batch, the delay since `last_export`, a flush, the
+    /// shutdown), then takes it.
+    fn next_round(&self, last_export: Instant) -> Round {
+        let delay = self.limits.delay;
+        let mut queue = self.lock();
+        while queue.full.is_empty() && queue.flushes.is_empty() && queue.shutdown.is_none() {
+            let Some(left) = delay.checked_sub(last_export.elapsed()).filter(|left| !left.is_zero()) else {
+                break;
+            };
+            queue = self.wake.wait_timeout(queue, left).unwrap_or_else(|poisoned| poisoned.into_inner()).0;
+        }
+        let mut batches: Vec<EncodedBatch> = queue.full.drain(..).collect();
+        let everything = !queue.flushes.is_empty() || queue.shutdown.is_some();
+        if (everything || last_export.elapsed() >= delay) && !queue.filling.is_empty() {
+            let next = queue.spare.take().unwrap_or_default();
+            batches.push(std::mem::replace(&mut queue.filling, next));
+        }
+        let taken: usize = batches.iter().map(EncodedBatch::len).sum();
+        queue.waiting -= taken;
+        queue.sending += taken;
+        Round {
+            batches,
+            resource: queue.resource.clone(),
+            dropped: std::mem::take(&mut queue.dropped),
+            flushes: std::mem::take(&mut queue.flushes),
+            shutdown: queue.shutdown.take(),
+        }
+    }
+}
+
+/// The export thread: sends what each round took, one request per batch; answers the
+/// flushes; ends after answering the shutdown.
+fn export_loop(shared: &Shared, exporter: &GrpcSpanExporter) {
     let mut last_export = Instant::now();
     loop {
-        let round = {
-            let mut queue = shared.lock();
-            while queue.full.is_empty() && queue.flushes.is_empty() && queue.shutdown.is_none() {
-                let Some(left) = delay.checked_sub(last_export.elapsed()).filter(|left| !left.is_zero()) else {
-                    break;
-                };
-                queue = shared.wake.wait_timeout(queue, left).unwrap_or_else(|poisoned| poisoned.into_inner()).0;
-            }
-            let mut batches: Vec<EncodedBatch> = queue.full.drain(..).collect();
-            let everything = !queue.flushes.is_empty() || queue.shutdown.is_some();
-            if (everything || last_export.elapsed() >= delay) && queue.filling.len() > 0 {
-                let next = queue.spare.take().unwrap_or_default();
-                batches.push(std::mem::replace(&mut queue.filling, next));
-            }
-            Round {
-                batches,
-                resource: queue.resource.clone(),
-                dropped: std::mem::take(&mut queue.dropped),
-                flushes: std::mem::take(&mut queue.flushes),
-                shutdown: queue.shutdown.take(),
-            }
-        };
+        let round = shared.next_round(last_export);
         last_export = Instant::now();
         if round.dropped > 0 {
-            let total = lost.add(round.dropped);
+            let total = shared.lost.add(round.dropped);
             tracing::warn!(
                 dropped_spans = round.dropped,
                 dropped_spans_total = total,
                 "the span queue was full: spans dropped (the trace backend takes them slower than they come)"
             );
         }
+        // What a flush or the shutdown is answered: the last failure of the round, if any.
         let mut result = Ok(());
         for mut batch in round.batches {
             let spans = batch.len();
             let sent = exporter.export_blocking(batch.request(&round.resource));
             if let Err(error) = &sent {
-                let total = lost.add(spans as u64);
+                let total = shared.lost.add(spans as u64);
                 tracing::warn!(%error, dropped_spans = spans, dropped_spans_total = total, "span export failed");
             }
             batch.clear();
             let mut queue = shared.lock();
-            queue.held -= spans;
+            queue.sending -= spans;
             queue.spare = Some(batch);
             drop(queue);
-            // The first failure is the answer to a flush or the shutdown, as in the SDK.
-            result = result.and(sent);
+            if sent.is_err() {
+                result = sent;
+            }
         }
         for flush in round.flushes {
             let _ = flush.send(clone_result(&result));
@@ -249,5 +351,40 @@ fn clone_result(result: &OTelSdkResult) -> OTelSdkResult {
         Err(OTelSdkError::AlreadyShutdown) => Err(OTelSdkError::AlreadyShutdown),
         Err(OTelSdkError::Timeout(timeout)) => Err(OTelSdkError::Timeout(*timeout)),
         Err(other) => Err(OTelSdkError::InternalFailure(other.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::setup::SpanTransport;
+
+    /// A processor whose exporter points at a closed port (nothing here exports).
+    fn processor(limits: BatchLimits) -> Result<EncodingSpanProcessor, BatchError> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let exporter =
+            GrpcSpanExporter::new("http://127.0.0.1:9", &SpanTransport::default(), runtime.handle()).expect("exporter");
+        EncodingSpanProcessor::new(exporter, limits)
+    }
+
+    #[test]
+    fn limits_that_would_spin_or_send_nothing_are_refused() {
+        let defaults = BatchLimits::default();
+        for limits in [
+            BatchLimits { delay: Duration::ZERO, ..defaults },
+            BatchLimits { max_queue: 0, ..defaults },
+            BatchLimits { max_batch: 0, ..defaults },
+        ] {
+            assert!(matches!(processor(limits), Err(BatchError::Limits(refused)) if refused == limits));
+        }
+    }
+
+    #[test]
+    fn after_shutdown_flushes_and_another_shutdown_are_refused_at_once() {
+        let processor = processor(BatchLimits::default()).expect("processor");
+        processor.shutdown_with_timeout(Duration::from_secs(5)).expect("nothing to send");
+        assert!(matches!(processor.force_flush(), Err(OTelSdkError::AlreadyShutdown)));
+        assert!(matches!(processor.shutdown_with_timeout(Duration::from_secs(5)), Err(OTelSdkError::AlreadyShutdown)));
+        assert!(processor.worker.lock().expect("lock").is_none(), "the thread was joined");
     }
 }
