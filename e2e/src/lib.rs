@@ -259,7 +259,7 @@ impl Pipeline {
     /// Starts another stock process on the same broker and store (a competing consumer) with
     /// `service.instance.id` = `instance`; waits until it consumes. Returns its admin URL.
     pub async fn add_stock_replica(&mut self, instance: &str) -> String {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
+        let [port] = tracehop_testkit::free_ports();
         let mut env: Vec<(&'static str, String)> = self
             .stock_env
             .iter()

@@ -31,7 +31,7 @@ impl Browser {
                 "{binary} is missing: install Debian's chromium and chromium-driver (scripts/test does)"
             );
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
+        let [port] = tracehop_testkit::free_ports();
         // Its own process group: on drop the whole group goes, Chromium included.
         let driver = Command::new("/usr/bin/chromedriver")
             .process_group(0)

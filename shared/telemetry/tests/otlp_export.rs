@@ -44,7 +44,8 @@ async fn spans_arrive_with_their_attributes_and_parentage() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_that_comes_up_late_still_gets_the_batch() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    // Outside the ephemeral range: no outgoing connection takes it while it is unbound.
+    let [port] = tracehop_testkit::free_ports();
     let config = TelemetryConfig {
         batch: BatchLimits { delay: Duration::from_millis(20), ..BatchLimits::default() },
         ..TelemetryConfig::otlp_grpc("late-test", &format!("http://127.0.0.1:{port}"))
