@@ -10,6 +10,8 @@
 //! - [`http`]: an axum layer for HTTP SERVER spans, with the inbound trust policy.
 //! - [`messaging`]: PRODUCER / CONSUMER spans for RabbitMQ, parent or link, and their metrics.
 //! - [`metrics`]: the RED metrics the layers and messaging helpers record.
+//! - [`otlp`]: OTLP/gRPC span export: the batch processor that encodes each span as it ends, and
+//!   the exporter that sends the batches.
 //! - [`spans`]: recording errors, baggage as span attributes.
 //! - [`logging`]: log lines carrying `trace_id` / `span_id` (text or JSON).
 //! - [`shutdown`]: the SIGINT / SIGTERM signal every service drains on.
