@@ -66,6 +66,18 @@ async fn logged(wanted: impl Fn(&str) -> bool) -> serde_json::Value {
     panic!("no such log line in:\n{}", String::from_utf8_lossy(&captured().0.lock().expect("lock")));
 }
 
+/// Serves `backend` as an OTLP/gRPC trace receiver on a port of its own: its endpoint.
+async fn serve(backend: impl TraceService) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(backend))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    endpoint
+}
+
 /// How the partial-success backends below refuse exports, once they have answered one.
 const NO_MORE: &str = "no more spans accepted";
 
@@ -128,13 +140,7 @@ async fn partial_success_then_refusal(
 ) -> (serde_json::Value, serde_json::Value) {
     assert!(backend.refusal.starts_with(NO_MORE), "the refused test would take this backend's refusal for its own");
     let (message, refusal) = (backend.message, backend.refusal);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(backend))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-    );
+    let endpoint = serve(backend).await;
     let config = TelemetryConfig {
         batch: BatchLimits { delay: Duration::from_millis(50), ..BatchLimits::default() },
         ..TelemetryConfig::otlp_grpc("partial", &endpoint)
@@ -222,13 +228,7 @@ async fn spans_past_a_full_queue_are_dropped_counted_and_logged() {
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let backend = Gated { arrived, gate: gate.clone(), accepted: accepted.clone() };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(backend))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-    );
+    let endpoint = serve(backend).await;
     // Four spans may wait; the batch being sent is not counted among them.
     let config = TelemetryConfig {
         batch: BatchLimits { delay: Duration::from_secs(3600), max_queue: 4, max_batch: 2 },
