@@ -78,6 +78,11 @@ impl LostSpans {
     pub(crate) fn add(&self, spans: u64) -> u64 {
         self.0.fetch_add(spans, Ordering::Relaxed) + spans
     }
+
+    #[cfg(test)]
+    pub(crate) fn total(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 impl GrpcSpanExporter {

@@ -93,13 +93,29 @@ thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(1024));
 }
 
+/// Where the export thread sends each batch's encoded request, waiting for the outcome.
+pub(crate) trait SendBatch: Send + 'static {
+    fn send_batch(&self, request: Vec<u8>) -> OTelSdkResult;
+}
+
+impl SendBatch for GrpcSpanExporter {
+    fn send_batch(&self, request: Vec<u8>) -> OTelSdkResult {
+        self.export_blocking(request)
+    }
+}
+
 impl EncodingSpanProcessor {
     /// A processor sending through `exporter`, with its export thread (`otlp-batch`) started.
     pub fn new(exporter: GrpcSpanExporter, limits: BatchLimits) -> Result<Self, BatchError> {
+        let lost = LostSpans::default();
+        Self::start(exporter.counting_lost_spans_in(lost.clone()), limits, lost)
+    }
+
+    /// A processor sending through `sender`, counting its losses in `lost`.
+    fn start(sender: impl SendBatch, limits: BatchLimits, lost: LostSpans) -> Result<Self, BatchError> {
         if limits.delay.is_zero() || limits.max_queue == 0 || limits.max_batch == 0 {
             return Err(BatchError::Limits(limits));
         }
-        let lost = LostSpans::default();
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
                 resource: encode_resource(&Resource::builder_empty().build()),
@@ -107,14 +123,13 @@ impl EncodingSpanProcessor {
             }),
             wake: Condvar::new(),
             limits: BatchLimits { max_batch: limits.max_batch.min(limits.max_queue), ..limits },
-            lost: lost.clone(),
+            lost,
         });
-        let exporter = exporter.counting_lost_spans_in(lost);
         let worker = {
             let shared = shared.clone();
             std::thread::Builder::new().name("otlp-batch".into()).spawn(move || {
                 let guard = ExportThread { shared: &shared };
-                export_loop(guard.shared, &exporter);
+                export_loop(guard.shared, &sender);
                 // Ended as asked, having answered the shutdown: nothing for the guard to do.
                 std::mem::forget(guard);
             })?
@@ -303,7 +318,7 @@ impl Shared {
 
 /// The export thread: sends what each round took, one request per batch; answers the
 /// flushes; ends after answering the shutdown.
-fn export_loop(shared: &Shared, exporter: &GrpcSpanExporter) {
+fn export_loop(shared: &Shared, sender: &impl SendBatch) {
     let mut last_export = Instant::now();
     loop {
         let round = shared.next_round(last_export);
@@ -320,7 +335,7 @@ fn export_loop(shared: &Shared, exporter: &GrpcSpanExporter) {
         let mut result = Ok(());
         for mut batch in round.batches {
             let spans = batch.len();
-            let sent = exporter.export_blocking(batch.request(&round.resource));
+            let sent = sender.send_batch(batch.request(&round.resource));
             if let Err(error) = &sent {
                 let total = shared.lost.add(spans as u64);
                 tracing::warn!(%error, dropped_spans = spans, dropped_spans_total = total, "span export failed");
@@ -356,7 +371,15 @@ fn clone_result(result: &OTelSdkResult) -> OTelSdkResult {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::mpsc::Receiver;
+
+    use opentelemetry::InstrumentationScope;
+    use opentelemetry::trace::SpanKind;
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message as _;
+
     use super::*;
+    use crate::otlp::tests::span;
     use crate::setup::SpanTransport;
 
     /// A processor whose exporter points at a closed port (nothing here exports).
@@ -365,6 +388,39 @@ mod tests {
         let exporter =
             GrpcSpanExporter::new("http://127.0.0.1:9", &SpanTransport::default(), runtime.handle()).expect("exporter");
         EncodingSpanProcessor::new(exporter, limits)
+    }
+
+    /// A backend in the test's hands: each request, decoded, goes to the test's channel; a send
+    /// takes `pause`, and waits while the test holds `gate`.
+    struct Backend {
+        requests: std::sync::mpsc::Sender<ExportTraceServiceRequest>,
+        pause: Duration,
+        gate: Arc<Mutex<()>>,
+    }
+
+    impl SendBatch for Backend {
+        fn send_batch(&self, request: Vec<u8>) -> OTelSdkResult {
+            drop(self.gate.lock());
+            std::thread::sleep(self.pause);
+            let _ = self.requests.send(ExportTraceServiceRequest::decode(request.as_slice()).expect("decodes"));
+            Ok(())
+        }
+    }
+
+    fn with_backend(
+        limits: BatchLimits,
+        pause: Duration,
+    ) -> (EncodingSpanProcessor, Receiver<ExportTraceServiceRequest>, Arc<Mutex<()>>, LostSpans) {
+        let (requests, received) = std::sync::mpsc::channel();
+        let (gate, lost) = (Arc::new(Mutex::new(())), LostSpans::default());
+        let processor =
+            EncodingSpanProcessor::start(Backend { requests, pause, gate: gate.clone() }, limits, lost.clone())
+                .expect("processor");
+        (processor, received, gate, lost)
+    }
+
+    fn span_count(request: &ExportTraceServiceRequest) -> usize {
+        request.resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum()
     }
 
     #[test]
@@ -386,5 +442,49 @@ mod tests {
         assert!(matches!(processor.force_flush(), Err(OTelSdkError::AlreadyShutdown)));
         assert!(matches!(processor.shutdown_with_timeout(Duration::from_secs(5)), Err(OTelSdkError::AlreadyShutdown)));
         assert!(processor.worker.lock().expect("lock").is_none(), "the thread was joined");
+    }
+
+    #[test]
+    fn every_span_ended_on_many_threads_is_sent_or_counted_lost_once() {
+        // A slow backend and a small queue: many spans find it full.
+        let limits = BatchLimits { delay: Duration::from_millis(1), max_queue: 64, max_batch: 16 };
+        let (processor, received, _gate, lost) = with_backend(limits, Duration::from_millis(5));
+        let scope = InstrumentationScope::builder("threads").build();
+        std::thread::scope(|threads| {
+            for _ in 0..4 {
+                threads.spawn(|| (0..2_000).for_each(|_| processor.on_end(span("s", SpanKind::Internal, &scope))));
+            }
+        });
+        processor.shutdown_with_timeout(Duration::from_secs(30)).expect("shutdown");
+        let sent: usize = received.try_iter().map(|request| span_count(&request)).sum();
+        assert!(lost.total() > 0, "the queue was never full: the test proves nothing");
+        assert_eq!(sent as u64 + lost.total(), 8_000, "{sent} sent, {} counted lost", lost.total());
+        let queue = processor.shared.lock();
+        assert_eq!((queue.waiting, queue.sending), (0, 0));
+    }
+
+    #[test]
+    fn a_processor_dropped_without_shutdown_still_sends_what_it_holds() {
+        let limits = BatchLimits { delay: Duration::from_secs(3600), ..BatchLimits::default() };
+        let (processor, received, _gate, _lost) = with_backend(limits, Duration::ZERO);
+        let scope = InstrumentationScope::builder("dropped").build();
+        (0..3).for_each(|_| processor.on_end(span("held", SpanKind::Internal, &scope)));
+        drop(processor);
+        let request = received.recv_timeout(Duration::from_secs(10)).expect("the held spans are sent");
+        assert_eq!(span_count(&request), 3);
+    }
+
+    #[test]
+    fn shutdown_gives_up_at_its_deadline_when_a_send_hangs() {
+        let limits = BatchLimits { delay: Duration::from_secs(3600), ..BatchLimits::default() };
+        let (processor, received, gate, _lost) = with_backend(limits, Duration::ZERO);
+        let held = gate.lock().expect("gate");
+        processor.on_end(span("stuck", SpanKind::Internal, &InstrumentationScope::builder("hung").build()));
+        let result = processor.shutdown_with_timeout(Duration::from_millis(100));
+        assert!(matches!(result, Err(OTelSdkError::Timeout(_))), "{result:?}");
+        drop(held);
+        // Once the backend answers, the span still goes out.
+        let request = received.recv_timeout(Duration::from_secs(10)).expect("sent after all");
+        assert_eq!(span_count(&request), 1);
     }
 }

@@ -45,7 +45,7 @@ fn every_value() -> Vec<KeyValue> {
     ]
 }
 
-fn span(name: &'static str, kind: SpanKind, scope: &InstrumentationScope) -> SpanData {
+pub(super) fn span(name: &'static str, kind: SpanKind, scope: &InstrumentationScope) -> SpanData {
     SpanData {
         span_context: context(0x0af7651916cd43dd8448eb211c80319c, 0xb7ad6b7169203331, false, ""),
         parent_span_id: SpanId::INVALID,
