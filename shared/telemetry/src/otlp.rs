@@ -66,6 +66,27 @@ pub struct GrpcSpanExporter {
     /// Spans lost so far, shared with whatever counts the failed exports (see
     /// [`counting_lost_spans_in`](Self::counting_lost_spans_in)).
     lost: LostSpans,
+    /// Keeps `runtime` running while this exporter may still send (see [`Self::keeping`]).
+    _runtime: Option<RuntimeGuard>,
+}
+
+/// Keeps the runtime an exporter sends on running for as long as the exporter lives: a clone
+/// of whatever stops that runtime when its last clone goes.
+#[derive(Clone)]
+pub(crate) struct RuntimeGuard(
+    #[allow(dead_code, reason = "held, never read: its drop is the point")] Arc<dyn std::any::Any + Send + Sync>,
+);
+
+impl RuntimeGuard {
+    pub(crate) fn new(keep: Arc<impl std::any::Any + Send + Sync>) -> Self {
+        Self(keep)
+    }
+}
+
+impl std::fmt::Debug for RuntimeGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RuntimeGuard")
+    }
 }
 
 /// The running count of spans lost on their way out (failed exports, spans a backend
@@ -121,7 +142,15 @@ impl GrpcSpanExporter {
             metadata,
             timeout: transport.timeout,
             lost: LostSpans::default(),
+            _runtime: None,
         })
+    }
+
+    /// Keeps the runtime `guard` stands for running while this exporter lives: it sends there
+    /// until its processor's last export, which may come after everything else let go.
+    pub(crate) fn keeping(mut self, guard: RuntimeGuard) -> Self {
+        self._runtime = Some(guard);
+        self
     }
 
     /// Adds the spans a backend rejects in a partial success to `lost`, the count of spans

@@ -30,7 +30,7 @@ use opentelemetry_sdk::trace::{
 
 use crate::env::{ConfigError, Env};
 use crate::metrics::Instruments;
-use crate::otlp::{BatchError, EncodingSpanProcessor, GrpcExportError, GrpcSpanExporter, LostSpans};
+use crate::otlp::{BatchError, EncodingSpanProcessor, GrpcExportError, GrpcSpanExporter, LostSpans, RuntimeGuard};
 use crate::propagation::CheckedPropagator;
 use crate::propagators::{self, DEFAULT_PROPAGATORS, PropagatorKind};
 
@@ -465,10 +465,14 @@ struct Inner {
 /// exporters' channels run: the batch processor's and the metric reader's threads hand each
 /// export to it. The service's own runtime never encodes, writes or frees an export, and a slow
 /// backend never holds up a request.
+///
+/// The exporters that send on it keep a [`RuntimeGuard`]: the thread ends when the last of
+/// `Telemetry` and those exporters lets go, so a provider kept alive by a span that outlived
+/// `Telemetry` still exports at its final shutdown.
 struct ExportRuntime {
     handle: tokio::runtime::Handle,
-    /// Dropping it ends the thread (and with it the runtime).
-    _stop: tokio::sync::oneshot::Sender<()>,
+    /// Dropping the last clone ends the thread (and with it the runtime).
+    stop: Arc<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl ExportRuntime {
@@ -495,18 +499,17 @@ impl ExportRuntime {
             .recv()
             .map_err(|_| SetupError::Runtime(std::io::Error::other("the otlp-export thread ended before it started")))?
             .map_err(SetupError::Runtime)?;
-        Ok(Self { handle, _stop: stop })
+        Ok(Self { handle, stop: Arc::new(stop) })
     }
 
-    /// The runtime's handle, starting it on first need: only gRPC exporters use it.
-    fn handle(runtime: &mut Option<Self>) -> Result<tokio::runtime::Handle, SetupError> {
-        if let Some(started) = runtime {
-            return Ok(started.handle.clone());
-        }
-        let started = Self::start()?;
-        let handle = started.handle.clone();
-        *runtime = Some(started);
-        Ok(handle)
+    /// The runtime's handle and a guard that keeps it running, starting it on first need:
+    /// only gRPC exporters use it.
+    fn handle(runtime: &mut Option<Self>) -> Result<(tokio::runtime::Handle, RuntimeGuard), SetupError> {
+        let started = match runtime {
+            Some(started) => started,
+            None => runtime.insert(Self::start()?),
+        };
+        Ok((started.handle.clone(), RuntimeGuard::new(started.stop.clone())))
     }
 }
 
@@ -703,12 +706,13 @@ fn with_span_export(
     let endpoint_or_default = endpoint.as_deref().unwrap_or(DEFAULT_GRPC_ENDPOINT);
     Ok(match protocol {
         OtlpProtocol::Grpc if endpoint_or_default.starts_with("http://") => {
-            let exporter =
-                GrpcSpanExporter::new(endpoint_or_default, &config.span_transport, &ExportRuntime::handle(runtime)?)?;
+            let (handle, guard) = ExportRuntime::handle(runtime)?;
+            let exporter = GrpcSpanExporter::new(endpoint_or_default, &config.span_transport, &handle)?.keeping(guard);
             builder.with_span_processor(EncodingSpanProcessor::new(exporter, limits)?)
         }
         OtlpProtocol::Grpc => {
-            let _entered = ExportRuntime::handle(runtime)?.enter();
+            // `https://`: the SDK's exporter, built without TLS, refuses it here at startup.
+            let _entered = ExportRuntime::handle(runtime)?.0.enter();
             let exporter =
                 configured(opentelemetry_otlp::SpanExporter::builder().with_tonic(), endpoint, protocol).build()?;
             builder.with_span_processor(batched(exporter, batch))
@@ -751,25 +755,34 @@ fn meter_provider(
     runtime: &mut Option<ExportRuntime>,
 ) -> Result<Option<SdkMeterProvider>, SetupError> {
     let Export::Otlp { endpoint, protocol } = &config.metrics else { return Ok(None) };
-    let exporter = match protocol {
+    let (exporter, runtime) = match protocol {
         OtlpProtocol::Grpc => {
-            let _entered = ExportRuntime::handle(runtime)?.enter();
-            configured(MetricExporter::builder().with_tonic(), endpoint, *protocol).build()?
+            let (handle, guard) = ExportRuntime::handle(runtime)?;
+            let _entered = handle.enter();
+            (configured(MetricExporter::builder().with_tonic(), endpoint, *protocol).build()?, Some(guard))
         }
-        OtlpProtocol::HttpProtobuf => configured(MetricExporter::builder().with_http(), endpoint, *protocol).build()?,
+        OtlpProtocol::HttpProtobuf => {
+            (configured(MetricExporter::builder().with_http(), endpoint, *protocol).build()?, None)
+        }
     };
-    let reader = PeriodicReader::builder(LoggingMetricExporter(exporter)).with_interval(config.metric_interval).build();
+    let reader = PeriodicReader::builder(LoggingMetricExporter { inner: exporter, _runtime: runtime })
+        .with_interval(config.metric_interval)
+        .build();
     Ok(Some(SdkMeterProvider::builder().with_resource(resource.clone()).with_reader(reader).build()))
 }
 
 /// Says in the log when a metric export fails (the SDK alone only reports it through its
 /// internal logs). Metrics are cumulative: the next export carries what this one lost.
 #[derive(Debug)]
-struct LoggingMetricExporter<E>(E);
+struct LoggingMetricExporter<E> {
+    inner: E,
+    /// Keeps the export runtime running for the reader's last export (gRPC only).
+    _runtime: Option<RuntimeGuard>,
+}
 
 impl<E: PushMetricExporter> PushMetricExporter for LoggingMetricExporter<E> {
     async fn export(&self, metrics: &ResourceMetrics) -> OTelSdkResult {
-        let result = self.0.export(metrics).await;
+        let result = self.inner.export(metrics).await;
         if let Err(error) = &result {
             tracing::warn!(%error, "metric export failed; the next export carries the totals");
         }
@@ -777,15 +790,15 @@ impl<E: PushMetricExporter> PushMetricExporter for LoggingMetricExporter<E> {
     }
 
     fn force_flush(&self) -> OTelSdkResult {
-        self.0.force_flush()
+        self.inner.force_flush()
     }
 
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        self.0.shutdown_with_timeout(timeout)
+        self.inner.shutdown_with_timeout(timeout)
     }
 
     fn temporality(&self) -> Temporality {
-        self.0.temporality()
+        self.inner.temporality()
     }
 }
 
