@@ -62,7 +62,7 @@ pub fn free_port_list(count: usize) -> Result<Vec<u16>, Error> {
         if held.len() == count {
             break;
         }
-        let offset = (uuid::Uuid::new_v4().as_u128() % u128::from(band.end - band.start)) as u16;
+        let offset = (rand::random::<u32>() % u32::from(band.end - band.start)) as u16;
         let port = band.start + offset;
         // Servers here bind loopback or every interface; a free wildcard port is free on both.
         match TcpListener::bind(("0.0.0.0", port)) {
