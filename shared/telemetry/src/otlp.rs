@@ -71,25 +71,14 @@ pub struct GrpcSpanExporter {
 }
 
 /// Keeps the runtime an exporter sends on running for as long as the exporter lives: a clone
-/// of whatever stops that runtime when its last clone goes.
-#[derive(Clone)]
+/// of the sender whose drop, once the last clone goes, stops that runtime's thread.
+#[derive(Debug, Clone)]
 pub(crate) struct RuntimeGuard(
-    #[allow(dead_code, reason = "held, never read: its drop is the point")] Arc<dyn std::any::Any + Send + Sync>,
+    #[allow(dead_code, reason = "held, never read: its drop is the point")]
+    pub(crate)  Arc<tokio::sync::oneshot::Sender<()>>,
 );
 
-impl RuntimeGuard {
-    pub(crate) fn new(keep: Arc<impl std::any::Any + Send + Sync>) -> Self {
-        Self(keep)
-    }
-}
-
-impl std::fmt::Debug for RuntimeGuard {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("RuntimeGuard")
-    }
-}
-
-/// The running count of spans lost on their way out (failed exports, spans a backend
+/// The running count of spans lost on their way out (a full queue, failed exports, spans a backend
 /// rejects), shared by its clones, so the log gives one total however they were lost.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct LostSpans(Arc<AtomicU64>);
@@ -100,6 +89,7 @@ impl LostSpans {
         self.0.fetch_add(spans, Ordering::Relaxed) + spans
     }
 
+    /// The total so far.
     #[cfg(test)]
     pub(crate) fn total(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
@@ -179,8 +169,10 @@ impl GrpcSpanExporter {
     fn send(&self, body: Bytes) -> impl Future<Output = OTelSdkResult> + Send + 'static {
         let (mut client, metadata, timeout) = (self.client.clone(), self.metadata.clone(), self.timeout);
         let lost = self.lost.clone();
+        // From now, not from the task's first poll: `export_blocking` waits for the answer
+        // from now too, so the send cannot outlast the wait and land after being counted lost.
+        let deadline = tokio::time::Instant::now() + timeout;
         async move {
-            let deadline = tokio::time::Instant::now() + timeout;
             let mut backoff = Duration::from_millis(100);
             loop {
                 let mut request = tonic::Request::new(body.clone());
@@ -405,6 +397,7 @@ impl EncodedBatch {
         self.spans
     }
 
+    /// Whether it holds no span.
     pub(crate) fn is_empty(&self) -> bool {
         self.spans == 0
     }

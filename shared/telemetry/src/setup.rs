@@ -141,8 +141,9 @@ impl Default for SpanTransport {
 pub struct BatchLimits {
     /// The longest a span waits for a batch to fill before the batch goes anyway.
     pub delay: Duration,
-    /// Spans held at most, encoded or being sent; past it, spans are dropped (and counted) so
-    /// that a slow backend costs spans, never the service's memory.
+    /// Spans waiting at most (those of the batch being sent are not counted, as in the SDK's
+    /// processor); past it, spans are dropped (and, over OTLP/gRPC, counted and logged) so that
+    /// a slow backend costs spans, never the service's memory.
     pub max_queue: usize,
     /// Spans per export request, at most (never more than `max_queue`).
     pub max_batch: usize,
@@ -183,7 +184,8 @@ impl SpanTransport {
 }
 
 impl TelemetryConfig {
-    /// The variables [`TelemetryConfig::from_lookup`] reads (the metric exporter the `_METRICS_` forms of the headers, timeout and compression).
+    /// The variables [`TelemetryConfig::from_lookup`] reads (the metric exporter reads the
+    /// `_METRICS_` forms of the headers, timeout and compression itself).
     pub const VARIABLES: &'static [&'static str] = &[
         "OTEL_SERVICE_NAME",
         "OTEL_RESOURCE_ATTRIBUTES",
@@ -456,15 +458,14 @@ struct Inner {
     /// `None` without a meter provider.
     instruments: Option<Instruments>,
     shutdown_timeout: Duration,
-    /// Where the exporters' I/O runs; declared last so it outlives the providers, whose drop
-    /// still exports what is left.
+    /// Where the exporters' I/O runs (each gRPC exporter keeps it running as long as it needs).
     _runtime: Option<ExportRuntime>,
 }
 
 /// A current-thread tokio runtime on a thread of its own (`otlp-export`), on which the OTLP/gRPC
 /// exporters' channels run: the batch processor's and the metric reader's threads hand each
-/// export to it. The service's own runtime never encodes, writes or frees an export, and a slow
-/// backend never holds up a request.
+/// export to it. The service's own runtime never sends or waits for an export, and a slow backend
+/// never holds up a request.
 ///
 /// The exporters that send on it keep a [`RuntimeGuard`]: the thread ends when the last of
 /// `Telemetry` and those exporters lets go, so a provider kept alive by a span that outlived
@@ -509,7 +510,7 @@ impl ExportRuntime {
             Some(started) => started,
             None => runtime.insert(Self::start()?),
         };
-        Ok((started.handle.clone(), RuntimeGuard::new(started.stop.clone())))
+        Ok((started.handle.clone(), RuntimeGuard(started.stop.clone())))
     }
 }
 
@@ -802,8 +803,8 @@ impl<E: PushMetricExporter> PushMetricExporter for LoggingMetricExporter<E> {
     }
 }
 
-/// Counts spans lost to failed exports and says so in the log (the SDK alone is silent). The
-/// count is shared with our gRPC exporter, which adds the spans a backend rejects.
+/// Counts spans lost to failed exports and says so in the log (the SDK alone is silent): for
+/// the exporters behind the SDK's batch processor (OTLP/gRPC over `http://` counts its own).
 #[derive(Debug)]
 struct CountingExporter<E> {
     inner: E,

@@ -14,7 +14,7 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::sync::mpsc::{SyncSender, sync_channel};
+use std::sync::mpsc::{RecvTimeoutError, SyncSender, sync_channel};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -46,23 +46,26 @@ pub enum BatchError {
 /// The OTLP/gRPC batch span processor; see the module documentation.
 pub struct EncodingSpanProcessor {
     shared: Arc<Shared>,
-    /// The export thread: joined at shutdown once it has answered (it is left to finish on its
-    /// own when shutdown gives up at its deadline, bounded by the exporter's timeout).
+    /// The export thread: joined at shutdown once it has answered. When shutdown gives up at its
+    /// deadline, the thread is left to finish on its own: each batch it holds (at most
+    /// `max_queue / max_batch + 1`) ends within the exporter's timeout and a second.
     worker: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// What the threads ending spans and the export thread share.
 #[derive(Debug)]
 struct Shared {
-    /// Everything below it, behind one lock: a span's turn under it is a copy of its bytes.
+    /// The queue's state, behind one lock: a span's turn under it is a copy of its bytes.
     queue: Mutex<Queue>,
     /// Wakes the export thread: a batch is full, or a flush or the shutdown is asked for.
     wake: Condvar,
+    /// The limits, the batch cut to the queue size.
     limits: BatchLimits,
     /// Spans lost on the way: a full queue, failed exports, spans a backend rejects.
     lost: LostSpans,
 }
 
+/// The spans waiting, what the export thread is asked for, and the counts.
 #[derive(Debug, Default)]
 struct Queue {
     /// The batch spans go into as they end.
@@ -95,6 +98,7 @@ thread_local! {
 
 /// Where the export thread sends each batch's encoded request, waiting for the outcome.
 pub(crate) trait SendBatch: Send + 'static {
+    /// Sends one `ExportTraceServiceRequest` and says how it went.
     fn send_batch(&self, request: Vec<u8>) -> OTelSdkResult;
 }
 
@@ -128,13 +132,36 @@ impl EncodingSpanProcessor {
         let worker = {
             let shared = shared.clone();
             std::thread::Builder::new().name("otlp-batch".into()).spawn(move || {
-                let guard = ExportThread { shared: &shared };
-                export_loop(guard.shared, &sender);
-                // Ended as asked, having answered the shutdown: nothing for the guard to do.
-                std::mem::forget(guard);
+                let _stopped = ExportThread { shared: &shared };
+                export_loop(&shared, &sender);
             })?
         };
         Ok(Self { shared, worker: Mutex::new(Some(worker)) })
+    }
+}
+
+impl EncodingSpanProcessor {
+    /// Adds `span`, encoded as `entry`, to the batch being filled; hands the batch to the
+    /// export thread when it is full.
+    fn enqueue(&self, span: &SpanData, entry: &[u8]) {
+        let limits = &self.shared.limits;
+        let mut queue = self.shared.lock();
+        if queue.closed {
+            return;
+        }
+        if queue.waiting >= limits.max_queue {
+            queue.dropped += 1;
+            return;
+        }
+        queue.filling.push_encoded(&span.instrumentation_scope, entry);
+        queue.waiting += 1;
+        if queue.filling.len() >= limits.max_batch {
+            let next = queue.spare.take().unwrap_or_default();
+            let full = std::mem::replace(&mut queue.filling, next);
+            queue.full.push_back(full);
+            drop(queue);
+            self.shared.wake.notify_one();
+        }
     }
 }
 
@@ -165,28 +192,16 @@ impl SpanProcessor for EncodingSpanProcessor {
         if !span.span_context.is_sampled() {
             return;
         }
-        let limits = &self.shared.limits;
-        SCRATCH.with_borrow_mut(|entry| {
+        let enqueue = |entry: &mut Vec<u8>| {
             entry.clear();
             encode_span_entry(entry, &span);
-            let mut queue = self.shared.lock();
-            if queue.closed {
-                return;
-            }
-            if queue.waiting >= limits.max_queue {
-                queue.dropped += 1;
-                return;
-            }
-            queue.filling.push_encoded(&span.instrumentation_scope, entry);
-            queue.waiting += 1;
-            if queue.filling.len() >= limits.max_batch {
-                let next = queue.spare.take().unwrap_or_default();
-                let full = std::mem::replace(&mut queue.filling, next);
-                queue.full.push_back(full);
-                drop(queue);
-                self.shared.wake.notify_one();
-            }
-        });
+            self.enqueue(&span, entry);
+        };
+        // A span that ends while its thread is being torn down (its thread-locals gone) gets a
+        // buffer of its own.
+        if SCRATCH.try_with(|scratch| enqueue(&mut scratch.borrow_mut())).is_err() {
+            enqueue(&mut Vec::new());
+        }
         // `span` is freed here, on the thread that built it.
     }
 
@@ -200,7 +215,11 @@ impl SpanProcessor for EncodingSpanProcessor {
             queue.flushes.push(answer);
         }
         self.shared.wake.notify_one();
-        outcome.recv_timeout(FLUSH_TIMEOUT).unwrap_or(Err(OTelSdkError::Timeout(FLUSH_TIMEOUT)))
+        match outcome.recv_timeout(FLUSH_TIMEOUT) {
+            Ok(result) => result,
+            Err(RecvTimeoutError::Timeout) => Err(OTelSdkError::Timeout(FLUSH_TIMEOUT)),
+            Err(RecvTimeoutError::Disconnected) => Err(thread_stopped()),
+        }
     }
 
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
@@ -221,7 +240,8 @@ impl SpanProcessor for EncodingSpanProcessor {
                 }
                 result
             }
-            Err(_) => {
+            Err(RecvTimeoutError::Disconnected) => Err(thread_stopped()),
+            Err(RecvTimeoutError::Timeout) => {
                 let queue = self.shared.lock();
                 tracing::warn!(
                     unsent_spans = queue.waiting + queue.sending,
@@ -253,23 +273,29 @@ impl Drop for EncodingSpanProcessor {
     }
 }
 
-/// Set while the export thread runs: should it panic, the processor is closed and whoever
-/// waits on it is answered, instead of spans piling up unsent and flushes waiting out their
-/// timeouts.
+/// Held by the export thread: should it panic, the processor is closed and whoever waits on it
+/// is answered, instead of spans piling up unsent and flushes waiting out their timeouts.
 struct ExportThread<'a> {
     shared: &'a Shared,
 }
 
+fn thread_stopped() -> OTelSdkError {
+    OTelSdkError::InternalFailure("the span export thread stopped".into())
+}
+
 impl Drop for ExportThread<'_> {
     fn drop(&mut self) {
+        if !std::thread::panicking() {
+            // Ended as asked, having answered the shutdown.
+            return;
+        }
         let mut queue = self.shared.lock();
         queue.closed = true;
-        let gone = || Err(OTelSdkError::InternalFailure("the span export thread stopped".into()));
         for flush in queue.flushes.drain(..) {
-            let _ = flush.send(gone());
+            let _ = flush.send(Err(thread_stopped()));
         }
         if let Some(shutdown) = queue.shutdown.take() {
-            let _ = shutdown.send(gone());
+            let _ = shutdown.send(Err(thread_stopped()));
         }
         tracing::error!(unsent_spans = queue.waiting, "the span export thread stopped: no more spans are exported");
     }
@@ -277,11 +303,16 @@ impl Drop for ExportThread<'_> {
 
 /// What the export thread takes from the queue in one round.
 struct Round {
+    /// The full batches, and the one being filled when the delay is up or a flush or the
+    /// shutdown asks for everything.
     batches: Vec<EncodedBatch>,
+    /// The resource, as it stood when the batches were taken.
     resource: Bytes,
     /// Spans dropped at a full queue since the last round.
     dropped: u64,
+    /// Flushes to answer once the batches are sent (they cover every span ended before them).
     flushes: Vec<SyncSender<OTelSdkResult>>,
+    /// The shutdown to answer last, after which the thread ends.
     shutdown: Option<SyncSender<OTelSdkResult>>,
 }
 
