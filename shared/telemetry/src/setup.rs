@@ -24,8 +24,7 @@ use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
 use opentelemetry_sdk::resource::{Resource, TelemetryResourceDetector};
 use opentelemetry_sdk::trace::{
-    BatchConfig, BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider, SpanData, SpanExporter,
-    TracerProviderBuilder,
+    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider, SpanData, SpanExporter, TracerProviderBuilder,
 };
 
 use crate::env::{ConfigError, Env};
@@ -699,11 +698,6 @@ fn with_span_export(
     runtime: &mut Option<ExportRuntime>,
 ) -> Result<TracerProviderBuilder, SetupError> {
     let limits = config.batch;
-    let batch = BatchConfigBuilder::default()
-        .with_scheduled_delay(limits.delay)
-        .with_max_queue_size(limits.max_queue)
-        .with_max_export_batch_size(limits.max_batch)
-        .build();
     let endpoint_or_default = endpoint.as_deref().unwrap_or(DEFAULT_GRPC_ENDPOINT);
     Ok(match protocol {
         OtlpProtocol::Grpc if endpoint_or_default.starts_with("http://") => {
@@ -716,17 +710,22 @@ fn with_span_export(
             let _entered = ExportRuntime::handle(runtime)?.0.enter();
             let exporter =
                 configured(opentelemetry_otlp::SpanExporter::builder().with_tonic(), endpoint, protocol).build()?;
-            builder.with_span_processor(batched(exporter, batch))
+            builder.with_span_processor(batched(exporter, limits))
         }
         OtlpProtocol::HttpProtobuf => builder.with_span_processor(batched(
             configured(opentelemetry_otlp::SpanExporter::builder().with_http(), endpoint, protocol).build()?,
-            batch,
+            limits,
         )),
     })
 }
 
-/// `exporter` behind the SDK's batch processor, its failures counted and logged.
-fn batched<E: SpanExporter + 'static>(exporter: E, batch: BatchConfig) -> BatchSpanProcessor {
+/// `exporter` behind the SDK's batch processor, with `limits`, its failures counted and logged.
+fn batched<E: SpanExporter + 'static>(exporter: E, limits: BatchLimits) -> BatchSpanProcessor {
+    let batch = BatchConfigBuilder::default()
+        .with_scheduled_delay(limits.delay)
+        .with_max_queue_size(limits.max_queue)
+        .with_max_export_batch_size(limits.max_batch)
+        .build();
     BatchSpanProcessor::builder(CountingExporter { inner: exporter, lost: LostSpans::default() })
         .with_batch_config(batch)
         .build()
