@@ -62,8 +62,7 @@ pub fn free_port_list(count: usize) -> Result<Vec<u16>, Error> {
         if held.len() == count {
             break;
         }
-        let offset = (rand::random::<u32>() % u32::from(band.end - band.start)) as u16;
-        let port = band.start + offset;
+        let port = rand::random_range(band.clone());
         // Servers here bind loopback or every interface; a free wildcard port is free on both.
         match TcpListener::bind(("0.0.0.0", port)) {
             Ok(listener) => held.push((port, listener)),
@@ -80,8 +79,12 @@ pub fn free_port_list(count: usize) -> Result<Vec<u16>, Error> {
 /// starts too low to leave room below (Linux's default, 32768-60999, where the range cannot be
 /// read).
 pub fn outside_the_ephemeral_range() -> Result<Range<u16>, Error> {
-    let range = std::fs::read_to_string(EPHEMERAL_RANGE_FILE).unwrap_or_default();
-    let mut bounds = range.split_whitespace().map(|bound| bound.parse::<u16>().ok());
+    band(&std::fs::read_to_string(EPHEMERAL_RANGE_FILE).unwrap_or_default())
+}
+
+/// The band for an ephemeral range as the kernel writes it (`"32768\t60999\n"`).
+fn band(ephemeral_range: &str) -> Result<Range<u16>, Error> {
+    let mut bounds = ephemeral_range.split_whitespace().map(|bound| bound.parse::<u16>().ok());
     let (low, high) = match (bounds.next().flatten(), bounds.next().flatten()) {
         (Some(low), Some(high)) => (low, high),
         _ => (32768, 60999),
@@ -98,6 +101,16 @@ pub fn outside_the_ephemeral_range() -> Result<Range<u16>, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_band_lies_below_the_ephemeral_range_or_above_it() {
+        assert_eq!(band("32768\t60999\n").expect("Linux's default"), 10_000..32_768);
+        assert_eq!(band("15000 64000").expect("room below"), 10_000..15_000);
+        assert_eq!(band("1024 50000").expect("room above"), 50_001..65_535);
+        assert_eq!(band("").expect("unreadable: Linux's default"), 10_000..32_768);
+        assert_eq!(band("low high").expect("unparsable: Linux's default"), 10_000..32_768);
+        assert!(matches!(band("1024 65000"), Err(Error::NoRoom { low: 1024, high: 65_000 })));
+    }
 
     #[test]
     fn free_ports_are_distinct_free_and_outside_the_ephemeral_range() {
