@@ -92,16 +92,16 @@ impl ThrowawayNode {
         })
     }
 
-    /// Waits until the node has booted. Gives up after `timeout`, or once epmd has said for
-    /// `gone_for` that no VM of this name is running: a VM that dies at boot (its distribution
-    /// port taken, say) writes no log and would otherwise be waited on for the whole timeout.
+    /// Waits until the node has booted. Gives up after `timeout`, or once no VM of this name has
+    /// been running for `gone_for`: a VM that dies at boot (its distribution port taken, say)
+    /// writes no log and would otherwise be waited on for the whole timeout.
     fn await_startup(&self, timeout: Duration, gone_for: Duration) -> Result<(), String> {
         let started = Instant::now();
         let mut absent_since: Option<Instant> = None;
         loop {
             let ready = self.ctl(&["await_startup", "--timeout", "5"]);
             let Err(error) = ready else { return Ok(()) };
-            if error.contains("not running at all") {
+            if self.vm_pids().is_empty() {
                 let since = *absent_since.get_or_insert_with(Instant::now);
                 if since.elapsed() > gone_for {
                     return Err(format!("has not been running for {gone_for:?} (its VM exited): {error}"));
@@ -182,9 +182,7 @@ impl ThrowawayNode {
     pub fn restart(&self) {
         self.launch().unwrap_or_else(|failure| panic!("restarting: {failure}"));
     }
-}
 
-impl ThrowawayNode {
     /// The pids of this node's Erlang VM, found by the node name in its environment: a VM still
     /// booting has not written its pid file yet.
     fn vm_pids(&self) -> Vec<String> {
