@@ -13,6 +13,7 @@
 //! - [`otlp`]: OTLP/gRPC span export: the batch processor that encodes each span as it ends, and
 //!   the exporter that sends the batches.
 //! - [`spans`]: recording errors, baggage as span attributes.
+//! - [`tracer`]: the tracer services start spans with (the SDK's, or a no-op one).
 //! - [`logging`]: log lines carrying `trace_id` / `span_id` (text or JSON).
 //! - [`shutdown`]: the SIGINT / SIGTERM signal every service drains on.
 //! - [`probe`]: self-probes for container healthchecks (`<service> healthcheck`).
@@ -34,6 +35,7 @@ pub mod propagators;
 pub mod setup;
 pub mod shutdown;
 pub mod spans;
+pub mod tracer;
 
 pub use env::{ConfigError, Env};
 pub use setup::{Telemetry, TelemetryConfig};

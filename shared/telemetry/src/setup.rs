@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
-use opentelemetry::global::BoxedTracer;
 use opentelemetry::metrics::{Meter, MeterProvider as _, noop::NoopMeterProvider};
 use opentelemetry::propagation::{TextMapCompositePropagator, TextMapPropagator};
 use opentelemetry::trace::{TracerProvider as _, noop::NoopTracer};
@@ -32,6 +31,7 @@ use crate::metrics::Instruments;
 use crate::otlp::{BatchError, EncodingSpanProcessor, GrpcExportError, GrpcSpanExporter, LostSpans, RuntimeGuard};
 use crate::propagation::CheckedPropagator;
 use crate::propagators::{self, DEFAULT_PROPAGATORS, PropagatorKind};
+use crate::tracer::ServiceTracer;
 
 /// Which sampler `OTEL_TRACES_SAMPLER` (+ `_ARG`) asks for.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -446,7 +446,7 @@ pub struct Telemetry {
 
 struct Inner {
     service_name: String,
-    tracer: BoxedTracer,
+    tracer: ServiceTracer,
     propagator: CheckedPropagator<TextMapCompositePropagator>,
     /// `None` when the SDK is disabled: nothing to flush.
     provider: Option<SdkTracerProvider>,
@@ -530,14 +530,7 @@ impl Telemetry {
     pub fn new(config: &TelemetryConfig) -> Result<Self, SetupError> {
         let propagator = CheckedPropagator::new(propagators::composite(&config.propagators));
         if config.sdk_disabled {
-            return Ok(Self::assemble(
-                config,
-                BoxedTracer::new(Box::new(NoopTracer::new())),
-                propagator,
-                None,
-                None,
-                None,
-            ));
+            return Ok(Self::assemble(config, ServiceTracer::Noop(NoopTracer::new()), propagator, None, None, None));
         }
         let mut resource = Resource::builder_empty()
             .with_detector(Box::new(TelemetryResourceDetector))
@@ -561,7 +554,7 @@ impl Telemetry {
             builder = with_span_export(builder, config, endpoint, *protocol, &mut runtime)?;
         }
         let provider = builder.build();
-        let tracer = BoxedTracer::new(Box::new(provider.tracer("tracehop")));
+        let tracer = ServiceTracer::Sdk(provider.tracer("tracehop"));
         Ok(Self::assemble(config, tracer, propagator, Some(provider), meter_provider, runtime))
     }
 
@@ -569,12 +562,12 @@ impl Telemetry {
     pub fn disabled(service_name: &str) -> Self {
         let config = TelemetryConfig { sdk_disabled: true, ..TelemetryConfig::new(service_name) };
         let propagator = CheckedPropagator::new(propagators::composite(&config.propagators));
-        Self::assemble(&config, BoxedTracer::new(Box::new(NoopTracer::new())), propagator, None, None, None)
+        Self::assemble(&config, ServiceTracer::Noop(NoopTracer::new()), propagator, None, None, None)
     }
 
     fn assemble(
         config: &TelemetryConfig,
-        tracer: BoxedTracer,
+        tracer: ServiceTracer,
         propagator: CheckedPropagator<TextMapCompositePropagator>,
         provider: Option<SdkTracerProvider>,
         meter_provider: Option<SdkMeterProvider>,
@@ -616,7 +609,7 @@ impl Telemetry {
     }
 
     /// The tracer that starts this service's spans.
-    pub fn tracer(&self) -> &BoxedTracer {
+    pub fn tracer(&self) -> &ServiceTracer {
         &self.inner.tracer
     }
 
