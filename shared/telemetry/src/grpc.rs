@@ -239,7 +239,7 @@ impl RpcSpan {
             if failed {
                 attributes.push(KeyValue::new(ERROR_TYPE, code_name(code)));
             }
-            histogram.record(started.elapsed().as_secs_f64(), &attributes);
+            histogram.record(started.elapsed().as_secs_f64(), attributes.as_slice());
         }
     }
 }

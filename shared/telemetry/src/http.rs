@@ -277,7 +277,7 @@ where
                     if status.is_server_error() {
                         attributes.push(KeyValue::new(ERROR_TYPE, status.as_str().to_owned()));
                     }
-                    histogram.record(started.elapsed().as_secs_f64(), &attributes);
+                    histogram.record(started.elapsed().as_secs_f64(), attributes.as_slice());
                 }
                 if *this.trace_response_headers && span.span_context().is_valid() {
                     let value = traceparent(span.span_context());

@@ -27,6 +27,7 @@ use opentelemetry_semantic_conventions::attribute::{
 };
 
 use crate::Telemetry;
+use crate::metrics::{AttributeSet, same_str};
 use crate::propagation::{AmqpHeaderExtractor, AmqpHeaderInjector};
 
 /// `tracehop.message.redelivered`: the broker flagged the delivery as a redelivery.
@@ -210,24 +211,85 @@ pub enum Settle {
 
 /// The metrics' attributes: the conventions' low-cardinality ones (no message id, no tag).
 /// Without `messaging.operation.type`, which only the operation-duration histogram carries.
-fn metric_attributes(
+/// The attributes of a messaging measurement, by their parts: found among an instrument's
+/// bound sets by comparing the parts (shared strings by address), so a measurement builds no
+/// attributes, clones no string and allocates nothing once its set is bound.
+pub(crate) struct MessagingSet<'a> {
+    /// `messaging.operation.name`.
     operation: &'static str,
-    destination: &Destination,
-    peer: &BrokerPeer,
+    /// `messaging.operation.type`, which the counters leave out.
+    operation_type: Option<&'static str>,
+    destination: &'a Destination,
+    peer: &'a BrokerPeer,
+    /// `error.type`, when the operation failed.
     error_type: Option<&'static str>,
-) -> Vec<KeyValue> {
-    let mut attributes = Vec::with_capacity(7);
-    attributes.extend([
-        KeyValue::new(MESSAGING_SYSTEM, "rabbitmq"),
-        KeyValue::new(MESSAGING_OPERATION_NAME, operation),
-        KeyValue::new(MESSAGING_DESTINATION_NAME, destination.name.clone()),
-        KeyValue::new(SERVER_ADDRESS, StringValue::from(peer.address.clone())),
-        KeyValue::new(SERVER_PORT, i64::from(peer.port)),
-    ]);
-    if let Some(error_type) = error_type {
-        attributes.push(KeyValue::new(ERROR_TYPE, error_type));
+}
+
+/// What a bound [`MessagingSet`] keeps: its parts, the strings shared with the caller's.
+#[derive(Debug)]
+pub(crate) struct MessagingKey {
+    operation: &'static str,
+    operation_type: Option<&'static str>,
+    destination: StringValue,
+    address: Arc<str>,
+    port: u16,
+    error_type: Option<&'static str>,
+}
+
+impl<'a> MessagingSet<'a> {
+    fn new(operation: &'static str, destination: &'a Destination, peer: &'a BrokerPeer) -> Self {
+        Self { operation, operation_type: None, destination, peer, error_type: None }
     }
-    attributes
+
+    fn failed(self, error_type: Option<&'static str>) -> Self {
+        Self { error_type, ..self }
+    }
+
+    fn typed(self, operation_type: &'static str) -> Self {
+        Self { operation_type: Some(operation_type), ..self }
+    }
+}
+
+impl AttributeSet for MessagingSet<'_> {
+    type Key = MessagingKey;
+
+    fn matches(&self, key: &MessagingKey) -> bool {
+        key.operation == self.operation
+            && key.operation_type == self.operation_type
+            && key.error_type == self.error_type
+            && key.port == self.peer.port
+            && same_str(&key.address, &self.peer.address)
+            && same_str(key.destination.as_str(), self.destination.name.as_str())
+    }
+
+    fn key(&self) -> MessagingKey {
+        MessagingKey {
+            operation: self.operation,
+            operation_type: self.operation_type,
+            destination: self.destination.name.clone(),
+            address: self.peer.address.clone(),
+            port: self.peer.port,
+            error_type: self.error_type,
+        }
+    }
+
+    fn attributes(&self) -> Vec<KeyValue> {
+        let mut attributes = Vec::with_capacity(7);
+        attributes.extend([
+            KeyValue::new(MESSAGING_SYSTEM, "rabbitmq"),
+            KeyValue::new(MESSAGING_OPERATION_NAME, self.operation),
+            KeyValue::new(MESSAGING_DESTINATION_NAME, self.destination.name.clone()),
+            KeyValue::new(SERVER_ADDRESS, StringValue::from(self.peer.address.clone())),
+            KeyValue::new(SERVER_PORT, i64::from(self.peer.port)),
+        ]);
+        if let Some(error_type) = self.error_type {
+            attributes.push(KeyValue::new(ERROR_TYPE, error_type));
+        }
+        if let Some(operation_type) = self.operation_type {
+            attributes.push(KeyValue::new(MESSAGING_OPERATION_TYPE, operation_type));
+        }
+        attributes
+    }
 }
 
 /// Records a publish that took `elapsed` (until the confirm, or the failure named by
@@ -240,16 +302,15 @@ pub fn record_publish(
     error_type: Option<&'static str>,
 ) {
     let Some(instruments) = telemetry.instruments() else { return };
-    let mut attributes = metric_attributes("publish", destination, peer, error_type);
-    instruments.messaging_sent.add(1, &attributes);
-    attributes.push(KeyValue::new(MESSAGING_OPERATION_TYPE, "send"));
-    instruments.messaging_operation_duration.record(elapsed.as_secs_f64(), &attributes);
+    let set = MessagingSet::new("publish", destination, peer).failed(error_type);
+    instruments.messaging_sent.add(1, &set);
+    instruments.messaging_operation_duration.record(elapsed.as_secs_f64(), &set.typed("send"));
 }
 
 /// Counts a delivery handed to the application: `messaging.client.consumed.messages`.
 pub fn record_consumed(telemetry: &Telemetry, source: &Destination, peer: &BrokerPeer) {
     let Some(instruments) = telemetry.instruments() else { return };
-    instruments.messaging_consumed.add(1, &metric_attributes("process", source, peer, None));
+    instruments.messaging_consumed.add(1, &MessagingSet::new("process", source, peer));
 }
 
 /// Records the processing of a delivery (`messaging.process.duration`); `error_type` names
@@ -262,8 +323,8 @@ pub fn record_process(
     error_type: Option<&'static str>,
 ) {
     let Some(instruments) = telemetry.instruments() else { return };
-    let attributes = metric_attributes("process", source, peer, error_type);
-    instruments.messaging_process_duration.record(elapsed.as_secs_f64(), &attributes);
+    let set = MessagingSet::new("process", source, peer).failed(error_type);
+    instruments.messaging_process_duration.record(elapsed.as_secs_f64(), &set);
 }
 
 /// Records an ack or nack that took `elapsed`: `messaging.client.operation.duration` with
@@ -281,9 +342,8 @@ pub fn record_settle(
         Settle::Ack => "ack",
         Settle::Nack => "nack",
     };
-    let mut attributes = metric_attributes(operation, source, peer, error_type);
-    attributes.push(KeyValue::new(MESSAGING_OPERATION_TYPE, "settle"));
-    instruments.messaging_operation_duration.record(elapsed.as_secs_f64(), &attributes);
+    let set = MessagingSet::new(operation, source, peer).failed(error_type).typed("settle");
+    instruments.messaging_operation_duration.record(elapsed.as_secs_f64(), &set);
 }
 
 /// 1 + broker redeliveries (`x-delivery-count`, set by quorum queues; else 1 when flagged
@@ -308,5 +368,63 @@ fn header_int(headers: &FieldTable, key: &str) -> Option<i64> {
         AMQPValue::ShortShortInt(n) => Some(i64::from(*n)),
         AMQPValue::ShortShortUInt(n) => Some(i64::from(*n)),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(address: &str, port: u16) -> BrokerPeer {
+        BrokerPeer { address: address.into(), port }
+    }
+
+    #[test]
+    fn a_messaging_set_matches_its_own_key_and_no_other_parts() {
+        let publish = Destination::publish("checkout", "checkout.processed");
+        let dead_letters = Destination::publish("stock.dlx", "");
+        let node = peer("rabbitmq", 5672);
+        let set = MessagingSet::new("publish", &publish, &node).typed("send");
+        let key = set.key();
+        assert!(set.matches(&key));
+        let same_address = peer("rabbitmq", 5672);
+        assert!(
+            MessagingSet::new("publish", &publish, &same_address).typed("send").matches(&key),
+            "an equal address in another string"
+        );
+        let other_node = peer("rabbitmq-2", 5672);
+        let other_port = peer("rabbitmq", 5673);
+        let different = [
+            MessagingSet::new("publish", &publish, &node),
+            MessagingSet::new("publish", &publish, &node).typed("settle"),
+            MessagingSet::new("ack", &publish, &node).typed("send"),
+            MessagingSet::new("publish", &dead_letters, &node).typed("send"),
+            MessagingSet::new("publish", &publish, &other_node).typed("send"),
+            MessagingSet::new("publish", &publish, &other_port).typed("send"),
+            MessagingSet::new("publish", &publish, &node).typed("send").failed(Some("nacked")),
+        ];
+        for (index, other) in different.iter().enumerate() {
+            assert!(!other.matches(&key), "set {index} shares the handle of another set");
+        }
+    }
+
+    #[test]
+    fn a_messaging_set_binds_the_conventions_attributes() {
+        let process = Destination::process("checkout", "checkout.processed", "stock.checkout-processed");
+        let node = peer("rabbitmq", 5672);
+        let set = MessagingSet::new("ack", &process, &node).failed(Some("broker_unavailable")).typed("settle");
+        assert_eq!(
+            set.attributes(),
+            vec![
+                KeyValue::new(MESSAGING_SYSTEM, "rabbitmq"),
+                KeyValue::new(MESSAGING_OPERATION_NAME, "ack"),
+                KeyValue::new(MESSAGING_DESTINATION_NAME, "checkout:checkout.processed:stock.checkout-processed"),
+                KeyValue::new(SERVER_ADDRESS, "rabbitmq"),
+                KeyValue::new(SERVER_PORT, 5672),
+                KeyValue::new(ERROR_TYPE, "broker_unavailable"),
+                KeyValue::new(MESSAGING_OPERATION_TYPE, "settle"),
+            ]
+        );
+        assert_eq!(MessagingSet::new("process", &process, &node).attributes().len(), 5, "a counter's set");
     }
 }

@@ -31,6 +31,8 @@ use std::sync::{Arc, RwLock};
 use opentelemetry::metrics::{BoundCounter, BoundHistogram, Counter, Histogram, Meter};
 use opentelemetry::{KeyValue, Value};
 
+use crate::messaging::MessagingSet;
+
 /// Seconds: 0.5 ms to 10 s. The conventions' recommendation starts at 5 ms, then 10 ms, which
 /// would put nearly every call of this pipeline in one bucket; 0.5, 1, 2.5 and 7.5 ms are added.
 pub const DURATION_BOUNDARIES: [f64; 18] =
@@ -41,24 +43,58 @@ pub const DURATION_BOUNDARIES: [f64; 18] =
 /// that records something unbounded by mistake.
 pub(crate) const MAX_BOUND: usize = 32;
 
-/// Bound handles by attribute set, found by comparing attributes (in the order the caller
-/// gives them), first set first.
-#[derive(Debug)]
-struct BoundSets<B> {
-    sets: RwLock<Vec<(Box<[KeyValue]>, B)>>,
+/// An attribute set as a caller has it: a slice of attributes, or the parts a helper builds
+/// them from, which it can compare with a bound set without building anything.
+pub(crate) trait AttributeSet {
+    /// What a bound set keeps to be found again.
+    type Key;
+    /// Whether `key` is this set.
+    fn matches(&self, key: &Self::Key) -> bool;
+    /// The key of this set, to bind it under.
+    fn key(&self) -> Self::Key;
+    /// The attributes themselves: to bind the set, or to record it unbound.
+    fn attributes(&self) -> Vec<KeyValue>;
 }
 
-impl<B> Default for BoundSets<B> {
+impl AttributeSet for [KeyValue] {
+    type Key = Box<[KeyValue]>;
+
+    fn matches(&self, key: &Self::Key) -> bool {
+        same_set(key, self)
+    }
+
+    fn key(&self) -> Self::Key {
+        self.into()
+    }
+
+    fn attributes(&self) -> Vec<KeyValue> {
+        self.to_vec()
+    }
+}
+
+/// Bound handles by attribute set, found by comparing sets (attributes in the order the caller
+/// gives them), first set first.
+#[derive(Debug)]
+struct BoundSets<K, B> {
+    sets: RwLock<Vec<(K, B)>>,
+}
+
+impl<K, B> Default for BoundSets<K, B> {
     fn default() -> Self {
         Self { sets: RwLock::new(Vec::new()) }
     }
 }
 
-impl<B> BoundSets<B> {
-    /// Calls `record` with the handle bound to `attributes`, binding it on first sight.
+impl<K, B> BoundSets<K, B> {
+    /// Calls `record` with the handle bound to `set`, binding it on first sight.
     /// Returns `false`, without calling `record`, when the set is not bound and no more can be.
-    fn record(&self, attributes: &[KeyValue], bind: impl FnOnce(&[KeyValue]) -> B, record: impl Fn(&B)) -> bool {
-        let find = |sets: &[(Box<[KeyValue]>, B)]| sets.iter().position(|(set, _)| same_set(set, attributes));
+    fn record<S: AttributeSet<Key = K> + ?Sized>(
+        &self,
+        set: &S,
+        bind: impl FnOnce(&[KeyValue]) -> B,
+        record: impl Fn(&B),
+    ) -> bool {
+        let find = |sets: &[(K, B)]| sets.iter().position(|(key, _)| set.matches(key));
         {
             let sets = self.sets.read().unwrap_or_else(|poisoned| poisoned.into_inner());
             if let Some(index) = find(&sets) {
@@ -73,7 +109,7 @@ impl<B> BoundSets<B> {
         let index = match find(&sets) {
             Some(index) => index,
             None if sets.len() < MAX_BOUND => {
-                sets.push((attributes.into(), bind(attributes)));
+                sets.push((set.key(), bind(&set.attributes())));
                 sets.len() - 1
             }
             None => return false,
@@ -103,43 +139,50 @@ fn same_set(a: &[KeyValue], b: &[KeyValue]) -> bool {
         })
 }
 
-fn same_str(a: &str, b: &str) -> bool {
+pub(crate) fn same_str(a: &str, b: &str) -> bool {
     (std::ptr::eq(a.as_ptr(), b.as_ptr()) && a.len() == b.len()) || a == b
 }
 
-/// An instrument with bound handles (`H`) for the attribute sets it sees.
-#[derive(Debug, Clone)]
-pub(crate) struct WithBound<I, H> {
+/// An instrument with bound handles (`H`) for the attribute sets it sees, kept under keys `K`.
+#[derive(Debug)]
+pub(crate) struct WithBound<I, H, K> {
     instrument: I,
-    bound: Arc<BoundSets<H>>,
+    bound: Arc<BoundSets<K, H>>,
 }
 
-impl<I, H> WithBound<I, H> {
+impl<I: Clone, H, K> Clone for WithBound<I, H, K> {
+    fn clone(&self) -> Self {
+        Self { instrument: self.instrument.clone(), bound: self.bound.clone() }
+    }
+}
+
+impl<I, H, K> WithBound<I, H, K> {
     fn new(instrument: I) -> Self {
         Self { instrument, bound: Arc::default() }
     }
 }
 
-/// A duration histogram.
-pub(crate) type Durations = WithBound<Histogram<f64>, BoundHistogram<f64>>;
+/// A duration histogram, recorded with attribute sets of kind `S` (slices of attributes by
+/// default).
+pub(crate) type Durations<S = [KeyValue]> = WithBound<Histogram<f64>, BoundHistogram<f64>, <S as AttributeSet>::Key>;
 
-impl Durations {
-    /// Records `seconds` with `attributes`.
-    pub(crate) fn record(&self, seconds: f64, attributes: &[KeyValue]) {
-        if !self.bound.record(attributes, |set| self.instrument.bind(set), |bound| bound.record(seconds)) {
-            self.instrument.record(seconds, attributes);
+impl<K> WithBound<Histogram<f64>, BoundHistogram<f64>, K> {
+    /// Records `seconds` with the attributes of `set`.
+    pub(crate) fn record<S: AttributeSet<Key = K> + ?Sized>(&self, seconds: f64, set: &S) {
+        if !self.bound.record(set, |attributes| self.instrument.bind(attributes), |bound| bound.record(seconds)) {
+            self.instrument.record(seconds, &set.attributes());
         }
     }
 }
 
-/// A message counter.
-pub(crate) type Messages = WithBound<Counter<u64>, BoundCounter<u64>>;
+/// A message counter, recorded with attribute sets of kind `S`.
+pub(crate) type Messages<S> = WithBound<Counter<u64>, BoundCounter<u64>, <S as AttributeSet>::Key>;
 
-impl Messages {
-    /// Adds `count` with `attributes`.
-    pub(crate) fn add(&self, count: u64, attributes: &[KeyValue]) {
-        if !self.bound.record(attributes, |set| self.instrument.bind(set), |bound| bound.add(count)) {
-            self.instrument.add(count, attributes);
+impl<K> WithBound<Counter<u64>, BoundCounter<u64>, K> {
+    /// Adds `count` with the attributes of `set`.
+    pub(crate) fn add<S: AttributeSet<Key = K> + ?Sized>(&self, count: u64, set: &S) {
+        if !self.bound.record(set, |attributes| self.instrument.bind(attributes), |bound| bound.add(count)) {
+            self.instrument.add(count, &set.attributes());
         }
     }
 }
@@ -151,44 +194,48 @@ pub(crate) struct Instruments {
     pub(crate) http_server_duration: Durations,
     pub(crate) rpc_server_duration: Durations,
     pub(crate) rpc_client_duration: Durations,
-    pub(crate) messaging_operation_duration: Durations,
-    pub(crate) messaging_sent: Messages,
-    pub(crate) messaging_consumed: Messages,
-    pub(crate) messaging_process_duration: Durations,
+    pub(crate) messaging_operation_duration: Durations<MessagingSet<'static>>,
+    pub(crate) messaging_sent: Messages<MessagingSet<'static>>,
+    pub(crate) messaging_consumed: Messages<MessagingSet<'static>>,
+    pub(crate) messaging_process_duration: Durations<MessagingSet<'static>>,
 }
 
 impl Instruments {
     pub(crate) fn new(meter: &Meter) -> Self {
         let seconds = |name: &'static str, description: &'static str| {
-            Durations::new(
-                meter
-                    .f64_histogram(name)
-                    .with_unit("s")
-                    .with_description(description)
-                    .with_boundaries(DURATION_BOUNDARIES.to_vec())
-                    .build(),
-            )
+            meter
+                .f64_histogram(name)
+                .with_unit("s")
+                .with_description(description)
+                .with_boundaries(DURATION_BOUNDARIES.to_vec())
+                .build()
         };
         let messages = |name: &'static str, description: &'static str| {
-            Messages::new(meter.u64_counter(name).with_unit("{message}").with_description(description).build())
+            meter.u64_counter(name).with_unit("{message}").with_description(description).build()
         };
         Self {
-            http_server_duration: seconds("http.server.request.duration", "Duration of HTTP server requests."),
-            rpc_server_duration: seconds("rpc.server.call.duration", "Duration of incoming RPCs."),
-            rpc_client_duration: seconds("rpc.client.call.duration", "Duration of outgoing RPCs."),
-            messaging_operation_duration: seconds(
+            http_server_duration: WithBound::new(seconds(
+                "http.server.request.duration",
+                "Duration of HTTP server requests.",
+            )),
+            rpc_server_duration: WithBound::new(seconds("rpc.server.call.duration", "Duration of incoming RPCs.")),
+            rpc_client_duration: WithBound::new(seconds("rpc.client.call.duration", "Duration of outgoing RPCs.")),
+            messaging_operation_duration: WithBound::new(seconds(
                 "messaging.client.operation.duration",
                 "Duration of messaging operations (publish, ack, nack).",
-            ),
-            messaging_sent: messages("messaging.client.sent.messages", "Messages the producer attempted to send."),
-            messaging_consumed: messages(
+            )),
+            messaging_sent: WithBound::new(messages(
+                "messaging.client.sent.messages",
+                "Messages the producer attempted to send.",
+            )),
+            messaging_consumed: WithBound::new(messages(
                 "messaging.client.consumed.messages",
                 "Messages delivered to the application.",
-            ),
-            messaging_process_duration: seconds(
+            )),
+            messaging_process_duration: WithBound::new(seconds(
                 "messaging.process.duration",
                 "Duration of processing a delivered message.",
-            ),
+            )),
         }
     }
 }
@@ -205,7 +252,7 @@ mod tests {
 
     #[test]
     fn each_attribute_set_is_bound_once_and_recorded_through_its_own_handle() {
-        let sets = BoundSets::<usize>::default();
+        let sets = BoundSets::<Box<[KeyValue]>, usize>::default();
         let binds = Cell::new(0);
         let recorded = Cell::new(Vec::new());
         let record = |attributes: &[KeyValue]| {
@@ -258,14 +305,17 @@ mod tests {
 
     #[test]
     fn sets_past_the_bound_are_not_bound() {
-        let sets = BoundSets::<()>::default();
+        let sets = BoundSets::<Box<[KeyValue]>, ()>::default();
         for status in 0..MAX_BOUND as i64 {
-            assert!(sets.record(&set("/a", status), |_| (), |_| ()));
+            assert!(sets.record(set("/a", status).as_slice(), |_| (), |_| ()));
         }
         let recorded = Cell::new(false);
-        assert!(!sets.record(&set("/a", -1), |_| (), |_| recorded.set(true)), "one too many is recorded unbound");
+        assert!(
+            !sets.record(set("/a", -1).as_slice(), |_| (), |_| recorded.set(true)),
+            "one too many is recorded unbound"
+        );
         assert!(!recorded.get());
-        assert!(sets.record(&set("/a", 0), |_| (), |_| recorded.set(true)), "bound sets still are");
+        assert!(sets.record(set("/a", 0).as_slice(), |_| (), |_| recorded.set(true)), "bound sets still are");
         assert!(recorded.get());
         assert_eq!(sets.len(), MAX_BOUND);
     }
