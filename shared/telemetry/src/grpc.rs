@@ -20,7 +20,7 @@ use std::time::Instant;
 use http_body::{Body, Frame};
 use opentelemetry::context::{FutureExt as _, WithContext};
 use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer};
-use opentelemetry::{Context, KeyValue};
+use opentelemetry::{Context, KeyValue, StringValue};
 use opentelemetry_semantic_conventions::attribute::{
     ERROR_TYPE, RPC_METHOD, RPC_RESPONSE_STATUS_CODE, RPC_SYSTEM_NAME, SERVER_ADDRESS, SERVER_PORT,
 };
@@ -29,7 +29,7 @@ use tonic::Code;
 use tower::{Layer, Service};
 
 use crate::Telemetry;
-use crate::metrics::Durations;
+use crate::metrics::{AttributeSet, Durations, same_str};
 use crate::propagation::{HeaderExtractor, HeaderInjector};
 use crate::spans::{baggage_attributes, record_error};
 
@@ -48,7 +48,7 @@ enum Side {
 pub struct GrpcClientLayer {
     telemetry: Telemetry,
     /// `server.address` (shared by every span, never copied) and `server.port`.
-    peer: (opentelemetry::StringValue, u16),
+    peer: Peer,
 }
 
 impl GrpcClientLayer {
@@ -90,18 +90,20 @@ where
     fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
         let telemetry = &self.layer.telemetry;
         let parent = Context::current();
-        let method = request.uri().path().trim_start_matches('/').to_owned();
+        let path = request.uri().path().trim_start_matches('/');
+        let method = Arc::<str>::from(path);
         let (address, port) = &self.layer.peer;
         let attributes = vec![
             KeyValue::new(RPC_SYSTEM_NAME, "grpc"),
-            KeyValue::new(RPC_METHOD, method.clone()),
+            KeyValue::new(RPC_METHOD, StringValue::from(method.clone())),
             KeyValue::new(SERVER_ADDRESS, address.clone()),
             KeyValue::new(SERVER_PORT, i64::from(*port)),
         ];
-        let metric = RpcMetric::start(telemetry.instruments().map(|i| &i.rpc_client_duration), &attributes);
+        let metric =
+            RpcMetric::start(telemetry.instruments().map(|i| &i.rpc_client_duration), &method, Some(&self.layer.peer));
         let span = telemetry
             .tracer()
-            .span_builder(method)
+            .span_builder(path.to_owned())
             .with_kind(SpanKind::Client)
             .with_attributes(attributes)
             .start_with_context(telemetry.tracer(), &parent);
@@ -169,10 +171,12 @@ where
             return ResponseFuture { inner: future, span: None };
         }
         let parent = self.telemetry.propagator().extract(&HeaderExtractor(request.headers()));
-        let method = request.uri().path().trim_start_matches('/').to_owned();
-        let mut attributes = vec![KeyValue::new(RPC_SYSTEM_NAME, "grpc"), KeyValue::new(RPC_METHOD, method.clone())];
+        let path = request.uri().path().trim_start_matches('/');
+        let method = Arc::<str>::from(path);
+        let mut attributes =
+            vec![KeyValue::new(RPC_SYSTEM_NAME, "grpc"), KeyValue::new(RPC_METHOD, StringValue::from(method.clone()))];
         // server.address / server.port are opt-in for the server metric: left out.
-        let metric = RpcMetric::start(self.telemetry.instruments().map(|i| &i.rpc_server_duration), &attributes);
+        let metric = RpcMetric::start(self.telemetry.instruments().map(|i| &i.rpc_server_duration), &method, None);
         if let Some(authority) = request.uri().authority() {
             attributes.push(KeyValue::new(SERVER_ADDRESS, authority.host().to_owned()));
             if let Some(port) = authority.port_u16() {
@@ -182,7 +186,7 @@ where
         attributes.extend(baggage_attributes(&parent, &self.baggage_keys));
         let tracer = self.telemetry.tracer();
         let span = tracer
-            .span_builder(method)
+            .span_builder(path.to_owned())
             .with_kind(SpanKind::Server)
             .with_attributes(attributes)
             .start_with_context(tracer, &parent);
@@ -196,14 +200,90 @@ where
     }
 }
 
-/// The call-duration histogram of one call, recorded when its span ends; `None` inside when
-/// metrics are off.
+/// `server.address` (shared, never copied) and `server.port` of a client's calls.
+type Peer = (StringValue, u16);
+
+/// The call-duration histogram of one call, the call's method and, for a client, its server:
+/// recorded when its span ends; `None` inside when metrics are off.
 #[derive(Debug)]
-struct RpcMetric(Option<(Durations, Vec<KeyValue>, Instant)>);
+struct RpcMetric(Option<CallDuration>);
+
+#[derive(Debug)]
+struct CallDuration {
+    histogram: Durations<RpcSet<'static>>,
+    method: Arc<str>,
+    peer: Option<Peer>,
+    started: Instant,
+}
 
 impl RpcMetric {
-    fn start(histogram: Option<&Durations>, attributes: &[KeyValue]) -> Self {
-        Self(histogram.map(|histogram| (histogram.clone(), attributes.to_vec(), Instant::now())))
+    fn start(histogram: Option<&Durations<RpcSet<'static>>>, method: &Arc<str>, peer: Option<&Peer>) -> Self {
+        Self(histogram.map(|histogram| CallDuration {
+            histogram: histogram.clone(),
+            method: method.clone(),
+            peer: peer.cloned(),
+            started: Instant::now(),
+        }))
+    }
+}
+
+/// The attributes of a call-duration measurement, by their parts (`rpc.system.name` is always
+/// `grpc`): found among the bound sets without building them.
+pub(crate) struct RpcSet<'a> {
+    method: &'a str,
+    /// The server, on the client's side (the server's metric leaves it out).
+    peer: Option<&'a Peer>,
+    status: &'static str,
+    /// `error.type`, when the span failed.
+    error_type: Option<&'static str>,
+}
+
+/// What a bound [`RpcSet`] keeps.
+#[derive(Debug)]
+pub(crate) struct RpcKey {
+    method: Box<str>,
+    peer: Option<Peer>,
+    status: &'static str,
+    error_type: Option<&'static str>,
+}
+
+impl AttributeSet for RpcSet<'_> {
+    type Key = RpcKey;
+
+    fn matches(&self, key: &RpcKey) -> bool {
+        key.status == self.status
+            && key.error_type == self.error_type
+            && *key.method == *self.method
+            && match (&key.peer, self.peer) {
+                (None, None) => true,
+                (Some((address, port)), Some((other_address, other_port))) => {
+                    port == other_port && same_str(address.as_str(), other_address.as_str())
+                }
+                _ => false,
+            }
+    }
+
+    fn key(&self) -> RpcKey {
+        RpcKey {
+            method: self.method.into(),
+            peer: self.peer.cloned(),
+            status: self.status,
+            error_type: self.error_type,
+        }
+    }
+
+    fn attributes(&self) -> Vec<KeyValue> {
+        let mut attributes =
+            vec![KeyValue::new(RPC_SYSTEM_NAME, "grpc"), KeyValue::new(RPC_METHOD, self.method.to_owned())];
+        if let Some((address, port)) = self.peer {
+            attributes.push(KeyValue::new(SERVER_ADDRESS, address.clone()));
+            attributes.push(KeyValue::new(SERVER_PORT, i64::from(*port)));
+        }
+        attributes.push(KeyValue::new(RPC_RESPONSE_STATUS_CODE, self.status));
+        if let Some(error_type) = self.error_type {
+            attributes.push(KeyValue::new(ERROR_TYPE, error_type));
+        }
+        attributes
     }
 }
 
@@ -219,27 +299,22 @@ impl RpcSpan {
     fn finish(&mut self, code: Code, message: &str) {
         let Some(cx) = self.cx.take() else { return };
         let span = cx.span();
-        let status = KeyValue::new(RPC_RESPONSE_STATUS_CODE, code_name(code));
-        span.set_attribute(status.clone());
+        span.set_attribute(KeyValue::new(RPC_RESPONSE_STATUS_CODE, code_name(code)));
         let failed = is_error(self.side, code);
         if failed {
             record_error(&span, code_name(code), if message.is_empty() { code.description() } else { message });
         }
         span.end();
-        if let Some((histogram, mut attributes, started)) = self.metric.0.take() {
+        if let Some(CallDuration { histogram, method, peer, started }) = self.metric.0.take() {
             // A method the server does not have is any path a caller sends: one series for all.
-            if self.side == Side::Server && code == Code::Unimplemented {
-                for attribute in &mut attributes {
-                    if attribute.key.as_str() == RPC_METHOD {
-                        *attribute = KeyValue::new(RPC_METHOD, "_OTHER");
-                    }
-                }
-            }
-            attributes.push(status);
-            if failed {
-                attributes.push(KeyValue::new(ERROR_TYPE, code_name(code)));
-            }
-            histogram.record(started.elapsed().as_secs_f64(), attributes.as_slice());
+            let unknown = self.side == Side::Server && code == Code::Unimplemented;
+            let set = RpcSet {
+                method: if unknown { "_OTHER" } else { &method },
+                peer: peer.as_ref(),
+                status: code_name(code),
+                error_type: failed.then(|| code_name(code)),
+            };
+            histogram.record(started.elapsed().as_secs_f64(), &set);
         }
     }
 }
@@ -373,5 +448,59 @@ where
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const METHOD: &str = "checkout.v1.CheckoutService/Checkout";
+
+    #[test]
+    fn a_call_set_matches_its_own_key_and_no_other_parts() {
+        let set = RpcSet { method: METHOD, peer: None, status: "OK", error_type: None };
+        let key = set.key();
+        let copy = METHOD.to_owned();
+        assert!(
+            RpcSet { method: &copy, peer: None, status: "OK", error_type: None }.matches(&key),
+            "an equal method elsewhere"
+        );
+        let different = [
+            RpcSet { method: "checkout.v1.CheckoutService/Other", peer: None, status: "OK", error_type: None },
+            RpcSet { method: METHOD, peer: None, status: "NOT_FOUND", error_type: None },
+            RpcSet { method: METHOD, peer: None, status: "OK", error_type: Some("OK") },
+        ];
+        for (index, other) in different.iter().enumerate() {
+            assert!(!other.matches(&key), "set {index} shares the handle of another set");
+        }
+        let checkout: Peer = (StringValue::from(Arc::<str>::from("checkout")), 50051);
+        let client = RpcSet { method: METHOD, peer: Some(&checkout), status: "OK", error_type: None };
+        let client_key = client.key();
+        assert!(client.matches(&client_key) && !set.matches(&client_key) && !client.matches(&key), "a server's set");
+        let other_address: Peer = (StringValue::from("checkout-2"), 50051);
+        let other_port: Peer = (checkout.0.clone(), 50052);
+        for peer in [&other_address, &other_port] {
+            let other = RpcSet { method: METHOD, peer: Some(peer), status: "OK", error_type: None };
+            assert!(!other.matches(&client_key), "another server shares the handle: {peer:?}");
+        }
+    }
+
+    #[test]
+    fn a_call_set_binds_the_conventions_attributes() {
+        let checkout: Peer = (StringValue::from("checkout"), 50051);
+        let set =
+            RpcSet { method: METHOD, peer: Some(&checkout), status: "UNAVAILABLE", error_type: Some("UNAVAILABLE") };
+        assert_eq!(
+            set.attributes(),
+            vec![
+                KeyValue::new(RPC_SYSTEM_NAME, "grpc"),
+                KeyValue::new(RPC_METHOD, METHOD),
+                KeyValue::new(SERVER_ADDRESS, "checkout"),
+                KeyValue::new(SERVER_PORT, 50051),
+                KeyValue::new(RPC_RESPONSE_STATUS_CODE, "UNAVAILABLE"),
+                KeyValue::new(ERROR_TYPE, "UNAVAILABLE"),
+            ]
+        );
     }
 }

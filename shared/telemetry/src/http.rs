@@ -9,6 +9,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll, ready};
 use std::time::Instant;
 
@@ -17,7 +18,7 @@ use http::header::{HOST, USER_AGENT};
 use http::{HeaderValue, Request, Response};
 use opentelemetry::context::{FutureExt as _, WithContext};
 use opentelemetry::trace::{Link, SpanKind, TraceContextExt, Tracer};
-use opentelemetry::{Context, KeyValue};
+use opentelemetry::{Context, KeyValue, StringValue};
 use opentelemetry_http::HeaderExtractor;
 use opentelemetry_semantic_conventions::attribute::{
     ERROR_TYPE, HTTP_REQUEST_METHOD, HTTP_RESPONSE_STATUS_CODE, HTTP_ROUTE, NETWORK_PROTOCOL_VERSION, SERVER_ADDRESS,
@@ -27,7 +28,7 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::Telemetry;
-use crate::metrics::Durations;
+use crate::metrics::{AttributeSet, Durations};
 use crate::propagation::traceparent;
 use crate::spans::record_error;
 
@@ -130,7 +131,7 @@ where
         let extracted = telemetry.propagator().extract(&HeaderExtractor(request.headers()));
         let (parent, links) = self.layer.parent(extracted);
         let method = request.method().as_str().to_owned();
-        let route = request.extensions().get::<MatchedPath>().map(|path| path.as_str().to_owned());
+        let route = request.extensions().get::<MatchedPath>().map(|path| Arc::<str>::from(path.as_str()));
         let name = match &route {
             Some(route) => format!("{method} {route}"),
             None => method.clone(),
@@ -144,8 +145,8 @@ where
             KeyValue::new(URL_PATH, request.uri().path().to_owned()),
             KeyValue::new(URL_SCHEME, "http"),
         ]);
-        if let Some(route) = route {
-            attributes.push(KeyValue::new(HTTP_ROUTE, route));
+        if let Some(route) = &route {
+            attributes.push(KeyValue::new(HTTP_ROUTE, StringValue::from(route.clone())));
         }
         if self.layer.details {
             attributes.push(KeyValue::new(NETWORK_PROTOCOL_VERSION, protocol_version(request.version())));
@@ -162,16 +163,12 @@ where
         }
         // The duration histogram's attributes: the conventions' low-cardinality subset.
         let duration = telemetry.instruments().map(|instruments| {
-            let mut metric_attributes = Vec::with_capacity(6);
-            metric_attributes.extend([
-                KeyValue::new(HTTP_REQUEST_METHOD, known_method(request.method())),
-                KeyValue::new(URL_SCHEME, "http"),
-                KeyValue::new(NETWORK_PROTOCOL_VERSION, protocol_version(request.version())),
-            ]);
-            if let Some(route) = attributes.iter().find(|kv| kv.key.as_str() == HTTP_ROUTE) {
-                metric_attributes.push(route.clone());
-            }
-            (instruments.http_server_duration.clone(), metric_attributes, Instant::now())
+            let request = HttpRequestParts {
+                method: known_method(request.method()),
+                version: protocol_version(request.version()),
+                route,
+            };
+            (instruments.http_server_duration.clone(), request, Instant::now())
         });
         let tracer = telemetry.tracer();
         let span = tracer
@@ -192,6 +189,72 @@ where
             trace_response_headers: self.layer.trace_response_headers,
             duration,
         }
+    }
+}
+
+/// The request's part of a duration measurement's attributes: the conventions'
+/// low-cardinality subset.
+#[derive(Debug)]
+struct HttpRequestParts {
+    /// `http.request.method`, `_OTHER` for methods not in the HTTP spec.
+    method: &'static str,
+    /// `network.protocol.version`.
+    version: &'static str,
+    /// `http.route`, shared with the span's attribute.
+    route: Option<Arc<str>>,
+}
+
+/// The attributes of a request-duration measurement, by their parts (`url.scheme` is always
+/// `http`; `error.type` is the status of a 5xx): found among the bound sets without building
+/// them.
+pub(crate) struct HttpSet<'a> {
+    request: &'a HttpRequestParts,
+    status: http::StatusCode,
+}
+
+/// What a bound [`HttpSet`] keeps.
+#[derive(Debug)]
+pub(crate) struct HttpKey {
+    method: &'static str,
+    version: &'static str,
+    route: Option<Arc<str>>,
+    status: http::StatusCode,
+}
+
+impl AttributeSet for HttpSet<'_> {
+    type Key = HttpKey;
+
+    fn matches(&self, key: &HttpKey) -> bool {
+        key.status == self.status
+            && key.method == self.request.method
+            && key.version == self.request.version
+            && key.route.as_deref() == self.request.route.as_deref()
+    }
+
+    fn key(&self) -> HttpKey {
+        HttpKey {
+            method: self.request.method,
+            version: self.request.version,
+            route: self.request.route.clone(),
+            status: self.status,
+        }
+    }
+
+    fn attributes(&self) -> Vec<KeyValue> {
+        let mut attributes = Vec::with_capacity(6);
+        attributes.extend([
+            KeyValue::new(HTTP_REQUEST_METHOD, self.request.method),
+            KeyValue::new(URL_SCHEME, "http"),
+            KeyValue::new(NETWORK_PROTOCOL_VERSION, self.request.version),
+        ]);
+        if let Some(route) = &self.request.route {
+            attributes.push(KeyValue::new(HTTP_ROUTE, StringValue::from(route.clone())));
+        }
+        attributes.push(KeyValue::new(HTTP_RESPONSE_STATUS_CODE, i64::from(self.status.as_u16())));
+        if self.status.is_server_error() {
+            attributes.push(KeyValue::new(ERROR_TYPE, self.status.as_str().to_owned()));
+        }
+        attributes
     }
 }
 
@@ -239,8 +302,9 @@ pin_project! {
         inner: WithContext<F>,
         cx: Option<Context>,
         trace_response_headers: bool,
-        // The histogram, its attributes so far and the start: `None` when metrics are off.
-        duration: Option<(Durations, Vec<KeyValue>, Instant)>,
+        // The histogram, the request's part of its attributes and the start: `None` when
+        // metrics are off.
+        duration: Option<(Durations<HttpSet<'static>>, HttpRequestParts, Instant)>,
     }
 
     impl<F> PinnedDrop for HttpResponseFuture<F> {
@@ -266,18 +330,13 @@ where
             let span = cx.span();
             if let Ok(response) = &mut result {
                 let status = response.status();
-                let status_code = KeyValue::new(HTTP_RESPONSE_STATUS_CODE, i64::from(status.as_u16()));
-                span.set_attribute(status_code.clone());
+                span.set_attribute(KeyValue::new(HTTP_RESPONSE_STATUS_CODE, i64::from(status.as_u16())));
                 // Conventions: a SERVER span fails on 5xx only; 4xx is the caller's doing.
                 if status.is_server_error() {
                     record_error(&span, status.as_str(), status.canonical_reason().unwrap_or("server error"));
                 }
-                if let Some((histogram, mut attributes, started)) = this.duration.take() {
-                    attributes.push(status_code);
-                    if status.is_server_error() {
-                        attributes.push(KeyValue::new(ERROR_TYPE, status.as_str().to_owned()));
-                    }
-                    histogram.record(started.elapsed().as_secs_f64(), attributes.as_slice());
+                if let Some((histogram, request, started)) = this.duration.take() {
+                    histogram.record(started.elapsed().as_secs_f64(), &HttpSet { request: &request, status });
                 }
                 if *this.trace_response_headers && span.span_context().is_valid() {
                     let value = traceparent(span.span_context());
@@ -297,7 +356,55 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::split_host;
+    use super::*;
+
+    fn request(route: Option<&str>) -> HttpRequestParts {
+        HttpRequestParts { method: "POST", version: "1.1", route: route.map(Arc::from) }
+    }
+
+    #[test]
+    fn a_request_set_matches_its_own_key_and_no_other_parts() {
+        let checkout = request(Some("/api/checkout"));
+        let key = HttpSet { request: &checkout, status: http::StatusCode::ACCEPTED }.key();
+        let again = request(Some("/api/checkout"));
+        assert!(
+            HttpSet { request: &again, status: http::StatusCode::ACCEPTED }.matches(&key),
+            "an equal route elsewhere"
+        );
+        let other_route = request(Some("/api/other"));
+        let no_route = request(None);
+        let get = HttpRequestParts { method: "GET", ..request(Some("/api/checkout")) };
+        let http2 = HttpRequestParts { version: "2", ..request(Some("/api/checkout")) };
+        let different = [
+            HttpSet { request: &checkout, status: http::StatusCode::BAD_REQUEST },
+            HttpSet { request: &other_route, status: http::StatusCode::ACCEPTED },
+            HttpSet { request: &no_route, status: http::StatusCode::ACCEPTED },
+            HttpSet { request: &get, status: http::StatusCode::ACCEPTED },
+            HttpSet { request: &http2, status: http::StatusCode::ACCEPTED },
+        ];
+        for (index, other) in different.iter().enumerate() {
+            assert!(!other.matches(&key), "set {index} shares the handle of another set");
+        }
+    }
+
+    #[test]
+    fn a_request_set_binds_the_conventions_attributes() {
+        let checkout = request(Some("/api/checkout"));
+        let set = HttpSet { request: &checkout, status: http::StatusCode::BAD_GATEWAY };
+        assert_eq!(
+            set.attributes(),
+            vec![
+                KeyValue::new(HTTP_REQUEST_METHOD, "POST"),
+                KeyValue::new(URL_SCHEME, "http"),
+                KeyValue::new(NETWORK_PROTOCOL_VERSION, "1.1"),
+                KeyValue::new(HTTP_ROUTE, "/api/checkout"),
+                KeyValue::new(HTTP_RESPONSE_STATUS_CODE, 502),
+                KeyValue::new(ERROR_TYPE, "502"),
+            ]
+        );
+        let accepted = HttpSet { request: &request(None), status: http::StatusCode::ACCEPTED }.attributes();
+        assert_eq!(accepted.len(), 4, "no route, no error.type below 500: {accepted:?}");
+    }
 
     #[test]
     fn host_headers_split_into_address_and_port() {

@@ -31,6 +31,8 @@ use std::sync::{Arc, RwLock};
 use opentelemetry::metrics::{BoundCounter, BoundHistogram, Counter, Histogram, Meter};
 use opentelemetry::{KeyValue, Value};
 
+use crate::grpc::RpcSet;
+use crate::http::HttpSet;
 use crate::messaging::MessagingSet;
 
 /// Seconds: 0.5 ms to 10 s. The conventions' recommendation starts at 5 ms, then 10 ms, which
@@ -191,9 +193,9 @@ impl<K> WithBound<Counter<u64>, BoundCounter<u64>, K> {
 /// that exports metrics (none otherwise, so callers build no attributes nobody aggregates).
 #[derive(Debug, Clone)]
 pub(crate) struct Instruments {
-    pub(crate) http_server_duration: Durations,
-    pub(crate) rpc_server_duration: Durations,
-    pub(crate) rpc_client_duration: Durations,
+    pub(crate) http_server_duration: Durations<HttpSet<'static>>,
+    pub(crate) rpc_server_duration: Durations<RpcSet<'static>>,
+    pub(crate) rpc_client_duration: Durations<RpcSet<'static>>,
     pub(crate) messaging_operation_duration: Durations<MessagingSet<'static>>,
     pub(crate) messaging_sent: Messages<MessagingSet<'static>>,
     pub(crate) messaging_consumed: Messages<MessagingSet<'static>>,
