@@ -7,24 +7,26 @@
 //! route template (`POST /api/checkout`), never the raw path: a path with ids in it would give
 //! every request a span name of its own. Routes added outside it (health checks) stay untraced.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::task::{Context as TaskContext, Poll, ready};
 use std::time::Instant;
 
 use axum::extract::MatchedPath;
 use http::header::{HOST, USER_AGENT};
-use http::{HeaderValue, Request, Response};
+use http::{HeaderName, HeaderValue, Request, Response};
 use opentelemetry::context::{FutureExt as _, WithContext};
 use opentelemetry::trace::{Link, SpanKind, TraceContextExt, Tracer};
 use opentelemetry::{Context, KeyValue, StringValue};
 use opentelemetry_http::HeaderExtractor;
 use opentelemetry_semantic_conventions::attribute::{
-    ERROR_TYPE, HTTP_REQUEST_METHOD, HTTP_RESPONSE_STATUS_CODE, HTTP_ROUTE, NETWORK_PROTOCOL_VERSION, SERVER_ADDRESS,
-    SERVER_PORT, URL_PATH, URL_SCHEME, USER_AGENT_ORIGINAL,
+    ERROR_TYPE, HTTP_REQUEST_METHOD, HTTP_REQUEST_METHOD_ORIGINAL, HTTP_RESPONSE_STATUS_CODE, HTTP_ROUTE,
+    NETWORK_PROTOCOL_VERSION, SERVER_ADDRESS, SERVER_PORT, URL_PATH, URL_SCHEME, USER_AGENT_ORIGINAL,
 };
 use pin_project_lite::pin_project;
+use prost::bytes::Bytes;
 use tower::{Layer, Service};
 
 use crate::Telemetry;
@@ -51,6 +53,51 @@ pub const SERVER_TIMING: &str = "server-timing";
 /// The `traceresponse` response header (the earlier draft HotROD uses).
 pub const TRACERESPONSE: &str = "traceresponse";
 
+static SERVER_TIMING_NAME: HeaderName = HeaderName::from_static(SERVER_TIMING);
+static TRACERESPONSE_NAME: HeaderName = HeaderName::from_static(TRACERESPONSE);
+
+/// `http.request.method` of a method the HTTP spec does not define.
+const OTHER_METHOD: &str = "_OTHER";
+
+/// Most span names an [`HttpServerLayer`] keeps (method and route template pairs; a router has
+/// a fixed number of routes). Past it, names are built per request.
+const MAX_NAMES: usize = 64;
+
+/// Span names by method and route template, made once and kept for the process's life (like
+/// [`crate::messaging::Destination`]'s), with the route as a shared string: a request then
+/// builds no name and copies no route.
+#[derive(Debug, Default)]
+struct SpanNames {
+    names: RwLock<Vec<(&'static str, Arc<str>, &'static str)>>,
+}
+
+impl SpanNames {
+    /// The span name of `method` on `route` (`POST /api/checkout`; `HTTP` for a method outside
+    /// the spec, per the conventions) and the route.
+    fn get(&self, method: &'static str, route: Option<&str>) -> (Cow<'static, str>, Option<Arc<str>>) {
+        let name_method = if method == OTHER_METHOD { "HTTP" } else { method };
+        let Some(route) = route else { return (Cow::Borrowed(name_method), None) };
+        let find = |names: &[(&'static str, Arc<str>, &'static str)]| {
+            names.iter().find(|(m, r, _)| *m == method && **r == *route).map(|(_, r, name)| (*name, r.clone()))
+        };
+        if let Some((name, route)) = find(&self.names.read().unwrap_or_else(PoisonError::into_inner)) {
+            return (Cow::Borrowed(name), Some(route));
+        }
+        let mut names = self.names.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some((name, route)) = find(&names) {
+            return (Cow::Borrowed(name), Some(route));
+        }
+        let name = format!("{name_method} {route}");
+        let route = Arc::<str>::from(route);
+        if names.len() >= MAX_NAMES {
+            return (Cow::Owned(name), Some(route));
+        }
+        let name: &'static str = Box::leak(name.into_boxed_str());
+        names.push((method, route.clone(), name));
+        (Cow::Borrowed(name), Some(route))
+    }
+}
+
 /// Traces requests as SERVER spans.
 #[derive(Debug, Clone)]
 pub struct HttpServerLayer {
@@ -58,12 +105,20 @@ pub struct HttpServerLayer {
     inbound: InboundContext,
     trace_response_headers: bool,
     details: bool,
+    /// Shared by every clone (axum clones the layer's service per connection).
+    names: Arc<SpanNames>,
 }
 
 impl HttpServerLayer {
     /// Continues inbound context and adds no response headers.
     pub fn new(telemetry: Telemetry) -> Self {
-        Self { telemetry, inbound: InboundContext::Continue, trace_response_headers: false, details: false }
+        Self {
+            telemetry,
+            inbound: InboundContext::Continue,
+            trace_response_headers: false,
+            details: false,
+            names: Arc::default(),
+        }
     }
 
     /// Also records the recommended attributes: `server.address` / `server.port` (from `Host`),
@@ -130,21 +185,26 @@ where
         let telemetry = &self.layer.telemetry;
         let extracted = telemetry.propagator().extract(&HeaderExtractor(request.headers()));
         let (parent, links) = self.layer.parent(extracted);
-        let method = request.method().as_str().to_owned();
-        let route = request.extensions().get::<MatchedPath>().map(|path| Arc::<str>::from(path.as_str()));
-        let name = match &route {
-            Some(route) => format!("{method} {route}"),
-            None => method.clone(),
-        };
+        let method = known_method(request.method());
+        let matched = request.extensions().get::<MatchedPath>().map(MatchedPath::as_str);
+        let (name, route) = self.layer.names.get(method, matched);
+        let path = request.uri().path();
         // The conventions' required attributes and the route; the recommended ones
         // (server.address, user_agent.original, ...) cost a copy per request and tell little
         // here: opt in with `with_details`.
         let mut attributes = Vec::with_capacity(8);
         attributes.extend([
             KeyValue::new(HTTP_REQUEST_METHOD, method),
-            KeyValue::new(URL_PATH, request.uri().path().to_owned()),
+            // A route without parameters is its path: shared, not copied.
+            match &route {
+                Some(route) if **route == *path => KeyValue::new(URL_PATH, StringValue::from(route.clone())),
+                _ => KeyValue::new(URL_PATH, path.to_owned()),
+            },
             KeyValue::new(URL_SCHEME, "http"),
         ]);
+        if method == OTHER_METHOD {
+            attributes.push(KeyValue::new(HTTP_REQUEST_METHOD_ORIGINAL, request.method().as_str().to_owned()));
+        }
         if let Some(route) = &route {
             attributes.push(KeyValue::new(HTTP_ROUTE, StringValue::from(route.clone())));
         }
@@ -163,11 +223,7 @@ where
         }
         // The duration histogram's attributes: the conventions' low-cardinality subset.
         let duration = telemetry.instruments().map(|instruments| {
-            let request = HttpRequestParts {
-                method: known_method(request.method()),
-                version: protocol_version(request.version()),
-                route,
-            };
+            let request = HttpRequestParts { method, version: protocol_version(request.version()), route };
             (instruments.http_server_duration.clone(), request, Instant::now())
         });
         let tracer = telemetry.tracer();
@@ -271,7 +327,7 @@ fn known_method(method: &http::Method) -> &'static str {
         http::Method::PATCH => "PATCH",
         http::Method::CONNECT => "CONNECT",
         http::Method::TRACE => "TRACE",
-        _ => "_OTHER",
+        _ => OTHER_METHOD,
     }
 }
 
@@ -339,12 +395,14 @@ where
                     histogram.record(started.elapsed().as_secs_f64(), &HttpSet { request: &request, status });
                 }
                 if *this.trace_response_headers && span.span_context().is_valid() {
+                    // Values handed over as they were written, names parsed once.
                     let value = traceparent(span.span_context());
-                    if let Ok(timing) = HeaderValue::from_str(&["trace;desc=", value.as_str()].concat()) {
-                        response.headers_mut().insert(SERVER_TIMING, timing);
+                    let timing = ["trace;desc=", value.as_str()].concat();
+                    if let Ok(timing) = HeaderValue::from_maybe_shared(Bytes::from(timing)) {
+                        response.headers_mut().insert(SERVER_TIMING_NAME.clone(), timing);
                     }
-                    if let Ok(value) = HeaderValue::from_str(&value) {
-                        response.headers_mut().insert(TRACERESPONSE, value);
+                    if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
+                        response.headers_mut().insert(TRACERESPONSE_NAME.clone(), value);
                     }
                 }
             }
@@ -360,6 +418,33 @@ mod tests {
 
     fn request(route: Option<&str>) -> HttpRequestParts {
         HttpRequestParts { method: "POST", version: "1.1", route: route.map(Arc::from) }
+    }
+
+    #[test]
+    fn span_names_are_made_once_per_method_and_route() {
+        let names = SpanNames::default();
+        let (first, route) = names.get("POST", Some("/api/checkout"));
+        assert_eq!((&*first, route.as_deref()), ("POST /api/checkout", Some("/api/checkout")));
+        let (again, same_route) = names.get("POST", Some(&String::from("/api/checkout")));
+        assert!(std::ptr::eq(first.as_ptr(), again.as_ptr()), "the name is made once");
+        assert!(Arc::ptr_eq(&route.expect("a route"), &same_route.expect("a route")), "the route is shared");
+        assert_eq!(names.get("GET", Some("/api/checkout")).0, "GET /api/checkout");
+        assert_eq!(names.get(OTHER_METHOD, Some("/api/checkout")).0, "HTTP /api/checkout", "an unknown method");
+        assert_eq!(names.get("GET", None), (Cow::Borrowed("GET"), None), "no route: the method alone");
+        assert_eq!(names.get(OTHER_METHOD, None).0, "HTTP");
+    }
+
+    #[test]
+    fn span_names_past_the_bound_are_made_per_request() {
+        let names = SpanNames::default();
+        for index in 0..MAX_NAMES {
+            assert!(matches!(names.get("GET", Some(&format!("/r{index}"))).0, Cow::Borrowed(_)));
+        }
+        let (name, route) = names.get("GET", Some("/one-more"));
+        assert!(matches!(name, Cow::Owned(_)), "not kept past the bound");
+        assert_eq!((&*name, route.as_deref()), ("GET /one-more", Some("/one-more")));
+        assert!(matches!(names.get("GET", Some("/r0")).0, Cow::Borrowed(_)), "kept names still are");
+        assert_eq!(names.names.read().expect("unpoisoned").len(), MAX_NAMES);
     }
 
     #[test]
