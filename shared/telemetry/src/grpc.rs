@@ -31,7 +31,7 @@ use tower::{Layer, Service};
 use crate::Telemetry;
 use crate::metrics::{AttributeSet, Durations, same_str};
 use crate::propagation::{HeaderExtractor, HeaderInjector};
-use crate::spans::{baggage_attributes, record_error};
+use crate::spans::{SpanNames, baggage_attributes, record_error};
 
 /// Calls under this path (grpc.health.v1) are not traced.
 const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
@@ -49,13 +49,15 @@ pub struct GrpcClientLayer {
     telemetry: Telemetry,
     /// `server.address` (shared by every span, never copied) and `server.port`.
     peer: Peer,
+    /// Span names by method, shared by every clone.
+    names: Arc<SpanNames>,
 }
 
 impl GrpcClientLayer {
     /// `server_address` / `server_port`: the server the channel talks to.
     pub fn new(telemetry: Telemetry, server_address: impl Into<String>, server_port: u16) -> Self {
         let address: Arc<str> = Arc::from(server_address.into());
-        Self { telemetry, peer: (address.into(), server_port) }
+        Self { telemetry, peer: (address.into(), server_port), names: Arc::default() }
     }
 }
 
@@ -90,8 +92,7 @@ where
     fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
         let telemetry = &self.layer.telemetry;
         let parent = Context::current();
-        let path = request.uri().path().trim_start_matches('/');
-        let method = Arc::<str>::from(path);
+        let (name, method) = self.layer.names.get("", request.uri().path().trim_start_matches('/'));
         let (address, port) = &self.layer.peer;
         let attributes = vec![
             KeyValue::new(RPC_SYSTEM_NAME, "grpc"),
@@ -103,7 +104,7 @@ where
             RpcMetric::start(telemetry.instruments().map(|i| &i.rpc_client_duration), &method, Some(&self.layer.peer));
         let span = telemetry
             .tracer()
-            .span_builder(path.to_owned())
+            .span_builder(name)
             .with_kind(SpanKind::Client)
             .with_attributes(attributes)
             .start_with_context(telemetry.tracer(), &parent);
@@ -120,12 +121,14 @@ where
 pub struct GrpcServerLayer {
     telemetry: Telemetry,
     baggage_keys: Arc<[String]>,
+    /// Span names by method, shared by every service the layer makes.
+    names: Arc<SpanNames>,
 }
 
 impl GrpcServerLayer {
     /// A layer that traces with `telemetry`.
     pub fn new(telemetry: Telemetry) -> Self {
-        Self { telemetry, baggage_keys: Arc::new([]) }
+        Self { telemetry, baggage_keys: Arc::new([]), names: Arc::default() }
     }
 
     /// Copies these baggage keys of the caller onto the SERVER span (an allow-list).
@@ -139,7 +142,12 @@ impl<S> Layer<S> for GrpcServerLayer {
     type Service = GrpcServerService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        GrpcServerService { inner, telemetry: self.telemetry.clone(), baggage_keys: self.baggage_keys.clone() }
+        GrpcServerService {
+            inner,
+            telemetry: self.telemetry.clone(),
+            baggage_keys: self.baggage_keys.clone(),
+            names: self.names.clone(),
+        }
     }
 }
 
@@ -149,6 +157,7 @@ pub struct GrpcServerService<S> {
     inner: S,
     telemetry: Telemetry,
     baggage_keys: Arc<[String]>,
+    names: Arc<SpanNames>,
 }
 
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for GrpcServerService<S>
@@ -171,8 +180,7 @@ where
             return ResponseFuture { inner: future, span: None };
         }
         let parent = self.telemetry.propagator().extract(&HeaderExtractor(request.headers()));
-        let path = request.uri().path().trim_start_matches('/');
-        let method = Arc::<str>::from(path);
+        let (name, method) = self.names.get("", request.uri().path().trim_start_matches('/'));
         let mut attributes =
             vec![KeyValue::new(RPC_SYSTEM_NAME, "grpc"), KeyValue::new(RPC_METHOD, StringValue::from(method.clone()))];
         // server.address / server.port are opt-in for the server metric: left out.
@@ -186,7 +194,7 @@ where
         attributes.extend(baggage_attributes(&parent, &self.baggage_keys));
         let tracer = self.telemetry.tracer();
         let span = tracer
-            .span_builder(path.to_owned())
+            .span_builder(name)
             .with_kind(SpanKind::Server)
             .with_attributes(attributes)
             .start_with_context(tracer, &parent);

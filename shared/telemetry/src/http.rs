@@ -10,7 +10,7 @@
 use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll, ready};
 use std::time::Instant;
 
@@ -32,7 +32,7 @@ use tower::{Layer, Service};
 use crate::Telemetry;
 use crate::metrics::{AttributeSet, Durations};
 use crate::propagation::traceparent;
-use crate::spans::record_error;
+use crate::spans::{SpanNames, record_error};
 
 /// What the edge does with a caller's trace context (`GATEWAY_INBOUND_CONTEXT`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -58,45 +58,6 @@ static TRACERESPONSE_NAME: HeaderName = HeaderName::from_static(TRACERESPONSE);
 
 /// `http.request.method` of a method the HTTP spec does not define.
 const OTHER_METHOD: &str = "_OTHER";
-
-/// Most span names an [`HttpServerLayer`] keeps (method and route template pairs; a router has
-/// a fixed number of routes). Past it, names are built per request.
-const MAX_NAMES: usize = 64;
-
-/// Span names by method and route template, made once and kept for the process's life (like
-/// [`crate::messaging::Destination`]'s), with the route as a shared string: a request then
-/// builds no name and copies no route.
-#[derive(Debug, Default)]
-struct SpanNames {
-    names: RwLock<Vec<(&'static str, Arc<str>, &'static str)>>,
-}
-
-impl SpanNames {
-    /// The span name of `method` on `route` (`POST /api/checkout`; `HTTP` for a method outside
-    /// the spec, per the conventions) and the route.
-    fn get(&self, method: &'static str, route: Option<&str>) -> (Cow<'static, str>, Option<Arc<str>>) {
-        let name_method = if method == OTHER_METHOD { "HTTP" } else { method };
-        let Some(route) = route else { return (Cow::Borrowed(name_method), None) };
-        let find = |names: &[(&'static str, Arc<str>, &'static str)]| {
-            names.iter().find(|(m, r, _)| *m == method && **r == *route).map(|(_, r, name)| (*name, r.clone()))
-        };
-        if let Some((name, route)) = find(&self.names.read().unwrap_or_else(PoisonError::into_inner)) {
-            return (Cow::Borrowed(name), Some(route));
-        }
-        let mut names = self.names.write().unwrap_or_else(PoisonError::into_inner);
-        if let Some((name, route)) = find(&names) {
-            return (Cow::Borrowed(name), Some(route));
-        }
-        let name = format!("{name_method} {route}");
-        let route = Arc::<str>::from(route);
-        if names.len() >= MAX_NAMES {
-            return (Cow::Owned(name), Some(route));
-        }
-        let name: &'static str = Box::leak(name.into_boxed_str());
-        names.push((method, route.clone(), name));
-        (Cow::Borrowed(name), Some(route))
-    }
-}
 
 /// Traces requests as SERVER spans.
 #[derive(Debug, Clone)]
@@ -186,8 +147,14 @@ where
         let extracted = telemetry.propagator().extract(&HeaderExtractor(request.headers()));
         let (parent, links) = self.layer.parent(extracted);
         let method = known_method(request.method());
-        let matched = request.extensions().get::<MatchedPath>().map(MatchedPath::as_str);
-        let (name, route) = self.layer.names.get(method, matched);
+        let name_method = if method == OTHER_METHOD { "HTTP" } else { method };
+        let (name, route) = match request.extensions().get::<MatchedPath>() {
+            Some(route) => {
+                let (name, route) = self.layer.names.get(name_method, route.as_str());
+                (name, Some(route))
+            }
+            None => (Cow::Borrowed(name_method), None),
+        };
         let path = request.uri().path();
         // The conventions' required attributes and the route; the recommended ones
         // (server.address, user_agent.original, ...) cost a copy per request and tell little
@@ -418,33 +385,6 @@ mod tests {
 
     fn request(route: Option<&str>) -> HttpRequestParts {
         HttpRequestParts { method: "POST", version: "1.1", route: route.map(Arc::from) }
-    }
-
-    #[test]
-    fn span_names_are_made_once_per_method_and_route() {
-        let names = SpanNames::default();
-        let (first, route) = names.get("POST", Some("/api/checkout"));
-        assert_eq!((&*first, route.as_deref()), ("POST /api/checkout", Some("/api/checkout")));
-        let (again, same_route) = names.get("POST", Some(&String::from("/api/checkout")));
-        assert!(std::ptr::eq(first.as_ptr(), again.as_ptr()), "the name is made once");
-        assert!(Arc::ptr_eq(&route.expect("a route"), &same_route.expect("a route")), "the route is shared");
-        assert_eq!(names.get("GET", Some("/api/checkout")).0, "GET /api/checkout");
-        assert_eq!(names.get(OTHER_METHOD, Some("/api/checkout")).0, "HTTP /api/checkout", "an unknown method");
-        assert_eq!(names.get("GET", None), (Cow::Borrowed("GET"), None), "no route: the method alone");
-        assert_eq!(names.get(OTHER_METHOD, None).0, "HTTP");
-    }
-
-    #[test]
-    fn span_names_past_the_bound_are_made_per_request() {
-        let names = SpanNames::default();
-        for index in 0..MAX_NAMES {
-            assert!(matches!(names.get("GET", Some(&format!("/r{index}"))).0, Cow::Borrowed(_)));
-        }
-        let (name, route) = names.get("GET", Some("/one-more"));
-        assert!(matches!(name, Cow::Owned(_)), "not kept past the bound");
-        assert_eq!((&*name, route.as_deref()), ("GET /one-more", Some("/one-more")));
-        assert!(matches!(names.get("GET", Some("/r0")).0, Cow::Borrowed(_)), "kept names still are");
-        assert_eq!(names.names.read().expect("unpoisoned").len(), MAX_NAMES);
     }
 
     #[test]

@@ -1,5 +1,8 @@
-//! Small span helpers every service uses: recording an error the same way everywhere, and
-//! copying allow-listed baggage onto spans.
+//! Small span helpers every service uses: recording an error the same way everywhere, copying
+//! allow-listed baggage onto spans, and span names made once.
+
+use std::borrow::Cow;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use opentelemetry::baggage::{BaggageExt, KeyValueMetadata};
 use opentelemetry::trace::{SpanRef, Status};
@@ -49,6 +52,52 @@ pub fn with_baggage_entry(cx: &Context, key: &str, value: &str) -> Context {
     cx.with_baggage(entries)
 }
 
+/// Most names a [`SpanNames`] keeps; past it, names are made per span.
+pub(crate) const MAX_NAMES: usize = 64;
+
+/// Longest part a [`SpanNames`] keeps a name for: a gRPC method path comes from the caller.
+const MAX_KEPT_PART: usize = 256;
+
+/// Span names made once and kept for the process's life (like
+/// [`crate::messaging::Destination`]'s), each with the part it was made from as a shared
+/// string: a layer's spans then build no name and copy no route or method. For names from a
+/// small, fixed set (a router's route templates, a server's methods); the first
+/// [`MAX_NAMES`] are kept, any others made per span.
+#[derive(Debug, Default)]
+pub(crate) struct SpanNames {
+    names: RwLock<Vec<(&'static str, Arc<str>, &'static str)>>,
+}
+
+impl SpanNames {
+    /// The name `{prefix} {part}` (`part` alone when `prefix` is empty), and `part`.
+    pub(crate) fn get(&self, prefix: &'static str, part: &str) -> (Cow<'static, str>, Arc<str>) {
+        let find = |names: &[(&'static str, Arc<str>, &'static str)]| {
+            names
+                .iter()
+                .find(|(p, kept, _)| *p == prefix && **kept == *part)
+                .map(|(_, kept, name)| (*name, kept.clone()))
+        };
+        if let Some((name, part)) = find(&self.names.read().unwrap_or_else(PoisonError::into_inner)) {
+            return (Cow::Borrowed(name), part);
+        }
+        let name = if prefix.is_empty() { part.to_owned() } else { format!("{prefix} {part}") };
+        let shared = Arc::<str>::from(part);
+        if part.len() > MAX_KEPT_PART {
+            return (Cow::Owned(name), shared);
+        }
+        let mut names = self.names.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some((name, part)) = find(&names) {
+            return (Cow::Borrowed(name), part);
+        }
+        if names.len() >= MAX_NAMES {
+            return (Cow::Owned(name), shared);
+        }
+        let name: &'static str = Box::leak(name.into_boxed_str());
+        names.push((prefix, shared.clone(), name));
+        (Cow::Borrowed(name), shared)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use opentelemetry::baggage::BaggageExt;
@@ -69,5 +118,36 @@ mod tests {
         let cx = Context::new().with_baggage([KeyValue::new("customer.id", "c-42"), KeyValue::new("secret", "x")]);
         let attributes = baggage_attributes(&cx, &["customer.id".to_owned(), "absent".to_owned()]);
         assert_eq!(attributes, vec![KeyValue::new("customer.id", "c-42")]);
+    }
+
+    #[test]
+    fn span_names_are_made_once_per_prefix_and_part() {
+        let names = SpanNames::default();
+        let (first, route) = names.get("POST", "/api/checkout");
+        assert_eq!((&*first, &*route), ("POST /api/checkout", "/api/checkout"));
+        let (again, same_route) = names.get("POST", &String::from("/api/checkout"));
+        assert!(std::ptr::eq(first.as_ptr(), again.as_ptr()), "the name is made once");
+        assert!(Arc::ptr_eq(&route, &same_route), "the part is shared");
+        assert_eq!(names.get("GET", "/api/checkout").0, "GET /api/checkout");
+        assert_eq!(names.get("", "checkout.v1.CheckoutService/Checkout").0, "checkout.v1.CheckoutService/Checkout");
+    }
+
+    #[test]
+    fn span_names_past_the_bounds_are_made_per_span() {
+        let names = SpanNames::default();
+        for index in 0..MAX_NAMES {
+            assert!(matches!(names.get("GET", &format!("/r{index}")).0, Cow::Borrowed(_)));
+        }
+        let (name, route) = names.get("GET", "/one-more");
+        assert!(matches!(name, Cow::Owned(_)), "not kept past the bound");
+        assert_eq!((&*name, &*route), ("GET /one-more", "/one-more"));
+        assert!(matches!(names.get("GET", "/r0").0, Cow::Borrowed(_)), "kept names still are");
+        assert_eq!(names.names.read().expect("unpoisoned").len(), MAX_NAMES);
+
+        let long = "x".repeat(MAX_KEPT_PART + 1);
+        let fresh = SpanNames::default();
+        let (name, part) = fresh.get("", &long);
+        assert!(matches!(name, Cow::Owned(_)) && *part == *long, "a long part is not kept");
+        assert!(fresh.names.read().expect("unpoisoned").is_empty());
     }
 }
