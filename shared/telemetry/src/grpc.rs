@@ -111,7 +111,10 @@ where
         let cx = parent.with_span(span);
         telemetry.propagator().inject_context(&cx, &mut HeaderInjector(request.headers_mut()));
         let future = self.inner.call(request).with_context(cx.clone());
-        ResponseFuture { inner: future, span: Some(RpcSpan { cx: Some(cx), side: Side::Client, metric }) }
+        ResponseFuture {
+            inner: future,
+            span: Some(RpcSpan { cx: Some(cx), side: Side::Client, metric, keep_name: None }),
+        }
     }
 }
 
@@ -180,7 +183,10 @@ where
             return ResponseFuture { inner: future, span: None };
         }
         let parent = self.telemetry.propagator().extract(&HeaderExtractor(request.headers()));
-        let (name, method) = self.names.get("", request.uri().path().trim_start_matches('/'));
+        // Any path a caller sends arrives here: its name is kept only once the server proves to
+        // have the method (the call ends other than UNIMPLEMENTED).
+        let (name, method, kept) = self.names.get_unkept("", request.uri().path().trim_start_matches('/'));
+        let keep_name = (!kept).then(|| (self.names.clone(), method.clone()));
         let mut attributes =
             vec![KeyValue::new(RPC_SYSTEM_NAME, "grpc"), KeyValue::new(RPC_METHOD, StringValue::from(method.clone()))];
         // server.address / server.port are opt-in for the server metric: left out.
@@ -204,7 +210,7 @@ where
             self.inner.call(request)
         }
         .with_context(cx.clone());
-        ResponseFuture { inner: future, span: Some(RpcSpan { cx: Some(cx), side: Side::Server, metric }) }
+        ResponseFuture { inner: future, span: Some(RpcSpan { cx: Some(cx), side: Side::Server, metric, keep_name }) }
     }
 }
 
@@ -301,6 +307,9 @@ struct RpcSpan {
     cx: Option<Context>,
     side: Side,
     metric: RpcMetric,
+    /// The server's span names and a method whose name is not kept yet: kept when the call
+    /// ends other than UNIMPLEMENTED.
+    keep_name: Option<(Arc<SpanNames>, Arc<str>)>,
 }
 
 impl RpcSpan {
@@ -313,6 +322,9 @@ impl RpcSpan {
             record_error(&span, code_name(code), if message.is_empty() { code.description() } else { message });
         }
         span.end();
+        if let Some((names, method)) = self.keep_name.take().filter(|_| code != Code::Unimplemented) {
+            names.keep("", &method);
+        }
         if let Some(CallDuration { histogram, method, peer, started }) = self.metric.0.take() {
             // A method the server does not have is any path a caller sends: one series for all.
             let unknown = self.side == Side::Server && code == Code::Unimplemented;
@@ -510,5 +522,23 @@ mod tests {
                 KeyValue::new(ERROR_TYPE, "UNAVAILABLE"),
             ]
         );
+    }
+
+    #[test]
+    fn a_server_keeps_a_method_name_only_once_the_call_shows_it_has_the_method() {
+        let names = Arc::new(SpanNames::default());
+        let end = |code: Code, path: &str| {
+            let mut span = RpcSpan {
+                cx: Some(Context::new()),
+                side: Side::Server,
+                metric: RpcMetric(None),
+                keep_name: Some((names.clone(), Arc::from(path))),
+            };
+            span.finish(code, "");
+        };
+        end(Code::Unimplemented, "scanner/Probe");
+        assert!(!names.get_unkept("", "scanner/Probe").2, "a method the server does not have is not kept");
+        end(Code::NotFound, METHOD);
+        assert!(names.get_unkept("", METHOD).2, "a method that answered is kept");
     }
 }

@@ -281,8 +281,9 @@ impl AttributeSet for HttpSet<'_> {
     }
 }
 
-/// The method as `http.request.method` spells it in metrics: the known ones, else `_OTHER`
-/// (a client inventing methods must not invent time series).
+/// The method as `http.request.method` spells it on spans and metrics: the conventions' known
+/// ones (RFC 9110's, PATCH and QUERY), else `_OTHER` (a client inventing methods must not invent
+/// span names or time series).
 fn known_method(method: &http::Method) -> &'static str {
     match *method {
         http::Method::GET => "GET",
@@ -294,6 +295,7 @@ fn known_method(method: &http::Method) -> &'static str {
         http::Method::PATCH => "PATCH",
         http::Method::CONNECT => "CONNECT",
         http::Method::TRACE => "TRACE",
+        ref other if other.as_str() == "QUERY" => "QUERY",
         _ => OTHER_METHOD,
     }
 }
@@ -385,6 +387,15 @@ mod tests {
 
     fn request(route: Option<&str>) -> HttpRequestParts {
         HttpRequestParts { method: "POST", version: "1.1", route: route.map(Arc::from) }
+    }
+
+    #[test]
+    fn methods_outside_the_conventions_list_are_other() {
+        let method = |name: &str| http::Method::from_bytes(name.as_bytes()).expect("a method");
+        assert_eq!(known_method(&http::Method::POST), "POST");
+        assert_eq!(known_method(&method("QUERY")), "QUERY");
+        assert_eq!(known_method(&method("BREW")), OTHER_METHOD);
+        assert_eq!(known_method(&method("post")), OTHER_METHOD, "methods are case-sensitive");
     }
 
     #[test]

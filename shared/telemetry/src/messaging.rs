@@ -209,11 +209,11 @@ pub enum Settle {
     Nack,
 }
 
-/// The metrics' attributes: the conventions' low-cardinality ones (no message id, no tag).
-/// Without `messaging.operation.type`, which only the operation-duration histogram carries.
-/// The attributes of a messaging measurement, by their parts: found among an instrument's
-/// bound sets by comparing the parts (shared strings by address), so a measurement builds no
-/// attributes, clones no string and allocates nothing once its set is bound.
+/// The attributes of a messaging measurement (the conventions' low-cardinality ones: no message
+/// id, no delivery tag; `messaging.operation.type` only on the operation-duration histogram),
+/// by their parts: found among an instrument's bound sets by comparing the parts (shared strings
+/// by address), so a measurement builds no attributes, clones no string and allocates nothing
+/// once its set is bound.
 pub(crate) struct MessagingSet<'a> {
     /// `messaging.operation.name`.
     operation: &'static str,

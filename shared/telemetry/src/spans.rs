@@ -69,33 +69,67 @@ pub(crate) struct SpanNames {
 }
 
 impl SpanNames {
-    /// The name `{prefix} {part}` (`part` alone when `prefix` is empty), and `part`.
+    /// The name `{prefix} {part}` (`part` alone when `prefix` is empty) and `part`, kept on
+    /// first sight while there is room.
     pub(crate) fn get(&self, prefix: &'static str, part: &str) -> (Cow<'static, str>, Arc<str>) {
-        let find = |names: &[(&'static str, Arc<str>, &'static str)]| {
-            names
-                .iter()
-                .find(|(p, kept, _)| *p == prefix && **kept == *part)
-                .map(|(_, kept, name)| (*name, kept.clone()))
+        let full = {
+            let names = self.names.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(kept) = find(&names, prefix, part) {
+                return kept;
+            }
+            names.len() >= MAX_NAMES
         };
-        if let Some((name, part)) = find(&self.names.read().unwrap_or_else(PoisonError::into_inner)) {
-            return (Cow::Borrowed(name), part);
+        if full { made(prefix, part) } else { self.keep(prefix, part) }
+    }
+
+    /// The kept name of `prefix` `part`, or one made for this span alone: for a part that is
+    /// kept only once it proves to be one of the fixed set (a method the server has), through
+    /// [`SpanNames::keep`]. The flag says whether it was kept.
+    pub(crate) fn get_unkept(&self, prefix: &'static str, part: &str) -> (Cow<'static, str>, Arc<str>, bool) {
+        match find(&self.names.read().unwrap_or_else(PoisonError::into_inner), prefix, part) {
+            Some((name, part)) => (name, part, true),
+            None => {
+                let (name, part) = made(prefix, part);
+                (name, part, false)
+            }
         }
-        let name = if prefix.is_empty() { part.to_owned() } else { format!("{prefix} {part}") };
-        let shared = Arc::<str>::from(part);
+    }
+
+    /// Keeps the name of `prefix` `part` if there is room, and returns it (made for this span
+    /// alone when there is none).
+    pub(crate) fn keep(&self, prefix: &'static str, part: &str) -> (Cow<'static, str>, Arc<str>) {
         if part.len() > MAX_KEPT_PART {
-            return (Cow::Owned(name), shared);
+            return made(prefix, part);
         }
         let mut names = self.names.write().unwrap_or_else(PoisonError::into_inner);
-        if let Some((name, part)) = find(&names) {
-            return (Cow::Borrowed(name), part);
+        if let Some(kept) = find(&names, prefix, part) {
+            return kept;
         }
         if names.len() >= MAX_NAMES {
-            return (Cow::Owned(name), shared);
+            return made(prefix, part);
         }
-        let name: &'static str = Box::leak(name.into_boxed_str());
-        names.push((prefix, shared.clone(), name));
-        (Cow::Borrowed(name), shared)
+        let (name, part) = made(prefix, part);
+        let name: &'static str = Box::leak(name.into_owned().into_boxed_str());
+        names.push((prefix, part.clone(), name));
+        (Cow::Borrowed(name), part)
     }
+}
+
+fn find(
+    names: &[(&'static str, Arc<str>, &'static str)],
+    prefix: &str,
+    part: &str,
+) -> Option<(Cow<'static, str>, Arc<str>)> {
+    names
+        .iter()
+        .find(|(p, kept, _)| *p == prefix && **kept == *part)
+        .map(|(_, kept, name)| (Cow::Borrowed(*name), kept.clone()))
+}
+
+/// The name of `prefix` `part`, made for one span.
+fn made(prefix: &str, part: &str) -> (Cow<'static, str>, Arc<str>) {
+    let name = if prefix.is_empty() { part.to_owned() } else { format!("{prefix} {part}") };
+    (Cow::Owned(name), Arc::from(part))
 }
 
 #[cfg(test)]
@@ -144,10 +178,25 @@ mod tests {
         assert!(matches!(names.get("GET", "/r0").0, Cow::Borrowed(_)), "kept names still are");
         assert_eq!(names.names.read().expect("unpoisoned").len(), MAX_NAMES);
 
+        let full = names.names.read().expect("unpoisoned").len();
+        assert_eq!(names.keep("GET", "/kept-past-the-bound").0, "GET /kept-past-the-bound");
+        assert_eq!(names.names.read().expect("unpoisoned").len(), full, "keep respects the bound too");
+
         let long = "x".repeat(MAX_KEPT_PART + 1);
         let fresh = SpanNames::default();
         let (name, part) = fresh.get("", &long);
         assert!(matches!(name, Cow::Owned(_)) && *part == *long, "a long part is not kept");
         assert!(fresh.names.read().expect("unpoisoned").is_empty());
+    }
+
+    #[test]
+    fn a_part_looked_up_unkept_is_kept_only_when_asked() {
+        let names = SpanNames::default();
+        let (name, part, kept) = names.get_unkept("", "made.up/Method");
+        assert!(!kept && matches!(name, Cow::Owned(_)) && *part == *"made.up/Method");
+        assert!(names.names.read().expect("unpoisoned").is_empty(), "nothing kept on sight");
+        let (kept_name, _) = names.keep("", "checkout.v1.CheckoutService/Checkout");
+        let (name, _, kept) = names.get_unkept("", "checkout.v1.CheckoutService/Checkout");
+        assert!(kept && std::ptr::eq(name.as_ptr(), kept_name.as_ptr()), "kept once asked");
     }
 }

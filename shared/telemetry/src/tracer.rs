@@ -59,6 +59,14 @@ macro_rules! either {
 }
 
 impl Span for ServiceSpan {
+    fn add_event<T>(&mut self, name: T, attributes: Vec<KeyValue>)
+    where
+        T: Into<Cow<'static, str>>,
+    {
+        // Delegated, not the trait's default: a no-op span then reads no clock.
+        either!(self, span => span.add_event(name, attributes));
+    }
+
     fn add_event_with_timestamp<T>(&mut self, name: T, timestamp: SystemTime, attributes: Vec<KeyValue>)
     where
         T: Into<Cow<'static, str>>,
