@@ -3,6 +3,9 @@
 //!
 //! Span name and `rpc.method` are the fully-qualified method (`checkout.v1.CheckoutService/Checkout`),
 //! `rpc.system.name` is `grpc`, `rpc.response.status_code` the status name (`OK`, `NOT_FOUND`).
+//! A server's call that ends UNIMPLEMENTED is taken for a method the server does not have (any
+//! path a caller sends): `rpc.method` `_OTHER`, the path in `rpc.method_original`, span name
+//! `grpc`, as the conventions ask of a method the server does not recognise.
 //! The status of a unary call usually arrives in the trailers, so the span ends when the
 //! response body does; a call dropped before that (a caller's timeout) ends it as `CANCELLED`.
 //! Span status follows the conventions: every non-OK code fails a CLIENT span; a SERVER span
@@ -22,7 +25,7 @@ use opentelemetry::context::{FutureExt as _, WithContext};
 use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer};
 use opentelemetry::{Context, KeyValue, StringValue};
 use opentelemetry_semantic_conventions::attribute::{
-    ERROR_TYPE, RPC_METHOD, RPC_RESPONSE_STATUS_CODE, RPC_SYSTEM_NAME, SERVER_ADDRESS, SERVER_PORT,
+    ERROR_TYPE, RPC_METHOD, RPC_METHOD_ORIGINAL, RPC_RESPONSE_STATUS_CODE, RPC_SYSTEM_NAME, SERVER_ADDRESS, SERVER_PORT,
 };
 use pin_project_lite::pin_project;
 use tonic::Code;
@@ -32,6 +35,9 @@ use crate::Telemetry;
 use crate::metrics::{AttributeSet, Durations, same_str};
 use crate::propagation::{HeaderExtractor, HeaderInjector};
 use crate::spans::{SpanNames, baggage_attributes, record_error};
+
+/// `rpc.method` of a method the server does not have.
+const OTHER_METHOD: &str = "_OTHER";
 
 /// Calls under this path (grpc.health.v1) are not traced.
 const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
@@ -111,10 +117,7 @@ where
         let cx = parent.with_span(span);
         telemetry.propagator().inject_context(&cx, &mut HeaderInjector(request.headers_mut()));
         let future = self.inner.call(request).with_context(cx.clone());
-        ResponseFuture {
-            inner: future,
-            span: Some(RpcSpan { cx: Some(cx), side: Side::Client, metric, keep_name: None }),
-        }
+        ResponseFuture { inner: future, span: Some(RpcSpan { cx: Some(cx), side: Side::Client, metric, server: None }) }
     }
 }
 
@@ -183,12 +186,12 @@ where
             return ResponseFuture { inner: future, span: None };
         }
         let parent = self.telemetry.propagator().extract(&HeaderExtractor(request.headers()));
-        // Any path a caller sends arrives here: its name is kept only once the server proves to
-        // have the method (the call ends other than UNIMPLEMENTED).
+        // Any path a caller sends arrives here: whether the server has the method shows only when
+        // the call ends (UNIMPLEMENTED or not), so `rpc.method` is set then, and the method's
+        // name kept only then.
         let (name, method, kept) = self.names.get_unkept("", request.uri().path().trim_start_matches('/'));
-        let keep_name = (!kept).then(|| (self.names.clone(), method.clone()));
-        let mut attributes =
-            vec![KeyValue::new(RPC_SYSTEM_NAME, "grpc"), KeyValue::new(RPC_METHOD, StringValue::from(method.clone()))];
+        let server = ServerCall { method: method.clone(), names: (!kept).then(|| self.names.clone()) };
+        let mut attributes = vec![KeyValue::new(RPC_SYSTEM_NAME, "grpc")];
         // server.address / server.port are opt-in for the server metric: left out.
         let metric = RpcMetric::start(self.telemetry.instruments().map(|i| &i.rpc_server_duration), &method, None);
         if let Some(authority) = request.uri().authority() {
@@ -210,7 +213,10 @@ where
             self.inner.call(request)
         }
         .with_context(cx.clone());
-        ResponseFuture { inner: future, span: Some(RpcSpan { cx: Some(cx), side: Side::Server, metric, keep_name }) }
+        ResponseFuture {
+            inner: future,
+            span: Some(RpcSpan { cx: Some(cx), side: Side::Server, metric, server: Some(server) }),
+        }
     }
 }
 
@@ -307,9 +313,17 @@ struct RpcSpan {
     cx: Option<Context>,
     side: Side,
     metric: RpcMetric,
-    /// The server's span names and a method whose name is not kept yet: kept when the call
-    /// ends other than UNIMPLEMENTED.
-    keep_name: Option<(Arc<SpanNames>, Arc<str>)>,
+    /// A server's call: its method, known to exist once the call ends.
+    server: Option<ServerCall>,
+}
+
+/// What a server's span completes when the call ends.
+#[derive(Debug)]
+struct ServerCall {
+    /// The path the caller sent.
+    method: Arc<str>,
+    /// Where to keep the method's span name, if not kept yet.
+    names: Option<Arc<SpanNames>>,
 }
 
 impl RpcSpan {
@@ -321,15 +335,26 @@ impl RpcSpan {
         if failed {
             record_error(&span, code_name(code), if message.is_empty() { code.description() } else { message });
         }
-        span.end();
-        if let Some((names, method)) = self.keep_name.take().filter(|_| code != Code::Unimplemented) {
-            names.keep("", &method);
+        if let Some(ServerCall { method, names }) = self.server.take() {
+            if code == Code::Unimplemented {
+                // A method the server does not have: any path a caller sends (conventions:
+                // `_OTHER`, the path in `rpc.method_original`, the span named after the system).
+                span.set_attribute(KeyValue::new(RPC_METHOD, OTHER_METHOD));
+                span.set_attribute(KeyValue::new(RPC_METHOD_ORIGINAL, StringValue::from(method)));
+                span.update_name("grpc");
+            } else {
+                span.set_attribute(KeyValue::new(RPC_METHOD, StringValue::from(method.clone())));
+                if let Some(names) = names {
+                    names.keep("", &method);
+                }
+            }
         }
+        span.end();
         if let Some(CallDuration { histogram, method, peer, started }) = self.metric.0.take() {
             // A method the server does not have is any path a caller sends: one series for all.
             let unknown = self.side == Side::Server && code == Code::Unimplemented;
             let set = RpcSet {
-                method: if unknown { "_OTHER" } else { &method },
+                method: if unknown { OTHER_METHOD } else { &method },
                 peer: peer.as_ref(),
                 status: code_name(code),
                 error_type: failed.then(|| code_name(code)),
@@ -532,7 +557,7 @@ mod tests {
                 cx: Some(Context::new()),
                 side: Side::Server,
                 metric: RpcMetric(None),
-                keep_name: Some((names.clone(), Arc::from(path))),
+                server: Some(ServerCall { method: Arc::from(path), names: Some(names.clone()) }),
             };
             span.finish(code, "");
         };
@@ -540,5 +565,33 @@ mod tests {
         assert!(!names.get_unkept("", "scanner/Probe").2, "a method the server does not have is not kept");
         end(Code::NotFound, METHOD);
         assert!(names.get_unkept("", METHOD).2, "a method that answered is kept");
+    }
+
+    #[test]
+    fn a_server_span_names_a_method_it_does_not_have_other() {
+        let ended = crate::testing::Ended::default();
+        let provider =
+            opentelemetry_sdk::trace::SdkTracerProvider::builder().with_span_processor(ended.clone()).build();
+        let tracer = opentelemetry::trace::TracerProvider::tracer(&provider, "test");
+        let end = |code: Code, path: &str| {
+            let span = tracer.span_builder(path.to_owned()).with_kind(SpanKind::Server).start(&tracer);
+            let server = Some(ServerCall { method: Arc::from(path), names: None });
+            RpcSpan { cx: Some(Context::new().with_span(span)), side: Side::Server, metric: RpcMetric(None), server }
+                .finish(code, "");
+        };
+        end(Code::Unimplemented, "scanner/Probe");
+        end(Code::NotFound, METHOD);
+        let spans = ended.take();
+        let attribute = |index: usize, key: &str| {
+            spans[index].attributes.iter().find(|kv| kv.key.as_str() == key).map(|kv| kv.value.as_str().into_owned())
+        };
+        assert_eq!(spans[0].name, "grpc");
+        assert_eq!(attribute(0, RPC_METHOD).as_deref(), Some(OTHER_METHOD));
+        assert_eq!(attribute(0, RPC_METHOD_ORIGINAL).as_deref(), Some("scanner/Probe"));
+        assert_eq!(spans[1].name, METHOD);
+        assert_eq!(attribute(1, RPC_METHOD).as_deref(), Some(METHOD));
+        assert_eq!(attribute(1, RPC_METHOD_ORIGINAL), None);
+        let methods = spans[1].attributes.iter().filter(|kv| kv.key.as_str() == RPC_METHOD).count();
+        assert_eq!(methods, 1, "rpc.method once");
     }
 }

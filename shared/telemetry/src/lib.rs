@@ -37,5 +37,8 @@ pub mod shutdown;
 pub mod spans;
 pub mod tracer;
 
+#[cfg(test)]
+mod testing;
+
 pub use env::{ConfigError, Env};
 pub use setup::{Telemetry, TelemetryConfig};

@@ -112,31 +112,11 @@ impl Span for ServiceSpan {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
-    use std::time::Duration;
-
     use opentelemetry::trace::{SpanKind, TraceContextExt, TracerProvider as _};
-    use opentelemetry_sdk::error::OTelSdkResult;
-    use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanProcessor};
+    use opentelemetry_sdk::trace::SdkTracerProvider;
 
     use super::*;
-
-    /// Keeps every span that ends.
-    #[derive(Debug, Clone, Default)]
-    struct Ended(Arc<Mutex<Vec<SpanData>>>);
-
-    impl SpanProcessor for Ended {
-        fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &Context) {}
-        fn on_end(&self, span: SpanData) {
-            self.0.lock().expect("the test's lock").push(span);
-        }
-        fn force_flush(&self) -> OTelSdkResult {
-            Ok(())
-        }
-        fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
-            Ok(())
-        }
-    }
+    use crate::testing::Ended;
 
     #[test]
     fn the_sdk_tracer_records_what_its_spans_are_told() {
@@ -157,7 +137,7 @@ mod tests {
         child.end();
         cx.span().end();
 
-        let spans = ended.0.lock().expect("the test's lock").clone();
+        let spans = ended.take();
         let child = spans.iter().find(|span| span.name == "renamed").expect("the child span");
         assert_eq!(child.parent_span_id, parent_context.span_id());
         assert_eq!(child.span_context.trace_id(), parent_context.trace_id());
