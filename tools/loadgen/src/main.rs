@@ -125,7 +125,11 @@ struct RawArgs {
     load: Load,
 }
 
-#[tokio::main]
+// One thread, as the services run (README, "What moved"): on the benchmark's two cores a
+// multi-threaded runtime's workers wake and sleep around every request, and their context
+// switches are CPU the services and the broker do not get. The OTLP sink of `bench` has a
+// thread and runtime of its own.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Pipeline(args) => {
