@@ -230,14 +230,14 @@ struct RpcMetric(Option<CallDuration>);
 
 #[derive(Debug)]
 struct CallDuration {
-    histogram: Durations<RpcSet<'static>>,
+    histogram: Durations<RpcKey>,
     method: Arc<str>,
     peer: Option<Peer>,
     started: Instant,
 }
 
 impl RpcMetric {
-    fn start(histogram: Option<&Durations<RpcSet<'static>>>, method: &Arc<str>, peer: Option<&Peer>) -> Self {
+    fn start(histogram: Option<&Durations<RpcKey>>, method: &Arc<str>, peer: Option<&Peer>) -> Self {
         Self(histogram.map(|histogram| CallDuration {
             histogram: histogram.clone(),
             method: method.clone(),

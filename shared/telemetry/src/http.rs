@@ -329,7 +329,7 @@ pin_project! {
         trace_response_headers: bool,
         // The histogram, the request's part of its attributes and the start: `None` when
         // metrics are off.
-        duration: Option<(Durations<HttpSet<'static>>, HttpRequestParts, Instant)>,
+        duration: Option<(Durations<HttpKey>, HttpRequestParts, Instant)>,
     }
 
     impl<F> PinnedDrop for HttpResponseFuture<F> {

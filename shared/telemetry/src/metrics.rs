@@ -32,9 +32,9 @@ use std::sync::{Arc, RwLock};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{BoundCounter, BoundHistogram, Counter, Histogram, Meter};
 
-use crate::grpc::RpcSet;
-use crate::http::HttpSet;
-use crate::messaging::MessagingSet;
+use crate::grpc::RpcKey;
+use crate::http::HttpKey;
+use crate::messaging::MessagingKey;
 
 /// Seconds: 0.5 ms to 10 s. The conventions' recommendation starts at 5 ms, then 10 ms, which
 /// would put nearly every call of this pipeline in one bucket; 0.5, 1, 2.5 and 7.5 ms are added.
@@ -155,8 +155,8 @@ impl<I, H, K> WithBound<I, H, K> {
     }
 }
 
-/// A duration histogram, recorded with attribute sets of kind `S`.
-pub(crate) type Durations<S> = WithBound<Histogram<f64>, BoundHistogram<f64>, <S as AttributeSet>::Key>;
+/// A duration histogram, its bound sets kept under keys `K` (an [`AttributeSet`]'s key).
+pub(crate) type Durations<K> = WithBound<Histogram<f64>, BoundHistogram<f64>, K>;
 
 impl<K> WithBound<Histogram<f64>, BoundHistogram<f64>, K> {
     /// Records `seconds` with the attributes of `set`.
@@ -167,8 +167,8 @@ impl<K> WithBound<Histogram<f64>, BoundHistogram<f64>, K> {
     }
 }
 
-/// A message counter, recorded with attribute sets of kind `S`.
-pub(crate) type Messages<S> = WithBound<Counter<u64>, BoundCounter<u64>, <S as AttributeSet>::Key>;
+/// A message counter, its bound sets kept under keys `K`.
+pub(crate) type Messages<K> = WithBound<Counter<u64>, BoundCounter<u64>, K>;
 
 impl<K> WithBound<Counter<u64>, BoundCounter<u64>, K> {
     /// Adds `count` with the attributes of `set`.
@@ -183,13 +183,13 @@ impl<K> WithBound<Counter<u64>, BoundCounter<u64>, K> {
 /// that exports metrics (none otherwise, so callers build no attributes nobody aggregates).
 #[derive(Debug, Clone)]
 pub(crate) struct Instruments {
-    pub(crate) http_server_duration: Durations<HttpSet<'static>>,
-    pub(crate) rpc_server_duration: Durations<RpcSet<'static>>,
-    pub(crate) rpc_client_duration: Durations<RpcSet<'static>>,
-    pub(crate) messaging_operation_duration: Durations<MessagingSet<'static>>,
-    pub(crate) messaging_sent: Messages<MessagingSet<'static>>,
-    pub(crate) messaging_consumed: Messages<MessagingSet<'static>>,
-    pub(crate) messaging_process_duration: Durations<MessagingSet<'static>>,
+    pub(crate) http_server_duration: Durations<HttpKey>,
+    pub(crate) rpc_server_duration: Durations<RpcKey>,
+    pub(crate) rpc_client_duration: Durations<RpcKey>,
+    pub(crate) messaging_operation_duration: Durations<MessagingKey>,
+    pub(crate) messaging_sent: Messages<MessagingKey>,
+    pub(crate) messaging_consumed: Messages<MessagingKey>,
+    pub(crate) messaging_process_duration: Durations<MessagingKey>,
 }
 
 impl Instruments {
