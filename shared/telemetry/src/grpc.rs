@@ -50,6 +50,13 @@ enum Side {
 }
 
 /// Traces outgoing calls: a CLIENT span per call, its context injected into the metadata.
+///
+/// The injected headers (`traceparent`, `baggage`, ...: the propagator's fields) are marked
+/// sensitive, which HTTP/2 sends as "never indexed" (RFC 7541, 6.2.3): their values differ from
+/// call to call, so indexing them in the connection's HPACK table would only evict the headers
+/// that do repeat (`content-type`, `te`, `user-agent`, the authority) and lengthen the chain of
+/// values the encoder compares each header with. (Baggage can carry user data, too: the
+/// representation also keeps it out of the table's compression state.)
 #[derive(Debug, Clone)]
 pub struct GrpcClientLayer {
     telemetry: Telemetry,
@@ -57,13 +64,20 @@ pub struct GrpcClientLayer {
     peer: Peer,
     /// Span names by method, shared by every clone.
     names: Arc<SpanNames>,
+    /// The headers the propagator writes, parsed once.
+    injected: Arc<[http::HeaderName]>,
 }
 
 impl GrpcClientLayer {
     /// `server_address` / `server_port`: the server the channel talks to.
     pub fn new(telemetry: Telemetry, server_address: impl Into<String>, server_port: u16) -> Self {
         let address: Arc<str> = Arc::from(server_address.into());
-        Self { telemetry, peer: (address.into(), server_port), names: Arc::default() }
+        let injected = telemetry
+            .propagator()
+            .fields()
+            .filter_map(|field| http::HeaderName::from_bytes(field.as_bytes()).ok())
+            .collect();
+        Self { telemetry, peer: (address.into(), server_port), names: Arc::default(), injected }
     }
 }
 
@@ -115,7 +129,13 @@ where
             .with_attributes(attributes)
             .start_with_context(telemetry.tracer(), &parent);
         let cx = parent.with_span(span);
-        telemetry.propagator().inject_context(&cx, &mut HeaderInjector(request.headers_mut()));
+        let headers = request.headers_mut();
+        telemetry.propagator().inject_context(&cx, &mut HeaderInjector(headers));
+        for name in self.layer.injected.iter() {
+            if let Some(value) = headers.get_mut(name) {
+                value.set_sensitive(true);
+            }
+        }
         let future = self.inner.call(request).with_context(cx.clone());
         ResponseFuture { inner: future, span: Some(RpcSpan { cx: Some(cx), side: Side::Client, metric, server: None }) }
     }
@@ -593,5 +613,40 @@ mod tests {
         assert_eq!(attribute(1, RPC_METHOD_ORIGINAL), None);
         let methods = spans[1].attributes.iter().filter(|kv| kv.key.as_str() == RPC_METHOD).count();
         assert_eq!(methods, 1, "rpc.method once");
+    }
+
+    #[test]
+    fn a_calls_injected_context_is_sent_never_indexed() {
+        use std::collections::HashMap;
+        use std::sync::Mutex;
+
+        use opentelemetry::baggage::BaggageExt as _;
+
+        let variables: HashMap<String, String> = [("OTEL_TRACES_EXPORTER", "none"), ("OTEL_METRICS_EXPORTER", "none")]
+            .into_iter()
+            .map(|(key, value)| (key.to_owned(), value.to_owned()))
+            .collect();
+        let config = crate::TelemetryConfig::from_lookup("gateway", &crate::Env::from_map(&variables)).expect("config");
+        let telemetry = Telemetry::new(&config).expect("telemetry");
+        let sent = Arc::new(Mutex::new(http::HeaderMap::new()));
+        let inner = {
+            let sent = sent.clone();
+            tower::service_fn(move |request: http::Request<()>| {
+                *sent.lock().expect("headers") = request.headers().clone();
+                std::future::ready(Ok::<_, std::convert::Infallible>(http::Response::new(())))
+            })
+        };
+        let mut client = GrpcClientLayer::new(telemetry, "checkout", 50051).layer(inner);
+        let mut request = http::Request::new(());
+        *request.uri_mut() = http::Uri::from_static("http://checkout:50051/checkout.v1.CheckoutService/Checkout");
+        request.headers_mut().insert("content-type", http::HeaderValue::from_static("application/grpc"));
+        let _attached = Context::new().with_baggage([KeyValue::new("customer.id", "c-1")]).attach();
+        drop(client.call(request));
+        let sent = sent.lock().expect("headers");
+        for name in ["traceparent", "baggage"] {
+            let value = sent.get(name).unwrap_or_else(|| panic!("{name} is injected"));
+            assert!(value.is_sensitive(), "{name} is marked never to be indexed");
+        }
+        assert!(!sent["content-type"].is_sensitive(), "the caller's own headers are left as they are");
     }
 }

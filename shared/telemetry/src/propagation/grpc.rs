@@ -2,7 +2,10 @@
 //!
 //! gRPC metadata is HTTP/2 headers, so keys are lowercase ASCII; binary (`-bin`) entries are
 //! never trace context and read as absent. A key or value the metadata map cannot hold is
-//! skipped rather than panicking the request.
+//! skipped rather than panicking the request. Injected values are marked sensitive, which HTTP/2
+//! sends as "never indexed": they differ from call to call, and indexing them in the
+//! connection's HPACK table would only evict the headers that repeat (see
+//! [`crate::grpc::GrpcClientLayer`]).
 
 use opentelemetry::propagation::{Extractor, Injector};
 use tonic::metadata::{KeyAndValueRef, MetadataKey, MetadataMap, MetadataValue};
@@ -16,11 +19,12 @@ impl Injector for MetadataInjector<'_> {
         if value.is_empty() {
             return;
         }
-        let (Ok(key), Ok(value)) =
+        let (Ok(key), Ok(mut value)) =
             (MetadataKey::from_bytes(key.to_ascii_lowercase().as_bytes()), MetadataValue::try_from(value))
         else {
             return;
         };
+        value.set_sensitive(true);
         self.0.insert(key, value);
     }
 }
@@ -64,6 +68,16 @@ mod tests {
         injector.set("Baggage", "k=v".to_owned());
         assert_eq!(metadata.len(), 1);
         assert_eq!(MetadataExtractor(&metadata).get("baggage"), Some("k=v"));
+    }
+
+    #[test]
+    fn injected_values_are_sent_never_indexed() {
+        let mut metadata = MetadataMap::new();
+        MetadataInjector(&mut metadata)
+            .set("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
+        let value = metadata.get("traceparent").expect("injected");
+        assert!(value.is_sensitive(), "marked never to be indexed by HPACK");
+        assert_eq!(MetadataExtractor(&metadata).get("traceparent"), value.to_str().ok(), "and read as any value");
     }
 
     #[test]
