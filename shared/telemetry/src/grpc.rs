@@ -51,12 +51,13 @@ enum Side {
 
 /// Traces outgoing calls: a CLIENT span per call, its context injected into the metadata.
 ///
-/// The injected headers (`traceparent`, `baggage`, ...: the propagator's fields) are marked
-/// sensitive, which HTTP/2 sends as "never indexed" (RFC 7541, 6.2.3): their values differ from
-/// call to call, so indexing them in the connection's HPACK table would only evict the headers
-/// that do repeat (`content-type`, `te`, `user-agent`, the authority) and lengthen the chain of
-/// values the encoder compares each header with. (Baggage can carry user data, too: the
-/// representation also keeps it out of the table's compression state.)
+/// The headers the propagator writes (its fields: `traceparent`, `tracestate`, `baggage`, the
+/// B3 headers) are marked sensitive, which HTTP/2 sends as a literal never indexed (RFC 7541,
+/// 6.2.3; h2's only way to keep a value out of the connection's HPACK table). `traceparent` and
+/// most baggage differ from call to call: indexed, each would evict the headers that do repeat
+/// (`content-type`, `te`, `user-agent`, the authority) and lengthen the chain of same-name values
+/// h2's encoder compares every new value with. Baggage can carry user data, too. A field whose
+/// value repeats (`x-b3-sampled`) costs its few bytes on every call instead of an index.
 #[derive(Debug, Clone)]
 pub struct GrpcClientLayer {
     telemetry: Telemetry,
@@ -621,11 +622,16 @@ mod tests {
         use std::sync::Mutex;
 
         use opentelemetry::baggage::BaggageExt as _;
+        use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
 
-        let variables: HashMap<String, String> = [("OTEL_TRACES_EXPORTER", "none"), ("OTEL_METRICS_EXPORTER", "none")]
-            .into_iter()
-            .map(|(key, value)| (key.to_owned(), value.to_owned()))
-            .collect();
+        let variables: HashMap<String, String> = [
+            ("OTEL_TRACES_EXPORTER", "none"),
+            ("OTEL_METRICS_EXPORTER", "none"),
+            ("OTEL_PROPAGATORS", "tracecontext,baggage,b3,b3multi"),
+        ]
+        .into_iter()
+        .map(|(key, value)| (key.to_owned(), value.to_owned()))
+        .collect();
         let config = crate::TelemetryConfig::from_lookup("gateway", &crate::Env::from_map(&variables)).expect("config");
         let telemetry = Telemetry::new(&config).expect("telemetry");
         let sent = Arc::new(Mutex::new(http::HeaderMap::new()));
@@ -640,12 +646,25 @@ mod tests {
         let mut request = http::Request::new(());
         *request.uri_mut() = http::Uri::from_static("http://checkout:50051/checkout.v1.CheckoutService/Checkout");
         request.headers_mut().insert("content-type", http::HeaderValue::from_static("application/grpc"));
-        let _attached = Context::new().with_baggage([KeyValue::new("customer.id", "c-1")]).attach();
+        let caller = SpanContext::new(
+            TraceId::from(0x0af7_6519_16cd_43dd_8448_eb21_1c80_319c),
+            SpanId::from(0xb7ad_6b71_6920_3331),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::from_key_value([("vendor", "opaque")]).expect("tracestate"),
+        );
+        let parent =
+            Context::new().with_remote_span_context(caller).with_baggage([KeyValue::new("customer.id", "c-1")]);
+        let _attached = parent.attach();
         drop(client.call(request));
         let sent = sent.lock().expect("headers");
-        for name in ["traceparent", "baggage"] {
-            let value = sent.get(name).unwrap_or_else(|| panic!("{name} is injected"));
-            assert!(value.is_sensitive(), "{name} is marked never to be indexed");
+        let injected: Vec<&str> =
+            sent.keys().map(http::HeaderName::as_str).filter(|name| *name != "content-type").collect();
+        for expected in ["traceparent", "tracestate", "baggage", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-sampled"] {
+            assert!(injected.contains(&expected), "{expected} is injected: {injected:?}");
+        }
+        for name in injected {
+            assert!(sent[name].is_sensitive(), "{name} is marked never to be indexed");
         }
         assert!(!sent["content-type"].is_sensitive(), "the caller's own headers are left as they are");
     }
