@@ -29,16 +29,21 @@ fn epoch_us(time: SystemTime) -> i64 {
 /// The gateway's answer to an accepted order (its other fields are not needed here).
 #[derive(Deserialize)]
 struct Accepted {
-    order_id: String,
+    /// Absent or not a string: the `no order id` failure.
+    order_id: Option<String>,
 }
 
-/// How long an order's POST may take before it counts as a `timeout` failure.
+/// How long an order's POST may take, its answer's body included, before it counts as a
+/// `timeout` failure.
 const POST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one lookup of an order in stock's admin API may take.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The client of the POSTs: hyper's pooled client over plain TCP (no delay), one connection per
-/// order in flight. Not reqwest, whose every request parses its URL twice (once to build it,
-/// once in its redirect policy) and whose JSON goes through `serde_json::Value`: that was most
-/// of the load generator's work per order, on the two cores the services and the broker share.
+/// order in flight, the URI parsed once. Not reqwest, which parses each request's URL more than
+/// once (to build the request, and again in its redirect policy, which runs on every request):
+/// that, with the bodies going through `serde_json::Value`, was most of the load generator's
+/// work per order, on the two cores the services and the broker share.
 fn post_client() -> Client<HttpConnector, Full<Bytes>> {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
@@ -64,25 +69,25 @@ pub async fn run(gateway: &str, stock: Option<&str>, load: &Load) -> anyhow::Res
                 .body(Full::new(order_body(i)))
                 .map_err(|_| "request".to_owned())?;
             let sent_at = epoch_us(SystemTime::now());
+            // Within the timeout: the answer's head and its whole body.
             let answer = async {
-                let response = post.request(request).await.ok()?;
+                let response = post.request(request).await.map_err(|_| "connection".to_owned())?;
                 let status = response.status();
-                let body = response.into_body().collect().await.ok()?.to_bytes();
-                Some((status, body))
+                let body = response.into_body().collect().await;
+                if status != StatusCode::ACCEPTED {
+                    // The body is read (whatever became of it) so the connection can be reused.
+                    return Err(status.as_u16().to_string());
+                }
+                Ok(body.map_err(|_| "connection".to_owned())?.to_bytes())
             };
-            let (status, body) = tokio::time::timeout(POST_TIMEOUT, answer)
-                .await
-                .map_err(|_| "timeout".to_owned())?
-                .ok_or_else(|| "connection".to_owned())?;
-            if status != StatusCode::ACCEPTED {
-                return Err(status.as_u16().to_string());
-            }
+            let body = tokio::time::timeout(POST_TIMEOUT, answer).await.map_err(|_| "timeout".to_owned())??;
             let accepted: Accepted = serde_json::from_slice(&body).map_err(|_| "bad body".to_owned())?;
-            Ok((accepted.order_id, sent_at))
+            let order_id = accepted.order_id.ok_or_else(|| "no order id".to_owned())?;
+            Ok((order_id, sent_at))
         }
     })
     .await;
-    let http = reqwest::Client::builder().timeout(POST_TIMEOUT).pool_max_idle_per_host(1024).build()?;
+    let http = reqwest::Client::builder().timeout(LOOKUP_TIMEOUT).pool_max_idle_per_host(1024).build()?;
     let (end_to_end, end_to_end_timeline, not_reserved) = match stock {
         Some(stock) => {
             let followed = follow(&http, stock, &driven.successes, epoch_us(driven.window_start)).await;
@@ -164,4 +169,50 @@ async fn follow(http: &reqwest::Client, stock: &str, accepted: &[(String, i64)],
         }
     }
     Followed { latency: histogram, timeline: timeline.seconds(), not_reserved: missing }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Over real HTTP on loopback: each POST reaches the gateway as a JSON order, and every
+    /// answer but an accepted order with its id is counted as the failure it is.
+    #[tokio::test]
+    async fn each_answer_is_counted_as_what_it_is() -> anyhow::Result<()> {
+        use axum::Json;
+        use axum::http::StatusCode as Status;
+        use axum::response::IntoResponse as _;
+
+        let gateway = axum::routing::post(|Json(order): Json<Value>| async move {
+            let customer = order["customer_id"].as_str().unwrap_or_default().to_owned();
+            let n: u64 = customer.trim_start_matches("load-").parse().unwrap_or(u64::MAX);
+            match n % 4 {
+                0 => (Status::ACCEPTED, Json(serde_json::json!({"order_id": format!("o-{n}")}))).into_response(),
+                1 => (Status::ACCEPTED, Json(serde_json::json!({"status": "accepted"}))).into_response(),
+                2 => (Status::ACCEPTED, "not json").into_response(),
+                _ => (Status::SERVICE_UNAVAILABLE, "broker down").into_response(),
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        tokio::spawn(axum::serve(listener, axum::Router::new().route("/api/checkout", gateway)).into_future());
+        let load = Load {
+            concurrency: 4,
+            rate: None,
+            orders: Some(8),
+            duration: None,
+            warmup: 0.0,
+            label: "answers".to_owned(),
+            json: None,
+            svg: None,
+            quiet: true,
+        };
+
+        let report = run(&format!("http://{address}/"), None, &load).await?;
+
+        assert_eq!(report.succeeded, 2, "{report:?}");
+        let failures: Vec<(&str, u64)> = report.failures.iter().map(|(kind, count)| (kind.as_str(), *count)).collect();
+        assert_eq!(failures, [("503", 2), ("bad body", 2), ("no order id", 2)]);
+        Ok(())
+    }
 }
