@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::Load;
-use crate::report::{Report, worst_second};
+use crate::report::{Report, utc_time_of_day, worst_second};
 
 /// The benchmark's settings.
 #[derive(clap::Args, Clone, Debug)]
@@ -620,10 +620,12 @@ fn half_load_summary(runs: &[Run]) -> String {
         let e2e = half.end_to_end.as_ref();
         let _ = writeln!(
             out,
-            "\nAt half the maximum ({}, open loop {}): {:.0}/s, p99 POST {:.2} ms, p99 POST -> reserved {:.2} ms \
-             (p50 {:.2} / {:.2} ms); {} bytes of telemetry exported; worst second: POST {}, POST -> reserved {}",
+            "\nAt half the maximum ({}, open loop {}, from {} UTC): {:.0}/s, p99 POST {:.2} ms, p99 POST -> \
+             reserved {:.2} ms (p50 {:.2} / {:.2} ms); {} bytes of telemetry exported; worst second: POST {}, POST -> \
+             reserved {}",
             half_load.telemetry.label(),
             half.load,
+            utc_time_of_day(half.window_start_unix_ms),
             half.throughput,
             half.latency.p99_ms,
             e2e.map_or(0.0, |p| p.p99_ms),
@@ -647,6 +649,7 @@ mod tests {
             mode: "pipeline",
             label: String::new(),
             load: String::new(),
+            window_start_unix_ms: 0,
             seconds: 1.0,
             sent: throughput as u64,
             succeeded: throughput as u64,
@@ -746,7 +749,11 @@ mod tests {
                     bystanders: Bystanders { broker_cpu_seconds: None, loadgen_cpu_seconds: 1.0 },
                 })
                 .to_vec(),
-            half_load: Vec::new(),
+            // 2026-12-06 17:25:41.5 UTC.
+            half_load: vec![Run {
+                report: Report { window_start_unix_ms: 1_796_577_941_500, ..report(2500.0) },
+                ..run(Telemetry::Off, 2500.0)
+            }],
         };
         let summary = summary(&results, &args);
         let table: Vec<&str> = summary.lines().filter(|line| line.starts_with("| ")).take(4).collect();
@@ -763,5 +770,10 @@ mod tests {
             "{summary}"
         );
         assert!(summary.contains("Raw, CPU s / 1,000 messages (medians): broker ?, load generator 0.225"), "{summary}");
+        // A half-load run says when it began, so a stall in it can be found in the broker's log.
+        assert!(
+            summary.contains("At half the maximum (telemetry off, open loop , from 17:25:41 UTC): 2500/s"),
+            "{summary}"
+        );
     }
 }

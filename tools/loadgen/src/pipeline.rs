@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use crate::Load;
 use crate::driver::drive;
-use crate::report::{Percentiles, Report, Second, Timeline, histogram};
+use crate::report::{Percentiles, Report, Second, Timeline, histogram, unix_ms};
 
 /// `time` in µs since the epoch: the unit of stock's `recorded_at_us`.
 fn epoch_us(time: SystemTime) -> i64 {
@@ -99,6 +99,7 @@ pub async fn run(gateway: &str, stock: Option<&str>, load: &Load) -> anyhow::Res
         mode: "pipeline",
         label: load.label.clone(),
         load: describe(load),
+        window_start_unix_ms: unix_ms(driven.window_start),
         seconds: driven.seconds,
         sent: driven.sent,
         succeeded: driven.successes.len() as u64,

@@ -16,7 +16,7 @@ use tokio::sync::Mutex;
 use crate::Load;
 use crate::driver::drive;
 use crate::pipeline::describe;
-use crate::report::{Percentiles, Report};
+use crate::report::{Percentiles, Report, unix_ms};
 
 const EXCHANGE: &str = "bench.raw";
 const QUEUE: &str = "bench.raw";
@@ -72,6 +72,7 @@ pub async fn run(amqp: &str, load: &Load) -> anyhow::Result<Report> {
         mode: "raw",
         label: load.label.clone(),
         load: describe(load),
+        window_start_unix_ms: unix_ms(driven.window_start),
         seconds: driven.seconds,
         sent: driven.sent,
         succeeded: driven.successes.len() as u64,

@@ -107,6 +107,17 @@ pub fn worst_second(seconds: &[Second]) -> String {
     }
 }
 
+/// `HH:MM:SS` (UTC) of a time given in ms since the Unix epoch, as logs print it.
+pub fn utc_time_of_day(unix_ms: u64) -> String {
+    let seconds = unix_ms / 1000 % 86_400;
+    format!("{:02}:{:02}:{:02}", seconds / 3600, seconds / 60 % 60, seconds % 60)
+}
+
+/// `time` in ms since the Unix epoch (0 before it).
+pub fn unix_ms(time: std::time::SystemTime) -> u64 {
+    time.duration_since(std::time::UNIX_EPOCH).map_or(0, |since| since.as_millis() as u64)
+}
+
 /// One run's results.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -116,6 +127,9 @@ pub struct Report {
     pub label: String,
     /// `concurrency N` or `rate R/s`.
     pub load: String,
+    /// When the measured window began, ms since the Unix epoch: to place the run beside other
+    /// logs (RabbitMQ's, say) when it needs explaining.
+    pub window_start_unix_ms: u64,
     /// Measured seconds (after the warm-up).
     pub seconds: f64,
     /// Requests sent in the measured window.
