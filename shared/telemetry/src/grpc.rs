@@ -42,11 +42,12 @@ const OTHER_METHOD: &str = "_OTHER";
 /// Calls under this path (grpc.health.v1) are not traced.
 const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
 
-/// Which end of the call a span describes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which end of the call a span describes; a server's side carries what its span completes
+/// when the call ends.
+#[derive(Debug)]
 enum Side {
     Client,
-    Server,
+    Server(ServerCall),
 }
 
 /// Traces outgoing calls: a CLIENT span per call, its context injected into the metadata.
@@ -138,7 +139,7 @@ where
             }
         }
         let future = self.inner.call(request).with_context(cx.clone());
-        ResponseFuture { inner: future, span: Some(RpcSpan { cx: Some(cx), side: Side::Client, metric, server: None }) }
+        ResponseFuture { inner: future, span: Some(RpcSpan { cx: Some(cx), side: Side::Client, metric }) }
     }
 }
 
@@ -234,10 +235,7 @@ where
             self.inner.call(request)
         }
         .with_context(cx.clone());
-        ResponseFuture {
-            inner: future,
-            span: Some(RpcSpan { cx: Some(cx), side: Side::Server, metric, server: Some(server) }),
-        }
+        ResponseFuture { inner: future, span: Some(RpcSpan { cx: Some(cx), side: Side::Server(server), metric }) }
     }
 }
 
@@ -334,11 +332,9 @@ struct RpcSpan {
     cx: Option<Context>,
     side: Side,
     metric: RpcMetric,
-    /// A server's call: its method, known to exist once the call ends.
-    server: Option<ServerCall>,
 }
 
-/// What a server's span completes when the call ends.
+/// What a server's span completes when the call ends: its method, known to exist only then.
 #[derive(Debug)]
 struct ServerCall {
     /// The path the caller sent.
@@ -352,28 +348,28 @@ impl RpcSpan {
         let Some(cx) = self.cx.take() else { return };
         let span = cx.span();
         span.set_attribute(KeyValue::new(RPC_RESPONSE_STATUS_CODE, code_name(code)));
-        let failed = is_error(self.side, code);
+        let failed = is_error(&self.side, code);
         if failed {
             record_error(&span, code_name(code), if message.is_empty() { code.description() } else { message });
         }
-        if let Some(ServerCall { method, names }) = self.server.take() {
-            if code == Code::Unimplemented {
-                // A method the server does not have: any path a caller sends (conventions:
-                // `_OTHER`, the path in `rpc.method_original`, the span named after the system).
+        // A server's call that ends UNIMPLEMENTED is for a method the server does not have: any
+        // path a caller sends (conventions: `_OTHER`, the path in `rpc.method_original`, the span
+        // named after the system; one metric series for all).
+        let unknown = matches!(self.side, Side::Server(_)) && code == Code::Unimplemented;
+        if let Side::Server(ServerCall { method, names }) = &self.side {
+            if unknown {
                 span.set_attribute(KeyValue::new(RPC_METHOD, OTHER_METHOD));
-                span.set_attribute(KeyValue::new(RPC_METHOD_ORIGINAL, StringValue::from(method)));
+                span.set_attribute(KeyValue::new(RPC_METHOD_ORIGINAL, StringValue::from(method.clone())));
                 span.update_name("grpc");
             } else {
                 span.set_attribute(KeyValue::new(RPC_METHOD, StringValue::from(method.clone())));
                 if let Some(names) = names {
-                    names.keep("", &method);
+                    names.keep("", method);
                 }
             }
         }
         span.end();
         if let Some(CallDuration { histogram, method, peer, started }) = self.metric.0.take() {
-            // A method the server does not have is any path a caller sends: one series for all.
-            let unknown = self.side == Side::Server && code == Code::Unimplemented;
             let set = RpcSet {
                 method: if unknown { OTHER_METHOD } else { &method },
                 peer: peer.as_ref(),
@@ -391,10 +387,10 @@ impl Drop for RpcSpan {
     }
 }
 
-fn is_error(side: Side, code: Code) -> bool {
+fn is_error(side: &Side, code: Code) -> bool {
     match side {
         Side::Client => code != Code::Ok,
-        Side::Server => matches!(
+        Side::Server(_) => matches!(
             code,
             Code::Unknown
                 | Code::DeadlineExceeded
@@ -576,9 +572,8 @@ mod tests {
         let end = |code: Code, path: &str| {
             let mut span = RpcSpan {
                 cx: Some(Context::new()),
-                side: Side::Server,
+                side: Side::Server(ServerCall { method: Arc::from(path), names: Some(names.clone()) }),
                 metric: RpcMetric(None),
-                server: Some(ServerCall { method: Arc::from(path), names: Some(names.clone()) }),
             };
             span.finish(code, "");
         };
@@ -596,9 +591,8 @@ mod tests {
         let tracer = opentelemetry::trace::TracerProvider::tracer(&provider, "test");
         let end = |code: Code, path: &str| {
             let span = tracer.span_builder(path.to_owned()).with_kind(SpanKind::Server).start(&tracer);
-            let server = Some(ServerCall { method: Arc::from(path), names: None });
-            RpcSpan { cx: Some(Context::new().with_span(span)), side: Side::Server, metric: RpcMetric(None), server }
-                .finish(code, "");
+            let side = Side::Server(ServerCall { method: Arc::from(path), names: None });
+            RpcSpan { cx: Some(Context::new().with_span(span)), side, metric: RpcMetric(None) }.finish(code, "");
         };
         end(Code::Unimplemented, "scanner/Probe");
         end(Code::NotFound, METHOD);
