@@ -158,7 +158,7 @@ impl<I, H, K> WithBound<I, H, K> {
 /// A duration histogram, its bound sets kept under keys `K` (an [`AttributeSet`]'s key).
 pub(crate) type Durations<K> = WithBound<Histogram<f64>, BoundHistogram<f64>, K>;
 
-impl<K> WithBound<Histogram<f64>, BoundHistogram<f64>, K> {
+impl<K> Durations<K> {
     /// Records `seconds` with the attributes of `set`.
     pub(crate) fn record<S: AttributeSet<Key = K> + ?Sized>(&self, seconds: f64, set: &S) {
         if !self.bound.record(set, |attributes| self.instrument.bind(attributes), |bound| bound.record(seconds)) {
@@ -170,7 +170,7 @@ impl<K> WithBound<Histogram<f64>, BoundHistogram<f64>, K> {
 /// A message counter, its bound sets kept under keys `K`.
 pub(crate) type Messages<K> = WithBound<Counter<u64>, BoundCounter<u64>, K>;
 
-impl<K> WithBound<Counter<u64>, BoundCounter<u64>, K> {
+impl<K> Messages<K> {
     /// Adds `count` with the attributes of `set`.
     pub(crate) fn add<S: AttributeSet<Key = K> + ?Sized>(&self, count: u64, set: &S) {
         if !self.bound.record(set, |attributes| self.instrument.bind(attributes), |bound| bound.add(count)) {
