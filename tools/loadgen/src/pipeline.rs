@@ -5,7 +5,7 @@
 //! admin API; the same machine's clock). Reservations are looked up after the load, so the
 //! lookups do not compete with it.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
@@ -19,12 +19,7 @@ use serde_json::Value;
 
 use crate::Load;
 use crate::driver::drive;
-use crate::report::{Percentiles, Report, Second, Timeline, histogram, unix_ms};
-
-/// `time` in µs since the epoch: the unit of stock's `recorded_at_us`.
-fn epoch_us(time: SystemTime) -> i64 {
-    time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
-}
+use crate::report::{Percentiles, Report, Second, Timeline, epoch_us, histogram, unix_ms};
 
 /// The gateway's answer to an accepted order (its other fields are not needed here).
 #[derive(Deserialize)]

@@ -113,9 +113,14 @@ pub fn utc_time_of_day(unix_ms: u64) -> String {
     format!("{:02}:{:02}:{:02}", seconds / 3600, seconds / 60 % 60, seconds % 60)
 }
 
+/// `time` in µs since the Unix epoch (0 before it): the unit of stock's `recorded_at_us`.
+pub fn epoch_us(time: std::time::SystemTime) -> i64 {
+    time.duration_since(std::time::UNIX_EPOCH).map_or(0, |since| since.as_micros() as i64)
+}
+
 /// `time` in ms since the Unix epoch (0 before it).
 pub fn unix_ms(time: std::time::SystemTime) -> u64 {
-    time.duration_since(std::time::UNIX_EPOCH).map_or(0, |since| since.as_millis() as u64)
+    epoch_us(time).unsigned_abs() / 1000
 }
 
 /// One run's results.
