@@ -3,8 +3,9 @@
 //!
 //! The API's `BoxedTracer` would do the same behind a `Box<dyn ..>`, but every span it starts
 //! is a boxed span, and `Context::with_span` boxes whatever span it is given once more: two
-//! allocations and two virtual calls per span operation where one of each will do (about 300
-//! instructions per span, callgrind). An enum costs a branch instead.
+//! allocations and two virtual calls per span operation where one of each will do. An enum
+//! costs a branch instead (callgrind, span start with its two spans per service and order:
+//! 1.29-1.38k -> 1.05-1.20k instructions).
 
 use std::borrow::Cow;
 use std::time::SystemTime;
