@@ -621,8 +621,8 @@ fn half_load_summary(runs: &[Run]) -> String {
         let _ = writeln!(
             out,
             "\nAt half the maximum ({}, open loop {}, from {} UTC): {:.0}/s, p99 POST {:.2} ms, p99 POST -> \
-             reserved {:.2} ms (p50 {:.2} / {:.2} ms); {} bytes of telemetry exported; worst second: POST {}, POST -> \
-             reserved {}",
+             reserved {:.2} ms (p50 {:.2} / {:.2} ms; POSTs sent {:.2} ms after their time at p99, counted in \
+             the POST's); {} bytes of telemetry exported; worst second: POST {}, POST -> reserved {}",
             half_load.telemetry.label(),
             half.load,
             utc_time_of_day(half.window_start_unix_ms),
@@ -631,6 +631,7 @@ fn half_load_summary(runs: &[Run]) -> String {
             e2e.map_or(0.0, |p| p.p99_ms),
             half.latency.p50_ms,
             e2e.map_or(0.0, |p| p.p50_ms),
+            half.send_lag.as_ref().map_or(0.0, |p| p.p99_ms),
             half_load.otlp_bytes,
             worst_second(&half.timeline),
             worst_second(&half.end_to_end_timeline),
@@ -656,6 +657,7 @@ mod tests {
             failures: Default::default(),
             throughput,
             latency: Percentiles::of(&histogram()),
+            send_lag: None,
             timeline: Vec::new(),
             end_to_end: None,
             end_to_end_timeline: Vec::new(),
@@ -736,6 +738,10 @@ mod tests {
     #[test]
     fn the_summary_reports_each_order_apart_and_its_table_lines_up() {
         let args = args(2);
+        // 99 POSTs sent 40 µs after their time, one 3 ms after.
+        let mut lag = histogram();
+        lag.record_n(40, 99).expect("in range");
+        lag.record(3000).expect("in range");
         let pair = |off: f64, on: f64, on_first| Pair {
             off: run(Telemetry::Off, off),
             on: run(Telemetry::SpansAndMetrics, on),
@@ -751,7 +757,11 @@ mod tests {
                 .to_vec(),
             // 2026-12-06 17:25:41.5 UTC.
             half_load: vec![Run {
-                report: Report { window_start_unix_ms: 1_796_577_941_500, ..report(2500.0) },
+                report: Report {
+                    window_start_unix_ms: 1_796_577_941_500,
+                    send_lag: Some(Percentiles::of(&lag)),
+                    ..report(2500.0)
+                },
                 ..run(Telemetry::Off, 2500.0)
             }],
         };
@@ -775,5 +785,7 @@ mod tests {
             summary.contains("At half the maximum (telemetry off, open loop , from 17:25:41 UTC): 2500/s"),
             "{summary}"
         );
+        // And how late the load generator itself sent, which its POST latency counts.
+        assert!(summary.contains("POSTs sent 0.04 ms after their time at p99"), "{summary}");
     }
 }

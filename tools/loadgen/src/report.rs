@@ -147,6 +147,9 @@ pub struct Report {
     pub throughput: f64,
     /// POST (or publish-to-confirm) latency.
     pub latency: Percentiles,
+    /// Open loop: how late the load generator started each operation after its intended start
+    /// (counted in `latency`).
+    pub send_lag: Option<Percentiles>,
     /// The POST (or publish-to-confirm) latency second by second.
     pub timeline: Vec<Second>,
     /// POST-to-reserved latency (pipeline only).
@@ -191,6 +194,9 @@ impl Report {
         };
         let first = if self.mode == "raw" { "publish -> confirm" } else { "POST -> 202" };
         let _ = writeln!(out, "{}", row(first, &self.latency));
+        if let Some(lag) = &self.send_lag {
+            let _ = writeln!(out, "{}", row("sent late by", lag));
+        }
         if let Some(e2e) = &self.end_to_end {
             let _ = writeln!(out, "{}", row("POST -> reserved", e2e));
             let _ = writeln!(out, "  not reserved: {}", self.not_reserved);
