@@ -250,7 +250,8 @@ struct RpcMetric(Option<CallDuration>);
 #[derive(Debug)]
 struct CallDuration {
     histogram: Durations<RpcKey>,
-    method: Arc<str>,
+    /// Shared with the span names (a method the server has) and the bound sets.
+    method: StringValue,
     peer: Option<Peer>,
     started: Instant,
 }
@@ -259,7 +260,7 @@ impl RpcMetric {
     fn start(histogram: Option<&Durations<RpcKey>>, method: &Arc<str>, peer: Option<&Peer>) -> Self {
         Self(histogram.map(|histogram| CallDuration {
             histogram: histogram.clone(),
-            method: method.clone(),
+            method: StringValue::from(method.clone()),
             peer: peer.cloned(),
             started: Instant::now(),
         }))
@@ -269,7 +270,7 @@ impl RpcMetric {
 /// The attributes of a call-duration measurement, by their parts (`rpc.system.name` is always
 /// `grpc`): found among the bound sets without building them.
 pub(crate) struct RpcSet<'a> {
-    method: &'a str,
+    method: &'a StringValue,
     /// The server, on the client's side (the server's metric leaves it out).
     peer: Option<&'a Peer>,
     status: &'static str,
@@ -280,7 +281,7 @@ pub(crate) struct RpcSet<'a> {
 /// What a bound [`RpcSet`] keeps.
 #[derive(Debug)]
 pub(crate) struct RpcKey {
-    method: Box<str>,
+    method: StringValue,
     peer: Option<Peer>,
     status: &'static str,
     error_type: Option<&'static str>,
@@ -292,7 +293,7 @@ impl AttributeSet for RpcSet<'_> {
     fn matches(&self, key: &RpcKey) -> bool {
         key.status == self.status
             && key.error_type == self.error_type
-            && *key.method == *self.method
+            && same_str(key.method.as_str(), self.method.as_str())
             && match (&key.peer, self.peer) {
                 (None, None) => true,
                 (Some((address, port)), Some((other_address, other_port))) => {
@@ -304,7 +305,7 @@ impl AttributeSet for RpcSet<'_> {
 
     fn key(&self) -> RpcKey {
         RpcKey {
-            method: self.method.into(),
+            method: self.method.clone(),
             peer: self.peer.cloned(),
             status: self.status,
             error_type: self.error_type,
@@ -313,7 +314,7 @@ impl AttributeSet for RpcSet<'_> {
 
     fn attributes(&self) -> Vec<KeyValue> {
         let mut attributes =
-            vec![KeyValue::new(RPC_SYSTEM_NAME, "grpc"), KeyValue::new(RPC_METHOD, self.method.to_owned())];
+            vec![KeyValue::new(RPC_SYSTEM_NAME, "grpc"), KeyValue::new(RPC_METHOD, self.method.clone())];
         if let Some((address, port)) = self.peer {
             attributes.push(KeyValue::new(SERVER_ADDRESS, address.clone()));
             attributes.push(KeyValue::new(SERVER_PORT, i64::from(*port)));
@@ -370,8 +371,9 @@ impl RpcSpan {
         }
         span.end();
         if let Some(CallDuration { histogram, method, peer, started }) = self.metric.0.take() {
+            let other = StringValue::from(OTHER_METHOD);
             let set = RpcSet {
-                method: if unknown { OTHER_METHOD } else { &method },
+                method: if unknown { &other } else { &method },
                 peer: peer.as_ref(),
                 status: code_name(code),
                 error_type: failed.then(|| code_name(code)),
@@ -521,29 +523,31 @@ mod tests {
 
     #[test]
     fn a_call_set_matches_its_own_key_and_no_other_parts() {
-        let set = RpcSet { method: METHOD, peer: None, status: "OK", error_type: None };
+        let method = StringValue::from(METHOD);
+        let set = RpcSet { method: &method, peer: None, status: "OK", error_type: None };
         let key = set.key();
-        let copy = METHOD.to_owned();
+        let copy = StringValue::from(METHOD.to_owned());
+        let other_method = StringValue::from("checkout.v1.CheckoutService/Other");
         assert!(
             RpcSet { method: &copy, peer: None, status: "OK", error_type: None }.matches(&key),
             "an equal method elsewhere"
         );
         let different = [
-            RpcSet { method: "checkout.v1.CheckoutService/Other", peer: None, status: "OK", error_type: None },
-            RpcSet { method: METHOD, peer: None, status: "NOT_FOUND", error_type: None },
-            RpcSet { method: METHOD, peer: None, status: "OK", error_type: Some("OK") },
+            RpcSet { method: &other_method, peer: None, status: "OK", error_type: None },
+            RpcSet { method: &method, peer: None, status: "NOT_FOUND", error_type: None },
+            RpcSet { method: &method, peer: None, status: "OK", error_type: Some("OK") },
         ];
         for (index, other) in different.iter().enumerate() {
             assert!(!other.matches(&key), "set {index} shares the handle of another set");
         }
         let checkout: Peer = (StringValue::from(Arc::<str>::from("checkout")), 50051);
-        let client = RpcSet { method: METHOD, peer: Some(&checkout), status: "OK", error_type: None };
+        let client = RpcSet { method: &method, peer: Some(&checkout), status: "OK", error_type: None };
         let client_key = client.key();
         assert!(client.matches(&client_key) && !set.matches(&client_key) && !client.matches(&key), "a server's set");
         let other_address: Peer = (StringValue::from("checkout-2"), 50051);
         let other_port: Peer = (checkout.0.clone(), 50052);
         for peer in [&other_address, &other_port] {
-            let other = RpcSet { method: METHOD, peer: Some(peer), status: "OK", error_type: None };
+            let other = RpcSet { method: &method, peer: Some(peer), status: "OK", error_type: None };
             assert!(!other.matches(&client_key), "another server shares the handle: {peer:?}");
         }
     }
@@ -551,8 +555,9 @@ mod tests {
     #[test]
     fn a_call_set_binds_the_conventions_attributes() {
         let checkout: Peer = (StringValue::from("checkout"), 50051);
+        let method = StringValue::from(METHOD);
         let set =
-            RpcSet { method: METHOD, peer: Some(&checkout), status: "UNAVAILABLE", error_type: Some("UNAVAILABLE") };
+            RpcSet { method: &method, peer: Some(&checkout), status: "UNAVAILABLE", error_type: Some("UNAVAILABLE") };
         assert_eq!(
             set.attributes(),
             vec![
