@@ -33,6 +33,9 @@ pub struct Driven<T> {
     /// Open loop: how late each measured operation started after its intended start, µs (the
     /// load generator's own precision, counted in `latency`).
     pub send_lag: Option<Histogram<u64>>,
+    /// Open loop: the successful ones' latency from when they actually started, µs (`latency`
+    /// less `send_lag`, one by one).
+    pub from_send: Option<Histogram<u64>>,
     /// When the measured window began, by the wall clock: second 0 of `timeline`, for timelines
     /// of the same operations kept elsewhere (the pipeline's POST -> reserved).
     pub window_start: SystemTime,
@@ -43,6 +46,7 @@ struct State<T> {
     failures: BTreeMap<String, u64>,
     latency: Histogram<u64>,
     send_lag: Histogram<u64>,
+    from_send: Histogram<u64>,
     timeline: Timeline,
     sent: u64,
 }
@@ -54,6 +58,7 @@ impl<T> State<T> {
             failures: BTreeMap::new(),
             latency: histogram(),
             send_lag: histogram(),
+            from_send: histogram(),
             timeline: Timeline::default(),
             sent: 0,
         }
@@ -86,9 +91,10 @@ where
         move |i: u64, intended: Instant| {
             let (state, done, operation) = (state.clone(), done.clone(), operation.clone());
             async move {
-                let lag = intended.elapsed();
+                let sent = Instant::now();
                 let result = operation(i).await;
                 let latency = intended.elapsed();
+                let (lag, from_send) = (sent.saturating_duration_since(intended), sent.elapsed());
                 if intended >= window_start {
                     let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
                     state.sent += 1;
@@ -97,6 +103,7 @@ where
                         Ok(value) => {
                             let us = (latency.as_micros() as u64).max(1);
                             let _ = state.latency.record(us);
+                            let _ = state.from_send.record((from_send.as_micros() as u64).max(1));
                             state.timeline.record((intended - window_start).as_secs() as usize, us);
                             state.successes.push(value);
                         }
@@ -200,6 +207,7 @@ where
         latency: state.latency,
         timeline: state.timeline.seconds(),
         send_lag: load.rate.is_some().then_some(state.send_lag),
+        from_send: load.rate.is_some().then_some(state.from_send),
         window_start: window_start_wall,
     }
 }
@@ -240,5 +248,6 @@ mod tests {
         assert_eq!(by_send_time, by_intended_start);
         assert_eq!(by_intended_start, [4, 4, 4]);
         assert_eq!(driven.send_lag.map(|lag| lag.len()), Some(12));
+        assert_eq!(driven.from_send.map(|latency| latency.len()), Some(12));
     }
 }

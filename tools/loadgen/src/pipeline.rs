@@ -102,6 +102,7 @@ pub async fn run(gateway: &str, stock: Option<&str>, load: &Load) -> anyhow::Res
         throughput: driven.successes.len() as f64 / driven.seconds.max(f64::EPSILON),
         latency: Percentiles::of(&driven.latency),
         send_lag: driven.send_lag.as_ref().map(Percentiles::of),
+        from_send: driven.from_send.as_ref().map(Percentiles::of),
         timeline: driven.timeline,
         end_to_end,
         end_to_end_timeline,

@@ -80,6 +80,7 @@ pub async fn run(amqp: &str, load: &Load) -> anyhow::Result<Report> {
         throughput: driven.successes.len() as f64 / driven.seconds.max(f64::EPSILON),
         latency: Percentiles::of(&driven.latency),
         send_lag: driven.send_lag.as_ref().map(Percentiles::of),
+        from_send: driven.from_send.as_ref().map(Percentiles::of),
         timeline: driven.timeline,
         end_to_end: None,
         end_to_end_timeline: Vec::new(),

@@ -150,6 +150,9 @@ pub struct Report {
     /// Open loop: how late the load generator started each operation after its intended start
     /// (counted in `latency`).
     pub send_lag: Option<Percentiles>,
+    /// Open loop: the same latency from when the operation actually started (without the load
+    /// generator's own lag).
+    pub from_send: Option<Percentiles>,
     /// The POST (or publish-to-confirm) latency second by second.
     pub timeline: Vec<Second>,
     /// POST-to-reserved latency (pipeline only).
@@ -194,6 +197,9 @@ impl Report {
         };
         let first = if self.mode == "raw" { "publish -> confirm" } else { "POST -> 202" };
         let _ = writeln!(out, "{}", row(first, &self.latency));
+        if let Some(from_send) = &self.from_send {
+            let _ = writeln!(out, "{}", row("  from the actual send", from_send));
+        }
         if let Some(lag) = &self.send_lag {
             let _ = writeln!(out, "{}", row("sent late by", lag));
         }
