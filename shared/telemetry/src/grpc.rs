@@ -250,7 +250,8 @@ struct RpcMetric(Option<CallDuration>);
 #[derive(Debug)]
 struct CallDuration {
     histogram: Durations<RpcKey>,
-    /// Shared with the span names (a method the server has) and the bound sets.
+    /// The method as the span names keep it, once kept (a server's first call of a method
+    /// records under the string kept when it ends), shared with the bound sets.
     method: StringValue,
     peer: Option<Peer>,
     started: Instant,
@@ -279,7 +280,7 @@ pub(crate) struct RpcSet<'a> {
 }
 
 /// What a bound [`RpcSet`] keeps.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct RpcKey {
     method: StringValue,
     peer: Option<Peer>,
@@ -357,6 +358,7 @@ impl RpcSpan {
         // path a caller sends (conventions: `_OTHER`, the path in `rpc.method_original`, the span
         // named after the system; one metric series for all).
         let unknown = matches!(self.side, Side::Server(_)) && code == Code::Unimplemented;
+        let mut kept = None;
         if let Side::Server(ServerCall { method, names }) = &self.side {
             if unknown {
                 span.set_attribute(KeyValue::new(RPC_METHOD, OTHER_METHOD));
@@ -365,15 +367,21 @@ impl RpcSpan {
             } else {
                 span.set_attribute(KeyValue::new(RPC_METHOD, StringValue::from(method.clone())));
                 if let Some(names) = names {
-                    names.keep("", method);
+                    kept = Some(names.keep("", method).1);
                 }
             }
         }
         span.end();
         if let Some(CallDuration { histogram, method, peer, started }) = self.metric.0.take() {
-            let other = StringValue::from(OTHER_METHOD);
+            // A method's first call binds its set under the string its span name is kept with
+            // from now on (not this call's own), so later calls find it by address.
+            let method = match kept {
+                _ if unknown => StringValue::from(OTHER_METHOD),
+                Some(kept) => StringValue::from(kept),
+                None => method,
+            };
             let set = RpcSet {
-                method: if unknown { &other } else { &method },
+                method: &method,
                 peer: peer.as_ref(),
                 status: code_name(code),
                 error_type: failed.then(|| code_name(code)),
@@ -586,6 +594,28 @@ mod tests {
         assert!(!names.get_unkept("", "scanner/Probe").2, "a method the server does not have is not kept");
         end(Code::NotFound, METHOD);
         assert!(names.get_unkept("", METHOD).2, "a method that answered is kept");
+    }
+
+    #[test]
+    fn a_servers_call_durations_are_bound_under_the_kept_name_of_their_method() {
+        let meter = opentelemetry::metrics::MeterProvider::meter(
+            &opentelemetry_sdk::metrics::SdkMeterProvider::default(),
+            "test",
+        );
+        let histogram = crate::metrics::Instruments::new(&meter).rpc_server_duration;
+        let names = Arc::new(SpanNames::default());
+        let call = || {
+            let (_, method, kept) = names.get_unkept("", METHOD);
+            let side = Side::Server(ServerCall { method: method.clone(), names: (!kept).then(|| names.clone()) });
+            let metric = RpcMetric::start(Some(&histogram), &method, None);
+            RpcSpan { cx: Some(Context::new()), side, metric }.finish(Code::Ok, "");
+        };
+        call();
+        call();
+        let keys = histogram.keys();
+        let (_, kept, _) = names.get_unkept("", METHOD);
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        assert!(std::ptr::eq(keys[0].method.as_str().as_ptr(), kept.as_ptr()), "the set holds the kept name's string");
     }
 
     #[test]

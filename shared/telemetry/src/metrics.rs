@@ -153,6 +153,15 @@ impl<I, H, K> WithBound<I, H, K> {
     fn new(instrument: I) -> Self {
         Self { instrument, bound: Arc::default() }
     }
+
+    /// The keys bound so far.
+    #[cfg(test)]
+    pub(crate) fn keys(&self) -> Vec<K>
+    where
+        K: Clone,
+    {
+        self.bound.sets.read().map_or(Vec::new(), |sets| sets.iter().map(|(key, _)| key.clone()).collect())
+    }
 }
 
 /// A duration histogram, its bound sets kept under keys `K` (an [`AttributeSet`]'s key).
