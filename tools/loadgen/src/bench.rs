@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::Load;
-use crate::report::{Report, utc_time_of_day, worst_second};
+use crate::report::{Percentiles, Report, utc_time_of_day, worst_second};
 
 /// The benchmark's settings.
 #[derive(clap::Args, Clone, Debug)]
@@ -612,6 +612,11 @@ fn summary(results: &Results, args: &BenchArgs) -> String {
     out
 }
 
+/// `p99 ms`, or `n/a` for a figure the run did not measure.
+fn p99_or_na(percentiles: Option<&Percentiles>) -> String {
+    percentiles.map_or_else(|| "n/a".to_owned(), |p| format!("{:.2} ms", p.p99_ms))
+}
+
 /// One line per half-load run.
 fn half_load_summary(runs: &[Run]) -> String {
     let mut out = String::new();
@@ -621,8 +626,8 @@ fn half_load_summary(runs: &[Run]) -> String {
         let _ = writeln!(
             out,
             "\nAt half the maximum ({}, open loop {}, from {} UTC): {:.0}/s, p99 POST {:.2} ms, p99 POST -> \
-             reserved {:.2} ms (p50 {:.2} / {:.2} ms; POSTs sent {:.2} ms after their time at p99, counted in \
-             the POST's: p99 POST {:.2} ms from the actual send); {} bytes of telemetry exported; worst second: POST {}, POST -> reserved {}",
+             reserved {:.2} ms (p50 {:.2} / {:.2} ms); the load generator sent its POSTs up to {} late (p99), which \
+             the p99 POST counts: from the actual send, p99 POST {}; {} bytes of telemetry exported; worst second: POST {}, POST -> reserved {}",
             half_load.telemetry.label(),
             half.load,
             utc_time_of_day(half.window_start_unix_ms),
@@ -631,8 +636,8 @@ fn half_load_summary(runs: &[Run]) -> String {
             e2e.map_or(0.0, |p| p.p99_ms),
             half.latency.p50_ms,
             e2e.map_or(0.0, |p| p.p50_ms),
-            half.send_lag.as_ref().map_or(0.0, |p| p.p99_ms),
-            half.from_send.as_ref().map_or(0.0, |p| p.p99_ms),
+            p99_or_na(half.send_lag.as_ref()),
+            p99_or_na(half.from_send.as_ref()),
             half_load.otlp_bytes,
             worst_second(&half.timeline),
             worst_second(&half.end_to_end_timeline),
@@ -644,7 +649,7 @@ fn half_load_summary(runs: &[Run]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::{Percentiles, histogram};
+    use crate::report::histogram;
 
     fn report(throughput: f64) -> Report {
         Report {
@@ -792,8 +797,17 @@ mod tests {
         );
         // And how late the load generator itself sent, which its POST latency counts.
         assert!(
-            summary.contains("POSTs sent 0.04 ms after their time at p99, counted in the POST's: p99 POST 6.00 ms from the actual send"),
+            summary.contains(
+                "the load generator sent its POSTs up to 0.04 ms late (p99), which the p99 POST counts: from the \
+                 actual send, p99 POST 6.00 ms;"
+            ),
             "{summary}"
+        );
+        // A run that did not measure them says so rather than 0.
+        let unmeasured = Run { report: report(2500.0), ..run(Telemetry::Off, 2500.0) };
+        assert!(
+            half_load_summary(&[unmeasured])
+                .contains("up to n/a late (p99), which the p99 POST counts: from the actual send, p99 POST n/a;")
         );
     }
 }

@@ -31,7 +31,7 @@ pub struct Driven<T> {
     /// Their latency second by second, by intended start.
     pub timeline: Vec<Second>,
     /// Open loop: how late each measured operation started after its intended start, µs (the
-    /// load generator's own precision, counted in `latency`).
+    /// timer's tick and the wait for the load generator's thread; counted in `latency`).
     pub send_lag: Option<Histogram<u64>>,
     /// Open loop: the successful ones' latency from when they actually started, µs (`latency`
     /// less `send_lag`, one by one).
@@ -85,6 +85,7 @@ where
     let next = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));
 
+    let open_loop = load.rate.is_some();
     // One attempt: measured only when it starts inside the window.
     let attempt = {
         let (state, done, operation) = (state.clone(), done.clone(), operation.clone());
@@ -93,18 +94,22 @@ where
             async move {
                 let sent = Instant::now();
                 let result = operation(i).await;
-                let latency = intended.elapsed();
-                let (lag, from_send) = (sent.saturating_duration_since(intended), sent.elapsed());
+                let ended = Instant::now();
                 if intended >= window_start {
+                    let us = |duration: Duration| (duration.as_micros() as u64).max(1);
                     let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
                     state.sent += 1;
-                    let _ = state.send_lag.record((lag.as_micros() as u64).max(1));
+                    if open_loop {
+                        let _ = state.send_lag.record(us(sent.saturating_duration_since(intended)));
+                    }
                     match result {
                         Ok(value) => {
-                            let us = (latency.as_micros() as u64).max(1);
-                            let _ = state.latency.record(us);
-                            let _ = state.from_send.record((from_send.as_micros() as u64).max(1));
-                            state.timeline.record((intended - window_start).as_secs() as usize, us);
+                            let us_latency = us(ended - intended);
+                            let _ = state.latency.record(us_latency);
+                            if open_loop {
+                                let _ = state.from_send.record(us(ended - sent));
+                            }
+                            state.timeline.record((intended - window_start).as_secs() as usize, us_latency);
                             state.successes.push(value);
                         }
                         Err(kind) => *state.failures.entry(kind).or_default() += 1,
@@ -170,10 +175,11 @@ where
             let mut k: u64 = 0;
             loop {
                 // tokio's timer fires on whole milliseconds (a deadline is rounded up to the next
-                // tick), so an operation leaves up to 1 ms after its time, two or three to a tick
-                // at a few thousand a second: counted in its latency, and reported (`send_lag`).
-                // A thread of its own sending each on time cost the services more than it saved
-                // (README, "Benchmarks").
+                // tick, and the runtime parks for whole milliseconds), and an attempt then waits
+                // for this one thread to get to it, so an operation leaves up to about 2 ms after
+                // its time (p99 at a few thousand a second), two or three to a tick: counted in its
+                // latency, and reported (`send_lag`). A thread of its own sending each on time
+                // cost the services more than it saved (README, "Benchmarks").
                 let intended = started + interval.mul_f64(k as f64);
                 tokio::time::sleep_until(intended).await;
                 let i = if intended < window_start { WARMUP } else { next.fetch_add(1, Ordering::Relaxed) };
@@ -206,8 +212,8 @@ where
         failures: state.failures,
         latency: state.latency,
         timeline: state.timeline.seconds(),
-        send_lag: load.rate.is_some().then_some(state.send_lag),
-        from_send: load.rate.is_some().then_some(state.from_send),
+        send_lag: open_loop.then_some(state.send_lag),
+        from_send: open_loop.then_some(state.from_send),
         window_start: window_start_wall,
     }
 }
@@ -218,9 +224,9 @@ mod tests {
 
     /// An operation's wall-clock send time, placed by `window_start`, falls in the second the
     /// driver's own timeline counts it in: timelines kept elsewhere (POST -> reserved) line up.
-    /// The open loop sends nothing before its time, and says how late it sent each one.
+    /// The open loop sends nothing before its time.
     #[tokio::test]
-    async fn the_window_start_is_second_zero_of_the_timeline() {
+    async fn the_window_start_is_second_zero_of_the_timeline_and_nothing_leaves_early() {
         let load = crate::Load {
             concurrency: 1,
             // Four a second, 250 ms apart: a late send stays in its second.
@@ -247,7 +253,42 @@ mod tests {
         let by_intended_start: Vec<u64> = driven.timeline.iter().map(|second| second.count).collect();
         assert_eq!(by_send_time, by_intended_start);
         assert_eq!(by_intended_start, [4, 4, 4]);
-        assert_eq!(driven.send_lag.map(|lag| lag.len()), Some(12));
-        assert_eq!(driven.from_send.map(|latency| latency.len()), Some(12));
+    }
+
+    fn load(rate: Option<f64>, duration: f64) -> crate::Load {
+        crate::Load {
+            concurrency: 1,
+            rate,
+            orders: None,
+            duration: Some(duration),
+            warmup: 0.0,
+            label: "lag".to_owned(),
+            json: None,
+            svg: None,
+            quiet: true,
+        }
+    }
+
+    /// The open loop counts how late it sent every operation, failures too, without their run
+    /// time, and the successes' latency from the actual send, which is their latency less that
+    /// lag; a closed loop, which sends each when the last ends, has neither.
+    #[tokio::test]
+    async fn the_open_loop_reports_its_own_lag_apart_from_the_operations_time() {
+        const RUN: Duration = Duration::from_millis(100);
+        let operation = |i: u64| async move {
+            tokio::time::sleep(RUN).await;
+            if i.is_multiple_of(2) { Ok(()) } else { Err("odd".to_owned()) }
+        };
+
+        let open = drive(&load(Some(20.0), 0.5), operation).await;
+        let (lag, from_send) = (open.send_lag.expect("open loop"), open.from_send.expect("open loop"));
+        assert_eq!((open.sent, lag.len(), from_send.len()), (10, 10, 5));
+        let run_us = RUN.as_micros() as u64;
+        assert!(from_send.min() >= run_us, "from the send: {} µs", from_send.min());
+        assert!(lag.max() < run_us, "the lag holds the run time: {} µs", lag.max());
+        assert!(open.latency.min() >= from_send.min() && open.latency.max() >= from_send.max());
+
+        let closed = drive(&load(None, 0.3), operation).await;
+        assert!(closed.sent > 0 && closed.send_lag.is_none() && closed.from_send.is_none());
     }
 }
