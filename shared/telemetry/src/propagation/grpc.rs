@@ -19,9 +19,8 @@ impl Injector for MetadataInjector<'_> {
         if value.is_empty() {
             return;
         }
-        let (Ok(key), Ok(mut value)) =
-            (MetadataKey::from_bytes(key.to_ascii_lowercase().as_bytes()), MetadataValue::try_from(value))
-        else {
+        // `from_bytes` lowercases as it validates, as HTTP/2 requires.
+        let (Ok(key), Ok(mut value)) = (MetadataKey::from_bytes(key.as_bytes()), MetadataValue::try_from(value)) else {
             return;
         };
         value.set_sensitive(true);
