@@ -336,13 +336,17 @@ impl Handler {
     async fn reserve(&self, order_id: &str, lines: &[OrderLine]) -> Result<Outcome, crate::store::StoreError> {
         let tracer = self.telemetry.tracer();
         let summary = "UPDATE stock INSERT orders";
+        // Room for the outcome or `error.type` set when it ends, so the span's vector is not
+        // grown, copied and freed then.
+        let mut attributes = Vec::with_capacity(3);
+        attributes.extend([
+            KeyValue::new("db.system.name", self.store.db_system()),
+            KeyValue::new("db.query.summary", summary),
+        ]);
         let span = tracer
             .span_builder(summary)
             .with_kind(SpanKind::Client)
-            .with_attributes([
-                KeyValue::new("db.system.name", self.store.db_system()),
-                KeyValue::new("db.query.summary", summary),
-            ])
+            .with_attributes(attributes)
             .start_with_context(tracer, &Context::current());
         let cx = Context::current().with_span(span);
         let result = self.store.reserve(order_id, lines).with_context(cx.clone()).await;

@@ -116,12 +116,15 @@ where
         let parent = Context::current();
         let (name, method) = self.layer.names.get("", request.uri().path().trim_start_matches('/'));
         let (address, port) = &self.layer.peer;
-        let attributes = vec![
+        // Room for what the call's end adds (the status, and `error.type` on failure), so the
+        // span's vector is not grown, copied and freed then.
+        let mut attributes = Vec::with_capacity(6);
+        attributes.extend([
             KeyValue::new(RPC_SYSTEM_NAME, "grpc"),
             KeyValue::new(RPC_METHOD, StringValue::from(method.clone())),
             KeyValue::new(SERVER_ADDRESS, address.clone()),
             KeyValue::new(SERVER_PORT, i64::from(*port)),
-        ];
+        ]);
         let metric =
             RpcMetric::start(telemetry.instruments().map(|i| &i.rpc_client_duration), &method, Some(&self.layer.peer));
         let span = telemetry
@@ -213,7 +216,10 @@ where
         // name kept only then.
         let (name, method, kept) = self.names.get_unkept("", request.uri().path().trim_start_matches('/'));
         let server = ServerCall { method: method.clone(), names: (!kept).then(|| self.names.clone()) };
-        let mut attributes = vec![KeyValue::new(RPC_SYSTEM_NAME, "grpc")];
+        // Room for the baggage and what the call's end adds (the status, the method or `_OTHER`
+        // and the path, `error.type`), so the span's vector is not grown, copied and freed then.
+        let mut attributes = Vec::with_capacity(7 + self.baggage_keys.len());
+        attributes.push(KeyValue::new(RPC_SYSTEM_NAME, "grpc"));
         // server.address / server.port are opt-in for the server metric: left out.
         let metric = RpcMetric::start(self.telemetry.instruments().map(|i| &i.rpc_server_duration), &method, None);
         if let Some(authority) = request.uri().authority() {

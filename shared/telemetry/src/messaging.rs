@@ -107,7 +107,9 @@ fn common_attributes(
     destination: &Destination,
     peer: &BrokerPeer,
 ) -> Vec<KeyValue> {
-    let mut attributes = Vec::with_capacity(12);
+    // Room for the most a span adds to these (a CONSUMER span: 5 more at its start, then the
+    // baggage, its outcome and `error.type`), so its vector is not grown, copied and freed.
+    let mut attributes = Vec::with_capacity(16);
     attributes.extend([
         KeyValue::new(MESSAGING_SYSTEM, "rabbitmq"),
         KeyValue::new(MESSAGING_OPERATION_NAME, operation),
