@@ -364,13 +364,17 @@ where
                     histogram.record(started.elapsed().as_secs_f64(), &HttpSet { request: &request, status });
                 }
                 if *this.trace_response_headers && span.span_context().is_valid() {
-                    // Values handed over as they were written, names parsed once.
+                    // Values handed over as they were written, names parsed once. Both differ from
+                    // response to response, so an HTTP/2 caller gets them never indexed: in its
+                    // connection's HPACK table they would only evict headers that repeat.
                     let value = traceparent(span.span_context());
                     let timing = ["trace;desc=", value.as_str()].concat();
-                    if let Ok(timing) = HeaderValue::from_maybe_shared(Bytes::from(timing)) {
+                    if let Ok(mut timing) = HeaderValue::from_maybe_shared(Bytes::from(timing)) {
+                        timing.set_sensitive(true);
                         response.headers_mut().insert(SERVER_TIMING_NAME.clone(), timing);
                     }
-                    if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
+                    if let Ok(mut value) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
+                        value.set_sensitive(true);
                         response.headers_mut().insert(TRACERESPONSE_NAME.clone(), value);
                     }
                 }
