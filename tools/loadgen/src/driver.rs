@@ -11,7 +11,7 @@ use hdrhistogram::Histogram;
 use tokio::time::Instant;
 
 use crate::Load;
-use crate::report::{Second, Timeline, histogram, progress};
+use crate::report::{Percentiles, Report, Second, Timeline, histogram, progress, unix_ms};
 
 /// The index warm-up operations get.
 pub const WARMUP: u64 = u64::MAX;
@@ -39,6 +39,32 @@ pub struct Driven<T> {
     /// When the measured window began, by the wall clock: second 0 of `timeline`, for timelines
     /// of the same operations kept elsewhere (the pipeline's POST -> reserved).
     pub window_start: SystemTime,
+}
+
+impl<T> Driven<T> {
+    /// The run's report as `mode` (`pipeline` or `raw`), without a POST -> reserved (the
+    /// pipeline's to add).
+    pub fn report(&self, mode: &'static str, load: &Load) -> Report {
+        let succeeded = self.successes.len() as u64;
+        Report {
+            mode,
+            label: load.label.clone(),
+            load: load.describe(),
+            window_start_unix_ms: unix_ms(self.window_start),
+            seconds: self.seconds,
+            sent: self.sent,
+            succeeded,
+            failures: self.failures.clone(),
+            throughput: succeeded as f64 / self.seconds.max(f64::EPSILON),
+            latency: Percentiles::of(&self.latency),
+            send_lag: self.send_lag.as_ref().map(Percentiles::of),
+            from_send: self.from_send.as_ref().map(Percentiles::of),
+            timeline: self.timeline.clone(),
+            end_to_end: None,
+            end_to_end_timeline: Vec::new(),
+            not_reserved: 0,
+        }
+    }
 }
 
 struct State<T> {

@@ -94,6 +94,14 @@ pub struct Load {
 }
 
 impl Load {
+    /// `concurrency N` or `rate R/s`.
+    fn describe(&self) -> String {
+        match self.rate {
+            Some(rate) => format!("rate {rate:.0}/s"),
+            None => format!("concurrency {}", self.concurrency),
+        }
+    }
+
     fn stop_after(&self) -> (Option<u64>, Option<Duration>) {
         let duration = self.duration.map(Duration::from_secs_f64);
         if self.orders.is_none() && duration.is_none() { (Some(10_000), None) } else { (self.orders, duration) }

@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use crate::Load;
 use crate::driver::drive;
-use crate::report::{Percentiles, Report, Second, Timeline, epoch_us, histogram, unix_ms};
+use crate::report::{Percentiles, Report, Second, Timeline, epoch_us, histogram};
 
 /// The gateway's answer to an accepted order (its other fields are not needed here).
 #[derive(Deserialize)]
@@ -90,32 +90,7 @@ pub async fn run(gateway: &str, stock: Option<&str>, load: &Load) -> anyhow::Res
         }
         None => (None, Vec::new(), 0),
     };
-    Ok(Report {
-        mode: "pipeline",
-        label: load.label.clone(),
-        load: describe(load),
-        window_start_unix_ms: unix_ms(driven.window_start),
-        seconds: driven.seconds,
-        sent: driven.sent,
-        succeeded: driven.successes.len() as u64,
-        failures: driven.failures,
-        throughput: driven.successes.len() as f64 / driven.seconds.max(f64::EPSILON),
-        latency: Percentiles::of(&driven.latency),
-        send_lag: driven.send_lag.as_ref().map(Percentiles::of),
-        from_send: driven.from_send.as_ref().map(Percentiles::of),
-        timeline: driven.timeline,
-        end_to_end,
-        end_to_end_timeline,
-        not_reserved,
-    })
-}
-
-/// `concurrency N` or `rate R/s`.
-pub fn describe(load: &Load) -> String {
-    match load.rate {
-        Some(rate) => format!("rate {rate:.0}/s"),
-        None => format!("concurrency {}", load.concurrency),
-    }
+    Ok(Report { end_to_end, end_to_end_timeline, not_reserved, ..driven.report("pipeline", load) })
 }
 
 /// What following the accepted orders found.

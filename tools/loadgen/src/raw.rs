@@ -15,8 +15,7 @@ use tokio::sync::Mutex;
 
 use crate::Load;
 use crate::driver::drive;
-use crate::pipeline::describe;
-use crate::report::{Percentiles, Report, unix_ms};
+use crate::report::Report;
 
 const EXCHANGE: &str = "bench.raw";
 const QUEUE: &str = "bench.raw";
@@ -68,24 +67,7 @@ pub async fn run(amqp: &str, load: &Load) -> anyhow::Result<Report> {
     // Leave nothing behind on the broker.
     let _ = setup.queue_delete(QUEUE.into(), QueueDeleteOptions::default()).await;
     let _ = connection.close(200, "done".into()).await;
-    Ok(Report {
-        mode: "raw",
-        label: load.label.clone(),
-        load: describe(load),
-        window_start_unix_ms: unix_ms(driven.window_start),
-        seconds: driven.seconds,
-        sent: driven.sent,
-        succeeded: driven.successes.len() as u64,
-        failures: driven.failures,
-        throughput: driven.successes.len() as f64 / driven.seconds.max(f64::EPSILON),
-        latency: Percentiles::of(&driven.latency),
-        send_lag: driven.send_lag.as_ref().map(Percentiles::of),
-        from_send: driven.from_send.as_ref().map(Percentiles::of),
-        timeline: driven.timeline,
-        end_to_end: None,
-        end_to_end_timeline: Vec::new(),
-        not_reserved: 0,
-    })
+    Ok(driven.report("raw", load))
 }
 
 async fn publish(channel: &Channel, i: u64) -> Result<(), String> {
