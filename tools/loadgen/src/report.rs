@@ -305,4 +305,47 @@ mod tests {
         assert!(worst_second(&seconds).ends_with("in second 2 (1020 orders)"), "{}", worst_second(&seconds));
         assert_eq!(worst_second(&[]), "none");
     }
+
+    /// An open-loop run's table gives the latency from the actual send and how late the load
+    /// generator sent, under the latency they qualify; a closed loop's has neither row.
+    #[test]
+    fn an_open_loop_table_shows_its_own_lateness() {
+        let ms = |values: &[u64]| {
+            let mut histogram = histogram();
+            values.iter().for_each(|&us| histogram.record(us).expect("in range"));
+            histogram
+        };
+        let driven = crate::driver::Driven::<()> {
+            seconds: 1.0,
+            sent: 2,
+            successes: vec![(), ()],
+            failures: BTreeMap::new(),
+            latency: ms(&[5_000, 5_000]),
+            timeline: Vec::new(),
+            send_lag: Some(ms(&[1_000, 1_000])),
+            from_send: Some(ms(&[4_000, 4_000])),
+            window_start: std::time::UNIX_EPOCH,
+        };
+        let load = |rate| crate::Load {
+            concurrency: 1,
+            rate,
+            orders: None,
+            duration: Some(1.0),
+            warmup: 0.0,
+            label: "table".to_owned(),
+            json: None,
+            svg: None,
+            quiet: true,
+        };
+
+        let open = driven.report("pipeline", &load(Some(2.0))).table();
+        let rows: Vec<&str> = open.lines().skip(3).take(3).map(str::trim).collect();
+        assert!(rows[0].starts_with("POST -> 202") && rows[0].contains("5.00"), "{open}");
+        assert!(rows[1].starts_with("from the actual send") && rows[1].contains("4.00"), "{open}");
+        assert!(rows[2].starts_with("sent late by") && rows[2].contains("1.00"), "{open}");
+
+        let closed = crate::driver::Driven { send_lag: None, from_send: None, ..driven };
+        let table = closed.report("pipeline", &load(None)).table();
+        assert!(!table.contains("actual send") && !table.contains("sent late"), "{table}");
+    }
 }
