@@ -360,32 +360,30 @@ impl RpcSpan {
         if failed {
             record_error(&span, code_name(code), if message.is_empty() { code.description() } else { message });
         }
-        // A server's call that ends UNIMPLEMENTED is for a method the server does not have: any
-        // path a caller sends (conventions: `_OTHER`, the path in `rpc.method_original`, the span
-        // named after the system; one metric series for all).
-        let unknown = matches!(self.side, Side::Server(_)) && code == Code::Unimplemented;
-        let mut kept = None;
+        // The method a server's call records under, when not the one it started with.
+        let mut metric_method = None;
         if let Side::Server(ServerCall { method, names }) = &self.side {
-            if unknown {
+            if code == Code::Unimplemented {
+                // A method the server does not have: any path a caller sends (conventions:
+                // `_OTHER`, the path in `rpc.method_original`, the span named after the system;
+                // one metric series for all).
                 span.set_attribute(KeyValue::new(RPC_METHOD, OTHER_METHOD));
                 span.set_attribute(KeyValue::new(RPC_METHOD_ORIGINAL, StringValue::from(method.clone())));
                 span.update_name("grpc");
+                metric_method = Some(StringValue::from(OTHER_METHOD));
             } else {
                 span.set_attribute(KeyValue::new(RPC_METHOD, StringValue::from(method.clone())));
                 if let Some(names) = names {
-                    kept = Some(names.keep("", method).1);
+                    // A method's first call binds its set under the string its span name is
+                    // kept with from now on (not this call's own), so later calls find it by
+                    // address.
+                    metric_method = Some(StringValue::from(names.keep("", method).1));
                 }
             }
         }
         span.end();
         if let Some(CallDuration { histogram, method, peer, started }) = self.metric.0.take() {
-            // A method's first call binds its set under the string its span name is kept with
-            // from now on (not this call's own), so later calls find it by address.
-            let method = match kept {
-                _ if unknown => StringValue::from(OTHER_METHOD),
-                Some(kept) => StringValue::from(kept),
-                None => method,
-            };
+            let method = metric_method.unwrap_or(method);
             let set = RpcSet {
                 method: &method,
                 peer: peer.as_ref(),
@@ -610,18 +608,24 @@ mod tests {
         );
         let histogram = crate::metrics::Instruments::new(&meter).rpc_server_duration;
         let names = Arc::new(SpanNames::default());
-        let call = || {
-            let (_, method, kept) = names.get_unkept("", METHOD);
+        let call = |path: &str, code: Code| {
+            let (_, method, kept) = names.get_unkept("", path);
             let side = Side::Server(ServerCall { method: method.clone(), names: (!kept).then(|| names.clone()) });
             let metric = RpcMetric::start(Some(&histogram), &method, None);
-            RpcSpan { cx: Some(Context::new()), side, metric }.finish(Code::Ok, "");
+            RpcSpan { cx: Some(Context::new()), side, metric }.finish(code, "");
         };
-        call();
-        call();
+        call(METHOD, Code::Ok);
+        call(METHOD, Code::Ok);
         let keys = histogram.keys();
         let (_, kept, _) = names.get_unkept("", METHOD);
         assert_eq!(keys.len(), 1, "{keys:?}");
         assert!(std::ptr::eq(keys[0].method.as_str().as_ptr(), kept.as_ptr()), "the set holds the kept name's string");
+        // Methods the server does not have share one series, whatever path a caller sends.
+        call("scanner/Probe", Code::Unimplemented);
+        call("scanner/Other", Code::Unimplemented);
+        let keys = histogram.keys();
+        assert_eq!(keys.len(), 2, "{keys:?}");
+        assert_eq!(keys[1].method.as_str(), OTHER_METHOD);
     }
 
     #[test]
