@@ -627,7 +627,8 @@ fn half_load_summary(runs: &[Run]) -> String {
             out,
             "\nAt half the maximum ({}, open loop {}, from {} UTC): {:.0}/s, p99 POST {:.2} ms, p99 POST -> \
              reserved {:.2} ms (p50 {:.2} / {:.2} ms); the load generator sent its POSTs up to {} late (p99), which \
-             the p99 POST counts: from the actual send, p99 POST {}; {} bytes of telemetry exported; worst second: POST {}, POST -> reserved {}",
+             the p99 POST counts: from the actual send, p99 POST {}; {} bytes of telemetry exported; worst second: \
+             POST {}, POST -> reserved {}",
             half_load.telemetry.label(),
             half.load,
             utc_time_of_day(half.window_start_unix_ms),
