@@ -657,21 +657,17 @@ mod tests {
 
     #[test]
     fn a_calls_injected_context_is_sent_never_indexed() {
-        use std::collections::HashMap;
         use std::sync::Mutex;
 
         use opentelemetry::baggage::BaggageExt as _;
         use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
 
-        let variables: HashMap<String, String> = [
+        let config = crate::testing::config(&[
             ("OTEL_TRACES_EXPORTER", "none"),
             ("OTEL_METRICS_EXPORTER", "none"),
             ("OTEL_PROPAGATORS", "tracecontext,baggage,b3,b3multi"),
-        ]
-        .into_iter()
-        .map(|(key, value)| (key.to_owned(), value.to_owned()))
-        .collect();
-        let config = crate::TelemetryConfig::from_lookup("gateway", &crate::Env::from_map(&variables)).expect("config");
+        ])
+        .expect("config");
         let telemetry = Telemetry::new(&config).expect("telemetry");
         let sent = Arc::new(Mutex::new(http::HeaderMap::new()));
         let inner = {

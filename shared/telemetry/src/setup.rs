@@ -829,14 +829,8 @@ impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use super::*;
-
-    fn config(pairs: &[(&str, &str)]) -> Result<TelemetryConfig, ConfigError> {
-        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        TelemetryConfig::from_lookup("gateway", &Env::from_map(&map))
-    }
+    use crate::testing::config;
 
     #[test]
     fn defaults_follow_the_spec() {
