@@ -71,7 +71,7 @@ pub async fn run(amqp: &str, load: &Load) -> anyhow::Result<Report> {
 }
 
 async fn publish(channel: &Channel, i: u64) -> Result<(), String> {
-    let order_id = uuid::Uuid::new_v4().to_string();
+    let order_id = uuid::Uuid::now_v7().to_string();
     let body = serde_json::json!({
         "order_id": order_id,
         "customer_id": format!("load-{i}"),
