@@ -254,16 +254,11 @@ mod tests {
     #[tokio::test]
     async fn the_window_start_is_second_zero_of_the_timeline_and_nothing_leaves_early() {
         let load = crate::Load {
-            concurrency: 1,
             // Four a second, 250 ms apart: a late send stays in its second.
             rate: Some(4.0),
-            orders: None,
             duration: Some(3.0),
             warmup: 0.5,
-            label: "timeline".to_owned(),
-            json: None,
-            svg: None,
-            quiet: true,
+            ..crate::Load::for_test("timeline")
         };
 
         let driven = drive(&load, |i| async move { Ok::<_, String>((i, SystemTime::now())) }).await;
@@ -282,17 +277,7 @@ mod tests {
     }
 
     fn load(rate: Option<f64>, duration: f64) -> crate::Load {
-        crate::Load {
-            concurrency: 1,
-            rate,
-            orders: None,
-            duration: Some(duration),
-            warmup: 0.0,
-            label: "lag".to_owned(),
-            json: None,
-            svg: None,
-            quiet: true,
-        }
+        crate::Load { rate, duration: Some(duration), ..crate::Load::for_test("lag") }
     }
 
     /// The open loop counts how late it sent every operation, failures too, without their run

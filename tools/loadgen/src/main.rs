@@ -93,6 +93,25 @@ pub struct Load {
     pub quiet: bool,
 }
 
+#[cfg(test)]
+impl Load {
+    /// A quiet load named `label` for the tests: one at a time, no warm-up, no files; each test
+    /// sets what it drives by (`rate`, `orders` or `duration`) with struct update.
+    pub(crate) fn for_test(label: &str) -> Self {
+        Self {
+            concurrency: 1,
+            rate: None,
+            orders: None,
+            duration: None,
+            warmup: 0.0,
+            label: label.to_owned(),
+            json: None,
+            svg: None,
+            quiet: true,
+        }
+    }
+}
+
 impl Load {
     /// `concurrency N` or `rate R/s`.
     fn describe(&self) -> String {

@@ -169,17 +169,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?;
         tokio::spawn(axum::serve(listener, axum::Router::new().route("/api/checkout", gateway)).into_future());
-        let load = Load {
-            concurrency: 4,
-            rate: None,
-            orders: Some(8),
-            duration: None,
-            warmup: 0.0,
-            label: "answers".to_owned(),
-            json: None,
-            svg: None,
-            quiet: true,
-        };
+        let load = Load { concurrency: 4, orders: Some(8), ..Load::for_test("answers") };
 
         let report = run(&format!("http://{address}/"), None, &load).await?;
 

@@ -310,7 +310,7 @@ mod tests {
     /// generator sent, under the latency they qualify; a closed loop's has neither row.
     #[test]
     fn an_open_loop_table_shows_its_own_lateness() {
-        let ms = |values: &[u64]| {
+        let histogram_of = |values: &[u64]| {
             let mut histogram = histogram();
             values.iter().for_each(|&us| histogram.record(us).expect("in range"));
             histogram
@@ -320,23 +320,13 @@ mod tests {
             sent: 2,
             successes: vec![(), ()],
             failures: BTreeMap::new(),
-            latency: ms(&[5_000, 5_000]),
+            latency: histogram_of(&[5_000, 5_000]),
             timeline: Vec::new(),
-            send_lag: Some(ms(&[1_000, 1_000])),
-            from_send: Some(ms(&[4_000, 4_000])),
+            send_lag: Some(histogram_of(&[1_000, 1_000])),
+            from_send: Some(histogram_of(&[4_000, 4_000])),
             window_start: std::time::UNIX_EPOCH,
         };
-        let load = |rate| crate::Load {
-            concurrency: 1,
-            rate,
-            orders: None,
-            duration: Some(1.0),
-            warmup: 0.0,
-            label: "table".to_owned(),
-            json: None,
-            svg: None,
-            quiet: true,
-        };
+        let load = |rate| crate::Load { rate, duration: Some(1.0), ..crate::Load::for_test("table") };
 
         let open = driven.report("pipeline", &load(Some(2.0))).table();
         let rows: Vec<&str> = open.lines().skip(3).take(3).map(str::trim).collect();
