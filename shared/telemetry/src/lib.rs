@@ -17,7 +17,7 @@
 //! - [`logging`]: log lines carrying `trace_id` / `span_id` (text or JSON).
 //! - [`shutdown`]: the SIGINT / SIGTERM signal every service drains on.
 //! - [`probe`]: self-probes for container healthchecks (`<service> healthcheck`).
-//! - [`env`]: reading variables once, with errors that name the variable.
+//! - [`env`](mod@env): reading variables once, with errors that name the variable.
 //!
 //! Nothing here reads the environment except the `from_env` constructors; services build the
 //! values once at startup and pass them in, so several services can share one process.

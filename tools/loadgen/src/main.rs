@@ -8,7 +8,7 @@
 //!   through lapin, at the same concurrency.
 //! - [`report`]: HDR histograms, the summary table, the JSON file and the SVG plot.
 //! - [`sink`]: an OTLP/gRPC receiver that counts spans and keeps none, for benchmarks.
-//! - [`bench`]: the benchmark: tracing off/on in pairs beside the raw ceiling, CPU and memory
+//! - [`bench`](mod@bench): the benchmark: tracing off/on in pairs beside the raw ceiling, CPU and memory
 //!   per service, latency at half the maximum throughput.
 //! - [`breakdown`]: where an order's time goes, from the spans a benchmark wrote to a file.
 

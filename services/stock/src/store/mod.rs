@@ -11,10 +11,10 @@
 //! order and nothing waits; under load one commit serves many. Both backends run the same SQL
 //! (`$N` placeholders and `ON CONFLICT` mean the same in both):
 //!
-//! - [`sqlite`]: rusqlite on a thread of its own that owns the connection. (sqlx's SQLite driver
+//! - `sqlite`: rusqlite on a thread of its own that owns the connection. (sqlx's SQLite driver
 //!   hands every statement to a worker thread and back: measured here, 0.9 ms of CPU per order,
 //!   70% of it in the kernel switching threads.)
-//! - [`postgres`]: sqlx's PostgreSQL driver; a group locks its SKU rows in sorted order first,
+//! - `postgres`: sqlx's PostgreSQL driver; a group locks its SKU rows in sorted order first,
 //!   so replicas committing groups at once cannot deadlock.
 
 mod postgres;
