@@ -21,6 +21,66 @@
 //!
 //! Nothing here reads the environment except the `from_env` constructors; services build the
 //! values once at startup and pass them in, so several services can share one process.
+//!
+//! # Quick start: one trace across a RabbitMQ hop
+//!
+//! The producer starts a PRODUCER span and writes its context (and the baggage) into the
+//! message's AMQP headers; the consumer continues the trace from them, or starts a new one when
+//! they are missing or unusable. (`no_run`: it needs a broker, with the exchange, the queue and
+//! its binding declared, as `shared/broker`'s topology does; this is what checkout and stock do,
+//! without their error handling, retries and recovery.)
+//!
+//! ```no_run
+//! use futures_util::StreamExt;
+//! use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
+//! use lapin::types::FieldTable;
+//! use lapin::{BasicProperties, Connection, ConnectionProperties};
+//! use opentelemetry::Context;
+//! use opentelemetry::trace::TraceContextExt;
+//! use tracehop_telemetry::messaging::{self, BrokerPeer, ConsumerContext, Destination, Publish};
+//! use tracehop_telemetry::{Telemetry, TelemetryConfig};
+//!
+//! # async fn quick_start() -> Result<(), Box<dyn std::error::Error>> {
+//! // OTEL_SERVICE_NAME, OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_PROPAGATORS, ... read as the spec says.
+//! let telemetry = Telemetry::new(&TelemetryConfig::from_env("orders")?)?;
+//! let peer = BrokerPeer { address: "localhost".into(), port: 5672 };
+//! let connection = Connection::connect("amqp://localhost:5672", ConnectionProperties::default()).await?;
+//! let channel = connection.create_channel().await?;
+//!
+//! // Producer: the span's context goes into the headers; the span ends once the broker confirmed.
+//! let destination = Destination::publish("checkout", "checkout.processed");
+//! let body = br#"{"order_id":"42"}"#;
+//! let publish = Publish { destination: &destination, message_id: "42", body_size: body.len() };
+//! let mut headers = FieldTable::default();
+//! let cx = messaging::start_publish(&telemetry, &Context::current(), &publish, &peer, &mut headers);
+//! let properties = BasicProperties::default().with_message_id("42".into()).with_headers(headers);
+//! let options = BasicPublishOptions::default();
+//! channel.basic_publish("checkout".into(), "checkout.processed".into(), options, body, properties).await?.await?;
+//! cx.span().end();
+//!
+//! // Consumer: each delivery's CONSUMER span is the child of the PRODUCER span in its headers.
+//! let source = Destination::process("checkout", "checkout.processed", "stock.checkout-processed");
+//! let options = BasicConsumeOptions::default();
+//! let mut deliveries =
+//!     channel.basic_consume("stock.checkout-processed".into(), "stock".into(), options, FieldTable::default()).await?;
+//! while let Some(delivery) = deliveries.next().await {
+//!     let delivery = delivery?;
+//!     let cx = messaging::start_process(&telemetry, ConsumerContext::Parent, &source, &delivery, &peer);
+//!     {
+//!         let _current = cx.clone().attach(); // spans and log lines in here join the trace
+//!         // ... the work ...
+//!     }
+//!     cx.span().end();
+//!     delivery.acker.ack(BasicAckOptions::default()).await?;
+//! }
+//! // Once the stream ends (the channel closed): flush what is still waiting to be exported.
+//! telemetry.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! For the other hops: [`http::HttpServerLayer`] (axum), [`grpc::GrpcClientLayer`] and
+//! [`grpc::GrpcServerLayer`] (tonic); `services/` shows all three in use.
 
 pub mod env;
 pub mod grpc;
