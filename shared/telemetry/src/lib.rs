@@ -24,21 +24,24 @@
 //!
 //! # Quick start: one trace across a RabbitMQ hop
 //!
-//! The producer starts a PRODUCER span and writes its context (and the baggage) into the
-//! message's AMQP headers; the consumer continues the trace from them, or starts a new one when
-//! they are missing or unusable. (`no_run`: it needs a broker, with the exchange, the queue and
-//! its binding declared, as `shared/broker`'s topology does; this is what checkout and stock do,
-//! without their error handling, retries and recovery.)
+//! The producer starts a PRODUCER span and writes its context (and, with the default
+//! propagators, the baggage) into the message's AMQP headers; the consumer continues the trace
+//! from them, or starts a new one when they are missing or unusable. (`no_run`: it needs a
+//! broker, with the exchange, the queue and its binding declared, as `shared/broker`'s topology
+//! does. Checkout and stock do more around the same calls: `mandatory` publishes, retries,
+//! recovery, the messaging metrics through [`messaging::record_publish`] and its siblings, and
+//! baggage as span attributes.)
 //!
 //! ```no_run
 //! use futures_util::StreamExt;
-//! use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
+//! use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 //! use lapin::types::FieldTable;
 //! use lapin::{BasicProperties, Connection, ConnectionProperties};
 //! use opentelemetry::Context;
-//! use opentelemetry::trace::TraceContextExt;
+//! use opentelemetry::trace::{FutureExt, TraceContextExt};
 //! use tracehop_telemetry::messaging::{self, BrokerPeer, ConsumerContext, Destination, Publish};
-//! use tracehop_telemetry::{Telemetry, TelemetryConfig};
+//! use tracehop_telemetry::spans::record_error;
+//! use tracehop_telemetry::{Telemetry, TelemetryConfig, shutdown};
 //!
 //! # async fn quick_start() -> Result<(), Box<dyn std::error::Error>> {
 //! // OTEL_SERVICE_NAME, OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_PROPAGATORS, ... read as the spec says.
@@ -46,8 +49,9 @@
 //! let peer = BrokerPeer { address: "localhost".into(), port: 5672 };
 //! let connection = Connection::connect("amqp://localhost:5672", ConnectionProperties::default()).await?;
 //! let channel = connection.create_channel().await?;
+//! channel.confirm_select(ConfirmSelectOptions::default()).await?;
 //!
-//! // Producer: the span's context goes into the headers; the span ends once the broker confirmed.
+//! // Producer: the span's context goes into the headers; the span ends once the broker answered.
 //! let destination = Destination::publish("checkout", "checkout.processed");
 //! let body = br#"{"order_id":"42"}"#;
 //! let publish = Publish { destination: &destination, message_id: "42", body_size: body.len() };
@@ -55,26 +59,39 @@
 //! let cx = messaging::start_publish(&telemetry, &Context::current(), &publish, &peer, &mut headers);
 //! let properties = BasicProperties::default().with_message_id("42".into()).with_headers(headers);
 //! let options = BasicPublishOptions::default();
-//! channel.basic_publish("checkout".into(), "checkout.processed".into(), options, body, properties).await?.await?;
+//! let confirm = channel.basic_publish("checkout".into(), "checkout.processed".into(), options, body, properties);
+//! if !confirm.await?.await?.is_ack() {
+//!     record_error(&cx.span(), "nacked", "the broker did not take the message");
+//! }
 //! cx.span().end();
 //!
-//! // Consumer: each delivery's CONSUMER span is the child of the PRODUCER span in its headers.
+//! // Consumer: each delivery's CONSUMER span is the child of the PRODUCER span in its headers,
+//! // and the work and the ack run inside it; until SIGINT or SIGTERM.
 //! let source = Destination::process("checkout", "checkout.processed", "stock.checkout-processed");
 //! let options = BasicConsumeOptions::default();
 //! let mut deliveries =
 //!     channel.basic_consume("stock.checkout-processed".into(), "stock".into(), options, FieldTable::default()).await?;
-//! while let Some(delivery) = deliveries.next().await {
-//!     let delivery = delivery?;
-//!     let cx = messaging::start_process(&telemetry, ConsumerContext::Parent, &source, &delivery, &peer);
-//!     {
-//!         let _current = cx.clone().attach(); // spans and log lines in here join the trace
-//!         // ... the work ...
+//! let consume = async {
+//!     while let Some(delivery) = deliveries.next().await {
+//!         let delivery = delivery?;
+//!         let cx = messaging::start_process(&telemetry, ConsumerContext::Parent, &source, &delivery, &peer);
+//!         async {
+//!             // ... the work: its spans, and its log lines (with `logging::init_logging`), join the trace.
+//!             delivery.acker.ack(BasicAckOptions::default()).await
+//!         }
+//!         .with_context(cx.clone())
+//!         .await?;
+//!         cx.span().end();
 //!     }
-//!     cx.span().end();
-//!     delivery.acker.ack(BasicAckOptions::default()).await?;
-//! }
-//! // Once the stream ends (the channel closed): flush what is still waiting to be exported.
+//!     Ok::<_, lapin::Error>(())
+//! };
+//! let outcome = tokio::select! {
+//!     outcome = consume => outcome,
+//!     () = shutdown::signal() => Ok(()),
+//! };
+//! // On every way out, so the spans still waiting are exported.
 //! telemetry.shutdown().await;
+//! outcome?;
 //! # Ok(())
 //! # }
 //! ```
