@@ -57,10 +57,7 @@ impl BrokerNodes {
         if uris.is_empty() {
             return Err("no AMQP URI given".to_owned());
         }
-        let peers = uris
-            .iter()
-            .map(|uri| BrokerPeer { address: Arc::from(uri.authority.host.as_str()), port: uri.authority.port })
-            .collect();
+        let peers = uris.iter().map(BrokerPeer::from).collect();
         Ok(Self { uris, peers })
     }
 

@@ -36,6 +36,7 @@
 //! use futures_util::StreamExt;
 //! use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 //! use lapin::types::FieldTable;
+//! use lapin::uri::AMQPUri;
 //! use lapin::{BasicProperties, Connection, ConnectionProperties};
 //! use opentelemetry::Context;
 //! use opentelemetry::trace::{FutureExt, TraceContextExt};
@@ -46,8 +47,9 @@
 //! # async fn quick_start() -> Result<(), Box<dyn std::error::Error>> {
 //! // OTEL_SERVICE_NAME, OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_PROPAGATORS, ... read as the spec says.
 //! let telemetry = Telemetry::new(&TelemetryConfig::from_env("orders")?)?;
-//! let peer = BrokerPeer { address: "localhost".into(), port: 5672 };
-//! let connection = Connection::connect("amqp://localhost:5672", ConnectionProperties::default()).await?;
+//! let uri: AMQPUri = "amqp://localhost:5672".parse()?;
+//! let peer = BrokerPeer::from(&uri); // server.address / server.port of the spans
+//! let connection = Connection::connect_uri(uri, ConnectionProperties::default()).await?;
 //! let channel = connection.create_channel().await?;
 //! channel.confirm_select(ConfirmSelectOptions::default()).await?;
 //!

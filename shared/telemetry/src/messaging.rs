@@ -48,6 +48,13 @@ pub struct BrokerPeer {
     pub port: u16,
 }
 
+impl From<&lapin::uri::AMQPUri> for BrokerPeer {
+    /// The host and port a connection to `uri` talks to.
+    fn from(uri: &lapin::uri::AMQPUri) -> Self {
+        Self { address: Arc::from(uri.authority.host.as_str()), port: uri.authority.port }
+    }
+}
+
 /// Where messages are published (`{exchange}:{routing key}`), or where a queue receives them
 /// from (`{exchange}:{routing key}:{queue}`), with its span name and attribute values built
 /// once: spans of every message share them instead of formatting and copying strings.
