@@ -101,8 +101,15 @@ async fn poison_messages_are_dead_lettered_once_with_trace_and_reason() {
     let empty = json!({"order_id": "empty", "customer_id": "c", "items": [], "total_cents": 0}).to_string();
     publish(&channel, empty.as_bytes(), "empty", 4).await;
     publish(&channel, &event("valid", "SKU-001"), "valid", 5).await;
+    // serde quotes a wrong-typed string whole in its error: 150 KB, over the broker's 128 KiB
+    // frame_max were it copied into the dead letter's header unbounded.
+    let huge = json!({"order_id": "huge", "customer_id": "c", "items": [], "total_cents": "9".repeat(150_000)});
+    publish(&channel, huge.to_string().as_bytes(), "huge", 6).await;
+    // PostgreSQL's text cannot hold a NUL: refused before any store sees it.
+    publish(&channel, &event("nul-sku", "SKU\u{0}001"), "nul-sku", 7).await;
+    publish(&channel, &event("valid-after", "SKU-001"), "valid-after", 8).await;
 
-    let dead = dead_letters(&channel, 4).await;
+    let dead = dead_letters(&channel, 6).await;
     let reasons: std::collections::BTreeMap<String, String> =
         dead.iter().map(|(id, headers)| (id.clone(), header(headers, "x-dead-letter-reason"))).collect();
     assert_eq!(
@@ -111,6 +118,8 @@ async fn poison_messages_are_dead_lettered_once_with_trace_and_reason() {
             ("another-id", "message_id_mismatch"),
             ("bad-json", "invalid_json"),
             ("empty", "invalid_order"),
+            ("huge", "invalid_json"),
+            ("nul-sku", "invalid_order"),
             ("unknown-sku", "unknown_sku")
         ]
         .into_iter()
@@ -122,14 +131,29 @@ async fn poison_messages_are_dead_lettered_once_with_trace_and_reason() {
         assert_eq!(header(headers, "baggage"), "customer.id=c-poison", "{id}");
         assert!(!header(headers, "x-dead-letter-error").is_empty(), "{id}");
     }
-    // The valid message after them was processed: the consumer never stopped.
+    let (_, huge) = dead.iter().find(|(id, _)| id == "huge").expect("huge");
+    let error = header(huge, "x-dead-letter-error");
+    assert!(error.len() <= stock::consumer::MAX_ERROR_TEXT && error.ends_with('…'), "{} bytes", error.len());
+    assert!(error.starts_with("the body is not a checkout.processed event: invalid type: string \"999"), "{error:.80}");
+    let (_, nul) = dead.iter().find(|(id, _)| id == "nul-sku").expect("nul-sku");
+    assert_eq!(header(nul, "x-dead-letter-error"), "the SKU holds a NUL character");
+    // The valid messages among them were processed: the consumer never stopped.
     assert_eq!(pipeline.wait_for_order("valid").await, "reserved");
+    assert_eq!(pipeline.wait_for_order("valid-after").await, "reserved");
 
     let spans = pipeline
         .receiver
-        .wait_for(Duration::from_secs(10), |spans| (1..=5).all(|n| !consumer_spans(spans, n).is_empty()))
+        .wait_for(Duration::from_secs(10), |spans| (1..=8).all(|n| !consumer_spans(spans, n).is_empty()))
         .await;
-    for (n, reason) in [(1, "invalid_json"), (2, "unknown_sku"), (3, "message_id_mismatch"), (4, "invalid_order")] {
+    for (n, reason) in [
+        (1, "invalid_json"),
+        (2, "unknown_sku"),
+        (3, "message_id_mismatch"),
+        (4, "invalid_order"),
+        // One attempt: its dead letter did not close the connection (which would redeliver it).
+        (6, "invalid_json"),
+        (7, "invalid_order"),
+    ] {
         let attempts = consumer_spans(&spans, n);
         assert_eq!(attempts.len(), 1, "message {n} was processed exactly once before the DLQ");
         let span = attempts[0];
@@ -225,5 +249,31 @@ async fn a_failure_that_outlasts_the_retries_is_dead_lettered() {
     assert_eq!(attempts.len() as i64, retries + 1, "the first attempt and {retries} retries, no more");
     assert!(attempts.iter().all(|s| s.status == StatusCode::Error));
     println!("persistent failure: {} attempts {:?} apart, then the DLQ", attempts.len(), topology::RETRY_DELAY);
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_with_its_queue_gone_is_not_lost() {
+    let db = TestDatabase::create().await;
+    let pipeline =
+        Pipeline::start(Options { store: Some(StoreLocation::Postgres(db.url().to_owned())), ..Options::default() })
+            .await;
+    rename_stock_table(db.url(), "stock", "stock_away").await;
+    let (_connection, channel) = channel(&pipeline.amqp_url).await;
+    // The retry queue deleted by hand: the broker returns stock's retry copy (mandatory) instead
+    // of confirming a copy it dropped, so stock requeues the delivery.
+    channel
+        .queue_delete(topology::RETRY_QUEUE.into(), lapin::options::QueueDeleteOptions::default())
+        .await
+        .expect("delete the retry queue");
+    publish(&channel, &event("no-retry-queue", "SKU-001"), "no-retry-queue", 9).await;
+    // Requeued at every attempt, until the queue's delivery limit dead-letters it.
+    let dead = dead_letters(&channel, 1).await;
+    assert_eq!(dead[0].0, "no-retry-queue");
+    assert!(header(&dead[0].1, "traceparent").starts_with(&format!("00-{TRACE_ID}-")));
+    let spans = pipeline.receiver.wait_for(Duration::from_secs(10), |spans| consumer_spans(spans, 9).len() > 1).await;
+    let attempts = consumer_spans(&spans, 9);
+    assert!(attempts.iter().all(|s| s.status == StatusCode::Error));
+    println!("retry queue gone: {} attempts, then the broker's delivery limit dead-lettered it", attempts.len());
     pipeline.stop().await;
 }

@@ -42,8 +42,16 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 pub const OUTCOME: &str = "tracehop.reservation.outcome";
 /// Header of a dead-lettered message: a low-cardinality reason (`invalid_json`, `unknown_sku`...).
 pub const DEAD_LETTER_REASON: &str = "x-dead-letter-reason";
-/// Header of a dead-lettered message: the error in words.
+/// Header of a dead-lettered message: the error in words, at most [`MAX_ERROR_TEXT`] bytes.
 pub const DEAD_LETTER_ERROR: &str = "x-dead-letter-error";
+/// Longest error text a dead letter's header (and the span and log line beside it) carries. The
+/// text may quote the message's own values (serde quotes a wrong-typed string whole), and a
+/// header frame over the broker's `frame_max` closes the whole connection, so one such message
+/// would drop it again at every redelivery.
+pub const MAX_ERROR_TEXT: usize = 1024;
+/// Longest order id and SKU stock accepts. The order id is also the message's `message_id`, an
+/// AMQP short string (at most 255 bytes); no catalog SKU comes near it.
+pub const MAX_ID: usize = 255;
 
 /// What processing a delivery concluded.
 #[derive(Debug)]
@@ -316,6 +324,9 @@ impl Handler {
                 error: format!("message_id {message_id:?} differs from the body's order_id {:?}", event.order_id),
             };
         }
+        if let Err(error) = check_ids(&event) {
+            return Verdict::Poison { reason: "invalid_order", error };
+        }
         if event.items.is_empty() || event.items.iter().any(|item| item.quantity == 0) {
             return Verdict::Poison {
                 reason: "invalid_order",
@@ -400,6 +411,7 @@ impl Handler {
                 self.ack(delivery).await;
             }
             Verdict::Poison { reason, error } => {
+                let error = bounded(error);
                 record_error(&span, reason, &error);
                 span.set_attribute(KeyValue::new(OUTCOME, "dead_lettered"));
                 tracing::warn!(reason, %error, "message can never succeed; dead-lettering it");
@@ -409,6 +421,7 @@ impl Handler {
                 }
             }
             Verdict::Transient { reason, error } => {
+                let error = bounded(error);
                 record_error(&span, reason, &error);
                 let headers = delivery.properties.headers().clone().unwrap_or_default();
                 let retries = messaging::retry_count(&headers);
@@ -490,7 +503,10 @@ impl Handler {
                 .basic_publish(
                     target.exchange.into(),
                     target.routing_key.into(),
-                    BasicPublishOptions::default(),
+                    // Returned if the retry or dead-letter queue is gone: the delivery is then
+                    // requeued, where without `mandatory` the broker would confirm the copy it
+                    // dropped and the message would be lost.
+                    BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
                     &delivery.data,
                     properties,
                 )
@@ -550,6 +566,39 @@ impl Handler {
     }
 }
 
+/// Rejects the ids no store should hold: an order id that is empty or could not be the
+/// message's `message_id`, a SKU that is empty or over [`MAX_ID`], and a NUL in either
+/// (PostgreSQL's text cannot hold one: the group's whole transaction would fail, again at every
+/// retry).
+fn check_ids(event: &CheckoutProcessed) -> Result<(), String> {
+    let check = |what: &str, value: &str| {
+        if value.is_empty() {
+            Err(format!("the {what} is empty"))
+        } else if value.len() > MAX_ID {
+            Err(format!("the {what} is {} bytes long, over {MAX_ID}", value.len()))
+        } else if value.contains('\0') {
+            Err(format!("the {what} holds a NUL character"))
+        } else {
+            Ok(())
+        }
+    };
+    check("order id", &event.order_id)?;
+    event.items.iter().try_for_each(|item| check("SKU", &item.sku))
+}
+
+/// `text` cut to at most [`MAX_ERROR_TEXT`] bytes, on a character boundary, with an ellipsis.
+fn bounded(mut text: String) -> String {
+    if text.len() > MAX_ERROR_TEXT {
+        let mut end = MAX_ERROR_TEXT - '…'.len_utf8();
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
 fn dead_letter_headers(reason: &str, error: &str) -> Vec<(&'static str, AMQPValue)> {
     vec![
         (DEAD_LETTER_REASON, AMQPValue::LongString(LongString::from(reason))),
@@ -574,4 +623,47 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use tracehop_broker::event::Item;
+
+    use super::*;
+
+    fn event(order_id: &str, sku: &str) -> CheckoutProcessed {
+        CheckoutProcessed {
+            order_id: order_id.into(),
+            customer_id: "c".into(),
+            items: vec![Item { sku: sku.into(), quantity: 1 }],
+            total_cents: 1,
+        }
+    }
+
+    #[test]
+    fn ids_a_store_cannot_hold_are_refused() {
+        assert_eq!(check_ids(&event("o-1", "SKU-001")), Ok(()));
+        assert_eq!(check_ids(&event(&"o".repeat(MAX_ID), &"S".repeat(MAX_ID))), Ok(()));
+        for (order_id, sku, error) in [
+            ("", "SKU-001", "the order id is empty"),
+            (&*"o".repeat(MAX_ID + 1), "SKU-001", "the order id is 256 bytes long, over 255"),
+            ("o\0", "SKU-001", "the order id holds a NUL character"),
+            ("o-1", "", "the SKU is empty"),
+            ("o-1", &*"S".repeat(MAX_ID + 1), "the SKU is 256 bytes long, over 255"),
+            ("o-1", "SKU\u{0}001", "the SKU holds a NUL character"),
+        ] {
+            assert_eq!(check_ids(&event(order_id, sku)), Err(error.to_owned()), "{order_id:?} / {sku:?}");
+        }
+    }
+
+    #[test]
+    fn error_texts_are_bounded_on_a_character_boundary() {
+        assert_eq!(bounded("short".into()), "short");
+        let exact = "a".repeat(MAX_ERROR_TEXT);
+        assert_eq!(bounded(exact.clone()), exact);
+        // Three-byte characters: the cut falls inside one unless it steps back.
+        let long = bounded("€".repeat(MAX_ERROR_TEXT));
+        assert!(long.len() <= MAX_ERROR_TEXT, "{}", long.len());
+        assert!(long.ends_with("€…"));
+    }
 }

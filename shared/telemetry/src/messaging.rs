@@ -359,7 +359,8 @@ pub fn record_settle(
 /// redelivered) + delayed retries ([`RETRY_COUNT_HEADER`]).
 fn attempt(redelivered: bool, headers: &FieldTable) -> i64 {
     let redeliveries = header_int(headers, "x-delivery-count").unwrap_or(i64::from(redelivered));
-    1 + redeliveries.max(0) + retry_count(headers)
+    // Saturating: both counts come from headers a sender may forge.
+    1i64.saturating_add(redeliveries.max(0)).saturating_add(retry_count(headers))
 }
 
 /// The [`RETRY_COUNT_HEADER`] of a message, 0 when absent or not an integer.
@@ -386,6 +387,26 @@ mod tests {
 
     fn peer(address: &str, port: u16) -> BrokerPeer {
         BrokerPeer { address: address.into(), port }
+    }
+
+    #[test]
+    fn the_attempt_counts_redeliveries_and_retries_and_saturates_on_forged_counts() {
+        let headers = |entries: &[(&str, i64)]| {
+            let mut table = FieldTable::default();
+            for (key, value) in entries {
+                table.insert((*key).into(), AMQPValue::LongLongInt(*value));
+            }
+            table
+        };
+        assert_eq!(attempt(false, &headers(&[])), 1);
+        assert_eq!(attempt(true, &headers(&[])), 2);
+        assert_eq!(attempt(true, &headers(&[("x-delivery-count", 3), (RETRY_COUNT_HEADER, 2)])), 6);
+        assert_eq!(attempt(false, &headers(&[("x-delivery-count", -4)])), 1);
+        assert_eq!(attempt(false, &headers(&[(RETRY_COUNT_HEADER, i64::MAX)])), i64::MAX);
+        assert_eq!(
+            attempt(true, &headers(&[("x-delivery-count", i64::MAX), (RETRY_COUNT_HEADER, i64::MAX)])),
+            i64::MAX
+        );
     }
 
     #[test]
