@@ -220,6 +220,7 @@ impl Pipeline {
             inbound_context: options.inbound_context,
             cors_origins: options.cors_origins.clone(),
             baggage_span_attributes: options.baggage_span_attributes.clone(),
+            drain_timeout: Duration::from_secs(5),
         };
         let gateway_telemetry = telemetry("gateway", &endpoint, &options);
         telemetries.push(gateway_telemetry.clone());

@@ -26,6 +26,8 @@ pub struct Config {
     pub cors_origins: Vec<String>,
     /// `BAGGAGE_SPAN_ATTRIBUTES`: baggage keys copied onto the gateway's spans.
     pub baggage_span_attributes: Vec<String>,
+    /// `SHUTDOWN_DRAIN_SECS`: how long shutdown waits for requests in progress.
+    pub drain_timeout: Duration,
 }
 
 impl Config {
@@ -39,6 +41,7 @@ impl Config {
         "GATEWAY_INBOUND_CONTEXT",
         "GATEWAY_CORS_ORIGINS",
         "BAGGAGE_SPAN_ATTRIBUTES",
+        "SHUTDOWN_DRAIN_SECS",
     ];
 
     /// Reads the process environment.
@@ -73,6 +76,7 @@ impl Config {
             )?,
             cors_origins: env.list_or("GATEWAY_CORS_ORIGINS", "*"),
             baggage_span_attributes: env.list_or("BAGGAGE_SPAN_ATTRIBUTES", "customer.id"),
+            drain_timeout: Duration::from_secs(env.parse_or("SHUTDOWN_DRAIN_SECS", 5)?),
         })
     }
 }

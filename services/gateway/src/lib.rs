@@ -15,7 +15,7 @@ pub mod config;
 pub mod error;
 pub mod page;
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -113,7 +113,10 @@ fn cors(origins: &[String]) -> Result<CorsLayer, ConfigError> {
         .expose_headers([HeaderName::from_static(SERVER_TIMING), HeaderName::from_static(TRACERESPONSE)]))
 }
 
-/// Serves the gateway on `listener` until `shutdown` completes, then drains in-flight requests.
+/// Serves the gateway on `listener` until `shutdown` completes, then drains in-flight requests
+/// for at most `SHUTDOWN_DRAIN_SECS`: a client that never finishes sending its request (hyper
+/// reads it without a deadline) must not keep the process from flushing its telemetry and
+/// exiting.
 pub async fn run(
     listener: TcpListener,
     config: Config,
@@ -125,7 +128,26 @@ pub async fn run(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, checkout = %config.checkout_url, "gateway listening");
     }
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    let (signalled, draining) = tokio::sync::oneshot::channel();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = signalled.send(());
+    };
+    let serve = axum::serve(listener, app).with_graceful_shutdown(shutdown).into_future();
+    let deadline = async {
+        match draining.await {
+            Ok(()) => tokio::time::sleep(config.drain_timeout).await,
+            // Dropped unsent only with `serve`, which then has ended.
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        served = serve => served?,
+        () = deadline => tracing::warn!(
+            drain = ?config.drain_timeout,
+            "requests still in progress at the drain deadline; closing their connections"
+        ),
+    }
     Ok(())
 }
 

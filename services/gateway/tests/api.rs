@@ -16,11 +16,9 @@ struct App {
     http: reqwest::Client,
 }
 
-/// Spawns the gateway on port 0, calling checkout at `checkout_url`.
-async fn spawn_app(checkout_url: &str, checkout_timeout: Duration) -> App {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let config = Config {
+/// The gateway's settings for these tests, calling checkout at `checkout_url`.
+fn config(listener: &TcpListener, checkout_url: &str, checkout_timeout: Duration) -> Config {
+    Config {
         addr: listener.local_addr().expect("addr"),
         checkout_url: checkout_url.parse().expect("uri"),
         body_limit: 1024,
@@ -29,7 +27,15 @@ async fn spawn_app(checkout_url: &str, checkout_timeout: Duration) -> App {
         inbound_context: InboundContext::Continue,
         cors_origins: vec!["*".into()],
         baggage_span_attributes: vec![],
-    };
+        drain_timeout: Duration::from_secs(1),
+    }
+}
+
+/// Spawns the gateway on port 0, calling checkout at `checkout_url`.
+async fn spawn_app(checkout_url: &str, checkout_timeout: Duration) -> App {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let config = config(&listener, checkout_url, checkout_timeout);
     tokio::spawn(gateway::run(listener, config, Telemetry::disabled("gateway"), std::future::pending()));
     App { url, http: reqwest::Client::new() }
 }
@@ -190,4 +196,25 @@ async fn cors_preflight_allows_trace_headers_and_exposes_the_trace() {
         .expect("answer");
     let exposed = response.headers()["access-control-expose-headers"].to_str().expect("ascii").to_owned();
     assert!(exposed.contains("server-timing") && exposed.contains("traceresponse"), "{exposed}");
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_request_does_not_hold_up_shutdown() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let config = config(&listener, &closed_port().await, Duration::from_secs(2));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let gateway = tokio::spawn(gateway::run(listener, config, Telemetry::disabled("gateway"), async {
+        let _ = stopped.await;
+    }));
+    // Headers announcing 100 bytes of body, then 10 of them, then nothing.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = "POST /api/checkout HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\n\
+                   content-length: 100\r\n\r\n{\"customer";
+    tokio::io::AsyncWriteExt::write_all(&mut slow, request.as_bytes()).await.expect("write");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.send(()).expect("gateway running");
+    // Without the drain deadline (1 s here) the graceful shutdown waits for that body forever.
+    let ended = tokio::time::timeout(Duration::from_secs(10), gateway).await;
+    assert!(matches!(ended, Ok(Ok(Ok(())))), "the gateway did not return after its drain deadline: {ended:?}");
 }
