@@ -221,6 +221,13 @@ async fn oversize_inbound_context_never_breaks_the_broker_connection() {
     .await;
     assert_eq!(status, 202, "{body}");
     assert_eq!(pipeline.wait_for_order(body["order_id"].as_str().expect("id")).await, "reserved");
+    // The caller's baggage, cut to 64 members on the way in, does not crowd out the gateway's own.
+    let spans = chain(&pipeline, CALLER_TRACE).await;
+    for (service, kind) in
+        [("gateway", SpanKind::Server), ("checkout", SpanKind::Server), ("stock", SpanKind::Consumer)]
+    {
+        assert_eq!(one(&spans, service, kind).str_attr("customer.id"), Some("c-big"), "{service}");
+    }
     // The connections survived: the next order goes through as usual.
     let (status, body) = checkout(&pipeline, "c-next", &[]).await;
     assert_eq!(status, 202, "{body}");

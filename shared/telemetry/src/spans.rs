@@ -9,6 +9,9 @@ use opentelemetry::trace::{SpanRef, Status};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_semantic_conventions::attribute::ERROR_TYPE;
 
+use crate::propagation::baggage::encoded_len;
+use crate::propagation::w3c::{MAX_BAGGAGE_LEN, MAX_BAGGAGE_MEMBERS};
+
 /// Marks `span` failed: `error.type`, status Error with `message`, and an `exception` event
 /// carrying the message (semantic conventions: "Recording errors on spans").
 ///
@@ -40,15 +43,25 @@ pub fn baggage_attributes(cx: &Context, allowed: &[String]) -> Vec<KeyValue> {
 }
 
 /// `cx` with `key=value` added to its baggage; the entries already there are kept (the SDK's
-/// `with_baggage` alone would replace them all).
+/// `with_baggage` alone would replace them all) as far as the W3C limits allow once this one is
+/// in: 64 members and 8192 bytes of header, as [`W3cBaggagePropagator`](crate::propagation::W3cBaggagePropagator)
+/// writes it. The new entry comes first, so a caller's full baggage cannot crowd it out (the
+/// SDK drops a 65th entry silently, and an injection over the limits is trimmed).
 pub fn with_baggage_entry(cx: &Context, key: &str, value: &str) -> Context {
-    let entries: Vec<KeyValueMetadata> = cx
-        .baggage()
-        .iter()
-        .filter(|(existing, _)| existing.as_str() != key)
-        .map(|(existing, (value, metadata))| KeyValueMetadata::new(existing.clone(), value.clone(), metadata.clone()))
-        .chain(std::iter::once(KeyValueMetadata::new(key.to_owned(), value.to_owned(), "")))
-        .collect();
+    let mut room = MAX_BAGGAGE_LEN.saturating_sub(encoded_len(key, value, ""));
+    let mut entries = vec![KeyValueMetadata::new(key.to_owned(), value.to_owned(), "")];
+    for (existing, (value, metadata)) in cx.baggage() {
+        if entries.len() == MAX_BAGGAGE_MEMBERS {
+            break;
+        }
+        // A comma before it.
+        let len = 1 + encoded_len(existing.as_str(), value.as_str(), metadata.as_str());
+        if existing.as_str() == key || len > room {
+            continue;
+        }
+        room -= len;
+        entries.push(KeyValueMetadata::new(existing.clone(), value.clone(), metadata.clone()));
+    }
     cx.with_baggage(entries)
 }
 
@@ -145,6 +158,35 @@ mod tests {
         assert_eq!(cx.baggage().get("team").map(|v| v.as_str().to_owned()), Some("a".into()));
         assert_eq!(cx.baggage().get("customer.id").map(|v| v.as_str().to_owned()), Some("c-42".into()));
         assert_eq!(cx.baggage().len(), 2);
+    }
+
+    #[test]
+    fn a_full_baggage_makes_room_for_the_new_entry() {
+        use std::collections::HashMap;
+
+        use opentelemetry::propagation::TextMapPropagator;
+
+        use crate::propagation::{CheckedPropagator, W3cBaggagePropagator};
+
+        let propagator = CheckedPropagator::new(W3cBaggagePropagator::new());
+        let header = |cx: &Context| {
+            let mut carrier: HashMap<String, String> = HashMap::new();
+            propagator.inject_context(cx, &mut carrier);
+            carrier.remove("baggage").unwrap_or_default()
+        };
+        // 64 members, the most a caller may send; then members whose encoding (`é` is six
+        // bytes) fills the 8192 bytes of header.
+        let many = Context::new().with_baggage((0..64).map(|i| KeyValue::new(format!("k{i}"), "v")));
+        let big = Context::new().with_baggage((0..8).map(|i| KeyValue::new(format!("k{i}"), "é".repeat(170))));
+        for cx in [many, big] {
+            let cx = with_baggage_entry(&cx, "customer.id", "c-42");
+            assert_eq!(cx.baggage().get("customer.id").map(|v| v.as_str().to_owned()), Some("c-42".into()));
+            assert!(cx.baggage().len() <= MAX_BAGGAGE_MEMBERS);
+            let sent = header(&cx);
+            assert!(sent.len() <= MAX_BAGGAGE_LEN, "{}", sent.len());
+            assert!(sent.split(',').any(|member| member == "customer.id=c-42"), "{sent:.100}");
+            assert_eq!(sent.split(',').count(), cx.baggage().len(), "nothing trimmed on the way out");
+        }
     }
 
     #[test]

@@ -45,14 +45,7 @@ impl TextMapPropagator for W3cBaggagePropagator {
             if !header.is_empty() {
                 header.push(',');
             }
-            header.extend(utf8_percent_encode(name.as_str().trim(), ENCODE));
-            header.push('=');
-            header.extend(utf8_percent_encode(value.as_str().trim(), ENCODE));
-            let metadata = metadata.as_str().trim();
-            if !metadata.is_empty() {
-                header.push(';');
-                header.push_str(metadata);
-            }
+            header.extend(encoded_member(name.as_str(), value.as_str(), metadata.as_str()));
         }
         injector.set(BAGGAGE, header);
     }
@@ -70,6 +63,32 @@ impl TextMapPropagator for W3cBaggagePropagator {
     fn fields(&self) -> FieldIter<'_> {
         FieldIter::new(FIELDS.as_slice())
     }
+}
+
+/// The list-member `name=value;properties` as the header carries it, in pieces. The properties
+/// are encoded too: extraction decodes them (as the SDK does), so a property that arrived as
+/// `a%2Ck%3Dv` is held as `a,k=v`, and written back raw it would add a member `k=v` downstream
+/// (or, with a CR or LF, make the whole header invalid).
+fn encoded_member<'a>(name: &'a str, value: &'a str, metadata: &'a str) -> impl Iterator<Item = &'a str> {
+    let properties = metadata.split(';').map(str::trim).filter(|property| !property.is_empty());
+    utf8_percent_encode(name.trim(), ENCODE)
+        .chain(std::iter::once("="))
+        .chain(utf8_percent_encode(value.trim(), ENCODE))
+        .chain(properties.flat_map(|property| {
+            let (key, value) = match property.split_once('=') {
+                Some((key, value)) => (key.trim(), Some(value.trim())),
+                None => (property, None),
+            };
+            std::iter::once(";").chain(utf8_percent_encode(key, ENCODE)).chain(
+                value.into_iter().flat_map(|value| std::iter::once("=").chain(utf8_percent_encode(value, ENCODE))),
+            )
+        }))
+}
+
+/// Bytes the list-member `name=value;properties` takes in the header [`W3cBaggagePropagator`]
+/// writes.
+pub(crate) fn encoded_len(name: &str, value: &str, metadata: &str) -> usize {
+    encoded_member(name, value, metadata).map(str::len).sum()
 }
 
 /// One `name=value;properties` list-member; `None` when it has no `=` or does not decode to
@@ -152,6 +171,21 @@ mod tests {
             assert_eq!(extracted, entries(sdk.extract(&carrier)), "{header:?}");
             assert!(!extracted.is_empty(), "{header:?} carries something");
         }
+    }
+
+    #[test]
+    fn decoded_properties_are_encoded_again_so_they_cannot_add_members() {
+        let propagator = W3cBaggagePropagator::new();
+        let carrier = HashMap::from([("baggage".to_owned(), "x=1;a%2Ccustomer.id%3Dmallory;p%0D%0A;q=r".to_owned())]);
+        let cx = propagator.extract(&carrier);
+        let mut sent: HashMap<String, String> = HashMap::new();
+        propagator.inject_context(&cx, &mut sent);
+        let header = &sent["baggage"];
+        assert!(!header.contains(['\r', '\n']), "{header:?}");
+        let received = propagator.extract(&sent);
+        let members: Vec<String> = received.baggage().iter().map(|(k, (v, _))| format!("{k}={}", v.as_str())).collect();
+        assert_eq!(members, ["x=1"], "sent {header:?}");
+        assert_eq!(encoded_len("x", "1", cx.baggage().get_with_metadata("x").expect("x").1.as_str()), header.len());
     }
 
     #[test]

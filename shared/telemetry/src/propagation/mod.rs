@@ -10,7 +10,7 @@
 //! `traceparent` strictly and bounds `tracestate` and `baggage` to the W3C limits.
 
 mod amqp;
-mod baggage;
+pub(crate) mod baggage;
 mod checked;
 pub mod counters;
 mod grpc;
