@@ -345,8 +345,17 @@ impl Signal {
         };
         let checked = |variable: &str, value: String| -> Result<String, ConfigError> {
             match value.parse::<http::Uri>() {
-                Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => Ok(value),
-                _ => Err(ConfigError::new(variable, format!("expected an http:// or https:// URL, got {value:?}"))),
+                Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => Ok(value),
+                // Refused here, by name, for both protocols: the gRPC exporter would stop startup
+                // with a message naming no variable, the HTTP one fail every export.
+                Ok(uri) if uri.scheme_str() == Some("https") => Err(ConfigError::new(
+                    variable,
+                    format!(
+                        "{value:?}: https:// needs TLS, which the exporters are built without; export over \
+                         http:// to a collector beside the service (it can forward over TLS)"
+                    ),
+                )),
+                _ => Err(ConfigError::new(variable, format!("expected an http:// URL, got {value:?}"))),
             }
         };
         if let Some(value) = env.get(variable) {
@@ -678,11 +687,11 @@ fn detached<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> tok
     receiver
 }
 
-/// Adds the batch processor of OTLP span export to `builder`. OTLP/gRPC over `http://` without
-/// compression goes through [`EncodingSpanProcessor`] (each span encoded as it ends, batches
-/// sent by [`GrpcSpanExporter`]); `http/protobuf` through the SDK's batch processor and
-/// exporter, as do `https://` and gzip, which it refuses at startup (the workspace builds it
-/// without TLS and compression). Both take their limits from `config.batch`.
+/// Adds the batch processor of OTLP span export to `builder`. OTLP/gRPC goes through
+/// [`EncodingSpanProcessor`] (each span encoded as it ends, batches sent by
+/// [`GrpcSpanExporter`]); `http/protobuf` through the SDK's batch processor and exporter. Both
+/// take their limits from `config.batch`. (The configuration refuses `https://` and gzip: the
+/// workspace builds neither TLS nor compression.)
 fn with_span_export(
     builder: TracerProviderBuilder,
     config: &TelemetryConfig,
@@ -693,17 +702,10 @@ fn with_span_export(
     let limits = config.batch;
     let endpoint_or_default = endpoint.as_deref().unwrap_or(DEFAULT_GRPC_ENDPOINT);
     Ok(match protocol {
-        OtlpProtocol::Grpc if endpoint_or_default.starts_with("http://") => {
+        OtlpProtocol::Grpc => {
             let (handle, guard) = ExportRuntime::handle(runtime)?;
             let exporter = GrpcSpanExporter::new(endpoint_or_default, &config.span_transport, &handle)?.keeping(guard);
             builder.with_span_processor(EncodingSpanProcessor::new(exporter, limits)?)
-        }
-        OtlpProtocol::Grpc => {
-            // `https://`: the SDK's exporter, built without TLS, refuses it here at startup.
-            let _entered = ExportRuntime::handle(runtime)?.0.enter();
-            let exporter =
-                configured(opentelemetry_otlp::SpanExporter::builder().with_tonic(), endpoint, protocol).build()?;
-            builder.with_span_processor(batched(exporter, limits))
         }
         OtlpProtocol::HttpProtobuf => builder.with_span_processor(batched(
             configured(opentelemetry_otlp::SpanExporter::builder().with_http(), endpoint, protocol).build()?,
@@ -885,6 +887,17 @@ mod tests {
         assert_eq!(signal.export, Export::Otlp { endpoint: expected, protocol: OtlpProtocol::HttpProtobuf });
         let error = config(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "jaeger:4317")]).expect_err("no scheme");
         assert_eq!(error.variable, "OTEL_EXPORTER_OTLP_ENDPOINT");
+        for (variable, protocol) in [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "grpc"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "grpc"),
+            ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "http/protobuf"),
+        ] {
+            let error = config(&[(variable, "https://api.example.com"), ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)])
+                .expect_err("no TLS");
+            assert_eq!(error.variable, variable);
+            assert!(error.to_string().contains("https:// needs TLS"), "{error}");
+        }
     }
 
     #[test]
