@@ -176,3 +176,105 @@ async fn an_unknown_sku_is_422_and_blames_the_caller_not_the_server() {
     assert!(!trace.iter().any(|s| s.kind == SpanKind::Producer), "nothing was published");
     pipeline.stop().await;
 }
+
+/// The gateway alone, traced to `receiver`, calling checkout at `checkout_url`.
+async fn traced_gateway(
+    receiver: &tracehop_testkit::otlp::OtlpReceiver,
+    checkout_url: &str,
+    checkout_timeout: Duration,
+) -> (String, tracehop_telemetry::Telemetry) {
+    use tracehop_telemetry::setup::{BatchLimits, Export, TelemetryConfig};
+    let config = TelemetryConfig {
+        batch: BatchLimits { delay: Duration::from_millis(100), ..BatchLimits::default() },
+        metrics: Export::None,
+        ..TelemetryConfig::otlp_grpc("gateway", receiver.endpoint())
+    };
+    let telemetry = tracehop_telemetry::Telemetry::new(&config).expect("telemetry");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let gateway = gateway::Config {
+        addr,
+        checkout_url: checkout_url.parse().expect("uri"),
+        body_limit: 1024,
+        checkout_timeout,
+        jaeger_ui_url: "http://localhost:16686".to_owned(),
+        inbound_context: tracehop_telemetry::http::InboundContext::Continue,
+        cors_origins: vec!["*".to_owned()],
+        baggage_span_attributes: vec![],
+        drain_timeout: Duration::from_secs(1),
+    };
+    tokio::spawn(gateway::run(listener, gateway, telemetry.clone(), std::future::pending()));
+    (format!("http://{addr}/api/checkout"), telemetry)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateways_server_span_fails_on_5xx_only() {
+    use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
+    let receiver = tracehop_testkit::otlp::OtlpReceiver::start().await;
+    // Checkout down (a port nobody listens on), and checkout silent (accepts, never answers).
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let closed_url = format!("http://{}", closed.local_addr().expect("addr"));
+    drop(closed);
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let silent_url = format!("http://{}", silent.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let (down, down_telemetry) = traced_gateway(&receiver, &closed_url, Duration::from_secs(2)).await;
+    let (slow, slow_telemetry) = traced_gateway(&receiver, &silent_url, Duration::from_millis(300)).await;
+    let http = reqwest::Client::new();
+    let order = json!({"customer_id": "c-1", "items": [{"sku": "SKU-001", "quantity": 1}]}).to_string();
+    let cases: [(&str, &str, String, u16); 6] = [
+        (&down, "application/json", order.clone(), 503),
+        (&slow, "application/json", order.clone(), 504),
+        (&down, "application/json", "{not json".to_owned(), 400),
+        (&down, "text/plain", order.clone(), 415),
+        (&down, "application/json", format!("{{\"customer_id\":\"{}\"}}", "x".repeat(2048)), 413),
+        (&down, "application/json", json!({"customer_id": "c-1", "items": []}).to_string(), 422),
+    ];
+    let mut traces = Vec::new();
+    for (url, content_type, body, expected) in cases {
+        let response =
+            http.post(url).header("content-type", content_type).body(body).send().await.expect("gateway answers");
+        assert_eq!(response.status().as_u16(), expected);
+        let trace_id = response.headers()["traceresponse"].to_str().expect("ascii")[3..35].to_owned();
+        traces.push((trace_id, expected));
+    }
+    down_telemetry.flush().await;
+    slow_telemetry.flush().await;
+    let spans = receiver
+        .wait_for(Duration::from_secs(10), |spans| {
+            traces.iter().all(|(id, _)| spans.iter().any(|s| &s.trace_id == id && s.kind == SpanKind::Server))
+        })
+        .await;
+    for (trace_id, status) in &traces {
+        let trace: Vec<ReceivedSpan> = spans.iter().filter(|s| &s.trace_id == trace_id).cloned().collect();
+        let server = find(&trace, "gateway", SpanKind::Server, "POST /api/checkout");
+        assert_attr(server, "http.response.status_code", Attr::Int(i64::from(*status)));
+        if *status >= 500 {
+            assert_eq!(server.status, StatusCode::Error, "{status}");
+            assert_attr(server, "error.type", s(&status.to_string()));
+            // The call failed too: refused, or dropped at the gateway's deadline.
+            let client = find(&trace, "gateway", SpanKind::Client, "checkout.v1.CheckoutService/Checkout");
+            assert_eq!(client.status, StatusCode::Error, "{status}");
+            // 504: the gateway's timer drops the call, or tonic's channel, enforcing the same
+            // deadline sent as `grpc-timeout`, ends it first; CANCELLED either way, as tonic says.
+            let (expected, causes) = if *status == 504 {
+                ("CANCELLED", &["Timeout expired", "dropped before it completed"][..])
+            } else {
+                ("UNAVAILABLE", &["tcp connect error"][..])
+            };
+            assert_attr(client, "error.type", s(expected));
+            let message = client.event_attributes[0].get("exception.message");
+            let says = |m: &str| causes.iter().any(|cause| m.contains(cause));
+            assert!(matches!(message, Some(Attr::Str(m)) if says(m)), "{status}: {message:?}");
+        } else {
+            assert_eq!(server.status, StatusCode::Unset, "{status}: the caller's doing, no error of the server");
+            assert_eq!(server.attr("error.type"), None, "{status}");
+            assert!(!trace.iter().any(|s| s.kind == SpanKind::Client), "{status}: checkout was not called");
+        }
+    }
+}

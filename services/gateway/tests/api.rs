@@ -111,6 +111,25 @@ async fn empty_items_and_zero_quantities_are_422() {
 }
 
 #[tokio::test]
+async fn the_gateways_own_limits_are_422() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    // Room for 101 lines: the tests' 1 KiB would answer 413 first.
+    let config = Config { body_limit: 64 * 1024, ..config(&listener, &closed_port().await, Duration::from_secs(2)) };
+    tokio::spawn(gateway::run(listener, config, Telemetry::disabled("gateway"), std::future::pending()));
+    let app = App { url, http: reqwest::Client::new() };
+    let line = json!({"sku": "S", "quantity": 1});
+    let customer = "c".repeat(gateway::api::MAX_CUSTOMER_ID + 1);
+    let (status, body) = app.post_json(json!({"customer_id": customer, "items": [line]})).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(error_of(&body), "customer_id is longer than 128 bytes");
+    let items = vec![line; gateway::api::MAX_ITEMS + 1];
+    let (status, body) = app.post_json(json!({"customer_id": "c-1", "items": items})).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(error_of(&body), "an order has at most 100 items");
+}
+
+#[tokio::test]
 async fn a_wrong_content_type_is_415() {
     let app = spawn_app(&closed_port().await, Duration::from_secs(2)).await;
     let body = json!({"customer_id": "c-1", "items": [{"sku": "SKU-001", "quantity": 1}]}).to_string();

@@ -7,7 +7,8 @@
 //! path a caller sends): `rpc.method` `_OTHER`, the path in `rpc.method_original`, span name
 //! `grpc`, as the conventions ask of a method the server does not recognise.
 //! The status of a unary call usually arrives in the trailers, so the span ends when the
-//! response body does; a call dropped before that (a caller's timeout) ends it as `CANCELLED`.
+//! response body does; a call dropped before that (a caller's timeout) ends it as `CANCELLED`,
+//! and so does a call whose own deadline (`grpc-timeout`, enforced by tonic's channel) expired.
 //! Span status follows the conventions: every non-OK code fails a CLIENT span; a SERVER span
 //! fails only for codes that are the server's fault (UNKNOWN, DEADLINE_EXCEEDED,
 //! UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS), never for a caller's bad input.
@@ -101,7 +102,7 @@ pub struct GrpcClientService<S> {
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for GrpcClientService<S>
 where
     S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
-    S::Error: std::fmt::Display,
+    S::Error: std::fmt::Display + 'static,
 {
     type Response = http::Response<TracedBody<ResBody>>;
     type Error = S::Error;
@@ -194,7 +195,7 @@ pub struct GrpcServerService<S> {
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for GrpcServerService<S>
 where
     S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
-    S::Error: std::fmt::Display,
+    S::Error: std::fmt::Display + 'static,
 {
     type Response = http::Response<TracedBody<ResBody>>;
     type Error = S::Error;
@@ -439,6 +440,29 @@ pub fn code_name(code: Code) -> &'static str {
     }
 }
 
+/// The code tonic's client reports for a failed call, and the error with its causes: CANCELLED
+/// when the request's own deadline (`grpc-timeout`, which tonic's channel enforces) expired on
+/// the way, as tonic's `Status::from_error` says; UNAVAILABLE for the rest of its transport
+/// failures (no connection, a connection lost). tonic's transport error says only "transport
+/// error": its causes say which.
+fn transport_failure<E: std::fmt::Display + 'static>(error: &E) -> (Code, String) {
+    let mut message = error.to_string();
+    let mut code = Code::Unavailable;
+    let any: &dyn std::any::Any = error;
+    if let Some(error) = any.downcast_ref::<tonic::transport::Error>() {
+        let mut source = std::error::Error::source(error);
+        while let Some(cause) = source {
+            if cause.is::<tonic::TimeoutExpired>() {
+                code = Code::Cancelled;
+            }
+            message.push_str(": ");
+            message.push_str(&cause.to_string());
+            source = cause.source();
+        }
+    }
+    (code, message)
+}
+
 pin_project! {
     /// The response future of the traced services.
     pub struct ResponseFuture<F> {
@@ -451,7 +475,7 @@ pin_project! {
 impl<F, ResBody, E> Future for ResponseFuture<F>
 where
     F: Future<Output = Result<http::Response<ResBody>, E>>,
-    E: std::fmt::Display,
+    E: std::fmt::Display + 'static,
 {
     type Output = Result<http::Response<TracedBody<ResBody>>, E>;
 
@@ -469,9 +493,9 @@ where
                 Ok(response.map(|inner| TracedBody { inner, span }))
             }
             Err(error) => {
-                // What tonic's client reports for a transport failure.
                 if let Some(span) = span.as_mut() {
-                    span.finish(Code::Unavailable, &error.to_string());
+                    let (code, message) = transport_failure(&error);
+                    span.finish(code, &message);
                 }
                 Err(error)
             }
