@@ -1,6 +1,9 @@
 //! `POST /api/checkout`: validate, call checkout over gRPC inside the request's trace, and
 //! return the trace to the caller.
 
+use std::future::Future;
+use std::time::{Duration, Instant};
+
 use axum::Json;
 use axum::extract::{FromRequest, Request, State};
 use axum::http::StatusCode;
@@ -17,6 +20,7 @@ use tracehop_telemetry::spans::{baggage_attributes, with_baggage_entry};
 
 use crate::AppState;
 use crate::error::AppError;
+use crate::link::{Links, UNREACHABLE_WITHIN};
 
 /// Most lines one order may have.
 pub const MAX_ITEMS: usize = 100;
@@ -97,11 +101,7 @@ pub async fn checkout(
     request.set_timeout(state.checkout_timeout);
     let mut client = state.client;
     let call = client.checkout(request).with_context(cx.clone());
-    let response = tokio::time::timeout(state.checkout_timeout, call)
-        .await
-        .map_err(|_| AppError::Timeout)?
-        .map_err(AppError::Checkout)?
-        .into_inner();
+    let response = answer(call, state.checkout_timeout, &state.checkout_links).await?.into_inner();
     let span = cx.span();
     let span_context = span.span_context();
     let (trace_id, trace_url) = if span_context.is_valid() {
@@ -118,6 +118,32 @@ pub async fn checkout(
         "trace_url": trace_url,
     });
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+/// Waits for checkout's answer: at most `timeout` (504 after it), and while no connection to
+/// checkout is open at most [`UNREACHABLE_WITHIN`] (503: unreachable, not slow). A call that
+/// failed without a connection is 503 too: tonic reports a connect that timed out as UNKNOWN.
+async fn answer<T>(
+    call: impl Future<Output = Result<T, tonic::Status>>,
+    timeout: Duration,
+    links: &Links,
+) -> Result<T, AppError> {
+    let failed = |status: tonic::Status| {
+        let transport = matches!(status.code(), tonic::Code::Unknown | tonic::Code::Unavailable);
+        if transport && !links.connected() { AppError::Unreachable } else { AppError::Checkout(status) }
+    };
+    let started = Instant::now();
+    tokio::pin!(call);
+    if !links.connected() && timeout > UNREACHABLE_WITHIN {
+        match tokio::time::timeout(UNREACHABLE_WITHIN, &mut call).await {
+            Ok(answer) => return answer.map_err(failed),
+            Err(_) if !links.connected() => return Err(AppError::Unreachable),
+            // Connected meanwhile: checkout is slow, not unreachable; the full timeout holds.
+            Err(_) => {}
+        }
+    }
+    let left = timeout.saturating_sub(started.elapsed());
+    tokio::time::timeout(left, call).await.map_err(|_| AppError::Timeout)?.map_err(failed)
 }
 
 /// Handles `GET /healthz` (not traced): the process is up and serving.

@@ -27,6 +27,9 @@ pub enum AppError {
     /// Checkout did not answer within `CHECKOUT_TIMEOUT_MS`.
     #[error("checkout did not answer in time")]
     Timeout,
+    /// No connection to checkout could be opened in time.
+    #[error("checkout is unreachable; retry later")]
+    Unreachable,
 }
 
 impl IntoResponse for AppError {
@@ -52,6 +55,10 @@ impl IntoResponse for AppError {
                 }
             },
             AppError::Timeout => (StatusCode::GATEWAY_TIMEOUT, self.to_string()),
+            AppError::Unreachable => {
+                tracing::warn!("checkout unreachable: no connection to it opened in time");
+                (StatusCode::SERVICE_UNAVAILABLE, self.to_string())
+            }
         };
         (status, Json(json!({ "error": message }))).into_response()
     }

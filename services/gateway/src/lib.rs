@@ -13,6 +13,7 @@
 pub mod api;
 pub mod config;
 pub mod error;
+pub mod link;
 pub mod page;
 
 use std::future::{Future, IntoFuture};
@@ -34,9 +35,15 @@ use tracehop_telemetry::http::{HttpServerLayer, SERVER_TIMING, TRACERESPONSE};
 use tracehop_telemetry::{ConfigError, Telemetry};
 
 pub use config::Config;
+use link::Links;
 
-/// How long connecting to checkout may take: an unreachable checkout answers 503 well within 1 s.
+/// How long connecting to checkout may take: an unreachable checkout answers 503 well within 1 s
+/// (and a request waiting behind others' connects, at [`link::UNREACHABLE_WITHIN`]).
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// How often the channel pings checkout while calls are open, and how long it waits for the
+/// answer before it drops the connection.
+const KEEPALIVE: Duration = Duration::from_secs(5);
 
 /// What the handlers share.
 #[derive(Debug, Clone)]
@@ -49,15 +56,21 @@ pub struct AppState {
     pub jaeger_ui_url: Arc<str>,
     /// `BAGGAGE_SPAN_ATTRIBUTES`.
     pub baggage_span_attributes: Arc<[String]>,
+    /// The channel's connections to checkout open now.
+    pub checkout_links: Links,
 }
 
 impl AppState {
     /// Builds the state; the gRPC channel connects lazily, on the first request.
     pub fn new(config: &Config, telemetry: Telemetry) -> Self {
+        let checkout_links = Links::default();
+        // Keepalive pings while calls are open: a connection whose peer vanished without a word
+        // (no FIN, no RST) is dropped within seconds, not after TCP's retransmissions (minutes).
         let channel = Endpoint::from(config.checkout_url.clone())
             .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .connect_lazy();
+            .http2_keep_alive_interval(KEEPALIVE)
+            .keep_alive_timeout(KEEPALIVE)
+            .connect_with_connector_lazy(checkout_links.connector());
         let host = config.checkout_url.host().unwrap_or_default().to_owned();
         let port = config.checkout_url.port_u16().unwrap_or(80);
         let traced = ServiceBuilder::new().layer(GrpcClientLayer::new(telemetry, host, port)).service(channel);
@@ -66,6 +79,7 @@ impl AppState {
             checkout_timeout: config.checkout_timeout,
             jaeger_ui_url: config.jaeger_ui_url.as_str().into(),
             baggage_span_attributes: config.baggage_span_attributes.as_slice().into(),
+            checkout_links,
         }
     }
 }

@@ -237,3 +237,43 @@ async fn a_client_that_never_finishes_its_request_does_not_hold_up_shutdown() {
     let ended = tokio::time::timeout(Duration::from_secs(10), gateway).await;
     assert!(matches!(ended, Ok(Ok(Ok(())))), "the gateway did not return after its drain deadline: {ended:?}");
 }
+
+#[tokio::test]
+async fn a_checkout_whose_host_drops_packets_is_503_within_a_second_for_every_caller() {
+    // A listener whose accept queue is full: Linux drops further SYNs, so a connect to it hangs,
+    // as to a host that is down or behind a firewall that drops packets.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+    let listener = socket.listen(1).expect("listen");
+    let addr = listener.local_addr().expect("addr");
+    let mut queued = Vec::new();
+    while let Ok(Ok(stream)) =
+        tokio::time::timeout(Duration::from_millis(300), tokio::net::TcpStream::connect(addr)).await
+    {
+        queued.push(stream);
+        assert!(queued.len() < 16, "the accept queue never filled");
+    }
+    let app = spawn_app(&format!("http://{addr}"), Duration::from_secs(2)).await;
+    // Callers at once: tonic connects for one at a time, each connect ending at its timeout.
+    let mut callers = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        let (http, url) = (app.http.clone(), app.url.clone());
+        callers.spawn(async move {
+            let started = Instant::now();
+            let order = json!({"customer_id": "c-1", "items": [{"sku": "SKU-001", "quantity": 1}]});
+            let response = http
+                .post(format!("{url}/api/checkout"))
+                .header("content-type", "application/json")
+                .body(order.to_string())
+                .send()
+                .await
+                .expect("answer");
+            (response.status().as_u16(), started.elapsed())
+        });
+    }
+    for (status, took) in callers.join_all().await {
+        assert_eq!(status, 503, "after {took:?}");
+        assert!(took < Duration::from_secs(1), "took {took:?}");
+    }
+    drop((listener, queued));
+}

@@ -455,8 +455,12 @@ fn transport_failure<E: std::fmt::Display + 'static>(error: &E) -> (Code, String
             if cause.is::<tonic::TimeoutExpired>() {
                 code = Code::Cancelled;
             }
-            message.push_str(": ");
-            message.push_str(&cause.to_string());
+            // Wrappers often print their cause as their own text: say it once.
+            let text = cause.to_string();
+            if !message.ends_with(&text) {
+                message.push_str(": ");
+                message.push_str(&text);
+            }
             source = cause.source();
         }
     }
