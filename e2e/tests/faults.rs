@@ -334,3 +334,37 @@ async fn a_service_whose_broker_never_comes_back_exits_non_zero() {
     assert!(stock.count("did not recover") > 0, "{:#?}", stock.lines());
     drop(node);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_exits_non_zero_when_it_cannot_consume() {
+    let vhost = TestVhost::create();
+    // The user may not declare anything here: the topology, hence the consumer, cannot be set up
+    // though the connection opens.
+    let denied = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "set_permissions", "-p", vhost.name(), "guest", "^$", ".*", ".*"])
+        .status()
+        .expect("rabbitmqctl");
+    assert!(denied.success());
+    let data = tempfile::tempdir().expect("dir");
+    let mut stock = ServiceProcess::start(
+        "stock",
+        &[
+            ("STOCK_ADDR", "127.0.0.1:0".to_owned()),
+            ("AMQP_ADDR", vhost.url().to_owned()),
+            ("STOCK_DB", data.path().join("stock.db").display().to_string()),
+            ("OTEL_TRACES_EXPORTER", "none".to_owned()),
+            ("OTEL_METRICS_EXPORTER", "none".to_owned()),
+        ],
+    );
+    let exit = tokio::task::spawn_blocking(move || {
+        let exit = stock.wait(Duration::from_secs(20));
+        (exit, stock)
+    })
+    .await
+    .expect("wait");
+    let (exit, stock) = exit;
+    // Without consuming it would answer 503 on /healthz forever, and no supervisor restarts that.
+    let (status, _) = exit.unwrap_or_else(|| panic!("stock kept running without a consumer: {:#?}", stock.lines()));
+    assert!(!status.success(), "{status:?}");
+    assert!(stock.count("ACCESS_REFUSED") > 0, "{:#?}", stock.lines());
+}

@@ -210,11 +210,15 @@ pub async fn consume(
     drain: Duration,
 ) -> Result<(), ConsumeError> {
     let mut in_flight = JoinSet::new();
+    let mut consumed_before = false;
     tokio::pin!(shutdown);
     let outcome = loop {
         let (channel, consumer, generation) = match open(&handler.broker, prefetch).await {
             Ok(opened) => opened,
-            Err(error) if !in_flight.is_empty() || handler.broker.link().generation > 0 => {
+            // Only a first open that fails is a startup failure. Later, the connection is being
+            // recovered or replaced (a frame lapin cannot parse kills it while the broker stays
+            // up): wait for the new one rather than stop consuming for good.
+            Err(error) if consumed_before || !in_flight.is_empty() || handler.broker.link().generation > 0 => {
                 // Mid-recovery: try again shortly (shutdown still wins).
                 tracing::warn!(%error, "cannot consume yet; retrying");
                 tokio::select! {
@@ -224,6 +228,7 @@ pub async fn consume(
             }
             Err(error) => break Err(ConsumeError::Open(error)),
         };
+        consumed_before = true;
         handler.consuming.send_replace(true);
         let session = session(&handler, &channel, consumer, generation, &mut in_flight, &mut shutdown).await;
         handler.consuming.send_replace(false);

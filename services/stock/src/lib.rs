@@ -66,6 +66,7 @@ pub async fn run(
 
     // One stop signal for both halves: the caller's shutdown, or the broker lost for good.
     let (stop, stopped) = watch::channel(None::<bool>);
+    let stop_serving = stop.clone();
     let mut lost = health.clone();
     tokio::spawn(async move {
         tokio::select! {
@@ -99,7 +100,16 @@ pub async fn run(
         tracing::info!(%addr, "stock admin API listening");
     }
     let serving = axum::serve(listener, router).with_graceful_shutdown(until_stopped(stopped.clone()));
-    let consuming = consumer::consume(handler, config.prefetch, until_stopped(stopped.clone()), config.drain_timeout);
+    let consuming = async {
+        let consumed =
+            consumer::consume(handler, config.prefetch, until_stopped(stopped.clone()), config.drain_timeout).await;
+        if consumed.is_err() {
+            // Consuming is what stock is for: without it, stop serving and exit non-zero (its
+            // supervisor restarts it) rather than answer 503 forever.
+            stop_serving.send_if_modified(|stop| stop.is_none() && stop.insert(false) == &false);
+        }
+        consumed
+    };
     let (served, consumed) = tokio::join!(async { serving.await }, consuming);
     broker.close().await;
     store.close().await;
