@@ -130,14 +130,14 @@ async fn answer<T>(
 ) -> Result<T, AppError> {
     let failed = |status: tonic::Status| {
         let transport = matches!(status.code(), tonic::Code::Unknown | tonic::Code::Unavailable);
-        if transport && !links.connected() { AppError::Unreachable } else { AppError::Checkout(status) }
+        if transport && !links.connected() { AppError::Unreachable(Some(status)) } else { AppError::Checkout(status) }
     };
     let started = Instant::now();
     tokio::pin!(call);
     if !links.connected() && timeout > UNREACHABLE_WITHIN {
         match tokio::time::timeout(UNREACHABLE_WITHIN, &mut call).await {
             Ok(answer) => return answer.map_err(failed),
-            Err(_) if !links.connected() => return Err(AppError::Unreachable),
+            Err(_) if !links.connected() => return Err(AppError::Unreachable(None)),
             // Connected meanwhile: checkout is slow, not unreachable; the full timeout holds.
             Err(_) => {}
         }

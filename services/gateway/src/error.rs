@@ -27,9 +27,10 @@ pub enum AppError {
     /// Checkout did not answer within `CHECKOUT_TIMEOUT_MS`.
     #[error("checkout did not answer in time")]
     Timeout,
-    /// No connection to checkout could be opened in time.
+    /// No connection to checkout could be opened in time: the call's failure, if it failed
+    /// rather than ran out of time (a refused connect, a name that does not resolve).
     #[error("checkout is unreachable; retry later")]
-    Unreachable,
+    Unreachable(Option<tonic::Status>),
 }
 
 impl IntoResponse for AppError {
@@ -55,8 +56,16 @@ impl IntoResponse for AppError {
                 }
             },
             AppError::Timeout => (StatusCode::GATEWAY_TIMEOUT, self.to_string()),
-            AppError::Unreachable => {
-                tracing::warn!("checkout unreachable: no connection to it opened in time");
+            AppError::Unreachable(cause) => {
+                match cause {
+                    Some(status) => tracing::warn!(
+                        code = ?status.code(),
+                        message = status.message(),
+                        source = ?std::error::Error::source(status),
+                        "checkout unreachable"
+                    ),
+                    None => tracing::warn!("checkout unreachable: no connection to it opened in time"),
+                }
                 (StatusCode::SERVICE_UNAVAILABLE, self.to_string())
             }
         };

@@ -5,6 +5,7 @@
 //! - [`config`]: `Config::from_env()`, every variable the service reads.
 //! - [`api`]: the checkout handler, the JSON extractor, health.
 //! - [`error`]: `AppError` and its mapping to HTTP statuses.
+//! - [`link`]: the connections to checkout, counted, to tell unreachable from slow.
 //! - [`page`]: the demo page at `/`, which starts the trace in the browser.
 //!
 //! [`run`] serves until `shutdown` completes and drains in-flight requests; `main` flushes
@@ -41,8 +42,8 @@ use link::Links;
 /// (and a request waiting behind others' connects, at [`link::UNREACHABLE_WITHIN`]).
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// How often the channel pings checkout while calls are open, and how long it waits for the
-/// answer before it drops the connection.
+/// How often the channel pings checkout, and how long it waits for the answer before it drops
+/// the connection.
 const KEEPALIVE: Duration = Duration::from_secs(5);
 
 /// What the handlers share.
@@ -64,12 +65,13 @@ impl AppState {
     /// Builds the state; the gRPC channel connects lazily, on the first request.
     pub fn new(config: &Config, telemetry: Telemetry) -> Self {
         let checkout_links = Links::default();
-        // Keepalive pings while calls are open: a connection whose peer vanished without a word
-        // (no FIN, no RST) is dropped within seconds, not after TCP's retransmissions (minutes).
+        // Keepalive pings, idle or not: a connection whose peer vanished without a word (no FIN,
+        // no RST) is dropped within seconds, not after TCP's retransmissions (minutes).
         let channel = Endpoint::from(config.checkout_url.clone())
             .connect_timeout(CONNECT_TIMEOUT)
             .http2_keep_alive_interval(KEEPALIVE)
             .keep_alive_timeout(KEEPALIVE)
+            .keep_alive_while_idle(true)
             .connect_with_connector_lazy(checkout_links.connector());
         let host = config.checkout_url.host().unwrap_or_default().to_owned();
         let port = config.checkout_url.port_u16().unwrap_or(80);
@@ -130,7 +132,7 @@ fn cors(origins: &[String]) -> Result<CorsLayer, ConfigError> {
 /// Serves the gateway on `listener` until `shutdown` completes, then drains in-flight requests
 /// for at most `SHUTDOWN_DRAIN_SECS`: a client that never finishes sending its request (hyper
 /// reads it without a deadline) must not keep the process from flushing its telemetry and
-/// exiting.
+/// exiting. Past the deadline `run` returns; the connections still open end with the process.
 pub async fn run(
     listener: TcpListener,
     config: Config,
@@ -159,7 +161,7 @@ pub async fn run(
         served = serve => served?,
         () = deadline => tracing::warn!(
             drain = ?config.drain_timeout,
-            "requests still in progress at the drain deadline; closing their connections"
+            "requests still in progress at the drain deadline; no longer waiting for them"
         ),
     }
     Ok(())

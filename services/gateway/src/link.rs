@@ -15,11 +15,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::Uri;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 /// How long a request waits for checkout while no connection to it is open.
-pub const UNREACHABLE_WITHIN: Duration = Duration::from_millis(800);
+pub const UNREACHABLE_WITHIN: Duration = Duration::from_millis(700);
 
 /// The connections to checkout open now. Cheap to clone.
 #[derive(Debug, Clone, Default)]
@@ -31,31 +32,37 @@ impl Links {
         self.0.load(Ordering::Relaxed) > 0
     }
 
-    /// A connector for tonic's channel: TCP to the URI's host and port, without Nagle's delay,
-    /// each connection counted while it lives.
+    /// A connector for tonic's channel: hyper-util's, as tonic's own (each address of the name
+    /// tried in turn, IPv4 300 ms after IPv6; no Nagle's delay), each connection counted while
+    /// it lives.
     pub fn connector(
         &self,
-    ) -> impl tower::Service<Uri, Response = Counted, Error = io::Error, Future: Send> + Clone + Send + 'static {
+    ) -> impl tower::Service<Uri, Response = Counted, Error: std::error::Error + Send + Sync + 'static, Future: Send>
+    + Clone
+    + Send
+    + 'static {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
         let links = self.clone();
-        tower::service_fn(move |uri: Uri| {
-            let links = links.clone();
-            async move {
-                let host = uri.host().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no host"))?;
-                let host = host.trim_start_matches('[').trim_end_matches(']');
-                let stream = TcpStream::connect((host, uri.port_u16().unwrap_or(80))).await?;
-                stream.set_nodelay(true)?;
-                links.0.fetch_add(1, Ordering::Relaxed);
-                Ok(Counted { io: TokioIo::new(stream), links })
-            }
-        })
+        tower::ServiceBuilder::new().map_response(move |io| Counted::new(io, links.clone())).service(http)
     }
 }
 
 /// A connection to checkout, counted in its [`Links`] until dropped.
 #[derive(Debug)]
 pub struct Counted {
+    /// The connection.
     io: TokioIo<TcpStream>,
+    /// Where it is counted.
     links: Links,
+}
+
+impl Counted {
+    fn new(io: TokioIo<TcpStream>, links: Links) -> Self {
+        links.0.fetch_add(1, Ordering::Relaxed);
+        Self { io, links }
+    }
 }
 
 impl Drop for Counted {

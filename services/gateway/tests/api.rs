@@ -226,8 +226,18 @@ async fn a_client_that_never_finishes_its_request_does_not_hold_up_shutdown() {
     let gateway = tokio::spawn(gateway::run(listener, config, Telemetry::disabled("gateway"), async {
         let _ = stopped.await;
     }));
-    // Headers announcing 100 bytes of body, then 10 of them, then nothing.
+    // A request answered first, so the connection is surely being served; then headers
+    // announcing 100 bytes of body, 10 of them, and nothing more.
     let mut slow = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let health = "GET /healthz HTTP/1.1\r\nhost: gateway\r\n\r\n";
+    tokio::io::AsyncWriteExt::write_all(&mut slow, health.as_bytes()).await.expect("write");
+    let mut answered = Vec::new();
+    while !String::from_utf8_lossy(&answered).contains("\"ok\"") {
+        let mut chunk = [0u8; 512];
+        let read = tokio::io::AsyncReadExt::read(&mut slow, &mut chunk).await.expect("read");
+        assert!(read > 0, "closed before answering: {}", String::from_utf8_lossy(&answered));
+        answered.extend_from_slice(&chunk[..read]);
+    }
     let request = "POST /api/checkout HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\n\
                    content-length: 100\r\n\r\n{\"customer";
     tokio::io::AsyncWriteExt::write_all(&mut slow, request.as_bytes()).await.expect("write");

@@ -202,15 +202,18 @@ enum Session {
 }
 
 /// Consumes until `shutdown`, then stops taking deliveries and waits up to `drain` for those in
-/// progress. Follows connection replacements; never stops on a bad message.
+/// progress. Follows connection replacements; never stops on a bad message. Stops with an error
+/// when the consumer cannot be set up: at once the first time, else after `give_up` of trying.
 pub async fn consume(
     handler: Arc<Handler>,
     prefetch: u16,
     shutdown: impl std::future::Future<Output = ()>,
     drain: Duration,
+    give_up: Duration,
 ) -> Result<(), ConsumeError> {
     let mut in_flight = JoinSet::new();
     let mut consumed_before = false;
+    let mut failing_since: Option<Instant> = None;
     tokio::pin!(shutdown);
     let outcome = loop {
         let (channel, consumer, generation) = match open(&handler.broker, prefetch).await {
@@ -218,7 +221,10 @@ pub async fn consume(
             // Only a first open that fails is a startup failure. Later, the connection is being
             // recovered or replaced (a frame lapin cannot parse kills it while the broker stays
             // up): wait for the new one rather than stop consuming for good.
-            Err(error) if consumed_before || !in_flight.is_empty() || handler.broker.link().generation > 0 => {
+            Err(error)
+                if (consumed_before || handler.broker.link().generation > 0)
+                    && failing_since.get_or_insert_with(Instant::now).elapsed() < give_up =>
+            {
                 // Mid-recovery: try again shortly (shutdown still wins).
                 tracing::warn!(%error, "cannot consume yet; retrying");
                 tokio::select! {
@@ -229,6 +235,7 @@ pub async fn consume(
             Err(error) => break Err(ConsumeError::Open(error)),
         };
         consumed_before = true;
+        failing_since = None;
         handler.consuming.send_replace(true);
         let session = session(&handler, &channel, consumer, generation, &mut in_flight, &mut shutdown).await;
         handler.consuming.send_replace(false);
@@ -438,7 +445,7 @@ impl Handler {
                 } else {
                     span.set_attribute(KeyValue::new(OUTCOME, "dead_lettered"));
                     tracing::error!(reason, %error, retries, "retries exhausted; dead-lettering the message");
-                    let headers = dead_letter_headers("retries_exhausted", &format!("{reason}: {error}"));
+                    let headers = dead_letter_headers("retries_exhausted", &bounded(format!("{reason}: {error}")));
                     if self.forward(channel, delivery, &self.dead_letter, headers).await {
                         self.count_dead_letter("retries_exhausted");
                     }

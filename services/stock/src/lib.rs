@@ -101,12 +101,19 @@ pub async fn run(
     }
     let serving = axum::serve(listener, router).with_graceful_shutdown(until_stopped(stopped.clone()));
     let consuming = async {
+        let shutdown = until_stopped(stopped.clone());
         let consumed =
-            consumer::consume(handler, config.prefetch, until_stopped(stopped.clone()), config.drain_timeout).await;
+            consumer::consume(handler, config.prefetch, shutdown, config.drain_timeout, config.broker_give_up).await;
         if consumed.is_err() {
             // Consuming is what stock is for: without it, stop serving and exit non-zero (its
             // supervisor restarts it) rather than answer 503 forever.
-            stop_serving.send_if_modified(|stop| stop.is_none() && stop.insert(false) == &false);
+            stop_serving.send_if_modified(|stop| {
+                if stop.is_some() {
+                    return false;
+                }
+                *stop = Some(false);
+                true
+            });
         }
         consumed
     };

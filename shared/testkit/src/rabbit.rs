@@ -3,7 +3,7 @@
 //!
 //! `AMQP_ADDR` says where the broker is and as whom to connect (default guest on localhost);
 //! `RABBITMQCTL` is the command that administers it (default `rabbitmqctl`; with a broker in a
-//! container, e.g. `docker exec tracehop-test-rabbitmq rabbitmqctl`).
+//! container, e.g. `docker exec <container> rabbitmqctl`).
 
 use std::process::Command;
 
@@ -71,6 +71,13 @@ impl TestVhost {
     /// The AMQP URI of this vhost.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Sets the `AMQP_ADDR` user's permissions here: regular expressions of the resources it may
+    /// configure, write and read (`^$` for none).
+    pub fn set_permissions(&self, configure: &str, write: &str, read: &str) {
+        rabbitmqctl(&["set_permissions", "-p", &self.name, &broker_user(), configure, write, read])
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 }
 
