@@ -48,8 +48,13 @@ pub fn baggage_attributes(cx: &Context, allowed: &[String]) -> Vec<KeyValue> {
 /// writes it. The new entry comes first, so a caller's full baggage cannot crowd it out (the
 /// SDK drops a 65th entry silently, and an injection over the limits is trimmed).
 pub fn with_baggage_entry(cx: &Context, key: &str, value: &str) -> Context {
+    let entry = KeyValueMetadata::new(key.to_owned(), value.to_owned(), "");
+    if cx.baggage().is_empty() {
+        // The usual case: nothing to make room beside.
+        return cx.with_baggage([entry]);
+    }
     let mut room = MAX_BAGGAGE_LEN.saturating_sub(encoded_len(key, value, ""));
-    let mut entries = vec![KeyValueMetadata::new(key.to_owned(), value.to_owned(), "")];
+    let mut entries = vec![entry];
     for (existing, (value, metadata)) in cx.baggage() {
         if entries.len() == MAX_BAGGAGE_MEMBERS {
             break;
