@@ -294,11 +294,20 @@ async fn sigterm_under_load_exits_cleanly_and_loses_nothing() {
     drop(stock);
 }
 
+/// How `service` exited (its status, and when), if it did within `limit`; and the process, for
+/// its log.
+async fn exit_within(
+    mut service: ServiceProcess,
+    limit: Duration,
+) -> (Option<(std::process::ExitStatus, Duration)>, ServiceProcess) {
+    tokio::task::spawn_blocking(move || (service.wait(limit), service)).await.expect("wait")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_whose_broker_never_comes_back_exits_non_zero() {
     let node = tokio::task::spawn_blocking(|| ThrowawayNode::start("giveup")).await.expect("node");
     let data = tempfile::tempdir().expect("dir");
-    let mut stock = ServiceProcess::start(
+    let stock = ServiceProcess::start(
         "stock",
         &[
             ("STOCK_ADDR", "127.0.0.1:0".to_owned()),
@@ -319,13 +328,7 @@ async fn a_service_whose_broker_never_comes_back_exits_non_zero() {
     })
     .await
     .expect("stop");
-    let exit = tokio::task::spawn_blocking(move || {
-        let exit = stock.wait(Duration::from_secs(20));
-        (exit, stock)
-    })
-    .await
-    .expect("wait");
-    let (exit, stock) = exit;
+    let (exit, stock) = exit_within(stock, Duration::from_secs(20)).await;
     let (status, took) = exit.unwrap_or_else(|| panic!("stock kept running without a broker: {:#?}", stock.lines()));
     println!(
         "broker gone for good: stock exited with {status} {took:?} after the broker stopped (BROKER_GIVE_UP_SECS=3)"
@@ -342,7 +345,7 @@ async fn stock_exits_non_zero_when_it_cannot_consume() {
     // though the connection opens.
     vhost.set_permissions("^$", ".*", ".*");
     let data = tempfile::tempdir().expect("dir");
-    let mut stock = ServiceProcess::start(
+    let stock = ServiceProcess::start(
         "stock",
         &[
             ("STOCK_ADDR", "127.0.0.1:0".to_owned()),
@@ -352,13 +355,7 @@ async fn stock_exits_non_zero_when_it_cannot_consume() {
             ("OTEL_METRICS_EXPORTER", "none".to_owned()),
         ],
     );
-    let exit = tokio::task::spawn_blocking(move || {
-        let exit = stock.wait(Duration::from_secs(20));
-        (exit, stock)
-    })
-    .await
-    .expect("wait");
-    let (exit, stock) = exit;
+    let (exit, stock) = exit_within(stock, Duration::from_secs(20)).await;
     // Without consuming it would answer 503 on /healthz forever, and no supervisor restarts that.
     let (status, _) = exit.unwrap_or_else(|| panic!("stock kept running without a consumer: {:#?}", stock.lines()));
     assert!(!status.success(), "{status:?}");

@@ -182,12 +182,18 @@ async fn rename_stock_table(url: &str, from: &str, to: &str) {
         .expect("rename");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_transient_failure_is_retried_after_a_delay_then_succeeds() {
+/// The pipeline on a PostgreSQL store of its own, and that database.
+async fn on_postgres() -> (TestDatabase, Pipeline) {
     let db = TestDatabase::create().await;
     let pipeline =
         Pipeline::start(Options { store: Some(StoreLocation::Postgres(db.url().to_owned())), ..Options::default() })
             .await;
+    (db, pipeline)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_failure_is_retried_after_a_delay_then_succeeds() {
+    let (db, pipeline) = on_postgres().await;
     // The store breaks: every reservation fails with a database error.
     rename_stock_table(db.url(), "stock", "stock_away").await;
     let (_connection, channel) = channel(&pipeline.amqp_url).await;
@@ -228,10 +234,7 @@ async fn a_transient_failure_is_retried_after_a_delay_then_succeeds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failure_that_outlasts_the_retries_is_dead_lettered() {
-    let db = TestDatabase::create().await;
-    let pipeline =
-        Pipeline::start(Options { store: Some(StoreLocation::Postgres(db.url().to_owned())), ..Options::default() })
-            .await;
+    let (db, pipeline) = on_postgres().await;
     rename_stock_table(db.url(), "stock", "stock_away").await;
     let (_connection, channel) = channel(&pipeline.amqp_url).await;
     publish(&channel, &event("never", "SKU-001"), "never", 7).await;
@@ -255,10 +258,7 @@ async fn a_failure_that_outlasts_the_retries_is_dead_lettered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_with_its_queue_gone_is_not_lost() {
-    let db = TestDatabase::create().await;
-    let pipeline =
-        Pipeline::start(Options { store: Some(StoreLocation::Postgres(db.url().to_owned())), ..Options::default() })
-            .await;
+    let (db, pipeline) = on_postgres().await;
     rename_stock_table(db.url(), "stock", "stock_away").await;
     let (_connection, channel) = channel(&pipeline.amqp_url).await;
     // The retry queue deleted by hand: the broker returns stock's retry copy (mandatory) instead
