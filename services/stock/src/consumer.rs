@@ -349,7 +349,7 @@ impl Handler {
             event.items.iter().map(|item| OrderLine { sku: item.sku.clone(), quantity: item.quantity }).collect();
         match self.reserve(&event.order_id, &lines).await {
             Ok(outcome) => Verdict::Settled(outcome),
-            Err(error) if error.is_permanent() => Verdict::Poison { reason: "unknown_sku", error: error.to_string() },
+            Err(error) if error.is_permanent() => Verdict::Poison { reason: error.reason(), error: error.to_string() },
             Err(error) => Verdict::Transient { reason: "store_unavailable", error: error_chain(&error) },
         }
     }
@@ -377,7 +377,7 @@ impl Handler {
         match &result {
             Ok(outcome) => span.set_attribute(KeyValue::new(OUTCOME, outcome_name(outcome))),
             Err(error) => {
-                let kind = if error.is_permanent() { "unknown_sku" } else { "store_unavailable" };
+                let kind = error.reason();
                 record_error(&span, kind, &error_chain(error));
             }
         }

@@ -235,3 +235,27 @@ async fn sqlite_reservations_reach_the_database_file_through_the_checkpointer() 
     store.close().await;
     assert_eq!(checkpointed(), Some(40), "orders reserved just before close are not in the database file");
 }
+
+#[tokio::test]
+async fn postgres_an_order_it_cannot_store_fails_alone_not_its_group() {
+    let db = TestDatabase::create().await;
+    let store = Store::open(&StoreLocation::parse(db.url()).expect("url"), &CATALOG, 1000).await.expect("open");
+    // Sent at once, so the store commits them in one group; PostgreSQL's text cannot hold the
+    // NUL, which fails the statement and with it the group's transaction.
+    let mut calls = Vec::new();
+    for i in 0..21 {
+        let (order_id, sku) = if i == 10 { ("bad".to_owned(), "SKU\u{0}-001") } else { (format!("ok-{i}"), "SKU-001") };
+        let store = store.clone();
+        calls.push(tokio::spawn(async move { (order_id.clone(), store.reserve(&order_id, &[line(sku, 1)]).await) }));
+    }
+    for call in calls {
+        match call.await.expect("task") {
+            (order_id, Err(StoreError::Refused(why))) if order_id == "bad" => assert!(why.contains("22021"), "{why}"),
+            (order_id, Ok(Outcome::Reserved)) if order_id.starts_with("ok-") => {}
+            (order_id, other) => panic!("{order_id}: unexpected {other:?}"),
+        }
+    }
+    assert_eq!(available(&store, "SKU-001").await, 1000 - 20);
+    assert_eq!(store.order("bad").await.expect("order"), None, "nothing recorded for it");
+    store.close().await;
+}

@@ -145,6 +145,10 @@ pub enum StoreError {
     /// The order names a SKU the store does not carry: retrying cannot help.
     #[error("unknown SKU {0:?}")]
     UnknownSku(String),
+    /// The database refused this order's values (a data exception or a size limit): retrying
+    /// cannot help either.
+    #[error("the database cannot store this order: {0}")]
+    Refused(String),
     /// The database answered with an error or could not be reached: worth a retry.
     #[error("database error")]
     Database(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -159,7 +163,16 @@ pub enum StoreError {
 impl StoreError {
     /// Whether the same request can never succeed (so the message belongs in the DLQ).
     pub fn is_permanent(&self) -> bool {
-        matches!(self, Self::UnknownSku(_))
+        matches!(self, Self::UnknownSku(_) | Self::Refused(_))
+    }
+
+    /// The dead-letter reason of a permanent error: `unknown_sku` or `invalid_order`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::UnknownSku(_) => "unknown_sku",
+            Self::Refused(_) => "invalid_order",
+            _ => "store_unavailable",
+        }
     }
 }
 

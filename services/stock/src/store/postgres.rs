@@ -42,7 +42,12 @@ impl PostgresStore {
         tokio::spawn(async move {
             while let Some(first) = queue.recv().await {
                 let group = group(first, &mut queue);
-                let outcomes = commit(&batcher, &group).await;
+                let outcomes = match commit(&batcher, &group).await {
+                    // One order's values failed the whole transaction: each again on its own,
+                    // so only that order fails (and, refused for good, goes to the DLQ).
+                    Err(error) if refused(&error).is_some() => Ok(one_by_one(&batcher, &group).await),
+                    outcomes => outcomes,
+                };
                 answer(group, outcomes);
             }
         });
@@ -76,7 +81,30 @@ impl PostgresStore {
     }
 }
 
-/// One transaction for the whole group; an error in it fails the group (every order retries).
+/// The database's refusal of the values themselves, if that is what `error` is: SQLSTATE class
+/// 22 (data exception: a NUL in a text value, say) or 54 (a program limit: an index row too
+/// large). Retrying cannot help such an order, and it must not fail the rest of its group.
+fn refused(error: &StoreError) -> Option<String> {
+    let StoreError::Database(error) = error else { return None };
+    let database = error.downcast_ref::<sqlx::Error>()?.as_database_error()?;
+    let code = database.code()?;
+    (code.starts_with("22") || code.starts_with("54")).then(|| format!("{} ({code})", database.message()))
+}
+
+/// Each order of a group in a transaction of its own, a refused one answered as such.
+async fn one_by_one(pool: &PgPool, group: &[Job]) -> Vec<Result<Outcome, StoreError>> {
+    let mut outcomes = Vec::with_capacity(group.len());
+    for job in group {
+        outcomes.push(match commit(pool, std::slice::from_ref(job)).await {
+            Ok(mut outcome) => outcome.pop().unwrap_or(Err(StoreError::Closed)),
+            Err(error) => Err(refused(&error).map_or(error, StoreError::Refused)),
+        });
+    }
+    outcomes
+}
+
+/// One transaction for the whole group; an error in it fails the group (every order retries),
+/// unless it is a refusal of one order's values (see [`refused`]).
 async fn commit(pool: &PgPool, group: &[Job]) -> Result<Vec<Result<Outcome, StoreError>>, StoreError> {
     let mut tx = pool.begin().await?;
     let mut skus: Vec<&str> = group.iter().flat_map(|job| job.wanted.iter().map(|(sku, _)| sku.as_str())).collect();
