@@ -131,19 +131,6 @@ async fn orders_survive_the_broker_being_killed() {
     through_a_broker_outage("kill", 1500, 300, Duration::from_secs(3)).await;
 }
 
-/// A TCP endpoint that accepts connections and never answers: a hung trace backend.
-async fn silent_endpoint() -> String {
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let endpoint = format!("http://{}", silent.local_addr().expect("addr"));
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = silent.accept().await {
-            held.push(socket);
-        }
-    });
-    endpoint
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unroutable_publish_never_yields_202() {
     let pipeline = Pipeline::start(Options::default()).await;
@@ -200,7 +187,8 @@ async fn a_refused_trace_backend_fails_no_request_and_delays_no_shutdown() {
 async fn a_hung_trace_backend_fails_no_request_keeps_memory_flat_and_shutdown_bounded() {
     let vhost = TestVhost::create();
     let data = tempfile::tempdir().expect("dir");
-    let endpoint = silent_endpoint().await;
+    // A hung trace backend.
+    let endpoint = tracehop_testkit::silent_endpoint().await;
     let mut processes = Processes::start(vhost.url(), &endpoint, &data.path().join("stock.db")).await;
     let client = processes.load_client();
     let warmup = client.run(500, 8, Arc::new(AtomicUsize::new(0))).await;

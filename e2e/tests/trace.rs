@@ -215,14 +215,7 @@ async fn the_gateways_server_span_fails_on_5xx_only() {
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let closed_url = format!("http://{}", closed.local_addr().expect("addr"));
     drop(closed);
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let silent_url = format!("http://{}", silent.local_addr().expect("addr"));
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = silent.accept().await {
-            held.push(socket);
-        }
-    });
+    let silent_url = tracehop_testkit::silent_endpoint().await;
     let (down, down_telemetry) = traced_gateway(&receiver, &closed_url, Duration::from_secs(2)).await;
     let (slow, slow_telemetry) = traced_gateway(&receiver, &silent_url, Duration::from_millis(300)).await;
     let http = reqwest::Client::new();

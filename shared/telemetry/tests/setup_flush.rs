@@ -28,14 +28,7 @@ async fn shutdown_flushes_pending_spans_from_a_current_thread_runtime() {
 #[tokio::test]
 async fn shutdown_gives_up_within_its_timeout_when_the_backend_hangs() {
     // A backend that accepts the connection and never answers.
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let endpoint = format!("http://{}", silent.local_addr().expect("addr"));
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = silent.accept().await {
-            held.push(socket);
-        }
-    });
+    let endpoint = tracehop_testkit::silent_endpoint().await;
     let config = TelemetryConfig {
         shutdown_timeout: Duration::from_secs(2),
         ..TelemetryConfig::otlp_grpc("hang-test", &endpoint)

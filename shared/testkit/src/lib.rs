@@ -29,6 +29,20 @@ pub fn free_ports<const N: usize>() -> [u16; N] {
     }
 }
 
+/// `http://` and the address of a TCP listener that accepts connections and never says a word:
+/// a hung backend or peer. It lives as long as the test's runtime.
+pub async fn silent_endpoint() -> String {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let endpoint = format!("http://{}", silent.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    endpoint
+}
+
 /// A name no other test in any process is using.
 pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
