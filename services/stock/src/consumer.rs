@@ -30,7 +30,7 @@ use tracehop_broker::event::CheckoutProcessed;
 use tracehop_broker::topology;
 use tracehop_telemetry::Telemetry;
 use tracehop_telemetry::messaging::{self, ConsumerContext, Destination, RETRY_COUNT_HEADER, Settle};
-use tracehop_telemetry::spans::{baggage_attributes, record_error};
+use tracehop_telemetry::spans::{baggage_attributes, error_chain, record_error};
 
 use crate::store::{OrderLine, Outcome, Store};
 
@@ -624,17 +624,6 @@ fn outcome_name(outcome: &Outcome) -> &'static str {
         Outcome::Rejected { .. } => "rejected",
         Outcome::AlreadyProcessed(_) => "duplicate",
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

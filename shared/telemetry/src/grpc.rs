@@ -35,7 +35,7 @@ use tower::{Layer, Service};
 use crate::Telemetry;
 use crate::metrics::{AttributeSet, Durations, same_str};
 use crate::propagation::{HeaderExtractor, HeaderInjector};
-use crate::spans::{SpanNames, baggage_attributes, record_error};
+use crate::spans::{SpanNames, baggage_attributes, error_chain, record_error};
 
 /// `rpc.method` of a method the server does not have.
 const OTHER_METHOD: &str = "_OTHER";
@@ -446,25 +446,14 @@ pub fn code_name(code: Code) -> &'static str {
 /// failures (no connection, a connection lost). tonic's transport error says only "transport
 /// error": its causes say which.
 fn transport_failure<E: std::fmt::Display + 'static>(error: &E) -> (Code, String) {
-    let mut message = error.to_string();
-    let mut code = Code::Unavailable;
     let any: &dyn std::any::Any = error;
-    if let Some(error) = any.downcast_ref::<tonic::transport::Error>() {
-        let mut source = std::error::Error::source(error);
-        while let Some(cause) = source {
-            if cause.is::<tonic::TimeoutExpired>() {
-                code = Code::Cancelled;
-            }
-            // Wrappers often print their cause as their own text: say it once.
-            let text = cause.to_string();
-            if !message.ends_with(&text) {
-                message.push_str(": ");
-                message.push_str(&text);
-            }
-            source = cause.source();
-        }
-    }
-    (code, message)
+    let Some(error) = any.downcast_ref::<tonic::transport::Error>() else {
+        return (Code::Unavailable, error.to_string());
+    };
+    let error: &(dyn std::error::Error + 'static) = error;
+    let deadline =
+        std::iter::successors(Some(error), |cause| cause.source()).any(|cause| cause.is::<tonic::TimeoutExpired>());
+    (if deadline { Code::Cancelled } else { Code::Unavailable }, error_chain(error))
 }
 
 pin_project! {

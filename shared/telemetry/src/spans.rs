@@ -28,6 +28,21 @@ pub fn record_error(span: &SpanRef<'_>, error_type: &str, message: &str) {
     span.set_status(Status::error(message.to_owned()));
 }
 
+/// `error` and its causes, joined by `: `, each said once: wrappers often print their cause as
+/// their own text (tonic's transport error says only "transport error"; sqlx's repeats the
+/// database's message).
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    for cause in std::iter::successors(error.source(), |cause| cause.source()) {
+        let said = cause.to_string();
+        if !text.ends_with(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+    }
+    text
+}
+
 /// The baggage entries of `cx` whose keys are in `allowed`, as span attributes under the same
 /// key (`customer.id`), as OpenTelemetry's baggage span processors name them. An allow-list,
 /// because baggage arrives from callers and span attributes are stored and indexed.
@@ -192,6 +207,27 @@ mod tests {
             assert!(sent.split(',').any(|member| member == "customer.id=c-42"), "{sent:.100}");
             assert_eq!(sent.split(',').count(), cx.baggage().len(), "nothing trimmed on the way out");
         }
+    }
+
+    #[test]
+    fn an_error_chain_says_each_cause_once() {
+        #[derive(Debug)]
+        struct Layer(&'static str, Option<Box<Layer>>);
+        impl std::fmt::Display for Layer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for Layer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.1.as_deref().map(|cause| cause as _)
+            }
+        }
+        let refused = Layer("refused", None);
+        // A wrapper that prints its cause as its own text, under one that does not.
+        let error = Layer("transport error", Some(Box::new(Layer("refused", Some(Box::new(refused))))));
+        assert_eq!(error_chain(&error), "transport error: refused");
+        assert_eq!(error_chain(&Layer("alone", None)), "alone");
     }
 
     #[test]

@@ -351,21 +351,10 @@ fn answer(jobs: Vec<Job>, outcomes: Result<Vec<Result<Outcome, StoreError>>, Sto
         }
         Err(error) => {
             // One failure for all: each gets its own copy of the message and the cause chain.
-            let text = chain(&error);
+            let text = tracehop_telemetry::spans::error_chain(&error);
             for job in jobs {
                 let _ = job.reply.send(Err(StoreError::Database(text.clone().into())));
             }
         }
     }
-}
-
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
