@@ -350,7 +350,7 @@ impl Handler {
         match self.reserve(&event.order_id, &lines).await {
             Ok(outcome) => Verdict::Settled(outcome),
             Err(error) if error.is_permanent() => Verdict::Poison { reason: error.reason(), error: error.to_string() },
-            Err(error) => Verdict::Transient { reason: "store_unavailable", error: error_chain(&error) },
+            Err(error) => Verdict::Transient { reason: error.reason(), error: error_chain(&error) },
         }
     }
 

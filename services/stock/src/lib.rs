@@ -107,12 +107,8 @@ pub async fn run(
         if consumed.is_err() {
             // Consuming is what stock is for: without it, stop serving and exit non-zero (its
             // supervisor restarts it) rather than answer 503 forever.
-            stop_serving.send_if_modified(|stop| {
-                if stop.is_some() {
-                    return false;
-                }
-                *stop = Some(false);
-                true
+            stop_serving.send_modify(|stop| {
+                stop.get_or_insert(false);
             });
         }
         consumed

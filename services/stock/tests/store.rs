@@ -250,7 +250,10 @@ async fn postgres_an_order_it_cannot_store_fails_alone_not_its_group() {
     }
     for call in calls {
         match call.await.expect("task") {
-            (order_id, Err(StoreError::Refused(why))) if order_id == "bad" => assert!(why.contains("22021"), "{why}"),
+            (order_id, Err(error @ StoreError::Refused(_))) if order_id == "bad" => {
+                assert!(error.is_permanent() && error.reason() == "invalid_order", "{error:?}");
+                assert!(error.to_string().contains("22021"), "{error}");
+            }
             (order_id, Ok(Outcome::Reserved)) if order_id.starts_with("ok-") => {}
             (order_id, other) => panic!("{order_id}: unexpected {other:?}"),
         }

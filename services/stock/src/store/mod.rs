@@ -166,7 +166,8 @@ impl StoreError {
         matches!(self, Self::UnknownSku(_) | Self::Refused(_))
     }
 
-    /// The dead-letter reason of a permanent error: `unknown_sku` or `invalid_order`.
+    /// Why, in a word: the dead-letter reason of a permanent error (`unknown_sku`,
+    /// `invalid_order`), `store_unavailable` for the rest.
     pub fn reason(&self) -> &'static str {
         match self {
             Self::UnknownSku(_) => "unknown_sku",
