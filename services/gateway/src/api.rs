@@ -2,7 +2,7 @@
 //! return the trace to the caller.
 
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{FromRequest, Request, State};
@@ -132,17 +132,16 @@ async fn answer<T>(
         let transport = matches!(status.code(), tonic::Code::Unknown | tonic::Code::Unavailable);
         if transport && !links.connected() { AppError::Unreachable(Some(status)) } else { AppError::Checkout(status) }
     };
-    let started = Instant::now();
     tokio::pin!(call);
+    let mut left = timeout;
     if !links.connected() && timeout > UNREACHABLE_WITHIN {
         match tokio::time::timeout(UNREACHABLE_WITHIN, &mut call).await {
             Ok(answer) => return answer.map_err(failed),
             Err(_) if !links.connected() => return Err(AppError::Unreachable(None)),
             // Connected meanwhile: checkout is slow, not unreachable; the full timeout holds.
-            Err(_) => {}
+            Err(_) => left -= UNREACHABLE_WITHIN,
         }
     }
-    let left = timeout.saturating_sub(started.elapsed());
     tokio::time::timeout(left, call).await.map_err(|_| AppError::Timeout)?.map_err(failed)
 }
 

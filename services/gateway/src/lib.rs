@@ -150,12 +150,10 @@ pub async fn run(
         let _ = signalled.send(());
     };
     let serve = axum::serve(listener, app).with_graceful_shutdown(shutdown).into_future();
+    // `signalled` is dropped unsent only with `serve`, which has then ended and won the select.
     let deadline = async {
-        match draining.await {
-            Ok(()) => tokio::time::sleep(config.drain_timeout).await,
-            // Dropped unsent only with `serve`, which then has ended.
-            Err(_) => std::future::pending().await,
-        }
+        let _ = draining.await;
+        tokio::time::sleep(config.drain_timeout).await;
     };
     tokio::select! {
         served = serve => served?,

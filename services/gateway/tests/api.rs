@@ -31,13 +31,20 @@ fn config(listener: &TcpListener, checkout_url: &str, checkout_timeout: Duration
     }
 }
 
-/// Spawns the gateway on port 0, calling checkout at `checkout_url`.
-async fn spawn_app(checkout_url: &str, checkout_timeout: Duration) -> App {
+/// Spawns the gateway on port 0, calling checkout at `checkout_url`, its settings changed by
+/// `adjust`.
+async fn spawn_with(checkout_url: &str, checkout_timeout: Duration, adjust: impl FnOnce(&mut Config)) -> App {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let config = config(&listener, checkout_url, checkout_timeout);
+    let mut config = config(&listener, checkout_url, checkout_timeout);
+    adjust(&mut config);
     tokio::spawn(gateway::run(listener, config, Telemetry::disabled("gateway"), std::future::pending()));
     App { url, http: reqwest::Client::new() }
+}
+
+/// Spawns the gateway on port 0, calling checkout at `checkout_url`.
+async fn spawn_app(checkout_url: &str, checkout_timeout: Duration) -> App {
+    spawn_with(checkout_url, checkout_timeout, |_| {}).await
 }
 
 /// A port with nothing listening on it.
@@ -112,12 +119,8 @@ async fn empty_items_and_zero_quantities_are_422() {
 
 #[tokio::test]
 async fn the_gateways_own_limits_are_422() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
     // Room for 101 lines: the tests' 1 KiB would answer 413 first.
-    let config = Config { body_limit: 64 * 1024, ..config(&listener, &closed_port().await, Duration::from_secs(2)) };
-    tokio::spawn(gateway::run(listener, config, Telemetry::disabled("gateway"), std::future::pending()));
-    let app = App { url, http: reqwest::Client::new() };
+    let app = spawn_with(&closed_port().await, Duration::from_secs(2), |config| config.body_limit = 64 * 1024).await;
     let line = json!({"sku": "S", "quantity": 1});
     let customer = "c".repeat(gateway::api::MAX_CUSTOMER_ID + 1);
     let (status, body) = app.post_json(json!({"customer_id": customer, "items": [line]})).await;
