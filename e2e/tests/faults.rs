@@ -326,6 +326,20 @@ async fn a_service_whose_broker_never_comes_back_exits_non_zero() {
     drop(node);
 }
 
+/// Stock as a process on the broker at `amqp`, its store in `data`, telemetry off.
+fn stock_on(amqp: &str, data: &tempfile::TempDir) -> ServiceProcess {
+    ServiceProcess::start(
+        "stock",
+        &[
+            ("STOCK_ADDR", "127.0.0.1:0".to_owned()),
+            ("AMQP_ADDR", amqp.to_owned()),
+            ("STOCK_DB", data.path().join("stock.db").display().to_string()),
+            ("OTEL_TRACES_EXPORTER", "none".to_owned()),
+            ("OTEL_METRICS_EXPORTER", "none".to_owned()),
+        ],
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stock_exits_non_zero_when_it_cannot_consume() {
     let vhost = TestVhost::create();
@@ -333,19 +347,40 @@ async fn stock_exits_non_zero_when_it_cannot_consume() {
     // though the connection opens.
     vhost.set_permissions("^$", ".*", ".*");
     let data = tempfile::tempdir().expect("dir");
-    let stock = ServiceProcess::start(
-        "stock",
-        &[
-            ("STOCK_ADDR", "127.0.0.1:0".to_owned()),
-            ("AMQP_ADDR", vhost.url().to_owned()),
-            ("STOCK_DB", data.path().join("stock.db").display().to_string()),
-            ("OTEL_TRACES_EXPORTER", "none".to_owned()),
-            ("OTEL_METRICS_EXPORTER", "none".to_owned()),
-        ],
-    );
-    let (exit, stock) = exit_within(stock, Duration::from_secs(20)).await;
+    let (exit, stock) = exit_within(stock_on(vhost.url(), &data), Duration::from_secs(20)).await;
     // Without consuming it would answer 503 on /healthz forever, and no supervisor restarts that.
     let (status, _) = exit.unwrap_or_else(|| panic!("stock kept running without a consumer: {:#?}", stock.lines()));
     assert!(!status.success(), "{status:?}");
     assert!(stock.count("ACCESS_REFUSED") > 0, "{:#?}", stock.lines());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_exits_non_zero_when_the_broker_cancels_its_consumer() {
+    let vhost = TestVhost::create();
+    let data = tempfile::tempdir().expect("dir");
+    let stock = stock_on(vhost.url(), &data);
+    let connection =
+        lapin::Connection::connect(vhost.url(), lapin::ConnectionProperties::default()).await.expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    let queue = tracehop_broker::topology::QUEUE;
+    let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+    let mut consumers = 0;
+    for _ in 0..300 {
+        // A passive declare of a queue not declared yet closes the channel: use a fresh one.
+        let channel = connection.create_channel().await.expect("channel");
+        if let Ok(declared) = channel.queue_declare(queue.into(), passive, lapin::types::FieldTable::default()).await {
+            consumers = declared.consumer_count();
+        }
+        if consumers > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(consumers, 1, "stock never consumed: {:#?}", stock.lines());
+    // The queue deleted: the broker cancels stock's consumer.
+    channel.queue_delete(queue.into(), lapin::options::QueueDeleteOptions::default()).await.expect("delete");
+    let (exit, stock) = exit_within(stock, Duration::from_secs(20)).await;
+    let (status, _) = exit.unwrap_or_else(|| panic!("stock kept running without a consumer: {:#?}", stock.lines()));
+    assert!(!status.success(), "{status:?}");
+    assert!(stock.count("cancelled the consumer") > 0, "{:#?}", stock.lines());
 }
