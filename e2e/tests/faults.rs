@@ -295,16 +295,7 @@ async fn exit_within(
 async fn a_service_whose_broker_never_comes_back_exits_non_zero() {
     let node = tokio::task::spawn_blocking(|| ThrowawayNode::start("giveup")).await.expect("node");
     let data = tempfile::tempdir().expect("dir");
-    let stock = ServiceProcess::start(
-        "stock",
-        &[
-            ("STOCK_ADDR", "127.0.0.1:0".to_owned()),
-            ("AMQP_ADDR", node.amqp_url()),
-            ("STOCK_DB", data.path().join("stock.db").display().to_string()),
-            ("BROKER_GIVE_UP_SECS", "3".to_owned()),
-            ("OTEL_TRACES_EXPORTER", "none".to_owned()),
-        ],
-    );
+    let stock = stock_on(&node.amqp_url(), &data, &[("BROKER_GIVE_UP_SECS", "3")]);
     let started = tokio::time::Instant::now();
     while stock.count("stock admin API listening") == 0 {
         assert!(started.elapsed() < Duration::from_secs(30), "stock did not start: {:#?}", stock.lines());
@@ -326,18 +317,18 @@ async fn a_service_whose_broker_never_comes_back_exits_non_zero() {
     drop(node);
 }
 
-/// Stock as a process on the broker at `amqp`, its store in `data`, telemetry off.
-fn stock_on(amqp: &str, data: &tempfile::TempDir) -> ServiceProcess {
-    ServiceProcess::start(
-        "stock",
-        &[
-            ("STOCK_ADDR", "127.0.0.1:0".to_owned()),
-            ("AMQP_ADDR", amqp.to_owned()),
-            ("STOCK_DB", data.path().join("stock.db").display().to_string()),
-            ("OTEL_TRACES_EXPORTER", "none".to_owned()),
-            ("OTEL_METRICS_EXPORTER", "none".to_owned()),
-        ],
-    )
+/// Stock as a process on the broker at `amqp`, its store in `data`, telemetry off, with `extra`
+/// settings.
+fn stock_on(amqp: &str, data: &tempfile::TempDir, extra: &[(&str, &str)]) -> ServiceProcess {
+    let mut env = vec![
+        ("STOCK_ADDR", "127.0.0.1:0".to_owned()),
+        ("AMQP_ADDR", amqp.to_owned()),
+        ("STOCK_DB", data.path().join("stock.db").display().to_string()),
+        ("OTEL_TRACES_EXPORTER", "none".to_owned()),
+        ("OTEL_METRICS_EXPORTER", "none".to_owned()),
+    ];
+    env.extend(extra.iter().map(|(name, value)| (*name, (*value).to_owned())));
+    ServiceProcess::start("stock", &env)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -347,7 +338,7 @@ async fn stock_exits_non_zero_when_it_cannot_consume() {
     // though the connection opens.
     vhost.set_permissions("^$", ".*", ".*");
     let data = tempfile::tempdir().expect("dir");
-    let (exit, stock) = exit_within(stock_on(vhost.url(), &data), Duration::from_secs(20)).await;
+    let (exit, stock) = exit_within(stock_on(vhost.url(), &data, &[]), Duration::from_secs(20)).await;
     // Without consuming it would answer 503 on /healthz forever, and no supervisor restarts that.
     let (status, _) = exit.unwrap_or_else(|| panic!("stock kept running without a consumer: {:#?}", stock.lines()));
     assert!(!status.success(), "{status:?}");
@@ -358,7 +349,7 @@ async fn stock_exits_non_zero_when_it_cannot_consume() {
 async fn stock_exits_non_zero_when_the_broker_cancels_its_consumer() {
     let vhost = TestVhost::create();
     let data = tempfile::tempdir().expect("dir");
-    let stock = stock_on(vhost.url(), &data);
+    let stock = stock_on(vhost.url(), &data, &[]);
     let connection =
         lapin::Connection::connect(vhost.url(), lapin::ConnectionProperties::default()).await.expect("connect");
     let channel = connection.create_channel().await.expect("channel");
