@@ -203,6 +203,7 @@ impl Pipeline {
             publish_timeout: Duration::from_millis(1500),
             broker_give_up: Duration::from_secs(60),
             baggage_span_attributes: options.baggage_span_attributes.clone(),
+            drain_timeout: Duration::from_secs(5),
         };
         let checkout_telemetry = telemetry("checkout", &endpoint, &options);
         telemetries.push(checkout_telemetry.clone());

@@ -375,3 +375,126 @@ async fn stock_exits_non_zero_when_the_broker_cancels_its_consumer() {
     assert!(!status.success(), "{status:?}");
     assert!(stock.count("cancelled the consumer") > 0, "{:#?}", stock.lines());
 }
+
+/// Starts a gRPC call to checkout by hand over HTTP/2 and never finishes it: the headers, then
+/// a message prefix announcing 100 bytes and 3 of them. Returns once the server has answered
+/// the connection with its settings, so the call is surely being served.
+async fn unfinished_grpc_call(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    fn frame(kind: u8, flags: u8, stream: u8, payload: &[u8]) -> Vec<u8> {
+        let length = u32::try_from(payload.len()).expect("small").to_be_bytes();
+        let mut frame = vec![length[1], length[2], length[3], kind, flags, 0, 0, 0, stream];
+        frame.extend_from_slice(payload);
+        frame
+    }
+    // HPACK: :method POST (static 3), :scheme http (static 6), then literals without indexing.
+    let mut headers = vec![0x83, 0x86];
+    for (index, value) in [(4u8, "/checkout.v1.CheckoutService/Checkout"), (1, "checkout")] {
+        headers.push(index);
+        headers.push(u8::try_from(value.len()).expect("short"));
+        headers.extend_from_slice(value.as_bytes());
+    }
+    for (name, value) in [("content-type", "application/grpc"), ("te", "trailers")] {
+        headers.push(0);
+        headers.push(u8::try_from(name.len()).expect("short"));
+        headers.extend_from_slice(name.as_bytes());
+        headers.push(u8::try_from(value.len()).expect("short"));
+        headers.extend_from_slice(value.as_bytes());
+    }
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut request = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    request.extend(frame(4, 0, 0, &[])); // SETTINGS
+    request.extend(frame(1, 0x4, 1, &headers)); // HEADERS on stream 1: END_HEADERS, not END_STREAM
+    request.extend(frame(0, 0, 1, &[0, 0, 0, 0, 100, 1, 2, 3])); // DATA, not END_STREAM
+    stream.write_all(&request).await.expect("write");
+    let mut settings = [0u8; 9];
+    stream.read_exact(&mut settings).await.expect("the server's settings");
+    assert_eq!(settings[3], 4, "checkout answered with frame type {} before its settings", settings[3]);
+    stream
+}
+
+/// Sends stock's admin API request after request on one connection (pipelined) and reads no
+/// answer, until stock stops reading: its write of an answer is then stuck for good. The
+/// connection stays open; returns the count of bytes sent.
+async fn unread_http_answers(addr: std::net::SocketAddr) -> Arc<AtomicUsize> {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let written = Arc::new(AtomicUsize::new(0));
+    tokio::spawn({
+        let written = written.clone();
+        async move {
+            let requests = "GET /healthz HTTP/1.1\r\nhost: stock\r\n\r\n".repeat(1000);
+            while stream.write_all(requests.as_bytes()).await.is_ok() {
+                written.fetch_add(requests.len(), Ordering::Relaxed);
+            }
+        }
+    });
+    let mut last = 0;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = written.load(Ordering::Relaxed);
+        if now > 0 && now == last {
+            return written;
+        }
+        last = now;
+    }
+    panic!("stock kept reading requests without its answers being read ({last} bytes)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_finish_a_call_or_read_their_answers_do_not_hold_up_shutdown() {
+    use tracehop_broker::connection::BrokerNodes;
+    use tracehop_telemetry::Telemetry;
+    let vhost = TestVhost::create();
+    let data = tempfile::tempdir().expect("dir");
+    let amqp = BrokerNodes::parse(vhost.url()).expect("AMQP URL");
+    let drain = Duration::from_secs(1);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until_stopped = || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        }
+    };
+    let checkout_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let checkout_addr = checkout_listener.local_addr().expect("addr");
+    let checkout_config = checkout::Config {
+        addr: checkout_addr,
+        amqp: amqp.clone(),
+        publish_timeout: Duration::from_millis(1500),
+        broker_give_up: Duration::from_secs(60),
+        baggage_span_attributes: Vec::new(),
+        drain_timeout: drain,
+    };
+    let checkout = tokio::spawn(checkout::run(
+        checkout_listener,
+        checkout_config,
+        Telemetry::disabled("checkout"),
+        until_stopped(),
+    ));
+    let stock_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let stock_addr = stock_listener.local_addr().expect("addr");
+    let stock_config = stock::Config {
+        addr: stock_addr,
+        amqp,
+        store: stock::store::StoreLocation::Sqlite(data.path().join("stock.db")),
+        seed_units: 10,
+        prefetch: 16,
+        consumer_context: tracehop_telemetry::messaging::ConsumerContext::Parent,
+        baggage_span_attributes: Vec::new(),
+        broker_give_up: Duration::from_secs(60),
+        drain_timeout: drain,
+    };
+    let stock = tokio::spawn(stock::run(stock_listener, stock_config, Telemetry::disabled("stock"), until_stopped()));
+
+    let _call = unfinished_grpc_call(checkout_addr).await;
+    let _unread = unread_http_answers(stock_addr).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.send(true).expect("services running");
+    // Without the drain deadline (1 s here) each graceful shutdown waits for its client forever
+    // (seen with either bound removed).
+    let checkout = tokio::time::timeout(Duration::from_secs(10), checkout).await;
+    assert!(matches!(checkout, Ok(Ok(Ok(())))), "checkout did not return after its drain deadline: {checkout:?}");
+    let stock = tokio::time::timeout(Duration::from_secs(10), stock).await;
+    assert!(matches!(stock, Ok(Ok(Ok(())))), "stock did not return after its drain deadline: {stock:?}");
+}

@@ -22,12 +22,20 @@ pub struct Config {
     pub broker_give_up: Duration,
     /// `BAGGAGE_SPAN_ATTRIBUTES`: baggage keys copied onto checkout's spans.
     pub baggage_span_attributes: Vec<String>,
+    /// `SHUTDOWN_DRAIN_SECS`: how long shutdown waits for calls in progress.
+    pub drain_timeout: Duration,
 }
 
 impl Config {
     /// Every variable [`Config::from_lookup`] reads (the compose file sets each one explicitly).
-    pub const VARIABLES: &'static [&'static str] =
-        &["CHECKOUT_ADDR", "AMQP_ADDR", "PUBLISH_TIMEOUT_MS", "BROKER_GIVE_UP_SECS", "BAGGAGE_SPAN_ATTRIBUTES"];
+    pub const VARIABLES: &'static [&'static str] = &[
+        "CHECKOUT_ADDR",
+        "AMQP_ADDR",
+        "PUBLISH_TIMEOUT_MS",
+        "BROKER_GIVE_UP_SECS",
+        "BAGGAGE_SPAN_ATTRIBUTES",
+        "SHUTDOWN_DRAIN_SECS",
+    ];
 
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
@@ -43,6 +51,7 @@ impl Config {
             publish_timeout: Duration::from_millis(env.parse_or("PUBLISH_TIMEOUT_MS", 1500)?),
             broker_give_up: Duration::from_secs(env.parse_or("BROKER_GIVE_UP_SECS", 120)?),
             baggage_span_attributes: env.list_or("BAGGAGE_SPAN_ATTRIBUTES", "customer.id"),
+            drain_timeout: Duration::from_secs(env.parse_or("SHUTDOWN_DRAIN_SECS", 5)?),
         })
     }
 }

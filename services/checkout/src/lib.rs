@@ -7,8 +7,8 @@
 //! - [`publisher`]: confirmed, traced publishing that survives a broker reconnection.
 //! - [`error`]: `AppError` and its mapping to gRPC statuses.
 //!
-//! [`run`] serves until `shutdown` completes, then drains in-flight calls; `main` flushes
-//! telemetry after it returns.
+//! [`run`] serves until `shutdown` completes, then drains in-flight calls for at most
+//! `SHUTDOWN_DRAIN_SECS`; `main` flushes telemetry after it returns.
 
 pub mod config;
 pub mod error;
@@ -25,6 +25,7 @@ use tracehop_broker::connection::{Broker, BrokerHealth};
 use tracehop_proto::{CHECKOUT_SERVICE, CheckoutServiceServer};
 use tracehop_telemetry::Telemetry;
 use tracehop_telemetry::grpc::GrpcServerLayer;
+use tracehop_telemetry::shutdown::with_drain_deadline;
 
 pub use config::Config;
 
@@ -76,12 +77,19 @@ pub async fn run(
             () = lost => { let _ = stopped.send(true); }
         }
     };
-    tonic::transport::Server::builder()
+    let (stop, deadline) = with_drain_deadline(stop, config.drain_timeout);
+    let serve = tonic::transport::Server::builder()
         .layer(GrpcServerLayer::new(telemetry.clone()).baggage_attributes(&config.baggage_span_attributes))
         .add_service(health_service)
         .add_service(CheckoutServiceServer::new(CheckoutApi::new(publisher, telemetry.meter())))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stop)
-        .await?;
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stop);
+    tokio::select! {
+        served = serve => served?,
+        () = deadline => tracing::warn!(
+            drain = ?config.drain_timeout,
+            "calls still in progress at the drain deadline; no longer waiting for them"
+        ),
+    }
     broker.close().await;
     if *stopped_by.borrow_and_update() { Err(RunError::BrokerLost) } else { Ok(()) }
 }

@@ -33,6 +33,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tracehop_proto::CheckoutServiceClient;
 use tracehop_telemetry::grpc::{GrpcClientLayer, GrpcClientService};
 use tracehop_telemetry::http::{HttpServerLayer, SERVER_TIMING, TRACERESPONSE};
+use tracehop_telemetry::shutdown::with_drain_deadline;
 use tracehop_telemetry::{ConfigError, Telemetry};
 
 pub use config::Config;
@@ -144,17 +145,8 @@ pub async fn run(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, checkout = %config.checkout_url, "gateway listening");
     }
-    let (signalled, draining) = tokio::sync::oneshot::channel();
-    let shutdown = async move {
-        shutdown.await;
-        let _ = signalled.send(());
-    };
+    let (shutdown, deadline) = with_drain_deadline(shutdown, config.drain_timeout);
     let serve = axum::serve(listener, app).with_graceful_shutdown(shutdown).into_future();
-    // `signalled` is dropped unsent only with `serve`, which has then ended and won the select.
-    let deadline = async {
-        let _ = draining.await;
-        tokio::time::sleep(config.drain_timeout).await;
-    };
     tokio::select! {
         served = serve => served?,
         () = deadline => tracing::warn!(

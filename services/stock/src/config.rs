@@ -30,7 +30,8 @@ pub struct Config {
     /// `BROKER_GIVE_UP_SECS`: how long the broker may stay unreachable before the process exits
     /// non-zero for its supervisor to restart it.
     pub broker_give_up: Duration,
-    /// `SHUTDOWN_DRAIN_SECS`: how long shutdown waits for deliveries in progress.
+    /// `SHUTDOWN_DRAIN_SECS`: how long shutdown waits for deliveries and admin requests in
+    /// progress.
     pub drain_timeout: Duration,
 }
 

@@ -8,7 +8,8 @@
 //! - [`admin`]: `GET /api/stock/{sku}`, `GET /api/orders/{id}`, `GET /healthz`.
 //!
 //! [`run`] consumes and serves until `shutdown`, then stops taking deliveries, finishes those
-//! in progress and returns; `main` flushes telemetry after it.
+//! and the admin requests in progress (for at most `SHUTDOWN_DRAIN_SECS`) and returns; `main`
+//! flushes telemetry after it.
 
 pub mod admin;
 pub mod config;
@@ -25,6 +26,7 @@ use tokio::sync::watch;
 use tracehop_broker::catalog;
 use tracehop_broker::connection::{Broker, BrokerHealth};
 use tracehop_telemetry::Telemetry;
+use tracehop_telemetry::shutdown::with_drain_deadline;
 
 pub use config::Config;
 
@@ -99,7 +101,16 @@ pub async fn run(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "stock admin API listening");
     }
-    let serving = axum::serve(listener, router).with_graceful_shutdown(until_stopped(stopped.clone()));
+    let (stop_admin, admin_deadline) = with_drain_deadline(until_stopped(stopped.clone()), config.drain_timeout);
+    let serving = async {
+        tokio::select! {
+            served = axum::serve(listener, router).with_graceful_shutdown(stop_admin) => served,
+            () = admin_deadline => {
+                tracing::warn!(drain = ?config.drain_timeout, "admin requests still in progress at the drain deadline");
+                Ok(())
+            }
+        }
+    };
     let consuming = async {
         let shutdown = until_stopped(stopped.clone());
         let consumed =
@@ -113,7 +124,7 @@ pub async fn run(
         }
         consumed
     };
-    let (served, consumed) = tokio::join!(async { serving.await }, consuming);
+    let (served, consumed) = tokio::join!(serving, consuming);
     broker.close().await;
     store.close().await;
     if *stopped.borrow() == Some(true) {
