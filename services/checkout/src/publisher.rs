@@ -2,8 +2,9 @@
 //!
 //! Publisher confirms, `mandatory`, persistent delivery, `message_id` = order id. A nack, an
 //! unroutable return (lapin: `Ack(Some(returned))`) or no confirm before the deadline is an
-//! error. A connection lost mid-publish is waited out (lapin recovers the channel) and the
-//! message republished: at-least-once, which stock's idempotency turns into exactly-once.
+//! error. A connection lost before or mid-publish is waited out (the broker's supervisor
+//! replaces it) and the message published on the new one: at-least-once, which stock's
+//! idempotency turns into exactly-once.
 //!
 //! Each publish has a channel of its own for its duration, from a pool. With several publishes
 //! in flight on one channel, RabbitMQ acknowledges them together and lapin hands a returned
@@ -45,7 +46,7 @@ pub enum PublishError {
     /// No confirm within the deadline (including time spent waiting for a reconnection).
     #[error("no confirm within {0:?}")]
     Timeout(Duration),
-    /// The connection or channel failed and could not recover in time.
+    /// The connection or channel failed, and no replacement came in time.
     #[error("broker connection")]
     Broker(#[from] lapin::Error),
     /// The event could not be serialised (a bug, never bad input).
@@ -148,8 +149,7 @@ impl ChannelPool {
     }
 
     /// A new confirm-mode channel on the current connection; the first one of each connection
-    /// declares the topology (lapin replays it on recovery; a replacement connection needs it
-    /// declared again).
+    /// declares the topology (a replacement connection may be to a broker that lost it).
     async fn fresh(&self) -> Result<Pooled, PublishError> {
         let (channel, generation) = self.broker.channel().await?;
         channel.confirm_select(ConfirmSelectOptions::default()).await?;
@@ -165,13 +165,9 @@ impl ChannelPool {
         let idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop();
         let current = self.broker.link().generation;
         let pooled = match idle {
-            // lapin recovers channels with their connection; a channel the broker closed (a
-            // protocol error), or one of a replaced connection, is replaced.
-            Some(p)
-                if p.generation == current && (p.channel.status().connected() || p.channel.status().reconnecting()) =>
-            {
-                p
-            }
+            // A channel the broker closed (a protocol error), or one of a lost connection, is
+            // replaced.
+            Some(p) if p.generation == current && p.channel.status().connected() => p,
             _ => self.fresh().await?,
         };
         Ok(Lease { pool: self, pooled: Some(pooled), _permit: permit })
@@ -262,9 +258,24 @@ impl Publisher {
         outcome
     }
 
+    /// A channel from the pool; while the connection is lost, waits for its replacement (within
+    /// the caller's deadline).
+    async fn lease(&self) -> Result<Lease<'_>, PublishError> {
+        loop {
+            let generation = self.broker.link().generation;
+            match self.pool.lease().await {
+                Err(PublishError::Broker(error)) if self.broker.lost(generation).await => {
+                    tracing::warn!(%error, "broker connection lost; waiting for its replacement to publish");
+                    self.broker.replaced(generation).await;
+                }
+                leased => return leased,
+            }
+        }
+    }
+
     async fn publish_until_confirmed(&self, body: &[u8], properties: &BasicProperties) -> Result<(), PublishError> {
         let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
-        let mut lease = self.pool.lease().await?;
+        let mut lease = self.lease().await?;
         loop {
             let channel = lease.channel()?;
             let sent = channel
@@ -290,19 +301,17 @@ impl Publisher {
                     lease.discard();
                     return Err(PublishError::Nacked);
                 }
-                // The connection dropped: wait until lapin recovers the channel, or the
-                // supervisor replaces the connection, then publish again (within the deadline
-                // the caller set). A channel that cannot recover gives its error back.
+                // The connection dropped: wait until the supervisor replaces it, then publish
+                // again on the new one (within the deadline the caller set). An error on a
+                // channel of a connection still up is that channel's: given back.
                 Err(error) => {
-                    tracing::warn!(%error, "publish interrupted; waiting for the broker connection to recover");
                     let generation = lease.generation();
-                    tokio::select! {
-                        recovered = channel.wait_for_recovery(error) => recovered?,
-                        () = self.broker.replaced(generation) => {}
+                    if !self.broker.lost(generation).await {
+                        return Err(error.into());
                     }
-                    if self.broker.link().generation != generation {
-                        lease.renew().await?;
-                    }
+                    tracing::warn!(%error, "publish interrupted; waiting for the broker connection to be replaced");
+                    self.broker.replaced(generation).await;
+                    lease.renew().await?;
                 }
             }
         }

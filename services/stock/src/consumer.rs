@@ -196,8 +196,9 @@ pub enum ConsumeError {
 /// How a consuming session on one connection ended.
 enum Session {
     Shutdown,
-    /// The connection was replaced: consume again on the new one.
-    Replaced,
+    /// The connection or the channel was lost: consume again, on a new channel (of the new
+    /// connection, once the supervisor has replaced it).
+    Interrupted,
     Failed(ConsumeError),
 }
 
@@ -216,16 +217,26 @@ pub async fn consume(
     let mut failing_since: Option<Instant> = None;
     tokio::pin!(shutdown);
     let outcome = loop {
+        let current = handler.broker.link().generation;
         let (channel, consumer, generation) = match open(&handler.broker, prefetch).await {
             Ok(opened) => opened,
             // Only a first open that fails is a startup failure. Later, the connection is being
-            // recovered or replaced (a frame lapin cannot parse kills it while the broker stays
-            // up): wait for the new one rather than stop consuming for good.
+            // replaced (the broker restarted, or a frame lapin cannot parse killed it while the
+            // broker stays up): wait for the new one rather than stop consuming for good. If
+            // none comes, the broker's health turns `Lost` and stops stock.
+            Err(error) if (consumed_before || current > 0) && handler.broker.lost(current).await => {
+                tracing::warn!(%error, "broker connection lost; consuming again once it is replaced");
+                tokio::select! {
+                    () = &mut shutdown => break Ok(()),
+                    () = handler.broker.replaced(current) => continue,
+                }
+            }
             Err(error)
-                if (consumed_before || handler.broker.link().generation > 0)
+                if (consumed_before || current > 0)
                     && failing_since.get_or_insert_with(Instant::now).elapsed() < give_up =>
             {
-                // Mid-recovery: try again shortly (shutdown still wins).
+                // The connection is up, the consumer not (yet): try again shortly (shutdown
+                // still wins).
                 tracing::warn!(%error, "cannot consume yet; retrying");
                 tokio::select! {
                     () = &mut shutdown => break Ok(()),
@@ -241,7 +252,7 @@ pub async fn consume(
         handler.consuming.send_replace(false);
         match session {
             Session::Shutdown => break Ok(()),
-            Session::Replaced => tracing::warn!("the broker connection was replaced; consuming on the new one"),
+            Session::Interrupted => tracing::warn!("consuming again, on a new channel"),
             Session::Failed(error) => break Err(error),
         }
     };
@@ -275,23 +286,17 @@ async fn session(
                 return Session::Shutdown;
             }
             Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
-            () = handler.broker.replaced(generation) => return Session::Replaced,
+            () = handler.broker.replaced(generation) => return Session::Interrupted,
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
                     let (handler, channel) = (handler.clone(), channel.clone());
                     in_flight.spawn(async move { handler.handle(delivery, &channel).await });
                 }
                 Some(Err(error)) => {
-                    tracing::warn!(%error, "consumer interrupted; waiting for the broker connection to recover");
-                    tokio::select! {
-                        recovered = channel.wait_for_recovery(error) => if let Err(error) = recovered {
-                            tracing::warn!(%error, "the consumer's channel cannot recover; opening a new one");
-                            return Session::Replaced;
-                        },
-                        () = handler.broker.replaced(generation) => return Session::Replaced,
-                    }
+                    tracing::warn!(%error, "consumer interrupted");
+                    return Session::Interrupted;
                 }
-                None if handler.broker.link().generation != generation => return Session::Replaced,
+                None if handler.broker.lost(generation).await => return Session::Interrupted,
                 None => return Session::Failed(ConsumeError::Cancelled),
             },
         }
@@ -473,15 +478,15 @@ impl Handler {
     async fn ack(&self, delivery: &Delivery) {
         // The broker redelivers an unacked message; the store's order-id record makes the
         // redelivery reserve nothing. lapin answers Ok(false) when the delivery's channel was
-        // recovered in between: that ack never reached the broker either.
-        // Bounded: on a connection whose recovery hangs, an ack would wait forever.
+        // lost in between: that ack never reached the broker either.
+        // Bounded: on a connection that hangs, an ack would wait forever.
         let started = Instant::now();
         let error_type =
             match tokio::time::timeout(FORWARD_TIMEOUT, delivery.acker.ack(BasicAckOptions::default())).await {
                 Ok(Ok(true)) => None,
                 Ok(Ok(false)) => {
-                    tracing::warn!("ack not sent: the channel was recovered; the broker will redeliver");
-                    Some("channel_recovered")
+                    tracing::warn!("ack not sent: the channel was lost; the broker will redeliver");
+                    Some("channel_lost")
                 }
                 Ok(Err(error)) => {
                     tracing::warn!(%error, "ack failed; the broker will redeliver, the store deduplicates");
@@ -525,8 +530,8 @@ impl Handler {
                 .await?
                 .await
         };
-        // A confirm that never comes (a connection stuck mid-recovery) must not pin the
-        // delivery forever.
+        // A confirm that never comes (a connection that hangs) must not pin the delivery
+        // forever.
         let started = Instant::now();
         let confirmed = tokio::time::timeout(FORWARD_TIMEOUT, publish)
             .await
@@ -565,7 +570,7 @@ impl Handler {
                     .map_err(|_| lapin::Error::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))
                 {
                     Ok(Ok(true)) => None,
-                    Ok(Ok(false)) => Some("channel_recovered"),
+                    Ok(Ok(false)) => Some("channel_lost"),
                     Ok(Err(error)) | Err(error) => {
                         tracing::warn!(%error, "nack failed; the broker will redeliver");
                         Some("nack_failed")

@@ -1,12 +1,18 @@
 //! One AMQP connection per service, to a single broker or any node of a cluster, kept alive by
-//! lapin's auto-recovery.
+//! a supervisor that replaces it when it is lost.
 //!
-//! `AMQP_ADDR` is one URI or a comma-separated list of a cluster's nodes. lapin re-runs our
-//! connect function on every (re)connection, so the function walks the node list: the first
-//! node that answers wins, and when that node goes away recovery lands on another one without
-//! a restart. lapin then replays channels, exchanges, queues, bindings, consumers, QoS and
-//! confirm mode on the new connection. Credentials and vhost come from the first URI; the
-//! nodes of one cluster share them.
+//! `AMQP_ADDR` is one URI or a comma-separated list of a cluster's nodes. Our connect function
+//! walks the node list: the first node that answers wins, and when that node goes away the
+//! replacement lands on another one without a restart. Credentials and vhost come from the
+//! first URI; the nodes of one cluster share them.
+//!
+//! lapin's own auto-recovery is off: in lapin 4.12 it deadlocks its I/O thread when the
+//! connection dies while a channel is being opened (or a consumer started) with that
+//! operation's frame not yet sent. Recovery then drops the operation's pending reply, holding
+//! the channel's last handle, under the channel's status lock, and the handle's drop asks for
+//! the same lock. The connection then hangs for good. Instead, each connection has a
+//! generation; the supervisor opens the next one, and publishers and consumers open their
+//! channels, topology and consumers again on it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -88,16 +94,12 @@ fn redact(uri: &str) -> String {
 pub enum BrokerHealth {
     /// Connected.
     Up,
-    /// Disconnected; recovering.
+    /// Disconnected; being replaced.
     Recovering,
     /// Down longer than allowed: the process should exit non-zero so its supervisor restarts it.
     Lost,
 }
 
-/// How long a reachable broker may wait for lapin's own recovery before the connection is
-/// replaced: lapin 4.12's recovery can hang for good when the socket died with frames queued
-/// (seen here with publishes in flight during a broker restart).
-const STUCK_AFTER: Duration = Duration::from_secs(2);
 /// How often the supervisor looks at the connection.
 const CHECK_EVERY: Duration = Duration::from_millis(200);
 
@@ -108,9 +110,6 @@ pub struct Link {
     pub connection: Arc<Connection>,
     /// Starts at 0; each replacement adds one.
     pub generation: u64,
-    /// Set when the link is replaced: its reconnection attempts then fail, so a late recovery
-    /// cannot bring back a second consumer.
-    retired: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Link {
@@ -119,9 +118,8 @@ impl std::fmt::Debug for Link {
     }
 }
 
-/// A connection to the broker (or to whichever cluster node answers) that keeps itself up:
-/// lapin's auto-recovery first, and a supervisor that replaces the connection when that
-/// recovery is stuck while a node is reachable.
+/// A connection to the broker (or to whichever cluster node answers) that keeps itself up: a
+/// supervisor replaces the connection once it is lost and a node is reachable.
 #[derive(Clone)]
 pub struct Broker {
     inner: Arc<Inner>,
@@ -145,20 +143,18 @@ impl std::fmt::Debug for Broker {
     }
 }
 
-/// Opens one connection, walking the node list on every (re)connection lapin makes (about
-/// half a minute of attempts with backoff, for the first connection and each recovery).
+/// Opens one connection, walking the node list on each attempt (about half a minute of
+/// attempts with backoff). Once `abandoned` is set, further attempts fail.
 async fn open(
     nodes: &Arc<BrokerNodes>,
     current: &Arc<AtomicUsize>,
     name: &str,
     generation: u64,
-    retired: Arc<AtomicBool>,
+    abandoned: Arc<AtomicBool>,
 ) -> lapin::Result<Link> {
     let properties = ConnectionProperties::default()
         .with_connection_name(format!("{name}#{generation}").into())
-        .enable_auto_recover()
-        // Short steps: a restarted broker is back in seconds, and the default (exponential up
-        // to a minute) would leave requests failing long after it is.
+        // Short steps: a restarted broker is back in seconds. No auto-recovery (module docs).
         .with_backoff(
             ExponentialBuilder::default()
                 .with_min_delay(Duration::from_millis(100))
@@ -166,14 +162,14 @@ async fn open(
                 .with_max_times(30)
                 .with_jitter(),
         );
-    let (connect_nodes, connect_current, connect_retired) = (nodes.clone(), current.clone(), retired.clone());
+    let (connect_nodes, connect_current) = (nodes.clone(), current.clone());
     let runtime = lapin::runtime::default_runtime()?;
     let connection = Connection::connector(
         nodes.uris[0].clone(),
         runtime,
         async move |_uri, runtime| {
-            if connect_retired.load(Ordering::Relaxed) {
-                return Err(lapin::Error::from(std::io::Error::other("connection replaced")));
+            if abandoned.load(Ordering::Relaxed) {
+                return Err(lapin::Error::from(std::io::Error::other("connection attempt abandoned")));
             }
             let count = connect_nodes.uris.len();
             let start = connect_current.load(Ordering::Relaxed);
@@ -200,7 +196,7 @@ async fn open(
         properties,
     )
     .await?;
-    Ok(Link { connection: Arc::new(connection), generation, retired })
+    Ok(Link { connection: Arc::new(connection), generation })
 }
 
 /// Whether any node accepts a TCP connection right now.
@@ -270,22 +266,39 @@ impl Broker {
         Ok((link.connection.create_channel().await?, link.generation))
     }
 
+    /// Whether the connection of `generation` is gone: replaced, or lost and waiting for its
+    /// replacement ([`Broker::replaced`]). Ask after one of its channels failed: `false` means
+    /// the connection is still up and the failure concerns that channel alone. lapin marks the
+    /// connection lost from a task of its own, a moment after it may already have failed a
+    /// publish in flight, so this waits up to 100 ms for that before answering `false`.
+    pub async fn lost(&self, generation: u64) -> bool {
+        let gone = || {
+            let link = self.inner.link.borrow();
+            link.generation != generation || !link.connection.status().connected()
+        };
+        for _ in 0..20 {
+            if gone() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        gone()
+    }
+
     /// Closes the connection (normal shutdown) and stops the supervisor.
     pub async fn close(&self) {
         self.inner.closing.store(true, Ordering::Relaxed);
         let link = self.link();
-        link.retired.store(true, Ordering::Relaxed);
         if let Err(error) = link.connection.close(200, "shutting down".into()).await {
             tracing::debug!(%error, "closing the broker connection");
         }
     }
 }
 
-/// Watches the connection every 200 ms: reports health, and replaces a connection whose
-/// recovery is stuck although a node is reachable.
+/// Watches the connection every 200 ms: reports health, and replaces a lost connection as soon
+/// as a node accepts TCP connections.
 async fn supervise(inner: std::sync::Weak<Inner>) {
     let mut down_since: Option<tokio::time::Instant> = None;
-    let mut reachable_since: Option<tokio::time::Instant> = None;
     loop {
         tokio::time::sleep(CHECK_EVERY).await;
         let Some(inner) = inner.upgrade() else { return };
@@ -295,18 +308,11 @@ async fn supervise(inner: std::sync::Weak<Inner>) {
         let link = inner.link.borrow().clone();
         let health = if link.connection.status().connected() {
             down_since = None;
-            reachable_since = None;
             BrokerHealth::Up
         } else {
             let since = *down_since.get_or_insert_with(tokio::time::Instant::now);
             if reachable(&inner.nodes).await {
-                let reachable_for = reachable_since.get_or_insert_with(tokio::time::Instant::now).elapsed();
-                if reachable_for >= STUCK_AFTER {
-                    replace(&inner, &link).await;
-                    reachable_since = None;
-                }
-            } else {
-                reachable_since = None;
+                replace(&inner, &link).await;
             }
             if inner.link.borrow().connection.status().connected() {
                 down_since = None;
@@ -321,43 +327,23 @@ async fn supervise(inner: std::sync::Weak<Inner>) {
     }
 }
 
-/// Opens a new connection, publishes it, and retires the stuck one.
-async fn replace(inner: &Inner, stuck: &Link) {
-    let retired = Arc::new(AtomicBool::new(false));
-    let attempt = open(&inner.nodes, &inner.current, &inner.name, stuck.generation + 1, retired.clone());
+/// Opens the next connection and publishes it in place of the lost one.
+async fn replace(inner: &Inner, lost: &Link) {
+    let abandoned = Arc::new(AtomicBool::new(false));
+    let attempt = open(&inner.nodes, &inner.current, &inner.name, lost.generation + 1, abandoned.clone());
     let outcome = tokio::time::timeout(Duration::from_secs(5), attempt).await;
     if outcome.is_err() {
         // The abandoned attempt's I/O thread keeps retrying: make those attempts fail.
-        retired.store(true, Ordering::Relaxed);
+        abandoned.store(true, Ordering::Relaxed);
     }
     match outcome {
         Ok(Ok(fresh)) => {
-            tracing::warn!(
-                generation = fresh.generation,
-                "broker reachable but the connection did not recover; replaced it"
-            );
-            retire(stuck.clone());
+            tracing::warn!(generation = fresh.generation, "broker connection lost; replaced it");
             inner.link.send_replace(fresh);
         }
         Ok(Err(error)) => tracing::debug!(%error, "replacing the broker connection failed"),
         Err(_) => tracing::debug!("replacing the broker connection timed out"),
     }
-}
-
-/// Stops a replaced connection for good: no more reconnection attempts, and if a recovery was
-/// already under way and succeeds after all, close it at once, so the broker requeues whatever
-/// a leftover consumer on it received.
-fn retire(link: Link) {
-    link.retired.store(true, Ordering::Relaxed);
-    tokio::spawn(async move {
-        for _ in 0..300 {
-            if link.connection.status().connected() {
-                let _ = link.connection.close(200, "replaced".into()).await;
-                return;
-            }
-            tokio::time::sleep(CHECK_EVERY).await;
-        }
-    });
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //!
 //! # Layout
 //! - [`catalog`]: the demo catalog (prices for checkout, seed for stock).
-//! - [`connection`]: one recovering connection, to a broker or any node of a cluster.
+//! - [`connection`]: one connection that replaces itself when lost, to a broker or any node of a cluster.
 //! - [`event`]: the `checkout.processed` message body.
 //! - [`topology`]: exchanges and queues, declared identically by both services.
 
