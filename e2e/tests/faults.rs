@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tracehop_e2e::{LoadReport, Options, Pipeline, Processes, StockMode};
+use tracehop_testkit::amqp_proxy::AmqpProxy;
 use tracehop_testkit::node::ThrowawayNode;
 use tracehop_testkit::otlp::OtlpReceiver;
 use tracehop_testkit::process::ServiceProcess;
@@ -441,60 +442,115 @@ async fn unread_http_answers(addr: std::net::SocketAddr) -> Arc<AtomicUsize> {
     panic!("stock kept reading requests without its answers being read ({last} bytes)");
 }
 
+/// Checkout and stock in this process, each on its own broker URI, with a drain of 1 s.
+struct TwoServices {
+    checkout_addr: std::net::SocketAddr,
+    stock_addr: std::net::SocketAddr,
+    checkout: tokio::task::JoinHandle<Result<(), checkout::RunError>>,
+    stock: tokio::task::JoinHandle<Result<(), stock::RunError>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    _data: tempfile::TempDir,
+}
+
+impl TwoServices {
+    async fn start(checkout_amqp: &str, stock_amqp: &str) -> Self {
+        use tracehop_broker::connection::BrokerNodes;
+        use tracehop_telemetry::Telemetry;
+        let data = tempfile::tempdir().expect("dir");
+        let drain = Duration::from_secs(1);
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let until_stopped = || {
+            let mut stopped = stopped.clone();
+            async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            }
+        };
+        let checkout_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let checkout_addr = checkout_listener.local_addr().expect("addr");
+        let checkout_config = checkout::Config {
+            addr: checkout_addr,
+            amqp: BrokerNodes::parse(checkout_amqp).expect("AMQP URL"),
+            publish_timeout: Duration::from_millis(1500),
+            broker_give_up: Duration::from_secs(60),
+            baggage_span_attributes: Vec::new(),
+            drain_timeout: drain,
+        };
+        let checkout = tokio::spawn(checkout::run(
+            checkout_listener,
+            checkout_config,
+            Telemetry::disabled("checkout"),
+            until_stopped(),
+        ));
+        let stock_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let stock_addr = stock_listener.local_addr().expect("addr");
+        let stock_config = stock::Config {
+            addr: stock_addr,
+            amqp: BrokerNodes::parse(stock_amqp).expect("AMQP URL"),
+            store: stock::store::StoreLocation::Sqlite(data.path().join("stock.db")),
+            seed_units: 10,
+            prefetch: 16,
+            consumer_context: tracehop_telemetry::messaging::ConsumerContext::Parent,
+            baggage_span_attributes: Vec::new(),
+            broker_give_up: Duration::from_secs(60),
+            drain_timeout: drain,
+        };
+        let stock =
+            tokio::spawn(stock::run(stock_listener, stock_config, Telemetry::disabled("stock"), until_stopped()));
+        Self { checkout_addr, stock_addr, checkout, stock, stop, _data: data }
+    }
+
+    /// Waits until checkout answers SERVING and stock consumes.
+    async fn wait_until_ready(&self) {
+        let http = reqwest::Client::new();
+        let started = tokio::time::Instant::now();
+        loop {
+            let stock_up = http
+                .get(format!("http://{}/healthz", self.stock_addr))
+                .send()
+                .await
+                .is_ok_and(|answer| answer.status().is_success());
+            if stock_up && checkout::healthcheck(self.checkout_addr).await {
+                return;
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "checkout and stock not ready within 30 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Signals shutdown; both must return, with `Ok`, within 10 s.
+    async fn stop_within_10_s(self, why: &str) {
+        self.stop.send(true).expect("services running");
+        let checkout = tokio::time::timeout(Duration::from_secs(10), self.checkout).await;
+        assert!(matches!(checkout, Ok(Ok(Ok(())))), "checkout did not return {why}: {checkout:?}");
+        let stock = tokio::time::timeout(Duration::from_secs(10), self.stock).await;
+        assert!(matches!(stock, Ok(Ok(Ok(())))), "stock did not return {why}: {stock:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_never_finish_a_call_or_read_their_answers_do_not_hold_up_shutdown() {
-    use tracehop_broker::connection::BrokerNodes;
-    use tracehop_telemetry::Telemetry;
     let vhost = TestVhost::create();
-    let data = tempfile::tempdir().expect("dir");
-    let amqp = BrokerNodes::parse(vhost.url()).expect("AMQP URL");
-    let drain = Duration::from_secs(1);
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let until_stopped = || {
-        let mut stopped = stopped.clone();
-        async move {
-            let _ = stopped.wait_for(|stop| *stop).await;
-        }
-    };
-    let checkout_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let checkout_addr = checkout_listener.local_addr().expect("addr");
-    let checkout_config = checkout::Config {
-        addr: checkout_addr,
-        amqp: amqp.clone(),
-        publish_timeout: Duration::from_millis(1500),
-        broker_give_up: Duration::from_secs(60),
-        baggage_span_attributes: Vec::new(),
-        drain_timeout: drain,
-    };
-    let checkout = tokio::spawn(checkout::run(
-        checkout_listener,
-        checkout_config,
-        Telemetry::disabled("checkout"),
-        until_stopped(),
-    ));
-    let stock_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let stock_addr = stock_listener.local_addr().expect("addr");
-    let stock_config = stock::Config {
-        addr: stock_addr,
-        amqp,
-        store: stock::store::StoreLocation::Sqlite(data.path().join("stock.db")),
-        seed_units: 10,
-        prefetch: 16,
-        consumer_context: tracehop_telemetry::messaging::ConsumerContext::Parent,
-        baggage_span_attributes: Vec::new(),
-        broker_give_up: Duration::from_secs(60),
-        drain_timeout: drain,
-    };
-    let stock = tokio::spawn(stock::run(stock_listener, stock_config, Telemetry::disabled("stock"), until_stopped()));
-
-    let _call = unfinished_grpc_call(checkout_addr).await;
-    let _unread = unread_http_answers(stock_addr).await;
+    let services = TwoServices::start(vhost.url(), vhost.url()).await;
+    services.wait_until_ready().await;
+    let _call = unfinished_grpc_call(services.checkout_addr).await;
+    let _unread = unread_http_answers(services.stock_addr).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    stop.send(true).expect("services running");
     // Without the drain deadline (1 s here) each graceful shutdown waits for its client forever
     // (seen with either bound removed).
-    let checkout = tokio::time::timeout(Duration::from_secs(10), checkout).await;
-    assert!(matches!(checkout, Ok(Ok(Ok(())))), "checkout did not return after its drain deadline: {checkout:?}");
-    let stock = tokio::time::timeout(Duration::from_secs(10), stock).await;
-    assert!(matches!(stock, Ok(Ok(Ok(())))), "stock did not return after its drain deadline: {stock:?}");
+    services.stop_within_10_s("after its drain deadline").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_blocks_its_clients_does_not_hold_up_shutdown() {
+    let vhost = TestVhost::create();
+    let (to_checkout, to_stock) = (AmqpProxy::start().await, AmqpProxy::start().await);
+    let services = TwoServices::start(&to_checkout.url(&vhost), &to_stock.url(&vhost)).await;
+    services.wait_until_ready().await;
+    // As under a resource alarm: lapin then writes nothing, so the consumer's cancel and the
+    // connections' close would wait for the alarm to clear (seen: both services still running
+    // after 10 s without their bounds).
+    to_checkout.block();
+    to_stock.block();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    services.stop_within_10_s("while the broker blocked it").await;
 }

@@ -121,13 +121,6 @@ impl Lease<'_> {
             });
         }
     }
-
-    /// Swaps the channel for a fresh one on the current connection.
-    async fn renew(&mut self) -> Result<(), PublishError> {
-        self.pooled = None;
-        self.pooled = Some(self.pool.fresh().await?);
-        Ok(())
-    }
 }
 
 impl Drop for Lease<'_> {
@@ -310,8 +303,10 @@ impl Publisher {
                         return Err(error.into());
                     }
                     tracing::warn!(%error, "publish interrupted; waiting for the broker connection to be replaced");
-                    self.broker.replaced(generation).await;
-                    lease.renew().await?;
+                    // Its permit back first: with every permit held by a waiting publish, none
+                    // could take a second one.
+                    drop(lease);
+                    lease = self.lease().await?;
                 }
             }
         }

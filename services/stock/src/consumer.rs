@@ -217,33 +217,42 @@ pub async fn consume(
     let mut failing_since: Option<Instant> = None;
     tokio::pin!(shutdown);
     let outcome = loop {
-        let current = handler.broker.link().generation;
-        let (channel, consumer, generation) = match open(&handler.broker, prefetch).await {
+        let link = handler.broker.link();
+        let (current, was_up) = (link.generation, link.connection.status().connected());
+        drop(link);
+        // A broker that blocks its clients (a resource alarm) stalls the open: shutdown wins.
+        let opened = tokio::select! {
+            () = &mut shutdown => break Ok(()),
+            opened = open(&handler.broker, prefetch) => opened,
+        };
+        let (channel, consumer, generation) = match opened {
             Ok(opened) => opened,
-            // Only a first open that fails is a startup failure. Later, the connection is being
-            // replaced (the broker restarted, or a frame lapin cannot parse killed it while the
-            // broker stays up): wait for the new one rather than stop consuming for good. If
-            // none comes, the broker's health turns `Lost` and stops stock.
-            Err(error) if (consumed_before || current > 0) && handler.broker.lost(current).await => {
-                tracing::warn!(%error, "broker connection lost; consuming again once it is replaced");
-                tokio::select! {
-                    () = &mut shutdown => break Ok(()),
-                    () = handler.broker.replaced(current) => continue,
+            // Only a first open that fails is a startup failure.
+            Err(error) if !consumed_before && current == 0 => break Err(ConsumeError::Open(error)),
+            Err(error) => {
+                // Later, the broker restarted, or a frame lapin cannot parse killed the
+                // connection: keep trying, as long as stock has consumed within `give_up`.
+                // Time without any connection is the broker health's to judge (`Lost` stops
+                // stock); an open that fails on a connection that was up counts here, also when
+                // the broker closes the connection over it.
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                if was_up && since.elapsed() >= give_up {
+                    break Err(ConsumeError::Open(error));
                 }
-            }
-            Err(error)
-                if (consumed_before || current > 0)
-                    && failing_since.get_or_insert_with(Instant::now).elapsed() < give_up =>
-            {
-                // The connection is up, the consumer not (yet): try again shortly (shutdown
-                // still wins).
+                if handler.broker.lost(current).await {
+                    tracing::warn!(%error, "broker connection lost; consuming again once it is replaced");
+                    tokio::select! {
+                        () = &mut shutdown => break Ok(()),
+                        () = handler.broker.replaced(current) => continue,
+                    }
+                }
+                // The connection is up, the consumer not (yet): try again shortly.
                 tracing::warn!(%error, "cannot consume yet; retrying");
                 tokio::select! {
                     () = &mut shutdown => break Ok(()),
                     () = tokio::time::sleep(Duration::from_millis(500)) => continue,
                 }
             }
-            Err(error) => break Err(ConsumeError::Open(error)),
         };
         consumed_before = true;
         failing_since = None;
@@ -280,8 +289,12 @@ async fn session(
         tokio::select! {
             () = shutdown.as_mut() => {
                 // Stop taking work; deliveries not yet started go back to the queue.
-                if let Err(error) = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await {
-                    tracing::debug!(%error, "cancelling the consumer");
+                // Bounded: a broker that blocks its clients (a resource alarm) never answers.
+                let cancel = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default());
+                match tokio::time::timeout(Duration::from_secs(1), cancel).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => tracing::debug!(%error, "cancelling the consumer"),
+                    Err(_) => tracing::warn!("the broker did not confirm the consumer's cancel; shutting down anyway"),
                 }
                 return Session::Shutdown;
             }

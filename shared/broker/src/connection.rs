@@ -285,12 +285,20 @@ impl Broker {
         gone()
     }
 
-    /// Closes the connection (normal shutdown) and stops the supervisor.
+    /// Closes the connection (normal shutdown) and stops the supervisor. Waits at most a second
+    /// for the broker to confirm, and not at all while it blocks its clients (a resource alarm:
+    /// lapin then writes nothing); the broker sees the socket close with the process either way.
     pub async fn close(&self) {
         self.inner.closing.store(true, Ordering::Relaxed);
         let link = self.link();
-        if let Err(error) = link.connection.close(200, "shutting down".into()).await {
-            tracing::debug!(%error, "closing the broker connection");
+        if link.connection.status().blocked() {
+            tracing::warn!("the broker blocks this connection; not waiting to close it");
+            return;
+        }
+        match tokio::time::timeout(Duration::from_secs(1), link.connection.close(200, "shutting down".into())).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::debug!(%error, "closing the broker connection"),
+            Err(_) => tracing::warn!("the broker did not confirm closing the connection within a second"),
         }
     }
 }
@@ -337,6 +345,11 @@ async fn replace(inner: &Inner, lost: &Link) {
         abandoned.store(true, Ordering::Relaxed);
     }
     match outcome {
+        // Shutdown began meanwhile: nobody would close this one.
+        Ok(Ok(fresh)) if inner.closing.load(Ordering::Relaxed) => {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), fresh.connection.close(200, "shutting down".into())).await;
+        }
         Ok(Ok(fresh)) => {
             tracing::warn!(generation = fresh.generation, "broker connection lost; replaced it");
             inner.link.send_replace(fresh);

@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`rabbit`]: a RabbitMQ vhost of its own per test, on the machine's broker.
+//! - [`amqp_proxy`]: a proxy to it that blocks or cuts a service's connection on cue.
 //! - [`postgres`]: a PostgreSQL database of its own per test.
 //! - [`node`]: throw-away RabbitMQ nodes to stop, kill and restart.
 //! - [`process`]: the services as child processes (SIGKILL, SIGTERM, memory).
@@ -10,6 +11,7 @@
 //! Where the infrastructure is missing, fixtures panic with what to start: a test that quietly
 //! skips because its broker is absent would pass while proving nothing.
 
+pub mod amqp_proxy;
 pub mod node;
 pub mod otlp;
 pub mod postgres;

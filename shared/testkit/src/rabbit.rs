@@ -21,6 +21,14 @@ fn broker_base() -> String {
     }
 }
 
+/// `host:port` of the broker in `AMQP_ADDR`.
+pub(crate) fn broker_address() -> String {
+    let base = broker_base();
+    let authority = base.split_once("://").map_or(base.as_str(), |(_, rest)| rest);
+    let address = authority.rsplit_once('@').map_or(authority, |(_, address)| address);
+    if address.contains(':') { address.to_owned() } else { format!("{address}:5672") }
+}
+
 /// The user tests connect as, who gets permissions on each test vhost.
 fn broker_user() -> String {
     let addr = amqp_addr();
