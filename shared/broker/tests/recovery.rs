@@ -61,24 +61,36 @@ async fn assert_replaced_and_nothing_left_hanging(broker: &Broker) {
     assert_eq!(threads, 1, "the lost connection's I/O thread is still there 5 s after its replacement");
 }
 
+/// Holds the service's frames back, starts `operation` (its frame then stays queued), cuts the
+/// connection, and checks that the operation failed, as it must, within 10 s.
+async fn cut_during<T: Send + 'static>(
+    proxy: &AmqpProxy,
+    what: &str,
+    operation: impl std::future::Future<Output = lapin::Result<T>> + Send + 'static,
+) {
+    proxy.block();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let running = tokio::spawn(operation);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.cut();
+    match tokio::time::timeout(Duration::from_secs(10), running).await {
+        Ok(Ok(Err(_))) => {}
+        Ok(Ok(Ok(_))) => panic!("{what} as the connection died succeeded"),
+        other => panic!("{what} as the connection died: {:?}", other.map(|joined| joined.map(|_| ()))),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_lost_while_a_channel_is_being_opened_is_replaced_and_leaves_nothing_hanging() {
     let vhost = TestVhost::create();
     let (broker, proxy) = connect_through_proxy(&vhost).await;
     let (_kept, _) = broker.channel().await.expect("a first channel");
     assert_eq!(io_threads(), 1);
-
-    proxy.block();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let opening = tokio::spawn({
+    let opening = {
         let broker = broker.clone();
-        async move { broker.channel().await.map(|_| ()) }
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    proxy.cut();
-    let opened = tokio::time::timeout(Duration::from_secs(10), opening).await;
-    assert!(matches!(opened, Ok(Ok(Err(_)))), "the channel asked for as the connection died: {opened:?}");
-
+        async move { broker.channel().await }
+    };
+    cut_during(&proxy, "the channel asked for", opening).await;
     assert_replaced_and_nothing_left_hanging(&broker).await;
 }
 
@@ -91,21 +103,13 @@ async fn a_connection_lost_while_a_consumer_starts_is_replaced_and_leaves_nothin
         .queue_declare("orders".into(), QueueDeclareOptions::default(), FieldTable::default())
         .await
         .expect("declare");
-
-    proxy.block();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let consuming = tokio::spawn(async move {
-        // As stock's consumer does: the channel is dropped when the consumer cannot start.
+    // As stock's consumer does: the channel is dropped when the consumer cannot start.
+    let consuming = async move {
         channel
             .basic_consume("orders".into(), "stock".into(), BasicConsumeOptions::default(), FieldTable::default())
             .await
-            .map(|_| ())
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    proxy.cut();
-    let consumed = tokio::time::timeout(Duration::from_secs(10), consuming).await;
-    assert!(matches!(consumed, Ok(Ok(Err(_)))), "the consumer started as the connection died: {consumed:?}");
-
+    };
+    cut_during(&proxy, "the consumer started", consuming).await;
     assert_replaced_and_nothing_left_hanging(&broker).await;
 }
 
