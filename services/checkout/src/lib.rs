@@ -25,7 +25,7 @@ use tracehop_broker::connection::{Broker, BrokerHealth};
 use tracehop_proto::{CHECKOUT_SERVICE, CheckoutServiceServer};
 use tracehop_telemetry::Telemetry;
 use tracehop_telemetry::grpc::GrpcServerLayer;
-use tracehop_telemetry::shutdown::with_drain_deadline;
+use tracehop_telemetry::shutdown::serve_draining;
 
 pub use config::Config;
 
@@ -77,19 +77,15 @@ pub async fn run(
             () = lost => { let _ = stopped.send(true); }
         }
     };
-    let (stop, deadline) = with_drain_deadline(stop, config.drain_timeout);
-    let serve = tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .layer(GrpcServerLayer::new(telemetry.clone()).baggage_attributes(&config.baggage_span_attributes))
         .add_service(health_service)
-        .add_service(CheckoutServiceServer::new(CheckoutApi::new(publisher, telemetry.meter())))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stop);
-    tokio::select! {
-        served = serve => served?,
-        () = deadline => tracing::warn!(
-            drain = ?config.drain_timeout,
-            "calls still in progress at the drain deadline; no longer waiting for them"
-        ),
-    }
+        .add_service(CheckoutServiceServer::new(CheckoutApi::new(publisher, telemetry.meter())));
+    serve_draining(stop, config.drain_timeout, |stop| {
+        server.serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stop)
+    })
+    .await
+    .transpose()?;
     broker.close().await;
     if *stopped_by.borrow_and_update() { Err(RunError::BrokerLost) } else { Ok(()) }
 }

@@ -46,7 +46,7 @@ pub enum PublishError {
     /// No confirm within the deadline (including time spent waiting for a reconnection).
     #[error("no confirm within {0:?}")]
     Timeout(Duration),
-    /// The connection or channel failed, and no replacement came in time.
+    /// The channel failed on a connection still up, or no channel could be opened.
     #[error("broker connection")]
     Broker(#[from] lapin::Error),
     /// The event could not be serialised (a bug, never bad input).
@@ -298,13 +298,15 @@ impl Publisher {
                 // again on the new one (within the deadline the caller set). An error on a
                 // channel of a connection still up is that channel's: given back.
                 Err(error) => {
-                    let generation = lease.generation();
-                    if !self.broker.lost(generation).await {
+                    // The broker closing the channel (a soft error) leaves the connection up.
+                    if error.is_amqp_soft_error() || !self.broker.lost(lease.generation()).await {
                         return Err(error.into());
                     }
                     tracing::warn!(%error, "publish interrupted; waiting for the broker connection to be replaced");
-                    // Its permit back first: with every permit held by a waiting publish, none
-                    // could take a second one.
+                    // The lost connection's channel is not pooled again, and the permit is given
+                    // back first: with every permit held by a waiting publish, none could take a
+                    // second one.
+                    lease.pooled = None;
                     drop(lease);
                     lease = self.lease().await?;
                 }

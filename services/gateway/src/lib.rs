@@ -33,7 +33,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tracehop_proto::CheckoutServiceClient;
 use tracehop_telemetry::grpc::{GrpcClientLayer, GrpcClientService};
 use tracehop_telemetry::http::{HttpServerLayer, SERVER_TIMING, TRACERESPONSE};
-use tracehop_telemetry::shutdown::with_drain_deadline;
+use tracehop_telemetry::shutdown::serve_draining;
 use tracehop_telemetry::{ConfigError, Telemetry};
 
 pub use config::Config;
@@ -145,15 +145,11 @@ pub async fn run(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, checkout = %config.checkout_url, "gateway listening");
     }
-    let (shutdown, deadline) = with_drain_deadline(shutdown, config.drain_timeout);
-    let serve = axum::serve(listener, app).with_graceful_shutdown(shutdown).into_future();
-    tokio::select! {
-        served = serve => served?,
-        () = deadline => tracing::warn!(
-            drain = ?config.drain_timeout,
-            "requests still in progress at the drain deadline; no longer waiting for them"
-        ),
-    }
+    serve_draining(shutdown, config.drain_timeout, |shutdown| {
+        axum::serve(listener, app).with_graceful_shutdown(shutdown).into_future()
+    })
+    .await
+    .transpose()?;
     Ok(())
 }
 

@@ -215,6 +215,7 @@ pub async fn consume(
     let mut in_flight = JoinSet::new();
     let mut consumed_before = false;
     let mut failing_since: Option<Instant> = None;
+    let mut cancel = None;
     tokio::pin!(shutdown);
     let outcome = loop {
         let link = handler.broker.link();
@@ -231,12 +232,11 @@ pub async fn consume(
             Err(error) if !consumed_before && current == 0 => break Err(ConsumeError::Open(error)),
             Err(error) => {
                 // Later, the broker restarted, or a frame lapin cannot parse killed the
-                // connection: keep trying, as long as stock has consumed within `give_up`.
-                // Time without any connection is the broker health's to judge (`Lost` stops
-                // stock); an open that fails on a connection that was up counts here, also when
-                // the broker closes the connection over it.
-                let since = *failing_since.get_or_insert_with(Instant::now);
-                if was_up && since.elapsed() >= give_up {
+                // connection: keep trying. Opens that fail on a connection that was up (also
+                // when the broker closes the connection over them) stop stock after `give_up`;
+                // time without any connection is the broker health's to judge (`Lost` stops
+                // stock).
+                if was_up && failing_since.get_or_insert_with(Instant::now).elapsed() >= give_up {
                     break Err(ConsumeError::Open(error));
                 }
                 if handler.broker.lost(current).await {
@@ -257,16 +257,33 @@ pub async fn consume(
         consumed_before = true;
         failing_since = None;
         handler.consuming.send_replace(true);
+        let tag = consumer.tag();
         let session = session(&handler, &channel, consumer, generation, &mut in_flight, &mut shutdown).await;
         handler.consuming.send_replace(false);
         match session {
-            Session::Shutdown => break Ok(()),
+            Session::Shutdown => {
+                cancel = Some((channel, tag));
+                break Ok(());
+            }
             Session::Interrupted => tracing::warn!("consuming again, on a new channel"),
             Session::Failed(error) => break Err(error),
         }
     };
+    // One deadline for the cancel and the deliveries in progress: a broker that blocks its
+    // clients (a resource alarm) answers neither the cancel nor the acks.
+    let deadline = Instant::now() + drain;
+    if let Some((channel, tag)) = cancel {
+        // Stop taking work; deliveries not yet started go back to the queue.
+        let cancelled = channel.basic_cancel(tag, BasicCancelOptions::default());
+        match tokio::time::timeout_at(deadline.into(), cancelled).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::debug!(%error, "cancelling the consumer"),
+            Err(_) => tracing::warn!("the broker did not confirm the consumer's cancel; shutting down anyway"),
+        }
+    }
     let pending = in_flight.len();
-    if tokio::time::timeout(drain, async { while in_flight.join_next().await.is_some() {} }).await.is_err() {
+    let drained = async { while in_flight.join_next().await.is_some() {} };
+    if tokio::time::timeout_at(deadline.into(), drained).await.is_err() {
         tracing::warn!(
             pending = in_flight.len(),
             "deliveries still in progress at the drain deadline; the broker will redeliver them"
@@ -287,17 +304,7 @@ async fn session(
 ) -> Session {
     loop {
         tokio::select! {
-            () = shutdown.as_mut() => {
-                // Stop taking work; deliveries not yet started go back to the queue.
-                // Bounded: a broker that blocks its clients (a resource alarm) never answers.
-                let cancel = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default());
-                match tokio::time::timeout(Duration::from_secs(1), cancel).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(error)) => tracing::debug!(%error, "cancelling the consumer"),
-                    Err(_) => tracing::warn!("the broker did not confirm the consumer's cancel; shutting down anyway"),
-                }
-                return Session::Shutdown;
-            }
+            () = shutdown.as_mut() => return Session::Shutdown,
             Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
             () = handler.broker.replaced(generation) => return Session::Interrupted,
             next = consumer.next() => match next {

@@ -18,6 +18,7 @@ pub mod store;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::FutureExt as _;
 
@@ -26,7 +27,7 @@ use tokio::sync::watch;
 use tracehop_broker::catalog;
 use tracehop_broker::connection::{Broker, BrokerHealth};
 use tracehop_telemetry::Telemetry;
-use tracehop_telemetry::shutdown::with_drain_deadline;
+use tracehop_telemetry::shutdown::serve_draining;
 
 pub use config::Config;
 
@@ -101,16 +102,9 @@ pub async fn run(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "stock admin API listening");
     }
-    let (stop_admin, admin_deadline) = with_drain_deadline(until_stopped(stopped.clone()), config.drain_timeout);
-    let serving = async {
-        tokio::select! {
-            served = axum::serve(listener, router).with_graceful_shutdown(stop_admin) => served,
-            () = admin_deadline => {
-                tracing::warn!(drain = ?config.drain_timeout, "admin requests still in progress at the drain deadline");
-                Ok(())
-            }
-        }
-    };
+    let serving = serve_draining(until_stopped(stopped.clone()), config.drain_timeout, |stop| {
+        axum::serve(listener, router).with_graceful_shutdown(stop).into_future()
+    });
     let consuming = async {
         let shutdown = until_stopped(stopped.clone());
         let consumed =
@@ -125,8 +119,15 @@ pub async fn run(
         consumed
     };
     let (served, consumed) = tokio::join!(serving, consuming);
-    broker.close().await;
-    store.close().await;
+    let served = served.unwrap_or(Ok(()));
+    // Both bounded: an admin request still running past the drain deadline can hold a
+    // PostgreSQL connection the pool's close waits for.
+    let closing_store = async {
+        if tokio::time::timeout(Duration::from_secs(1), store.close()).await.is_err() {
+            tracing::warn!("the store did not close within a second; exiting anyway");
+        }
+    };
+    tokio::join!(broker.close(), closing_store);
     if *stopped.borrow() == Some(true) {
         return Err(RunError::BrokerLost);
     }

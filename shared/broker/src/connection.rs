@@ -270,13 +270,13 @@ impl Broker {
     /// replacement ([`Broker::replaced`]). Ask after one of its channels failed: `false` means
     /// the connection is still up and the failure concerns that channel alone. lapin marks the
     /// connection lost from a task of its own, a moment after it may already have failed a
-    /// publish in flight, so this waits up to 100 ms for that before answering `false`.
+    /// publish in flight, so this waits up to half a second for that before answering `false`.
     pub async fn lost(&self, generation: u64) -> bool {
         let gone = || {
             let link = self.inner.link.borrow();
             link.generation != generation || !link.connection.status().connected()
         };
-        for _ in 0..20 {
+        for _ in 0..100 {
             if gone() {
                 return true;
             }
@@ -285,21 +285,10 @@ impl Broker {
         gone()
     }
 
-    /// Closes the connection (normal shutdown) and stops the supervisor. Waits at most a second
-    /// for the broker to confirm, and not at all while it blocks its clients (a resource alarm:
-    /// lapin then writes nothing); the broker sees the socket close with the process either way.
+    /// Closes the connection (normal shutdown) and stops the supervisor.
     pub async fn close(&self) {
-        self.inner.closing.store(true, Ordering::Relaxed);
-        let link = self.link();
-        if link.connection.status().blocked() {
-            tracing::warn!("the broker blocks this connection; not waiting to close it");
-            return;
-        }
-        match tokio::time::timeout(Duration::from_secs(1), link.connection.close(200, "shutting down".into())).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => tracing::debug!(%error, "closing the broker connection"),
-            Err(_) => tracing::warn!("the broker did not confirm closing the connection within a second"),
-        }
+        self.inner.closing.store(true, Ordering::SeqCst);
+        close_within(&self.link().connection).await;
     }
 }
 
@@ -310,7 +299,7 @@ async fn supervise(inner: std::sync::Weak<Inner>) {
     loop {
         tokio::time::sleep(CHECK_EVERY).await;
         let Some(inner) = inner.upgrade() else { return };
-        if inner.closing.load(Ordering::Relaxed) {
+        if inner.closing.load(Ordering::SeqCst) {
             return;
         }
         let link = inner.link.borrow().clone();
@@ -335,6 +324,21 @@ async fn supervise(inner: std::sync::Weak<Inner>) {
     }
 }
 
+/// Closes `connection`, waiting at most half a second for the broker to confirm, and not at all
+/// while it blocks its clients (a resource alarm: lapin then writes nothing); the broker sees
+/// the socket close with the process either way.
+async fn close_within(connection: &Connection) {
+    if connection.status().blocked() {
+        tracing::warn!("the broker blocks this connection; not waiting to close it");
+        return;
+    }
+    match tokio::time::timeout(Duration::from_millis(500), connection.close(200, "shutting down".into())).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::debug!(%error, "closing the broker connection"),
+        Err(_) => tracing::warn!("the broker did not confirm closing the connection in time"),
+    }
+}
+
 /// Opens the next connection and publishes it in place of the lost one.
 async fn replace(inner: &Inner, lost: &Link) {
     let abandoned = Arc::new(AtomicBool::new(false));
@@ -345,14 +349,15 @@ async fn replace(inner: &Inner, lost: &Link) {
         abandoned.store(true, Ordering::Relaxed);
     }
     match outcome {
-        // Shutdown began meanwhile: nobody would close this one.
-        Ok(Ok(fresh)) if inner.closing.load(Ordering::Relaxed) => {
-            let _ =
-                tokio::time::timeout(Duration::from_secs(1), fresh.connection.close(200, "shutting down".into())).await;
-        }
         Ok(Ok(fresh)) => {
             tracing::warn!(generation = fresh.generation, "broker connection lost; replaced it");
+            let connection = fresh.connection.clone();
             inner.link.send_replace(fresh);
+            // `close` sets `closing`, then closes the current link: if it began before the
+            // link changed, this sees it and closes the new one itself.
+            if inner.closing.load(Ordering::SeqCst) {
+                close_within(&connection).await;
+            }
         }
         Ok(Err(error)) => tracing::debug!(%error, "replacing the broker connection failed"),
         Err(_) => tracing::debug!("replacing the broker connection timed out"),

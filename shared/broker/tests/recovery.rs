@@ -5,7 +5,10 @@
 //! client the broker is blocked, as RabbitMQ does under a resource alarm, so lapin queues what
 //! it would send), then cuts the connection: the state of a service whose node died just as it
 //! asked for a channel. With lapin 4.12's auto-recovery, this left its I/O thread deadlocked
-//! for good (both tests fail with it turned back on).
+//! for good (the first two tests fail with it turned back on).
+//!
+//! The tests count lapin's I/O threads in the whole process: they need a process each, as
+//! `cargo nextest` (`scripts/test`) runs them.
 
 use std::time::Duration;
 
@@ -61,15 +64,27 @@ async fn assert_replaced_and_nothing_left_hanging(broker: &Broker) {
     assert_eq!(threads, 1, "the lost connection's I/O thread is still there 5 s after its replacement");
 }
 
+/// Tells the broker's client it is blocked, and waits until lapin has taken it in.
+async fn block(proxy: &AmqpProxy, broker: &Broker) {
+    proxy.block();
+    for _ in 0..250 {
+        if broker.link().connection.status().blocked() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("lapin did not take the connection as blocked within 5 s");
+}
+
 /// Holds the service's frames back, starts `operation` (its frame then stays queued), cuts the
 /// connection, and checks that the operation failed, as it must, within 10 s.
 async fn cut_during<T: Send + 'static>(
     proxy: &AmqpProxy,
+    broker: &Broker,
     what: &str,
     operation: impl std::future::Future<Output = lapin::Result<T>> + Send + 'static,
 ) {
-    proxy.block();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    block(proxy, broker).await;
     let running = tokio::spawn(operation);
     tokio::time::sleep(Duration::from_millis(200)).await;
     proxy.cut();
@@ -90,7 +105,7 @@ async fn a_connection_lost_while_a_channel_is_being_opened_is_replaced_and_leave
         let broker = broker.clone();
         async move { broker.channel().await }
     };
-    cut_during(&proxy, "the channel asked for", opening).await;
+    cut_during(&proxy, &broker, "the channel asked for", opening).await;
     assert_replaced_and_nothing_left_hanging(&broker).await;
 }
 
@@ -109,7 +124,7 @@ async fn a_connection_lost_while_a_consumer_starts_is_replaced_and_leaves_nothin
             .basic_consume("orders".into(), "stock".into(), BasicConsumeOptions::default(), FieldTable::default())
             .await
     };
-    cut_during(&proxy, "the consumer started", consuming).await;
+    cut_during(&proxy, &broker, "the consumer started", consuming).await;
     assert_replaced_and_nothing_left_hanging(&broker).await;
 }
 
@@ -117,9 +132,15 @@ async fn a_connection_lost_while_a_consumer_starts_is_replaced_and_leaves_nothin
 async fn closing_a_connection_the_broker_blocks_does_not_wait_for_it() {
     let vhost = TestVhost::create();
     let (broker, proxy) = connect_through_proxy(&vhost).await;
-    proxy.block();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    block(&proxy, &broker).await;
     // lapin writes nothing while blocked: the close's frame would wait for the alarm to clear.
+    // A connection that is not blocked gets half a second to confirm; a blocked one none.
+    let started = std::time::Instant::now();
     let closed = tokio::time::timeout(Duration::from_secs(5), broker.close()).await;
     assert!(closed.is_ok(), "closing a blocked connection waited 5 s");
+    assert!(
+        started.elapsed() < Duration::from_millis(250),
+        "closing a blocked connection waited {:?}",
+        started.elapsed()
+    );
 }

@@ -30,38 +30,50 @@ pub async fn signal() {
     }
 }
 
-/// Bounds a server's graceful shutdown: returns `shutdown` to hand to the server, and a deadline
-/// that completes `drain` after it. Race the server against the deadline, so a client that never
-/// finishes its request (servers read one without a deadline) cannot keep the process from
-/// flushing its telemetry and exiting:
+/// The shutdown signal [`serve_draining`] hands its server.
+pub type Signal = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Runs the server `serve` builds around its graceful-shutdown signal, which completes with
+/// `shutdown`; from then on waits at most `drain` for the server to finish, so a client that
+/// never finishes its request or never reads its answer (servers wait for both without a
+/// deadline) cannot keep the process from flushing its telemetry and exiting. `None` when the
+/// deadline came first: the connections still open end with the process.
 ///
 /// ```no_run
-/// # async fn serve(shutdown: impl std::future::Future<Output = ()>) {}
-/// # async fn example() {
+/// # async fn example(listener: tokio::net::TcpListener, app: axum::Router) -> std::io::Result<()> {
+/// use std::future::IntoFuture;
 /// use std::time::Duration;
-/// let (shutdown, deadline) =
-///     tracehop_telemetry::shutdown::with_drain_deadline(tracehop_telemetry::shutdown::signal(), Duration::from_secs(5));
-/// tokio::select! {
-///     () = serve(shutdown) => {}
-///     () = deadline => tracing::warn!("requests still in progress at the drain deadline"),
-/// }
+/// use tracehop_telemetry::shutdown::{serve_draining, signal};
+/// serve_draining(signal(), Duration::from_secs(5), |shutdown| {
+///     axum::serve(listener, app).with_graceful_shutdown(shutdown).into_future()
+/// })
+/// .await
+/// .transpose()?;
+/// # Ok(())
 /// # }
 /// ```
-pub fn with_drain_deadline(
+pub async fn serve_draining<F: Future>(
     shutdown: impl Future<Output = ()> + Send + 'static,
     drain: std::time::Duration,
-) -> (impl Future<Output = ()> + Send + 'static, impl Future<Output = ()> + Send + 'static) {
+    serve: impl FnOnce(Signal) -> F,
+) -> Option<F::Output> {
     let (signalled, draining) = tokio::sync::oneshot::channel();
-    let shutdown = async move {
+    let served = serve(Box::pin(async move {
         shutdown.await;
         let _ = signalled.send(());
-    };
+    }));
     let deadline = async move {
-        // Unsent only when the server dropped `shutdown`: it has ended, and this never completes.
+        // Unsent only when the server dropped its signal: it has ended, and this never completes.
         match draining.await {
             Ok(()) => tokio::time::sleep(drain).await,
             Err(_) => std::future::pending().await,
         }
     };
-    (shutdown, deadline)
+    tokio::select! {
+        served = served => Some(served),
+        () = deadline => {
+            tracing::warn!(?drain, "requests still in progress at the drain deadline; no longer waiting for them");
+            None
+        }
+    }
 }
