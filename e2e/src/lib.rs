@@ -222,6 +222,7 @@ impl Pipeline {
             cors_origins: options.cors_origins.clone(),
             baggage_span_attributes: options.baggage_span_attributes.clone(),
             drain_timeout: Duration::from_secs(5),
+            header_timeout: Duration::from_secs(10),
         };
         let gateway_telemetry = telemetry("gateway", &endpoint, &options);
         telemetries.push(gateway_telemetry.clone());

@@ -202,6 +202,7 @@ async fn traced_gateway(
         cors_origins: vec!["*".to_owned()],
         baggage_span_attributes: vec![],
         drain_timeout: Duration::from_secs(1),
+        header_timeout: Duration::from_secs(10),
     };
     tokio::spawn(gateway::run(listener, gateway, telemetry.clone(), std::future::pending()));
     (format!("http://{addr}/api/checkout"), telemetry)

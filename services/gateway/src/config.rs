@@ -28,6 +28,9 @@ pub struct Config {
     pub baggage_span_attributes: Vec<String>,
     /// `SHUTDOWN_DRAIN_SECS`: how long shutdown waits for requests in progress.
     pub drain_timeout: Duration,
+    /// `GATEWAY_HEADER_TIMEOUT_MS`: how long a client may take to send a request's headers, and
+    /// a connection may stay idle between requests, before it is closed.
+    pub header_timeout: Duration,
 }
 
 impl Config {
@@ -42,6 +45,7 @@ impl Config {
         "GATEWAY_CORS_ORIGINS",
         "BAGGAGE_SPAN_ATTRIBUTES",
         "SHUTDOWN_DRAIN_SECS",
+        "GATEWAY_HEADER_TIMEOUT_MS",
     ];
 
     /// Reads the process environment.
@@ -58,6 +62,10 @@ impl Config {
         let body_limit: usize = env.parse_or("GATEWAY_BODY_LIMIT", 64 * 1024)?;
         if body_limit == 0 {
             return Err(ConfigError::new("GATEWAY_BODY_LIMIT", "must be at least 1 byte"));
+        }
+        let header_timeout = Duration::from_millis(env.parse_or("GATEWAY_HEADER_TIMEOUT_MS", 10_000)?);
+        if header_timeout.is_zero() {
+            return Err(ConfigError::new("GATEWAY_HEADER_TIMEOUT_MS", "must be at least 1 ms"));
         }
         Ok(Self {
             addr: env.parse_or("GATEWAY_ADDR", SocketAddr::from(([0, 0, 0, 0], 8080)))?,
@@ -77,6 +85,7 @@ impl Config {
             cors_origins: env.list_or("GATEWAY_CORS_ORIGINS", "*"),
             baggage_span_attributes: env.list_or("BAGGAGE_SPAN_ATTRIBUTES", "customer.id"),
             drain_timeout: Duration::from_secs(env.parse_or("SHUTDOWN_DRAIN_SECS", 5)?),
+            header_timeout,
         })
     }
 }
