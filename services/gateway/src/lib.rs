@@ -18,6 +18,7 @@ pub mod link;
 pub mod page;
 
 use std::future::Future;
+use std::io::ErrorKind;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -170,10 +171,15 @@ async fn serve_http(listener: TcpListener, app: Router, header_timeout: Duration
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
+                // A client that gave up before its connection was accepted.
+                Err(error) if matches!(
+                    error.kind(),
+                    ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset | ErrorKind::ConnectionRefused
+                ) => continue,
                 Err(error) => {
-                    // Out of file descriptors, say: wait a little for some to close (axum waits 1 s).
+                    // Out of file descriptors, say: wait for some to close, as axum does.
                     tracing::error!(%error, "cannot accept a connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
             },
