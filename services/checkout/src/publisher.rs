@@ -153,10 +153,10 @@ impl ChannelPool {
         Ok(Pooled { channel, generation })
     }
 
-    async fn lease(&self) -> Result<Lease<'_>, PublishError> {
+    /// A channel of connection `current` (an idle one, else a fresh one).
+    async fn lease(&self, current: u64) -> Result<Lease<'_>, PublishError> {
         let permit = self.permits.acquire().await.map_err(|_| PublishError::Closed)?;
         let idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop();
-        let current = self.broker.link().generation;
         let pooled = match idle {
             // A channel the broker closed (a protocol error), or one of a lost connection, is
             // replaced.
@@ -219,7 +219,7 @@ impl Publisher {
     /// Declares the shared topology (on the pool's first channel) and opens the pool.
     pub async fn open(broker: Broker, telemetry: Telemetry, timeout: Duration) -> Result<Self, PublishError> {
         let pool = std::sync::Arc::new(ChannelPool::new(broker.clone(), CHANNELS));
-        drop(pool.lease().await?);
+        drop(pool.lease(broker.generation()).await?);
         Ok(Self { broker, pool, telemetry, timeout, destination: topology::publish_destination() })
     }
 
@@ -255,8 +255,8 @@ impl Publisher {
     /// the caller's deadline).
     async fn lease(&self) -> Result<Lease<'_>, PublishError> {
         loop {
-            let generation = self.broker.link().generation;
-            match self.pool.lease().await {
+            let generation = self.broker.generation();
+            match self.pool.lease(generation).await {
                 Err(PublishError::Broker(error)) if self.broker.lost(generation).await => {
                     tracing::warn!(%error, "broker connection lost; waiting for its replacement to publish");
                     self.broker.replaced(generation).await;

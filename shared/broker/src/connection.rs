@@ -243,6 +243,11 @@ impl Broker {
         self.inner.link.borrow().clone()
     }
 
+    /// The current connection's generation (what [`Broker::link`] says, without cloning it).
+    pub fn generation(&self) -> u64 {
+        self.inner.link.borrow().generation
+    }
+
     /// Changes when the connection is replaced: open channels (and consumers) again then.
     pub fn links(&self) -> watch::Receiver<Link> {
         self.inner.link.subscribe()
