@@ -3,8 +3,9 @@
 //!
 //! `AMQP_ADDR` is one URI or a comma-separated list of a cluster's nodes. Our connect function
 //! walks the node list: the first node that answers wins, and when that node goes away the
-//! replacement lands on another one without a restart. Credentials and vhost come from the
-//! first URI; the nodes of one cluster share them.
+//! replacement lands on another one without a restart. A node that accepts TCP but does not
+//! finish the AMQP handshake within its `connection_timeout` is cut off and passed over.
+//! Credentials and vhost come from the first URI; the nodes of one cluster share them.
 //!
 //! lapin's own auto-recovery is off: in lapin 4.12 it deadlocks its I/O thread when the
 //! connection dies while a channel is being opened (or a consumer started) with that
@@ -14,12 +15,13 @@
 //! generation; the supervisor opens the next one, and publishers and consumers open their
 //! channels, topology and consumers again on it.
 
+use std::os::fd::AsFd as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use backon::ExponentialBuilder;
-use lapin::tcp::AMQPUriTcpExt;
+use lapin::tcp::{AMQPUriTcpExt, AsyncTcpStream};
 use lapin::uri::AMQPUri;
 use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::sync::watch;
@@ -28,7 +30,7 @@ use tracehop_telemetry::messaging::BrokerPeer;
 /// Heartbeat asked for when the URI sets none: a dead peer is noticed within ~2x this.
 pub const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 /// TCP connect timeout per node when the URI sets none, so a node that drops packets does not
-/// stall the walk to the next one.
+/// stall the walk to the next one; the AMQP handshake that follows gets as long again.
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2000;
 
 /// The broker nodes from `AMQP_ADDR`.
@@ -163,8 +165,10 @@ async fn open(
                 .with_jitter(),
         );
     let (connect_nodes, connect_current) = (nodes.clone(), current.clone());
+    let handshake = HandshakeWatch::default();
+    let connect_handshake = handshake.0.clone();
     let runtime = lapin::runtime::default_runtime()?;
-    let connection = Connection::connector(
+    let connecting = Connection::connector(
         nodes.uris[0].clone(),
         runtime,
         async move |_uri, runtime| {
@@ -172,6 +176,15 @@ async fn open(
                 return Err(lapin::Error::from(std::io::Error::other("connection attempt abandoned")));
             }
             let count = connect_nodes.uris.len();
+            // lapin connects again when a handshake failed: that node goes last this time.
+            if let Some(failed) = lock(&connect_handshake).take() {
+                let _ = connect_current.compare_exchange(
+                    failed.node,
+                    (failed.node + 1) % count,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+            }
             let start = connect_current.load(Ordering::Relaxed);
             let mut last_error = None;
             // Start with the node that worked last; then the others, in order.
@@ -179,12 +192,19 @@ async fn open(
                 let index = (start + step) % count;
                 // lapin ignores the URI's connection_timeout on this path: bound it here, so a
                 // node that drops packets does not stall the walk to the next one.
-                let timeout = Duration::from_millis(
-                    connect_nodes.uris[index].query.connection_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS),
-                );
+                let timeout = connect_timeout(&connect_nodes.uris[index]);
                 match tokio::time::timeout(timeout, connect_nodes.uris[index].connect_async(&runtime)).await {
                     Ok(Ok(stream)) => {
                         connect_current.store(index, Ordering::Relaxed);
+                        let socket = match &stream {
+                            AsyncTcpStream::Plain(plain) => plain.get_ref().as_fd().try_clone_to_owned().ok(),
+                            _ => None,
+                        };
+                        *lock(&connect_handshake) = socket.map(|socket| Handshake {
+                            socket: socket.into(),
+                            node: index,
+                            deadline: tokio::time::Instant::now() + timeout,
+                        });
                         return Ok(stream);
                     }
                     Ok(Err(error)) => last_error = Some(error),
@@ -194,9 +214,84 @@ async fn open(
             Err(lapin::Error::from(last_error.unwrap_or_else(|| std::io::ErrorKind::NotConnected.into())))
         },
         properties,
-    )
-    .await?;
+    );
+    // lapin has no handshake timeout: a node that accepts TCP but never speaks AMQP (a frozen
+    // broker, whose kernel still accepts) would hold the connect, and its I/O thread, for good.
+    // Past the deadline the socket is shut down; lapin then connects again, from the next node.
+    let mut connecting = std::pin::pin!(connecting);
+    let mut check = tokio::time::interval(HANDSHAKE_CHECK_EVERY);
+    let connection = loop {
+        tokio::select! {
+            connected = &mut connecting => break connected?,
+            _ = check.tick() => handshake.cut_if_overdue(nodes, current),
+        }
+    };
+    // Done: the duplicate goes (it would keep the socket open past lapin's close).
+    drop(lock(&handshake.0).take());
     Ok(Link { connection: Arc::new(connection), generation })
+}
+
+/// How often a connect looks at its handshake's deadline.
+const HANDSHAKE_CHECK_EVERY: Duration = Duration::from_millis(100);
+
+/// A TCP connection handed to lapin whose AMQP handshake has not finished yet.
+struct Handshake {
+    /// A duplicate of lapin's socket: shutting it down ends lapin's reads and writes as well.
+    socket: std::net::TcpStream,
+    /// The node it goes to.
+    node: usize,
+    /// The TCP connect and the handshake, each within the URI's `connection_timeout`.
+    deadline: tokio::time::Instant,
+}
+
+/// The URI's `connection_timeout`, or [`DEFAULT_CONNECT_TIMEOUT_MS`].
+fn connect_timeout(uri: &AMQPUri) -> Duration {
+    Duration::from_millis(uri.query.connection_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS))
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The handshake of the connection being opened, if one is under way. Dropped with the connect
+/// (an attempt abandoned after its time, or failed), it shuts the socket of a handshake still
+/// under way, so lapin's I/O thread does not wait on it for good.
+#[derive(Default)]
+struct HandshakeWatch(Arc<std::sync::Mutex<Option<Handshake>>>);
+
+impl HandshakeWatch {
+    /// Shuts the handshake's socket down once its deadline has passed, and points the next
+    /// attempt at the node after it (lapin connects again at once).
+    fn cut_if_overdue(&self, nodes: &BrokerNodes, current: &AtomicUsize) {
+        let Some(overdue) = lock(&self.0).take_if(|pending| tokio::time::Instant::now() >= pending.deadline) else {
+            return;
+        };
+        let next = (overdue.node + 1) % nodes.len();
+        let _ = current.compare_exchange(overdue.node, next, Ordering::Relaxed, Ordering::Relaxed);
+        let peer = nodes.peer(overdue.node);
+        tracing::warn!(
+            node = %format_args!("{}:{}", peer.address, peer.port),
+            timeout_ms = connect_timeout(&nodes.uris[overdue.node]).as_millis() as u64,
+            "the node accepted the TCP connection but did not complete the AMQP handshake in time; trying the next node"
+        );
+        overdue.cut();
+    }
+}
+
+impl Drop for HandshakeWatch {
+    fn drop(&mut self) {
+        if let Some(pending) = lock(&self.0).take() {
+            pending.cut();
+        }
+    }
+}
+
+impl Handshake {
+    fn cut(self) {
+        if let Err(error) = self.socket.shutdown(std::net::Shutdown::Both) {
+            tracing::debug!(%error, "shutting down an unfinished handshake's socket");
+        }
+    }
 }
 
 /// Whether any node accepts a TCP connection right now.

@@ -1,5 +1,6 @@
 //! A connection lost while a channel is being opened, or a consumer started, is replaced and
-//! leaves nothing hanging; a connection the broker blocks closes at once.
+//! leaves nothing hanging; a connection the broker blocks closes at once; a node that accepts
+//! TCP but never answers AMQP is passed over, when connecting and when replacing.
 //!
 //! A proxy between the broker and the service holds the service's frames back (it tells the
 //! client the broker is blocked, as RabbitMQ does under a resource alarm, so lapin queues what
@@ -15,7 +16,7 @@ use std::time::Duration;
 use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use tracehop_broker::connection::{Broker, BrokerNodes};
-use tracehop_testkit::amqp_proxy::AmqpProxy;
+use tracehop_testkit::amqp_proxy::{AmqpProxy, FrozenNode};
 use tracehop_testkit::rabbit::TestVhost;
 
 /// lapin's I/O threads in this process: one per live connection.
@@ -143,4 +144,35 @@ async fn closing_a_connection_the_broker_blocks_does_not_wait_for_it() {
         "closing a blocked connection waited {:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_accepts_tcp_but_never_answers_amqp_is_passed_over() {
+    let vhost = TestVhost::create();
+    let frozen = FrozenNode::start();
+    let list = format!("{}?connection_timeout=300, {}", frozen.url(&vhost), vhost.url());
+    let nodes = BrokerNodes::parse(&list).expect("nodes");
+    let connecting = Broker::connect(nodes, "frozen-test", Duration::from_secs(30));
+    let broker = tokio::time::timeout(Duration::from_secs(10), connecting)
+        .await
+        .expect("the connect still waits on the frozen node after 10 s")
+        .expect("connect");
+    assert_ne!(broker.peer().port, frozen.port(), "connected to the frozen node");
+    broker.channel().await.expect("a channel on the node that answers");
+    assert_eq!(io_threads(), 1, "an I/O thread besides the connection's");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replacement_passes_over_a_node_that_accepts_tcp_but_never_answers_amqp() {
+    let vhost = TestVhost::create();
+    let proxy = AmqpProxy::start().await;
+    let frozen = FrozenNode::start();
+    // The proxy's node goes away; the next in the list is frozen, the last one answers.
+    let list = format!("{}, {}?connection_timeout=300, {}", proxy.url(&vhost), frozen.url(&vhost), vhost.url());
+    let nodes = BrokerNodes::parse(&list).expect("nodes");
+    let broker = Broker::connect(nodes, "frozen-test", Duration::from_secs(30)).await.expect("connect");
+    proxy.stop();
+    proxy.cut();
+    assert_replaced_and_nothing_left_hanging(&broker).await;
+    assert_ne!(broker.peer().port, frozen.port(), "replaced by a connection to the frozen node");
 }

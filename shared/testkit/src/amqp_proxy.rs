@@ -24,6 +24,8 @@ struct Latest {
 pub struct AmqpProxy {
     port: u16,
     latest: Arc<Mutex<Latest>>,
+    /// Stops the accept loop (the port then refuses connections).
+    stop: Arc<tokio::sync::Notify>,
 }
 
 impl AmqpProxy {
@@ -34,8 +36,15 @@ impl AmqpProxy {
         let port = listener.local_addr().expect("the proxy's address").port();
         let latest = Arc::new(Mutex::new(Latest::default()));
         let proxied = latest.clone();
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let stopped = stop.clone();
         tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
+            loop {
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    () = stopped.notified() => return,
+                };
+                let Ok((client, _)) = accepted else { return };
                 let Ok(server) = TcpStream::connect(&upstream).await else { continue };
                 let (inject, injected) = mpsc::unbounded_channel();
                 let (cut, cut_off) = oneshot::channel();
@@ -49,16 +58,12 @@ impl AmqpProxy {
                 });
             }
         });
-        Self { port, latest }
+        Self { port, latest, stop }
     }
 
     /// The AMQP URI of `vhost` through the proxy.
     pub fn url(&self, vhost: &TestVhost) -> String {
-        let url = vhost.url();
-        let authority = url.find("://").map_or(0, |i| i + 3);
-        let host_end = authority + url[authority..].find('/').unwrap_or(url.len() - authority);
-        let host_start = url[..host_end].rfind('@').map_or(authority, |at| at + 1);
-        format!("{}127.0.0.1:{}{}", &url[..host_start], self.port, &url[host_end..])
+        url_at(vhost, self.port)
     }
 
     /// Sends the latest connection's client `connection.blocked`. (The broker's frames arrive
@@ -73,6 +78,12 @@ impl AmqpProxy {
         frame.push(0xCE);
         let latest = self.latest.lock().unwrap_or_else(PoisonError::into_inner);
         latest.inject.as_ref().expect("a connection through the proxy").send(frame).expect("relay running");
+    }
+
+    /// Stops listening, as a node that is gone: connections to its port are refused. The
+    /// connections it has relay on until [`AmqpProxy::cut`].
+    pub fn stop(&self) {
+        self.stop.notify_one();
     }
 
     /// Cuts the latest connection.
@@ -103,5 +114,37 @@ async fn relay(client: TcpStream, server: TcpStream, mut injected: mpsc::Unbound
     tokio::select! {
         () = upstream => {}
         () = downstream => {}
+    }
+}
+
+/// The AMQP URI of `vhost` on a loopback `port`.
+fn url_at(vhost: &TestVhost, port: u16) -> String {
+    let url = vhost.url();
+    let authority = url.find("://").map_or(0, |i| i + 3);
+    let host_end = authority + url[authority..].find('/').unwrap_or(url.len() - authority);
+    let host_start = url[..host_end].rfind('@').map_or(authority, |at| at + 1);
+    format!("{}127.0.0.1:{}{}", &url[..host_start], port, &url[host_end..])
+}
+
+/// A node that accepts TCP connections and never says a word: a frozen broker, whose kernel
+/// still completes TCP handshakes. It never calls `accept`; the kernel queues the connections.
+pub struct FrozenNode {
+    listener: std::net::TcpListener,
+}
+
+impl FrozenNode {
+    /// Listens on a free loopback port.
+    pub fn start() -> Self {
+        Self { listener: std::net::TcpListener::bind("127.0.0.1:0").expect("bind the frozen node") }
+    }
+
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().expect("the frozen node's address").port()
+    }
+
+    /// The AMQP URI of `vhost` on this node.
+    pub fn url(&self, vhost: &TestVhost) -> String {
+        url_at(vhost, self.port())
     }
 }
