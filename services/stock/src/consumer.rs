@@ -309,8 +309,8 @@ async fn session(
             () = handler.broker.replaced(generation) => return Session::Interrupted,
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
-                    let (handler, channel) = (handler.clone(), channel.clone());
-                    in_flight.spawn(async move { handler.handle(delivery, &channel).await });
+                    let (handler, channel, acker) = (handler.clone(), channel.clone(), delivery.acker.clone());
+                    in_flight.spawn(requeued_on_panic(acker, async move { handler.handle(delivery, &channel).await }));
                 }
                 Some(Err(error)) => {
                     tracing::warn!(%error, "consumer interrupted");
@@ -320,6 +320,25 @@ async fn session(
                 None => return Session::Failed(ConsumeError::Cancelled),
             },
         }
+    }
+}
+
+/// Runs `handling`; should it panic (a bug), its delivery goes back to the queue at once rather
+/// than hold one of the consumer's prefetch slots until the channel closes (panic after panic
+/// would stall the consumer). The queue's delivery limit dead-letters a message that keeps
+/// failing. A delivery already settled stays settled (lapin's acker is used once).
+async fn requeued_on_panic(acker: lapin::Acker, handling: impl std::future::Future<Output = ()>) {
+    use futures_util::FutureExt as _;
+    if std::panic::AssertUnwindSafe(handling).catch_unwind().await.is_ok() {
+        return;
+    }
+    match acker.nack(BasicNackOptions { requeue: true, multiple: false }).await {
+        Ok(true) => tracing::error!("handling a delivery panicked; it goes back to the queue"),
+        Ok(false) => tracing::error!("handling a delivery panicked after it was settled"),
+        Err(error) => tracing::error!(
+            %error,
+            "handling a delivery panicked and its nack failed; the broker redelivers it when the channel closes"
+        ),
     }
 }
 
@@ -656,6 +675,56 @@ mod tests {
     use tracehop_broker::event::Item;
 
     use super::*;
+
+    #[tokio::test]
+    async fn a_delivery_whose_handling_panics_goes_back_to_the_queue_at_once() {
+        use lapin::options::QueueDeclareOptions;
+        let vhost = tracehop_testkit::rabbit::TestVhost::create();
+        let connection =
+            lapin::Connection::connect(vhost.url(), lapin::ConnectionProperties::default()).await.expect("connect");
+        let channel = connection.create_channel().await.expect("channel");
+        let queue = "panics";
+        channel
+            .queue_declare(queue.into(), QueueDeclareOptions::default(), FieldTable::default())
+            .await
+            .expect("declare");
+        channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                b"order",
+                BasicProperties::default(),
+            )
+            .await
+            .expect("publish");
+        // One delivery at a time: a slot the panic kept would keep the message from coming back.
+        channel.basic_qos(1, BasicQosOptions::default()).await.expect("qos");
+        let mut consumer = channel
+            .basic_consume(queue.into(), "stock".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await
+            .expect("consume");
+        let next = async |consumer: &mut lapin::Consumer| {
+            let next = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await;
+            next.expect("no delivery within 5 s").expect("the consumer ended").expect("a delivery")
+        };
+        let first = next(&mut consumer).await;
+        let panicking = requeued_on_panic(first.acker.clone(), async { panic!("a bug in the handler") });
+        tokio::spawn(panicking).await.expect("the panic is caught");
+        let again = next(&mut consumer).await;
+        assert!(again.redelivered, "another message came instead");
+        assert_eq!(again.data, b"order");
+        // A handler that settled before it panicked: the delivery stays settled.
+        let acker = again.acker.clone();
+        let settled = async move {
+            acker.ack(BasicAckOptions::default()).await.expect("ack");
+            panic!("a bug after the ack");
+        };
+        tokio::spawn(requeued_on_panic(again.acker.clone(), settled)).await.expect("the panic is caught");
+        let back = tokio::time::timeout(Duration::from_millis(500), consumer.next()).await;
+        assert!(back.is_err(), "the acked delivery came back: {back:?}");
+        assert!(channel.status().connected(), "the channel closed");
+    }
 
     fn event(order_id: &str, sku: &str) -> CheckoutProcessed {
         CheckoutProcessed {
