@@ -167,6 +167,39 @@ async fn an_unroutable_publish_never_yields_202() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_the_broker_nacks_never_yields_202() {
+    let pipeline = Pipeline::start(Options::default()).await;
+    let connection =
+        lapin::Connection::connect(&pipeline.amqp_url, lapin::ConnectionProperties::default()).await.expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    let (exchange, key) = (tracehop_broker::topology::EXCHANGE, tracehop_broker::topology::ROUTING_KEY);
+    // A second queue on the event's route that refuses every message: the broker then nacks
+    // each publish (one of its queues refused it).
+    let mut full = lapin::types::FieldTable::default();
+    full.insert("x-max-length".into(), lapin::types::AMQPValue::LongLongInt(0));
+    full.insert("x-overflow".into(), lapin::types::AMQPValue::LongString("reject-publish".into()));
+    let declare = channel.queue_declare("always-full".into(), lapin::options::QueueDeclareOptions::default(), full);
+    declare.await.expect("declare");
+    let bind = channel.queue_bind(
+        "always-full".into(),
+        exchange.into(),
+        key.into(),
+        lapin::options::QueueBindOptions::default(),
+        lapin::types::FieldTable::default(),
+    );
+    bind.await.expect("bind");
+    let report = pipeline.load_client().run(64, 16, Arc::new(AtomicUsize::new(0))).await;
+    assert!(report.accepted.is_empty(), "a nacked order got a 202: {:?}", report.statuses);
+    assert_eq!(report.statuses.get("503"), Some(&64), "{:?}", report.statuses);
+    let delete = channel.queue_delete("always-full".into(), lapin::options::QueueDeleteOptions::default());
+    delete.await.expect("delete");
+    let after = pipeline.load_client().run(8, 4, Arc::new(AtomicUsize::new(0))).await;
+    assert_eq!(after.accepted.len(), 8, "202s come back with the queue gone: {:?}", after.statuses);
+    println!("nacked: 64 concurrent orders -> {:?}; with the full queue gone -> {:?}", report.statuses, after.statuses);
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_trace_backend_fails_no_request_and_delays_no_shutdown() {
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let endpoint = format!("http://{}", closed.local_addr().expect("addr"));
