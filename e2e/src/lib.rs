@@ -164,6 +164,7 @@ impl Pipeline {
                     baggage_span_attributes: options.baggage_span_attributes.clone(),
                     broker_give_up: Duration::from_secs(60),
                     drain_timeout: Duration::from_secs(5),
+                    header_timeout: Duration::from_secs(10),
                 };
                 let stock_telemetry = telemetry("stock", &endpoint, &options);
                 telemetries.push(stock_telemetry.clone());

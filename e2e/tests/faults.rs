@@ -366,6 +366,32 @@ fn stock_on(amqp: &str, data: &tempfile::TempDir, extra: &[(&str, &str)]) -> Ser
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stocks_admin_api_closes_a_client_that_never_finishes_its_headers() {
+    let vhost = TestVhost::create();
+    let data = tempfile::tempdir().expect("dir");
+    let [port] = tracehop_testkit::free_ports();
+    let addr = format!("127.0.0.1:{port}");
+    let stock = stock_on(vhost.url(), &data, &[("STOCK_ADDR", &addr), ("STOCK_HEADER_TIMEOUT_MS", "500")]);
+    let started = tokio::time::Instant::now();
+    while stock.count("stock admin API listening") == 0 {
+        assert!(started.elapsed() < Duration::from_secs(30), "stock did not start: {:#?}", stock.lines());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+    // Headers begun, never ended (no blank line): axum::serve kept such a connection for good.
+    let request = "GET /healthz HTTP/1.1\r\nhost: stock\r\n";
+    tokio::io::AsyncWriteExt::write_all(&mut slow, request.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    let closed =
+        tokio::time::timeout(Duration::from_secs(10), tokio::io::AsyncReadExt::read_to_end(&mut slow, &mut answer))
+            .await;
+    assert!(closed.is_ok(), "stock kept a connection whose headers never ended for 10 s");
+    let answered = reqwest::get(format!("http://{addr}/healthz")).await.expect("stock answers a whole request");
+    println!("stock's admin API closed the half-sent request; then /healthz -> {}", answered.status());
+    stock.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stock_exits_non_zero_when_it_cannot_consume() {
     let vhost = TestVhost::create();
     // The user may not declare anything here: the topology, hence the consumer, cannot be set up
@@ -526,6 +552,7 @@ impl TwoServices {
             baggage_span_attributes: Vec::new(),
             broker_give_up: Duration::from_secs(60),
             drain_timeout: drain,
+            header_timeout: Duration::from_secs(60),
         };
         let stock =
             tokio::spawn(stock::run(stock_listener, stock_config, Telemetry::disabled("stock"), until_stopped()));

@@ -89,3 +89,26 @@ impl Config {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn config(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        Config::from_lookup(&Env::from_map(&map))
+    }
+
+    #[test]
+    fn the_header_deadline_is_10_s_unless_set_and_never_zero() {
+        assert_eq!(config(&[]).expect("defaults").header_timeout, Duration::from_secs(10));
+        assert_eq!(
+            config(&[("GATEWAY_HEADER_TIMEOUT_MS", "250")]).expect("set").header_timeout,
+            Duration::from_millis(250)
+        );
+        let error = config(&[("GATEWAY_HEADER_TIMEOUT_MS", "0")]).expect_err("zero turns the deadline off");
+        assert!(error.to_string().contains("GATEWAY_HEADER_TIMEOUT_MS"), "{error}");
+    }
+}

@@ -18,7 +18,6 @@ pub mod link;
 pub mod page;
 
 use std::future::Future;
-use std::io::ErrorKind;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,9 +26,6 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use http::header::{CONTENT_TYPE, HeaderName};
 use http::{HeaderValue, Method};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tonic::transport::{Channel, Endpoint};
 use tower::ServiceBuilder;
@@ -37,7 +33,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tracehop_proto::CheckoutServiceClient;
 use tracehop_telemetry::grpc::{GrpcClientLayer, GrpcClientService};
 use tracehop_telemetry::http::{HttpServerLayer, SERVER_TIMING, TRACERESPONSE};
-use tracehop_telemetry::shutdown::{Signal, serve_draining};
+use tracehop_telemetry::shutdown::{serve_draining, serve_http};
 use tracehop_telemetry::{ConfigError, Telemetry};
 
 pub use config::Config;
@@ -154,47 +150,6 @@ pub async fn run(
     })
     .await;
     Ok(())
-}
-
-/// Serves `app` on `listener` until `shutdown`, then finishes the requests in progress. As
-/// `axum::serve`, with one difference: a deadline for a request's headers. hyper has one
-/// (`header_read_timeout`), but axum runs hyper without a timer, which leaves it off: a client
-/// that sent part of its headers and then nothing kept its connection, socket and task for good,
-/// and enough such clients exhaust the process's file descriptors. The deadline also closes a
-/// connection idle that long between requests.
-async fn serve_http(listener: TcpListener, app: Router, header_timeout: Duration, shutdown: Signal) {
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new()).header_read_timeout(header_timeout);
-    let connections = GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                // A client that gave up before its connection was accepted.
-                Err(error) if matches!(
-                    error.kind(),
-                    ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset | ErrorKind::ConnectionRefused
-                ) => continue,
-                Err(error) => {
-                    // Out of file descriptors, say: wait for some to close, as axum does.
-                    tracing::error!(%error, "cannot accept a connection");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let service = TowerToHyperService::new(app.clone());
-        let connection = connections.watch(http.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "HTTP connection ended");
-            }
-        });
-    }
-    drop(listener);
-    connections.shutdown().await;
 }
 
 /// Why the gateway stopped other than by a shutdown signal.

@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use tracehop_broker::catalog;
 use tracehop_broker::connection::{Broker, BrokerHealth};
 use tracehop_telemetry::Telemetry;
-use tracehop_telemetry::shutdown::serve_draining;
+use tracehop_telemetry::shutdown::{serve_draining, serve_http};
 
 pub use config::Config;
 
@@ -50,9 +50,6 @@ pub enum RunError {
     /// Consuming stopped for good.
     #[error("consumer")]
     Consume(#[from] ConsumeError),
-    /// The admin HTTP server failed.
-    #[error("admin HTTP server")]
-    Serve(#[from] std::io::Error),
 }
 
 /// Consumes and serves the admin API on `listener` until `shutdown` completes.
@@ -103,7 +100,7 @@ pub async fn run(
         tracing::info!(%addr, "stock admin API listening");
     }
     let serving = serve_draining(until_stopped(stopped.clone()), config.drain_timeout, |stop| {
-        axum::serve(listener, router).with_graceful_shutdown(stop).into_future()
+        serve_http(listener, router, config.header_timeout, stop)
     });
     let consuming = async {
         let shutdown = until_stopped(stopped.clone());
@@ -118,8 +115,8 @@ pub async fn run(
         }
         consumed
     };
-    let (served, consumed) = tokio::join!(serving, consuming);
-    let served = served.unwrap_or(Ok(()));
+    // The admin API's accept loop only ends at shutdown (it waits out accept errors).
+    let (_, consumed) = tokio::join!(serving, consuming);
     // Both bounded: an admin request still running past the drain deadline can hold a
     // PostgreSQL connection the pool's close waits for.
     let closing_store = async {
@@ -132,6 +129,5 @@ pub async fn run(
         return Err(RunError::BrokerLost);
     }
     consumed?;
-    served?;
     Ok(())
 }

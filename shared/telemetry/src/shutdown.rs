@@ -1,6 +1,14 @@
 //! The one shutdown signal every service drains on: SIGINT (Ctrl-C) or SIGTERM (docker stop,
-//! Kubernetes). Feed it to `axum::serve(..).with_graceful_shutdown`, tonic's
-//! `serve_with_incoming_shutdown` and the consumer's `select!`.
+//! Kubernetes). Feed it to [`serve_http`], tonic's `serve_with_incoming_shutdown` and the
+//! consumer's `select!`; [`serve_draining`] bounds how long a server may take to finish.
+
+use std::io::ErrorKind;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
 
 /// Completes on the first SIGINT or SIGTERM.
 pub async fn signal() {
@@ -40,21 +48,17 @@ pub type Signal = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 /// deadline came first: the connections still open end with the process.
 ///
 /// ```no_run
-/// # async fn example(listener: tokio::net::TcpListener, app: axum::Router) -> std::io::Result<()> {
-/// use std::future::IntoFuture;
+/// # async fn example(listener: tokio::net::TcpListener, app: axum::Router) {
 /// use std::time::Duration;
-/// use tracehop_telemetry::shutdown::{serve_draining, signal};
-/// serve_draining(signal(), Duration::from_secs(5), |shutdown| {
-///     axum::serve(listener, app).with_graceful_shutdown(shutdown).into_future()
-/// })
-/// .await
-/// .transpose()?;
-/// # Ok(())
+/// use tracehop_telemetry::shutdown::{serve_draining, serve_http, signal};
+/// let header_timeout = Duration::from_secs(10);
+/// serve_draining(signal(), Duration::from_secs(5), |shutdown| serve_http(listener, app, header_timeout, shutdown))
+///     .await;
 /// # }
 /// ```
 pub async fn serve_draining<F: Future>(
     shutdown: impl Future<Output = ()> + Send + 'static,
-    drain: std::time::Duration,
+    drain: Duration,
     serve: impl FnOnce(Signal) -> F,
 ) -> Option<F::Output> {
     let (signalled, draining) = tokio::sync::oneshot::channel();
@@ -76,4 +80,45 @@ pub async fn serve_draining<F: Future>(
             None
         }
     }
+}
+
+/// Serves `app` on `listener` until `shutdown`, then finishes the requests in progress. As
+/// `axum::serve`, with one difference: a deadline for a request's headers. hyper has one
+/// (`header_read_timeout`), but axum runs hyper without a timer, which leaves it off: a client
+/// that sent part of its headers and then nothing kept its connection, socket and task for good,
+/// and enough such clients exhaust the process's file descriptors. The deadline also closes a
+/// connection idle that long between requests.
+pub async fn serve_http(listener: TcpListener, app: axum::Router, header_timeout: Duration, shutdown: Signal) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(header_timeout);
+    let connections = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                // A client that gave up before its connection was accepted.
+                Err(error) if matches!(
+                    error.kind(),
+                    ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset | ErrorKind::ConnectionRefused
+                ) => continue,
+                Err(error) => {
+                    // Out of file descriptors, say: wait for some to close, as axum does.
+                    tracing::error!(%error, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let connection = connections.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "HTTP connection ended");
+            }
+        });
+    }
+    drop(listener);
+    connections.shutdown().await;
 }

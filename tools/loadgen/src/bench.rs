@@ -3,6 +3,7 @@
 //! at half the maximum throughput (off, on, on, off at the same rate); CPU seconds per 1,000
 //! orders and peak RSS of each service. Everything runs in one invocation, so the figures
 //! compare.
+//! `--compare spans` pairs telemetry off against spans alone (metrics off): tracing by itself.
 //! `--compare metrics` instead pairs spans alone against spans and metrics: the cost of the
 //! metrics by themselves.
 //!
@@ -65,8 +66,22 @@ pub enum Compare {
     /// `OTEL_SDK_DISABLED=true` against spans and metrics exported (with the raw ceiling and
     /// the half-load latency run).
     Tracing,
+    /// `OTEL_SDK_DISABLED=true` against spans alone (`OTEL_METRICS_EXPORTER=none`): tracing
+    /// by itself, as the target words it (with the raw ceiling and the half-load runs).
+    Spans,
     /// Spans alone against spans and metrics: what the metrics cost.
     Metrics,
+}
+
+impl Compare {
+    /// The telemetry of a pair's "off" run and of its "on" run.
+    fn sides(self) -> (Telemetry, Telemetry) {
+        match self {
+            Self::Tracing => (Telemetry::Off, Telemetry::SpansAndMetrics),
+            Self::Spans => (Telemetry::Off, Telemetry::Spans),
+            Self::Metrics => (Telemetry::Spans, Telemetry::SpansAndMetrics),
+        }
+    }
 }
 
 /// The telemetry of one run's services.
@@ -413,7 +428,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "nothing to run: --pairs 0 needs --half-load-rate"
     );
     anyhow::ensure!(
-        args.compare == Compare::Tracing || args.half_load_rate.is_none(),
+        args.compare != Compare::Metrics || args.half_load_rate.is_none(),
         "--half-load-rate: --compare metrics has no half-load runs"
     );
     // The dump keeps every span: meant for the latency runs alone, not for full-speed pairs.
@@ -426,10 +441,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .map(|path| std::fs::File::create(path).map_err(|e| anyhow::anyhow!("--dump-spans {}: {e}", path.display())))
         .transpose()?;
     let spans = crate::sink::spawn_on_own_thread(listener, dump)?;
-    let (off, on) = match args.compare {
-        Compare::Tracing => (Telemetry::Off, Telemetry::SpansAndMetrics),
-        Compare::Metrics => (Telemetry::Spans, Telemetry::SpansAndMetrics),
-    };
+    let (off, on) = args.compare.sides();
     let mut pairs = Vec::new();
     let mut raw = Vec::new();
     for pair in 0..args.pairs {
@@ -445,7 +457,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             let off_run = pipeline_run(&args, off, None, &sink, &spans).await?;
             Pair { off: off_run, on: pipeline_run(&args, on, None, &sink, &spans).await?, on_first }
         });
-        if args.compare == Compare::Tracing {
+        if args.compare != Compare::Metrics {
             let vhost = Vhost::create()?;
             let bystanders = Bystanders::start();
             let report = crate::raw::run(&format!("{}/{}", args.amqp, vhost.0), &load(&args, "raw", None)).await?;
@@ -457,7 +469,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // All at the same rate, so the latency tracing adds shows apart from the machine's own; in
     // the order off, on, on, off, so that neither side always runs second.
     let mut half_load = Vec::new();
-    if args.compare == Compare::Tracing {
+    if args.compare != Compare::Metrics {
         let rate = args
             .half_load_rate
             .unwrap_or_else(|| median(pairs.iter().map(|pair| pair.on.report.throughput).collect()) / 2.0);
@@ -741,6 +753,13 @@ mod tests {
         let dump = BenchArgs { pairs: 1, dump_spans: Some("spans.dump".into()), ..args };
         let error = super::run(dump).await.expect_err("a dump of full-speed pairs");
         assert!(error.to_string().contains("--dump-spans needs --pairs 0"), "{error}");
+    }
+
+    #[test]
+    fn each_comparison_pairs_its_two_telemetries() {
+        assert_eq!(Compare::Tracing.sides(), (Telemetry::Off, Telemetry::SpansAndMetrics));
+        assert_eq!(Compare::Spans.sides(), (Telemetry::Off, Telemetry::Spans));
+        assert_eq!(Compare::Metrics.sides(), (Telemetry::Spans, Telemetry::SpansAndMetrics));
     }
 
     #[test]
