@@ -327,19 +327,26 @@ async fn session(
 /// than hold one of the consumer's prefetch slots until the channel closes (panic after panic
 /// would stall the consumer). The queue's delivery limit dead-letters a message that keeps
 /// failing. A delivery already settled stays settled (lapin's acker is used once).
-async fn requeued_on_panic(acker: lapin::Acker, handling: impl std::future::Future<Output = ()>) {
+/// (Combinators rather than an `async fn`, which would keep `handling` twice in its state, as its
+/// argument and inside the `catch_unwind`: a task is moved whole, so its size is paid per order.)
+fn requeued_on_panic(
+    acker: lapin::Acker,
+    handling: impl std::future::Future<Output = ()>,
+) -> impl std::future::Future<Output = ()> {
     use futures_util::FutureExt as _;
-    if std::panic::AssertUnwindSafe(handling).catch_unwind().await.is_ok() {
-        return;
-    }
-    match acker.nack(BasicNackOptions { requeue: true, multiple: false }).await {
-        Ok(true) => tracing::error!("handling a delivery panicked; it goes back to the queue"),
-        Ok(false) => tracing::error!("handling a delivery panicked after it was settled"),
-        Err(error) => tracing::error!(
-            %error,
-            "handling a delivery panicked and its nack failed; the broker redelivers it when the channel closes"
-        ),
-    }
+    std::panic::AssertUnwindSafe(handling).catch_unwind().then(async move |handled| {
+        if handled.is_ok() {
+            return;
+        }
+        match acker.nack(BasicNackOptions { requeue: true, multiple: false }).await {
+            Ok(true) => tracing::error!("handling a delivery panicked; it goes back to the queue"),
+            Ok(false) => tracing::error!("handling a delivery panicked after it was settled"),
+            Err(error) => tracing::error!(
+                %error,
+                "handling a delivery panicked and its nack failed; the broker redelivers it when the channel closes"
+            ),
+        }
+    })
 }
 
 impl Handler {
@@ -472,7 +479,7 @@ impl Handler {
                 span.set_attribute(KeyValue::new(OUTCOME, "dead_lettered"));
                 tracing::warn!(reason, %error, "message can never succeed; dead-lettering it");
                 let headers = dead_letter_headers(reason, &error);
-                if self.forward(channel, delivery, &self.dead_letter, headers).await {
+                if Box::pin(self.forward(channel, delivery, &self.dead_letter, headers)).await {
                     self.count_dead_letter(reason);
                 }
             }
@@ -485,12 +492,12 @@ impl Handler {
                     span.set_attribute(KeyValue::new(OUTCOME, "retried"));
                     tracing::warn!(reason, %error, retry = retries + 1, "processing failed; retrying after a delay");
                     let extra = [(RETRY_COUNT_HEADER, AMQPValue::LongLongInt(retries + 1))];
-                    self.forward(channel, delivery, &self.retry, extra.to_vec()).await;
+                    Box::pin(self.forward(channel, delivery, &self.retry, extra.to_vec())).await;
                 } else {
                     span.set_attribute(KeyValue::new(OUTCOME, "dead_lettered"));
                     tracing::error!(reason, %error, retries, "retries exhausted; dead-lettering the message");
                     let headers = dead_letter_headers("retries_exhausted", &bounded(format!("{reason}: {error}")));
-                    if self.forward(channel, delivery, &self.dead_letter, headers).await {
+                    if Box::pin(self.forward(channel, delivery, &self.dead_letter, headers)).await {
                         self.count_dead_letter("retries_exhausted");
                     }
                 }
@@ -542,6 +549,9 @@ impl Handler {
     /// Republishes `delivery` (body, properties and trace headers, plus `extra` headers) and
     /// acks it once the broker confirmed the copy; true then. On failure the delivery is
     /// requeued, so nothing is lost; the queue's delivery limit stops that from looping forever.
+    /// Callers box its future: a publish and its confirm, it would otherwise make up most of the
+    /// size of every delivery's task (moved whole, byte by byte), where only a message that
+    /// failed needs it.
     async fn forward(
         &self,
         channel: &Channel,
