@@ -82,6 +82,15 @@ impl<'a> Env<'a> {
         Ok(self.parse(name)?.unwrap_or(default))
     }
 
+    /// A duration in milliseconds of at least 1 ms, or `default_ms` when unset: for a deadline,
+    /// which 0 would turn off.
+    pub fn millis_or(&self, name: &str, default_ms: u64) -> Result<std::time::Duration, ConfigError> {
+        match self.parse_or(name, default_ms)? {
+            0 => Err(ConfigError::new(name, "must be at least 1 ms")),
+            ms => Ok(std::time::Duration::from_millis(ms)),
+        }
+    }
+
     /// A boolean: `true` or `false` in any letter case.
     pub fn flag_or(&self, name: &str, default: bool) -> Result<bool, ConfigError> {
         match self.get(name) {
@@ -117,6 +126,17 @@ mod tests {
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn a_deadline_in_milliseconds_is_its_default_unless_set_and_never_zero() {
+        let unset = env(&[]);
+        assert_eq!(Env::from_map(&unset).millis_or("T_MS", 10_000), Ok(std::time::Duration::from_secs(10)));
+        let set = env(&[("T_MS", "250")]);
+        assert_eq!(Env::from_map(&set).millis_or("T_MS", 10_000), Ok(std::time::Duration::from_millis(250)));
+        let zero = env(&[("T_MS", "0")]);
+        let error = Env::from_map(&zero).millis_or("T_MS", 10_000).expect_err("0 turns the deadline off");
+        assert!(error.to_string().contains("T_MS") && error.to_string().contains("at least 1 ms"), "{error}");
     }
 
     #[test]
