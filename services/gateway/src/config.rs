@@ -85,3 +85,15 @@ impl Config {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_header_deadline_is_read_from_its_variable() {
+        let map = [("GATEWAY_HEADER_TIMEOUT_MS".to_owned(), "250".to_owned())].into();
+        let config = Config::from_lookup(&Env::from_map(&map)).expect("config");
+        assert_eq!(config.header_timeout, Duration::from_millis(250));
+    }
+}

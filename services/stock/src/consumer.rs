@@ -338,12 +338,18 @@ fn requeued_on_panic(
         if handled.is_ok() {
             return;
         }
-        match acker.nack(BasicNackOptions { requeue: true, multiple: false }).await {
-            Ok(true) => tracing::error!("handling a delivery panicked; it goes back to the queue"),
-            Ok(false) => tracing::error!("handling a delivery panicked after it was settled"),
-            Err(error) => tracing::error!(
+        let nack = acker.nack(BasicNackOptions { requeue: true, multiple: false });
+        match tokio::time::timeout(FORWARD_TIMEOUT, nack).await {
+            Ok(Ok(true)) => tracing::error!("handling a delivery panicked; it goes back to the queue"),
+            Ok(Ok(false)) => {
+                tracing::error!("handling a delivery panicked after it was settled, or its channel was lost")
+            }
+            Ok(Err(error)) => tracing::error!(
                 %error,
                 "handling a delivery panicked and its nack failed; the broker redelivers it when the channel closes"
+            ),
+            Err(_) => tracing::error!(
+                "handling a delivery panicked and its nack timed out; the broker redelivers it when the channel closes"
             ),
         }
     })

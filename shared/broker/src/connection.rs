@@ -4,7 +4,8 @@
 //! `AMQP_ADDR` is one URI or a comma-separated list of a cluster's nodes. Our connect function
 //! walks the node list: the first node that answers wins, and when that node goes away the
 //! replacement lands on another one without a restart. A node that accepts TCP but does not
-//! finish the AMQP handshake within its `connection_timeout` is cut off and passed over.
+//! finish the AMQP handshake within five times its `connection_timeout` is cut off and passed
+//! over.
 //! Credentials and vhost come from the first URI; the nodes of one cluster share them.
 //!
 //! lapin's own auto-recovery is off: in lapin 4.12 it deadlocks its I/O thread when the
@@ -30,7 +31,7 @@ use tracehop_telemetry::messaging::BrokerPeer;
 /// Heartbeat asked for when the URI sets none: a dead peer is noticed within ~2x this.
 pub const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 /// TCP connect timeout per node when the URI sets none, so a node that drops packets does not
-/// stall the walk to the next one; the AMQP handshake that follows gets as long again.
+/// stall the walk to the next one; the AMQP handshake that follows gets five times as long.
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2000;
 
 /// The broker nodes from `AMQP_ADDR`.
@@ -177,13 +178,11 @@ async fn open(
             }
             let count = connect_nodes.uris.len();
             // lapin connects again when a handshake failed: that node goes last this time.
-            if let Some(failed) = lock(&connect_handshake).take() {
-                let _ = connect_current.compare_exchange(
-                    failed.node,
-                    (failed.node + 1) % count,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                );
+            {
+                let mut state = lock(&connect_handshake);
+                if let Some(failed) = state.pending.take() {
+                    failed.pass_over(&connect_current, count);
+                }
             }
             let start = connect_current.load(Ordering::Relaxed);
             let mut last_error = None;
@@ -200,11 +199,23 @@ async fn open(
                             AsyncTcpStream::Plain(plain) => plain.get_ref().as_fd().try_clone_to_owned().ok(),
                             _ => None,
                         };
-                        *lock(&connect_handshake) = socket.map(|socket| Handshake {
+                        let Some(socket) = socket else {
+                            tracing::warn!("cannot watch this connection's handshake (no duplicate of its socket)");
+                            return Ok(stream);
+                        };
+                        let handshake = Handshake {
                             socket: socket.into(),
                             node: index,
-                            deadline: tokio::time::Instant::now() + timeout,
-                        });
+                            deadline: tokio::time::Instant::now() + timeout * HANDSHAKE_TIMEOUTS,
+                        };
+                        let mut state = lock(&connect_handshake);
+                        // The connect was dropped (abandoned) while this one was under way:
+                        // nobody would cut this handshake, so it does not start.
+                        if state.closed {
+                            handshake.cut();
+                            return Err(lapin::Error::from(std::io::Error::other("connection attempt abandoned")));
+                        }
+                        state.pending = Some(handshake);
                         return Ok(stream);
                     }
                     Ok(Err(error)) => last_error = Some(error),
@@ -222,17 +233,23 @@ async fn open(
     let mut check = tokio::time::interval(HANDSHAKE_CHECK_EVERY);
     let connection = loop {
         tokio::select! {
+            // A finished handshake first: never cut one that completed as the deadline passed.
+            biased;
             connected = &mut connecting => break connected?,
             _ = check.tick() => handshake.cut_if_overdue(nodes, current),
         }
     };
     // Done: the duplicate goes (it would keep the socket open past lapin's close).
-    drop(lock(&handshake.0).take());
+    drop(lock(&handshake.0).pending.take());
     Ok(Link { connection: Arc::new(connection), generation })
 }
 
 /// How often a connect looks at its handshake's deadline.
 const HANDSHAKE_CHECK_EVERY: Duration = Duration::from_millis(100);
+
+/// The AMQP handshake's deadline, in the node's `connection_timeout`s (10 s by default, as
+/// RabbitMQ's own `handshake_timeout`): long enough for a node that is slow, not frozen.
+const HANDSHAKE_TIMEOUTS: u32 = 5;
 
 /// A TCP connection handed to lapin whose AMQP handshake has not finished yet.
 struct Handshake {
@@ -240,7 +257,7 @@ struct Handshake {
     socket: std::net::TcpStream,
     /// The node it goes to.
     node: usize,
-    /// The TCP connect and the handshake, each within the URI's `connection_timeout`.
+    /// The handshake within [`HANDSHAKE_TIMEOUTS`] times the URI's `connection_timeout`.
     deadline: tokio::time::Instant,
 }
 
@@ -255,24 +272,33 @@ fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// The handshake of the connection being opened, if one is under way. Dropped with the connect
 /// (an attempt abandoned after its time, or failed), it shuts the socket of a handshake still
-/// under way, so lapin's I/O thread does not wait on it for good.
+/// under way, and keeps one from starting later, so lapin's I/O thread does not wait on it for
+/// good.
 #[derive(Default)]
-struct HandshakeWatch(Arc<std::sync::Mutex<Option<Handshake>>>);
+struct HandshakeWatch(Arc<std::sync::Mutex<HandshakeState>>);
+
+#[derive(Default)]
+struct HandshakeState {
+    pending: Option<Handshake>,
+    /// The connect is gone: a handshake that would start now is cut at once.
+    closed: bool,
+}
 
 impl HandshakeWatch {
     /// Shuts the handshake's socket down once its deadline has passed, and points the next
     /// attempt at the node after it (lapin connects again at once).
     fn cut_if_overdue(&self, nodes: &BrokerNodes, current: &AtomicUsize) {
-        let Some(overdue) = lock(&self.0).take_if(|pending| tokio::time::Instant::now() >= pending.deadline) else {
+        let mut state = lock(&self.0);
+        let Some(overdue) = state.pending.take_if(|pending| tokio::time::Instant::now() >= pending.deadline) else {
             return;
         };
-        let next = (overdue.node + 1) % nodes.len();
-        let _ = current.compare_exchange(overdue.node, next, Ordering::Relaxed, Ordering::Relaxed);
+        overdue.pass_over(current, nodes.len());
+        drop(state);
         let peer = nodes.peer(overdue.node);
         tracing::warn!(
             node = %format_args!("{}:{}", peer.address, peer.port),
-            timeout_ms = connect_timeout(&nodes.uris[overdue.node]).as_millis() as u64,
-            "the node accepted the TCP connection but did not complete the AMQP handshake in time; trying the next node"
+            timeout_ms = (connect_timeout(&nodes.uris[overdue.node]) * HANDSHAKE_TIMEOUTS).as_millis() as u64,
+            "the node accepted the TCP connection but did not complete the AMQP handshake in time; connecting again"
         );
         overdue.cut();
     }
@@ -280,14 +306,21 @@ impl HandshakeWatch {
 
 impl Drop for HandshakeWatch {
     fn drop(&mut self) {
-        if let Some(pending) = lock(&self.0).take() {
+        let mut state = lock(&self.0);
+        state.closed = true;
+        if let Some(pending) = state.pending.take() {
             pending.cut();
         }
     }
 }
 
 impl Handshake {
-    fn cut(self) {
+    /// Points the next attempt at the node after this one (unless another attempt moved it).
+    fn pass_over(&self, current: &AtomicUsize, count: usize) {
+        let _ = current.compare_exchange(self.node, (self.node + 1) % count, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    fn cut(&self) {
         if let Err(error) = self.socket.shutdown(std::net::Shutdown::Both) {
             tracing::debug!(%error, "shutting down an unfinished handshake's socket");
         }

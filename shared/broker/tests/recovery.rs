@@ -158,6 +158,7 @@ async fn a_node_that_accepts_tcp_but_never_answers_amqp_is_passed_over() {
         .expect("the connect still waits on the frozen node after 10 s")
         .expect("connect");
     assert_ne!(broker.peer().port, frozen.port(), "connected to the frozen node");
+    assert!(frozen.connections() > 0, "the frozen node was never tried");
     broker.channel().await.expect("a channel on the node that answers");
     assert_eq!(io_threads(), 1, "an I/O thread besides the connection's");
 }
@@ -175,4 +176,5 @@ async fn a_replacement_passes_over_a_node_that_accepts_tcp_but_never_answers_amq
     proxy.cut();
     assert_replaced_and_nothing_left_hanging(&broker).await;
     assert_ne!(broker.peer().port, frozen.port(), "replaced by a connection to the frozen node");
+    assert!(frozen.connections() > 0, "the frozen node was never tried");
 }

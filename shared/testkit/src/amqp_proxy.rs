@@ -127,15 +127,28 @@ fn url_at(vhost: &TestVhost, port: u16) -> String {
 }
 
 /// A node that accepts TCP connections and never says a word: a frozen broker, whose kernel
-/// still completes TCP handshakes. It never calls `accept`; the kernel queues the connections.
+/// still completes TCP handshakes. The kernel queues the connections; [`FrozenNode::connections`]
+/// takes them from its queue and keeps them open, unanswered.
 pub struct FrozenNode {
     listener: std::net::TcpListener,
+    accepted: Mutex<Vec<std::net::TcpStream>>,
 }
 
 impl FrozenNode {
     /// Listens on a free loopback port.
     pub fn start() -> Self {
-        Self { listener: std::net::TcpListener::bind("127.0.0.1:0").expect("bind the frozen node") }
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the frozen node");
+        listener.set_nonblocking(true).expect("a non-blocking listener");
+        Self { listener, accepted: Mutex::default() }
+    }
+
+    /// How many connections clients have opened to it so far.
+    pub fn connections(&self) -> usize {
+        let mut accepted = self.accepted.lock().unwrap_or_else(PoisonError::into_inner);
+        while let Ok((stream, _)) = self.listener.accept() {
+            accepted.push(stream);
+        }
+        accepted.len()
     }
 
     /// Its port.
