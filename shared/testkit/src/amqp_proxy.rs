@@ -156,6 +156,29 @@ impl FrozenNode {
         self.listener.local_addr().expect("the frozen node's address").port()
     }
 
+    /// How many of those connections the client has not closed (read without blocking: end of
+    /// stream is closed).
+    pub fn open_connections(&self) -> usize {
+        self.connections();
+        let accepted = self.accepted.lock().unwrap_or_else(PoisonError::into_inner);
+        accepted
+            .iter()
+            .filter(|stream| {
+                let _ = stream.set_nonblocking(true);
+                let mut byte = [0u8; 64];
+                loop {
+                    match std::io::Read::read(&mut &**stream, &mut byte) {
+                        Ok(0) => return false,
+                        // The client's protocol header: read on.
+                        Ok(_) => {}
+                        Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => return true,
+                        Err(_) => return false,
+                    }
+                }
+            })
+            .count()
+    }
+
     /// The AMQP URI of `vhost` on this node.
     pub fn url(&self, vhost: &TestVhost) -> String {
         url_at(vhost, self.port())
