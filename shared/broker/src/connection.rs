@@ -147,13 +147,12 @@ impl std::fmt::Debug for Broker {
 }
 
 /// Opens one connection, walking the node list on each attempt (about half a minute of
-/// attempts with backoff). Once `abandoned` is set, further attempts fail.
+/// attempts with backoff). Once this future is dropped (abandoned), further attempts fail.
 async fn open(
     nodes: &Arc<BrokerNodes>,
     current: &Arc<AtomicUsize>,
     name: &str,
     generation: u64,
-    abandoned: Arc<AtomicBool>,
 ) -> lapin::Result<Link> {
     let properties = ConnectionProperties::default()
         .with_connection_name(format!("{name}#{generation}").into())
@@ -173,13 +172,14 @@ async fn open(
         nodes.uris[0].clone(),
         runtime,
         async move |_uri, runtime| {
-            if abandoned.load(Ordering::Relaxed) {
-                return Err(lapin::Error::from(std::io::Error::other("connection attempt abandoned")));
-            }
             let count = connect_nodes.uris.len();
-            // lapin connects again when a handshake failed: that node goes last this time.
             {
                 let mut state = lock(&connect_handshake);
+                // The connect was dropped: lapin's I/O thread keeps retrying; those attempts fail.
+                if state.closed {
+                    return Err(abandoned());
+                }
+                // lapin connects again when a handshake failed: that node goes last this time.
                 if let Some(failed) = state.pending.take() {
                     failed.pass_over(&connect_current, count);
                 }
@@ -213,7 +213,7 @@ async fn open(
                         // nobody would cut this handshake, so it does not start.
                         if state.closed {
                             handshake.cut();
-                            return Err(lapin::Error::from(std::io::Error::other("connection attempt abandoned")));
+                            return Err(abandoned());
                         }
                         state.pending = Some(handshake);
                         return Ok(stream);
@@ -261,6 +261,10 @@ struct Handshake {
     deadline: tokio::time::Instant,
 }
 
+fn abandoned() -> lapin::Error {
+    lapin::Error::from(std::io::Error::other("connection attempt abandoned"))
+}
+
 /// The URI's `connection_timeout`, or [`DEFAULT_CONNECT_TIMEOUT_MS`].
 fn connect_timeout(uri: &AMQPUri) -> Duration {
     Duration::from_millis(uri.query.connection_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS))
@@ -272,15 +276,16 @@ fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// The handshake of the connection being opened, if one is under way. Dropped with the connect
 /// (an attempt abandoned after its time, or failed), it shuts the socket of a handshake still
-/// under way, and keeps one from starting later, so lapin's I/O thread does not wait on it for
-/// good.
+/// under way and fails lapin's further attempts, so its I/O thread neither waits on a handshake
+/// for good nor connects again.
 #[derive(Default)]
 struct HandshakeWatch(Arc<std::sync::Mutex<HandshakeState>>);
 
 #[derive(Default)]
 struct HandshakeState {
     pending: Option<Handshake>,
-    /// The connect is gone: a handshake that would start now is cut at once.
+    /// The connect is gone: lapin's further attempts fail, and a handshake that would start now
+    /// is cut at once.
     closed: bool,
 }
 
@@ -347,7 +352,7 @@ impl Broker {
     pub async fn connect(nodes: BrokerNodes, connection_name: &str, give_up: Duration) -> lapin::Result<Self> {
         let nodes = Arc::new(nodes);
         let current = Arc::new(AtomicUsize::new(0));
-        let link = open(&nodes, &current, connection_name, 0, Arc::default()).await?;
+        let link = open(&nodes, &current, connection_name, 0).await?;
         let inner = Arc::new(Inner {
             nodes,
             name: connection_name.to_owned(),
@@ -474,14 +479,9 @@ async fn close_within(connection: &Connection) {
 
 /// Opens the next connection and publishes it in place of the lost one.
 async fn replace(inner: &Inner, lost: &Link) {
-    let abandoned = Arc::new(AtomicBool::new(false));
-    let attempt = open(&inner.nodes, &inner.current, &inner.name, lost.generation + 1, abandoned.clone());
-    let outcome = tokio::time::timeout(Duration::from_secs(5), attempt).await;
-    if outcome.is_err() {
-        // The abandoned attempt's I/O thread keeps retrying: make those attempts fail.
-        abandoned.store(true, Ordering::Relaxed);
-    }
-    match outcome {
+    // Past its time the attempt is dropped, which makes its I/O thread's further attempts fail.
+    let attempt = open(&inner.nodes, &inner.current, &inner.name, lost.generation + 1);
+    match tokio::time::timeout(Duration::from_secs(5), attempt).await {
         Ok(Ok(fresh)) => {
             tracing::warn!(generation = fresh.generation, "broker connection lost; replaced it");
             let connection = fresh.connection.clone();

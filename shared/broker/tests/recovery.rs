@@ -16,7 +16,7 @@ use std::time::Duration;
 use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use tracehop_broker::connection::{Broker, BrokerNodes};
-use tracehop_testkit::amqp_proxy::{AmqpProxy, FrozenNode};
+use tracehop_testkit::amqp_proxy::{AmqpProxy, FrozenNode, url_at};
 use tracehop_testkit::rabbit::TestVhost;
 
 /// lapin's I/O threads in this process: one per live connection.
@@ -201,8 +201,8 @@ async fn a_connect_dropped_mid_walk_leaves_no_handshake_open() {
     let vhost = TestVhost::create();
     let (_listener, _queued, hanging) = hanging_port().await;
     let frozen = FrozenNode::start();
-    let hanging_url = frozen.url(&vhost).replace(&format!(":{}/", frozen.port()), &format!(":{hanging}/"));
-    let list = format!("{hanging_url}?connection_timeout=1000, {}?connection_timeout=300", frozen.url(&vhost));
+    let list =
+        format!("{}?connection_timeout=1000, {}?connection_timeout=300", url_at(&vhost, hanging), frozen.url(&vhost));
     let nodes = BrokerNodes::parse(&list).expect("nodes");
     // Dropped while its walk waits on the hanging port; the walk then reaches the frozen node.
     let connecting = Broker::connect(nodes, "frozen-test", Duration::from_secs(30));
@@ -212,4 +212,29 @@ async fn a_connect_dropped_mid_walk_leaves_no_handshake_open() {
     assert!(opened > 0, "the walk never reached the frozen node");
     // Each connection the frozen node got was shut down by the client: it reads end of stream.
     assert_eq!(frozen.open_connections(), 0, "a handshake nobody watches is still open ({opened} opened)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_closes_each_connection_at_once_is_passed_over() {
+    let vhost = TestVhost::create();
+    // Accepts, then closes before the handshake: lapin connects again, from the next node.
+    let closing = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let closing_port = closing.local_addr().expect("address").port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = closing.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            drop(stream);
+        }
+    });
+    let nodes = BrokerNodes::parse(&format!("{}, {}", url_at(&vhost, closing_port), vhost.url())).expect("nodes");
+    // Without the pass-over, lapin would try the closing node again, 30 times with backoff.
+    let connecting = Broker::connect(nodes, "frozen-test", Duration::from_secs(30));
+    let broker = tokio::time::timeout(Duration::from_secs(5), connecting)
+        .await
+        .expect("still trying the closing node after 5 s")
+        .expect("connect");
+    assert_ne!(broker.peer().port, closing_port, "connected to the closing node");
+    assert!(accepted.load(std::sync::atomic::Ordering::Relaxed) > 0, "the closing node was never tried");
 }

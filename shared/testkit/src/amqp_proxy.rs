@@ -118,7 +118,7 @@ async fn relay(client: TcpStream, server: TcpStream, mut injected: mpsc::Unbound
 }
 
 /// The AMQP URI of `vhost` on a loopback `port`.
-fn url_at(vhost: &TestVhost, port: u16) -> String {
+pub fn url_at(vhost: &TestVhost, port: u16) -> String {
     let url = vhost.url();
     let authority = url.find("://").map_or(0, |i| i + 3);
     let host_end = authority + url[authority..].find('/').unwrap_or(url.len() - authority);
