@@ -88,11 +88,10 @@ pub async fn serve_draining<F: Future>(
 /// that sent part of its headers and then nothing kept its connection, socket and task for good,
 /// and enough such clients exhaust the process's file descriptors. The deadline also closes a
 /// connection idle that long between requests.
-pub async fn serve_http(listener: TcpListener, app: axum::Router, header_timeout: Duration, shutdown: Signal) {
+pub async fn serve_http(listener: TcpListener, app: axum::Router, header_timeout: Duration, mut shutdown: Signal) {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new()).header_read_timeout(header_timeout);
     let connections = GracefulShutdown::new();
-    tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {

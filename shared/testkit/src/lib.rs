@@ -49,3 +49,13 @@ pub async fn silent_endpoint() -> String {
 pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
 }
+
+/// Sends `addr` the start of a request's headers and never the rest (no blank line); whether the
+/// server closed the connection within `limit`. (hyper counts a header deadline from the accept.)
+pub async fn half_sent_request_closed_within(addr: &str, limit: std::time::Duration) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut slow = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nhost: test\r\n").await.expect("write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(limit, slow.read_to_end(&mut answer)).await.is_ok()
+}
