@@ -5,7 +5,7 @@
 //! compare.
 //! `--compare spans` pairs telemetry off against spans alone (metrics off): tracing by itself.
 //! `--compare metrics` instead pairs spans alone against spans and metrics: the cost of the
-//! metrics by themselves.
+//! metrics by themselves. `--compare same` pairs telemetry off with itself: the measure's zero.
 //!
 //! Each run gets fresh service processes (the release binaries beside this one), a fresh
 //! RabbitMQ vhost and a fresh SQLite store. "On" exports every span (and the metrics, every
@@ -71,22 +71,26 @@ pub enum Compare {
     Spans,
     /// Spans alone against spans and metrics: what the metrics cost.
     Metrics,
+    /// Telemetry off on both sides: the measure's own zero and spread (an A/A comparison), to
+    /// see how far apart two sides that do the same work come out.
+    Same,
 }
 
 impl Compare {
     /// The telemetry of a pair's "off" run and of its "on" run.
-    fn sides(self) -> (Telemetry, Telemetry) {
+    pub(crate) fn sides(self) -> (Telemetry, Telemetry) {
         match self {
             Self::Tracing => (Telemetry::Off, Telemetry::SpansAndMetrics),
             Self::Spans => (Telemetry::Off, Telemetry::Spans),
             Self::Metrics => (Telemetry::Spans, Telemetry::SpansAndMetrics),
+            Self::Same => (Telemetry::Off, Telemetry::Off),
         }
     }
 }
 
 /// The telemetry of one run's services.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-enum Telemetry {
+pub(crate) enum Telemetry {
     /// `OTEL_SDK_DISABLED=true`.
     Off,
     /// Spans exported, `OTEL_METRICS_EXPORTER=none`.
@@ -96,7 +100,7 @@ enum Telemetry {
 }
 
 impl Telemetry {
-    fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Self::Off => "telemetry off",
             Self::Spans => "spans only",
@@ -107,10 +111,10 @@ impl Telemetry {
 
 /// One service's resource use during a run.
 #[derive(Debug, Clone, Serialize)]
-struct Usage {
-    service: String,
-    cpu_seconds: f64,
-    peak_rss_kib: u64,
+pub(crate) struct Usage {
+    pub(crate) service: String,
+    pub(crate) cpu_seconds: f64,
+    pub(crate) peak_rss_kib: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -152,10 +156,10 @@ fn rabbitmqctl(args: &[&str]) -> anyhow::Result<()> {
 }
 
 /// A vhost of the run's own, deleted on drop.
-struct Vhost(String);
+pub(crate) struct Vhost(pub(crate) String);
 
 impl Vhost {
-    fn create() -> anyhow::Result<Self> {
+    pub(crate) fn create() -> anyhow::Result<Self> {
         let name = format!("tracehop-bench-{}", uuid::Uuid::new_v4().simple());
         rabbitmqctl(&["add_vhost", &name])?;
         rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"])?;
@@ -170,15 +174,15 @@ impl Drop for Vhost {
 }
 
 /// The three services of one run.
-struct Services {
+pub(crate) struct Services {
     children: Vec<(String, Child)>,
-    gateway: String,
-    stock: String,
+    pub(crate) gateway: String,
+    pub(crate) stock: String,
     _dir: PathBuf,
 }
 
 impl Services {
-    async fn start(amqp: &str, sink: &str, telemetry: Telemetry) -> anyhow::Result<Self> {
+    pub(crate) async fn start(amqp: &str, sink: &str, telemetry: Telemetry) -> anyhow::Result<Self> {
         let bin = std::env::current_exe()?.parent().map(PathBuf::from).unwrap_or_default();
         let dir = std::env::temp_dir().join(format!("tracehop-bench-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir)?;
@@ -215,7 +219,13 @@ impl Services {
                 ],
             ),
         ];
-        let mut children = Vec::new();
+        // Stopped on drop: whatever fails below leaves no process behind.
+        let mut started = Self {
+            children: Vec::new(),
+            gateway: format!("http://127.0.0.1:{gateway}"),
+            stock: format!("http://127.0.0.1:{stock}"),
+            _dir: dir,
+        };
         for (name, env) in services {
             let mut command = Command::new(bin.join(name));
             command.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default()).env("RUST_LOG", "info");
@@ -223,14 +233,9 @@ impl Services {
                 command.env(key, value);
             }
             let child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
-            children.push((name.to_owned(), child));
+            started.children.push((name.to_owned(), child));
         }
-        let mut services = Self {
-            children,
-            gateway: format!("http://127.0.0.1:{gateway}"),
-            stock: format!("http://127.0.0.1:{stock}"),
-            _dir: dir,
-        };
+        let mut services = started;
         let http = reqwest::Client::new();
         for _ in 0..400 {
             let up = |url: String| {
@@ -248,7 +253,7 @@ impl Services {
 
     /// Fails, naming it, when a service has exited (a port taken by something else, say):
     /// whatever answers then is not the pipeline.
-    fn all_running(&mut self) -> anyhow::Result<()> {
+    pub(crate) fn all_running(&mut self) -> anyhow::Result<()> {
         for (name, child) in &mut self.children {
             if let Some(status) = child.try_wait()? {
                 anyhow::bail!("{name} exited ({status}) while the run was starting");
@@ -257,7 +262,7 @@ impl Services {
         Ok(())
     }
 
-    fn usage(&self) -> Vec<Usage> {
+    pub(crate) fn usage(&self) -> Vec<Usage> {
         self.children
             .iter()
             .map(|(name, child)| {
@@ -273,12 +278,17 @@ impl Services {
             })
             .collect()
     }
+}
 
-    fn stop(mut self) {
-        for (_, child) in &self.children {
+impl Drop for Services {
+    /// Stops the services (TERM, then a wait for each) and removes their directory, however
+    /// the run ended, a start that failed half-way included.
+    fn drop(&mut self) {
+        let children = std::mem::take(&mut self.children);
+        for (_, child) in &children {
             let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
         }
-        for (_, child) in &mut self.children {
+        for (_, mut child) in children {
             let _ = child.wait();
         }
         let _ = std::fs::remove_dir_all(&self._dir);
@@ -388,7 +398,7 @@ async fn pipeline_run(
     let bystanders = bystanders.stop();
     let usage = services.usage();
     let running = services.all_running();
-    services.stop();
+    drop(services);
     running?;
     a_measurement(label, &report)?;
     let otlp_bytes = spans.load(Ordering::Relaxed) - before;
@@ -398,7 +408,7 @@ async fn pipeline_run(
 
 /// A run where more than 1% of the orders failed measures nothing: the benchmark stops rather
 /// than report its rate.
-fn a_measurement(label: &str, report: &Report) -> anyhow::Result<()> {
+pub(crate) fn a_measurement(label: &str, report: &Report) -> anyhow::Result<()> {
     let failed: u64 = report.failures.values().sum();
     anyhow::ensure!(
         failed * 100 <= report.sent,
@@ -409,7 +419,7 @@ fn a_measurement(label: &str, report: &Report) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
+pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     let n = values.len();
     if n == 0 {
@@ -720,7 +730,7 @@ mod tests {
     }
 
     #[test]
-    fn a_service_that_exited_is_named() -> anyhow::Result<()> {
+    fn a_service_that_exited_is_named_and_dropped_services_are_stopped() -> anyhow::Result<()> {
         let running = Command::new("sleep").arg("30").spawn()?;
         let exited = Command::new("sh").args(["-c", "exit 3"]).spawn()?;
         let mut services = Services {
@@ -738,7 +748,10 @@ mod tests {
         }
         let error = services.all_running().expect_err("stock exited");
         assert!(error.to_string().starts_with("stock exited (exit status: 3)"), "{error}");
-        services.stop();
+        // Dropped, the services are stopped and reaped: the one still running is gone.
+        let pid = services.children[0].1.id();
+        drop(services);
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "sleep {pid} still there");
         Ok(())
     }
 
@@ -760,6 +773,7 @@ mod tests {
         assert_eq!(Compare::Tracing.sides(), (Telemetry::Off, Telemetry::SpansAndMetrics));
         assert_eq!(Compare::Spans.sides(), (Telemetry::Off, Telemetry::Spans));
         assert_eq!(Compare::Metrics.sides(), (Telemetry::Spans, Telemetry::SpansAndMetrics));
+        assert_eq!(Compare::Same.sides(), (Telemetry::Off, Telemetry::Off));
     }
 
     #[test]

@@ -10,11 +10,14 @@
 //! - [`sink`]: an OTLP/gRPC receiver that counts spans and keeps none, for benchmarks.
 //! - [`bench`](mod@bench): the benchmark: tracing off/on in pairs beside the raw ceiling, CPU and memory
 //!   per service, latency at half the maximum throughput.
+//! - [`interleave`]: the same comparison with both stacks up at once and the load switched
+//!   between them every few seconds: many short pairs, with the median's 95% interval.
 //! - [`breakdown`]: where an order's time goes, from the spans a benchmark wrote to a file.
 
 mod bench;
 mod breakdown;
 mod driver;
+mod interleave;
 mod pipeline;
 mod raw;
 mod report;
@@ -41,6 +44,9 @@ enum Command {
     Raw(RawArgs),
     /// The benchmark: tracing off/on pairs beside the raw ceiling, then half-load latency.
     Bench(bench::BenchArgs),
+    /// Off and on side by side: both stacks up at once, the load switched between them every
+    /// few seconds; the median of the pairs with its 95% interval.
+    Interleave(interleave::InterleaveArgs),
     /// Where an order's time goes, part by part, from the spans `bench --dump-spans` wrote.
     Breakdown {
         /// The file `bench --dump-spans` wrote.
@@ -169,6 +175,7 @@ async fn main() -> anyhow::Result<()> {
             report.finish(&args.load)?;
         }
         Command::Bench(args) => bench::run(args).await?,
+        Command::Interleave(args) => interleave::run(args).await?,
         Command::Breakdown { dump } => breakdown::run(&dump)?,
         Command::Sink { listen } => sink::run(listen).await?,
         Command::FreePorts { count } => {

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::Load;
-use crate::driver::drive;
+use crate::driver::{Driven, drive};
 use crate::report::{Percentiles, Report, Second, Timeline, epoch_us, histogram};
 
 /// The gateway's answer to an accepted order (its other fields are not needed here).
@@ -31,6 +31,8 @@ struct Accepted {
 /// How long an order's POST may take, its answer's body included, before it counts as a
 /// `timeout` failure.
 const POST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long stock may take to reserve the orders being followed, the last of them included.
+pub const FOLLOW_WAIT: Duration = Duration::from_secs(60);
 /// How long one lookup of an order in stock's admin API may take.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -52,11 +54,51 @@ fn order_body(i: u64) -> Bytes {
 
 /// Runs the pipeline load and, given stock's admin API, follows every accepted order.
 pub async fn run(gateway: &str, stock: Option<&str>, load: &Load) -> anyhow::Result<Report> {
+    let driven = post_orders(gateway, load).await?;
+    let (end_to_end, end_to_end_timeline, not_reserved) = match stock {
+        Some(stock) => {
+            let origin = epoch_us(driven.window_start);
+            let followed = follow(&lookup_client()?, stock, &driven.successes, origin, FOLLOW_WAIT).await;
+            (Some(Percentiles::of(&followed.latency)), followed.timeline, followed.not_reserved)
+        }
+        None => (None, Vec::new(), 0),
+    };
+    Ok(Report { end_to_end, end_to_end_timeline, not_reserved, ..driven.report("pipeline", load) })
+}
+
+/// Runs the pipeline load, then waits until stock has reserved the `last` orders accepted last
+/// (at a fixed concurrency, those still on their way when the load stopped), so that the stack's
+/// backlog is behind it before anything else is measured on the machine. An order among them
+/// that stock never reserves fails the run: an order was lost. The report has no end-to-end
+/// latency (only those few were followed). `wait`: how long stock may take (a minute, as for
+/// every order in [`run`], outside the tests).
+pub async fn run_drained(
+    gateway: &str,
+    stock: &str,
+    load: &Load,
+    last: usize,
+    wait: Duration,
+) -> anyhow::Result<Report> {
+    let driven = post_orders(gateway, load).await?;
+    let tail = &driven.successes[driven.successes.len().saturating_sub(last)..];
+    let followed = follow(&lookup_client()?, stock, tail, epoch_us(driven.window_start), wait).await;
+    anyhow::ensure!(
+        followed.not_reserved == 0,
+        "{}: {} of the last {} accepted orders were not reserved within {wait:?}",
+        load.label,
+        followed.not_reserved,
+        tail.len()
+    );
+    Ok(driven.report("pipeline", load))
+}
+
+/// The orders' POSTs, as the load says: each success is the order's id and when it was sent.
+async fn post_orders(gateway: &str, load: &Load) -> anyhow::Result<Driven<(String, i64)>> {
     let uri: Uri = format!("{}/api/checkout", gateway.trim_end_matches('/'))
         .parse()
         .map_err(|error| anyhow::anyhow!("the gateway URL {gateway:?} is not a valid URI: {error}"))?;
     let post = post_client();
-    let driven = drive(load, move |i| {
+    Ok(drive(load, move |i| {
         let (post, uri) = (post.clone(), uri.clone());
         async move {
             let request = Request::post(uri)
@@ -81,16 +123,12 @@ pub async fn run(gateway: &str, stock: Option<&str>, load: &Load) -> anyhow::Res
             Ok((order_id, sent_at))
         }
     })
-    .await;
-    let http = reqwest::Client::builder().timeout(LOOKUP_TIMEOUT).pool_max_idle_per_host(1024).build()?;
-    let (end_to_end, end_to_end_timeline, not_reserved) = match stock {
-        Some(stock) => {
-            let followed = follow(&http, stock, &driven.successes, epoch_us(driven.window_start)).await;
-            (Some(Percentiles::of(&followed.latency)), followed.timeline, followed.not_reserved)
-        }
-        None => (None, Vec::new(), 0),
-    };
-    Ok(Report { end_to_end, end_to_end_timeline, not_reserved, ..driven.report("pipeline", load) })
+    .await)
+}
+
+/// The client of the lookups in stock's admin API.
+fn lookup_client() -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder().timeout(LOOKUP_TIMEOUT).pool_max_idle_per_host(1024).build()?)
 }
 
 /// What following the accepted orders found.
@@ -104,12 +142,18 @@ struct Followed {
     not_reserved: u64,
 }
 
-/// Looks up when each accepted order was reserved, 64 lookups at a time (waiting up to a minute
+/// Looks up when each accepted order was reserved, 64 lookups at a time (waiting up to `wait`
 /// for the last ones). `origin`: the measured window's start, µs since the epoch.
-async fn follow(http: &reqwest::Client, stock: &str, accepted: &[(String, i64)], origin: i64) -> Followed {
+async fn follow(
+    http: &reqwest::Client,
+    stock: &str,
+    accepted: &[(String, i64)],
+    origin: i64,
+    wait: Duration,
+) -> Followed {
     let mut histogram = histogram();
     let mut timeline = Timeline::default();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let deadline = tokio::time::Instant::now() + wait;
     let base = format!("{}/api/orders", stock.trim_end_matches('/'));
     let mut missing = 0;
     for chunk in accepted.chunks(64) {
@@ -176,6 +220,56 @@ mod tests {
         assert_eq!(report.succeeded, 2, "{report:?}");
         let failures: Vec<(&str, u64)> = report.failures.iter().map(|(kind, count)| (kind.as_str(), *count)).collect();
         assert_eq!(failures, [("503", 2), ("bad body", 2), ("no order id", 2)]);
+        Ok(())
+    }
+
+    /// Over real HTTP on loopback: a drained run looks up only its last accepted orders, and fails
+    /// when stock does not reserve them.
+    #[tokio::test]
+    async fn a_drained_run_follows_its_last_orders_and_fails_when_one_is_not_reserved() -> anyhow::Result<()> {
+        use std::sync::{Arc, Mutex};
+
+        use axum::Json;
+        use axum::extract::{Path, State};
+        use axum::http::StatusCode as Status;
+        use axum::response::IntoResponse as _;
+
+        let gateway = axum::routing::post(|Json(order): Json<Value>| async move {
+            let customer = order["customer_id"].as_str().unwrap_or_default().to_owned();
+            (Status::ACCEPTED, Json(serde_json::json!({"order_id": customer})))
+        });
+        // Stock reserves every order looked up, unless told it lost them all.
+        type Lookups = Arc<Mutex<(bool, Vec<String>)>>;
+        let lookups: Lookups = Arc::default();
+        let stock = axum::routing::get(|State(lookups): State<Lookups>, Path(id): Path<String>| async move {
+            let mut lookups = lookups.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            lookups.1.push(id);
+            if lookups.0 {
+                Status::NOT_FOUND.into_response()
+            } else {
+                Json(serde_json::json!({"recorded_at_us": epoch_us(SystemTime::now())})).into_response()
+            }
+        });
+        let app = axum::Router::new()
+            .route("/api/checkout", gateway)
+            .route("/api/orders/{id}", stock)
+            .with_state(lookups.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        tokio::spawn(axum::serve(listener, app).into_future());
+        let load = Load { concurrency: 1, orders: Some(10), ..Load::for_test("drained") };
+
+        let report = run_drained(&base, &base, &load, 3, Duration::from_secs(5)).await?;
+        assert_eq!(report.succeeded, 10);
+        assert!(report.end_to_end.is_none());
+        // One order at a time: the last three accepted are the last three sent.
+        let looked_up = std::mem::take(&mut lookups.lock().unwrap_or_else(std::sync::PoisonError::into_inner).1);
+        assert_eq!(looked_up, ["load-7", "load-8", "load-9"]);
+
+        lookups.lock().unwrap_or_else(std::sync::PoisonError::into_inner).0 = true;
+        let lost = run_drained(&base, &base, &load, 3, Duration::from_millis(300)).await;
+        let error = lost.expect_err("orders stock never reserved").to_string();
+        assert!(error.contains("3 of the last 3 accepted orders were not reserved"), "{error}");
         Ok(())
     }
 }
