@@ -295,6 +295,12 @@ impl Drop for Services {
     }
 }
 
+/// CPU seconds per 1,000 of `orders` that `service` (all of them for `None`) used.
+pub(crate) fn cpu_per_thousand_orders(usage: &[Usage], orders: u64, service: Option<&str>) -> f64 {
+    let seconds: f64 = usage.iter().filter(|u| service.is_none_or(|s| u.service == s)).map(|u| u.cpu_seconds).sum();
+    seconds / (orders as f64 / 1000.0)
+}
+
 /// User and system CPU seconds a process (`self`, or a pid) has used so far; 0 if it is gone.
 fn cpu_seconds(pid: &str) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -572,11 +578,8 @@ fn summary(results: &Results, args: &BenchArgs) -> String {
         "\n| service | CPU s / 1,000 orders ({off_label}) | CPU s / 1,000 orders ({on_label}) | peak RSS ({on_label}) |"
     );
     let _ = writeln!(out, "|---|---|---|---|");
-    let cpu_per_thousand = |run: &Run, service: Option<&str>| -> f64 {
-        let seconds: f64 =
-            run.usage.iter().filter(|u| service.is_none_or(|s| u.service == s)).map(|u| u.cpu_seconds).sum();
-        seconds / (run.report.succeeded as f64 / 1000.0)
-    };
+    let cpu_per_thousand =
+        |run: &Run, service: Option<&str>| cpu_per_thousand_orders(&run.usage, run.report.succeeded, service);
     for service in ["gateway", "checkout", "stock"] {
         let per_thousand = |on: bool| {
             median(

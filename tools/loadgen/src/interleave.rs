@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::Serialize;
 
 use crate::Load;
-use crate::bench::{Compare, Services, Telemetry, Usage, Vhost, a_measurement, median};
+use crate::bench::{Compare, Services, Telemetry, Usage, Vhost, a_measurement, cpu_per_thousand_orders, median};
 
 /// The interleaved comparison's settings.
 #[derive(clap::Args, Clone, Debug)]
@@ -291,11 +291,8 @@ fn summary(results: &Results) -> String {
         "\n| service | CPU s / 1,000 orders ({off_label}) | ({on_label}) | on / off | peak RSS ({off_label}) | ({on_label}) |"
     );
     let _ = writeln!(out, "|---|---|---|---|---|---|");
-    let per_thousand = |stack: &StackUse, service: Option<&str>| -> f64 {
-        let seconds: f64 =
-            stack.usage.iter().filter(|u| service.is_none_or(|s| u.service == s)).map(|u| u.cpu_seconds).sum();
-        seconds / (stack.orders as f64 / 1000.0)
-    };
+    let per_thousand =
+        |stack: &StackUse, service: Option<&str>| cpu_per_thousand_orders(&stack.usage, stack.orders, service);
     let peak = |stack: &StackUse, service: &str| {
         stack.usage.iter().find(|u| u.service == service).map_or(0.0, |u| u.peak_rss_kib as f64 / 1024.0)
     };
