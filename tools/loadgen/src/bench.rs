@@ -200,7 +200,7 @@ impl Services {
                 ("OTEL_METRIC_EXPORT_INTERVAL", "1000".to_owned()),
             ],
         };
-        let services: [(&str, Vec<(&str, String)>); 3] = [
+        let environments: [(&str, Vec<(&str, String)>); 3] = [
             (
                 "stock",
                 vec![
@@ -220,22 +220,21 @@ impl Services {
             ),
         ];
         // Stopped on drop: whatever fails below leaves no process behind.
-        let mut started = Self {
+        let mut services = Self {
             children: Vec::new(),
             gateway: format!("http://127.0.0.1:{gateway}"),
             stock: format!("http://127.0.0.1:{stock}"),
             _dir: dir,
         };
-        for (name, env) in services {
+        for (name, env) in environments {
             let mut command = Command::new(bin.join(name));
             command.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default()).env("RUST_LOG", "info");
             for (key, value) in env.iter().chain(&telemetry) {
                 command.env(key, value);
             }
             let child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
-            started.children.push((name.to_owned(), child));
+            services.children.push((name.to_owned(), child));
         }
-        let mut services = started;
         let http = reqwest::Client::new();
         for _ in 0..400 {
             let up = |url: String| {

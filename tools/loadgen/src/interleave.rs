@@ -138,6 +138,21 @@ impl Stack {
             otlp_bytes: otlp.load(Ordering::Relaxed) - received,
         })
     }
+
+    /// What the services used since `before`, for the `orders` they completed meanwhile (peak
+    /// RSS as it stands).
+    fn used_since(&self, before: &[Usage], orders: u64) -> StackUse {
+        let usage = self
+            .services
+            .usage()
+            .into_iter()
+            .map(|after| {
+                let start = before.iter().find(|u| u.service == after.service).map_or(0.0, |u| u.cpu_seconds);
+                Usage { cpu_seconds: after.cpu_seconds - start, ..after }
+            })
+            .collect();
+        StackUse { telemetry: self.telemetry, orders, usage }
+    }
 }
 
 /// Whether pair `index` runs its "on" slice first: every other pair, so that whatever the
@@ -163,39 +178,28 @@ pub async fn run(args: InterleaveArgs) -> anyhow::Result<()> {
     for stack in &mut stacks {
         stack.slice(&args, args.warmup, &otlp).await?;
     }
-    let before: Vec<Vec<Usage>> = stacks.iter().map(|stack| stack.services.usage()).collect();
+    let [off_stack, on_stack] = &mut stacks;
+    let before = (off_stack.services.usage(), on_stack.services.usage());
     let mut pairs = Vec::with_capacity(args.pairs);
     for index in 0..args.pairs {
         let on_first = on_first(index);
-        let order = if on_first { [1, 0] } else { [0, 1] };
-        let mut reports = [None, None];
-        for side in order {
-            reports[side] = Some(stacks[side].slice(&args, args.slice, &otlp).await?);
-        }
-        let [Some(off_slice), Some(on_slice)] = reports else { unreachable!("both sides ran") };
+        let (off, on) = if on_first {
+            let on = on_stack.slice(&args, args.slice, &otlp).await?;
+            (off_stack.slice(&args, args.slice, &otlp).await?, on)
+        } else {
+            let off = off_stack.slice(&args, args.slice, &otlp).await?;
+            (off, on_stack.slice(&args, args.slice, &otlp).await?)
+        };
         if (index + 1) % 10 == 0 {
-            eprintln!("pair {}/{}: {:.3}", index + 1, args.pairs, on_slice.throughput / off_slice.throughput);
+            eprintln!("pair {}/{}: {:.3}", index + 1, args.pairs, on.throughput / off.throughput);
         }
-        pairs.push(SlicePair { on_first, off: off_slice, on: on_slice });
+        pairs.push(SlicePair { on_first, off, on });
     }
-    let stack_use = |side: usize| {
-        let orders = pairs.iter().map(|pair| if side == 0 { &pair.off } else { &pair.on }).map(|s| s.succeeded).sum();
-        let usage = stacks[side]
-            .services
-            .usage()
-            .into_iter()
-            .map(|after| {
-                let start = before[side].iter().find(|u| u.service == after.service).map_or(0.0, |u| u.cpu_seconds);
-                Usage { cpu_seconds: after.cpu_seconds - start, ..after }
-            })
-            .collect();
-        StackUse { telemetry: stacks[side].telemetry, orders, usage }
-    };
     let results = Results {
         slice_seconds: args.slice,
         concurrency: args.concurrency,
-        off: stack_use(0),
-        on: stack_use(1),
+        off: off_stack.used_since(&before.0, pairs.iter().map(|pair| pair.off.succeeded).sum()),
+        on: on_stack.used_since(&before.1, pairs.iter().map(|pair| pair.on.succeeded).sum()),
         pairs,
     };
     drop(stacks);
@@ -343,6 +347,30 @@ mod tests {
         assert_eq!(median_interval_ranks(20), Some((6, 15)));
     }
 
+    #[tokio::test]
+    async fn settings_that_measure_nothing_are_refused_before_anything_starts() {
+        let args = InterleaveArgs {
+            pairs: 1,
+            slice: 2.0,
+            warmup: 0.0,
+            concurrency: 1,
+            amqp: String::new(),
+            compare: Compare::Same,
+            json: None,
+        };
+        let refused = [
+            (InterleaveArgs { pairs: 0, ..args.clone() }, "--pairs"),
+            (InterleaveArgs { concurrency: 0, ..args.clone() }, "--concurrency"),
+            (InterleaveArgs { slice: 0.1, ..args.clone() }, "--slice"),
+            (InterleaveArgs { slice: f64::NAN, ..args.clone() }, "--slice"),
+            (InterleaveArgs { warmup: -1.0, ..args.clone() }, "--warmup"),
+        ];
+        for (settings, named) in refused {
+            let error = run(settings).await.expect_err(named).to_string();
+            assert!(error.starts_with(named), "{error}");
+        }
+    }
+
     #[test]
     fn every_other_pair_runs_on_first() {
         let firsts: Vec<bool> = (0..4).map(on_first).collect();
@@ -390,5 +418,7 @@ mod tests {
         assert!(text.contains("on / off: 1.100 (+10.0%)"), "{text}");
         // A quarter of the 12 MB came while the "off" side was measured.
         assert!(text.contains("OTLP received during the telemetry off slices: 25.0% of 12.0 MB"), "{text}");
+        let none = Results { pairs: Vec::new(), ..results };
+        assert_eq!(summary(&none), "\nno pairs ran\n");
     }
 }
