@@ -194,6 +194,14 @@ async fn open(
                 let timeout = connect_timeout(&connect_nodes.uris[index]);
                 match tokio::time::timeout(timeout, connect_nodes.uris[index].connect_async(&runtime)).await {
                     Ok(Ok(stream)) => {
+                        let mut state = lock(&connect_handshake);
+                        // The connect was dropped (abandoned) while this one was under way:
+                        // nobody would cut this handshake nor use the connection, so it does
+                        // not start (the stream closes as it drops), and the node it reached
+                        // does not become the one a newer connection is said to be on.
+                        if state.closed {
+                            return Err(abandoned());
+                        }
                         connect_current.store(index, Ordering::Relaxed);
                         let socket = match &stream {
                             AsyncTcpStream::Plain(plain) => plain.get_ref().as_fd().try_clone_to_owned().ok(),
@@ -203,19 +211,11 @@ async fn open(
                             tracing::warn!("cannot watch this connection's handshake (no duplicate of its socket)");
                             return Ok(stream);
                         };
-                        let handshake = Handshake {
+                        state.pending = Some(Handshake {
                             socket: socket.into(),
                             node: index,
                             deadline: tokio::time::Instant::now() + timeout * HANDSHAKE_TIMEOUTS,
-                        };
-                        let mut state = lock(&connect_handshake);
-                        // The connect was dropped (abandoned) while this one was under way:
-                        // nobody would cut this handshake, so it does not start.
-                        if state.closed {
-                            handshake.cut();
-                            return Err(abandoned());
-                        }
-                        state.pending = Some(handshake);
+                        });
                         return Ok(stream);
                     }
                     Ok(Err(error)) => last_error = Some(error),
