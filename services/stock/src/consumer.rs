@@ -485,7 +485,7 @@ impl Handler {
                 span.set_attribute(KeyValue::new(OUTCOME, "dead_lettered"));
                 tracing::warn!(reason, %error, "message can never succeed; dead-lettering it");
                 let headers = dead_letter_headers(reason, &error);
-                if Box::pin(self.forward(channel, delivery, &self.dead_letter, headers)).await {
+                if self.forward(channel, delivery, &self.dead_letter, headers).await {
                     self.count_dead_letter(reason);
                 }
             }
@@ -498,12 +498,12 @@ impl Handler {
                     span.set_attribute(KeyValue::new(OUTCOME, "retried"));
                     tracing::warn!(reason, %error, retry = retries + 1, "processing failed; retrying after a delay");
                     let extra = [(RETRY_COUNT_HEADER, AMQPValue::LongLongInt(retries + 1))];
-                    Box::pin(self.forward(channel, delivery, &self.retry, extra.to_vec())).await;
+                    self.forward(channel, delivery, &self.retry, extra.to_vec()).await;
                 } else {
                     span.set_attribute(KeyValue::new(OUTCOME, "dead_lettered"));
                     tracing::error!(reason, %error, retries, "retries exhausted; dead-lettering the message");
                     let headers = dead_letter_headers("retries_exhausted", &bounded(format!("{reason}: {error}")));
-                    if Box::pin(self.forward(channel, delivery, &self.dead_letter, headers)).await {
+                    if self.forward(channel, delivery, &self.dead_letter, headers).await {
                         self.count_dead_letter("retries_exhausted");
                     }
                 }
@@ -555,10 +555,21 @@ impl Handler {
     /// Republishes `delivery` (body, properties and trace headers, plus `extra` headers) and
     /// acks it once the broker confirmed the copy; true then. On failure the delivery is
     /// requeued, so nothing is lost; the queue's delivery limit stops that from looping forever.
-    /// Callers box its future: a publish and its confirm, it would otherwise make up most of the
+    /// Its future is boxed: a publish and its confirm, it would otherwise make up most of the
     /// size of every delivery's task (moved whole, byte by byte), where only a message that
     /// failed needs it.
-    async fn forward(
+    fn forward<'a>(
+        &'a self,
+        channel: &'a Channel,
+        delivery: &'a Delivery,
+        target: &'a Forward,
+        extra: Vec<(&'a str, AMQPValue)>,
+    ) -> std::pin::Pin<Box<impl Future<Output = bool> + Send + 'a>> {
+        Box::pin(self.forward_unboxed(channel, delivery, target, extra))
+    }
+
+    /// [`Self::forward`]'s work, unboxed.
+    async fn forward_unboxed(
         &self,
         channel: &Channel,
         delivery: &Delivery,
