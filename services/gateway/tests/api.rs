@@ -254,20 +254,9 @@ async fn a_client_that_never_finishes_its_request_does_not_hold_up_shutdown() {
 
 #[tokio::test]
 async fn a_checkout_whose_host_drops_packets_is_503_within_a_second_for_every_caller() {
-    // A listener whose accept queue is full: Linux drops further SYNs, so a connect to it hangs,
-    // as to a host that is down or behind a firewall that drops packets.
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket.bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
-    let listener = socket.listen(1).expect("listen");
-    let addr = listener.local_addr().expect("addr");
-    let mut queued = Vec::new();
-    while let Ok(Ok(stream)) =
-        tokio::time::timeout(Duration::from_millis(300), tokio::net::TcpStream::connect(addr)).await
-    {
-        queued.push(stream);
-        assert!(queued.len() < 16, "the accept queue never filled");
-    }
-    let app = spawn_app(&format!("http://{addr}"), Duration::from_secs(2)).await;
+    // A connect to it hangs, as to a host that is down or behind a firewall that drops packets.
+    let hanging = tracehop_testkit::hanging_port().await;
+    let app = spawn_app(&format!("http://{}", hanging.addr), Duration::from_secs(2)).await;
     // Callers at once: tonic connects for one at a time, each connect ending at its timeout.
     let mut callers = tokio::task::JoinSet::new();
     for _ in 0..6 {
@@ -289,7 +278,7 @@ async fn a_checkout_whose_host_drops_packets_is_503_within_a_second_for_every_ca
         assert_eq!(status, 503, "after {took:?}");
         assert!(took < Duration::from_secs(1), "took {took:?}");
     }
-    drop((listener, queued));
+    drop(hanging);
 }
 
 #[tokio::test]
@@ -299,9 +288,10 @@ async fn a_client_that_never_finishes_its_headers_is_closed_at_the_header_deadli
     })
     .await;
     let address = app.url.trim_start_matches("http://");
-    // axum's own server keeps such a connection for good (seen: still open after 10 s).
-    let closed = tracehop_testkit::half_sent_request_closed_within(address, Duration::from_secs(10)).await;
-    assert!(closed, "the gateway kept a connection whose headers never ended for 10 s");
+    // axum's own server keeps such a connection for good (seen: still open after 10 s); 3 s
+    // against the 500 ms set, so the 10 s default would fail it too.
+    let closed = tracehop_testkit::half_sent_request_closed_within(address, Duration::from_secs(3)).await;
+    assert!(closed, "the gateway kept a connection whose headers never ended for 3 s");
     // The same gateway answers a client that sends its request whole.
     let answered = app.http.get(format!("{}/healthz", app.url)).send().await.expect("answer");
     assert!(answered.status().is_success(), "{}", answered.status());

@@ -59,3 +59,28 @@ pub async fn half_sent_request_closed_within(addr: &str, limit: std::time::Durat
     let mut answer = Vec::new();
     tokio::time::timeout(limit, slow.read_to_end(&mut answer)).await.is_ok()
 }
+
+/// A listening port whose accept queue is full: Linux drops further SYNs, so a TCP connect to
+/// it hangs until the client gives up, as to a host that is down or behind a firewall that drops
+/// packets. The port hangs for as long as this lives.
+pub struct HangingPort {
+    /// Where to connect.
+    pub addr: std::net::SocketAddr,
+    _listener: tokio::net::TcpListener,
+    _queued: Vec<tokio::net::TcpStream>,
+}
+
+/// A [`HangingPort`] on 127.0.0.1, its queue filled until a connect no longer gets through.
+pub async fn hanging_port() -> HangingPort {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind("127.0.0.1:0".parse().expect("address")).expect("bind");
+    let listener = socket.listen(1).expect("listen");
+    let addr = listener.local_addr().expect("address");
+    let mut queued = Vec::new();
+    let connect = || tokio::time::timeout(std::time::Duration::from_millis(300), tokio::net::TcpStream::connect(addr));
+    while let Ok(Ok(stream)) = connect().await {
+        queued.push(stream);
+        assert!(queued.len() < 16, "the accept queue never filled");
+    }
+    HangingPort { addr, _listener: listener, _queued: queued }
+}
