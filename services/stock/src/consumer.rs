@@ -309,8 +309,11 @@ async fn session(
             () = handler.broker.replaced(generation) => return Session::Interrupted,
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
-                    let (handler, channel, acker) = (handler.clone(), channel.clone(), delivery.acker.clone());
-                    in_flight.spawn(requeued_on_panic(acker, async move { handler.handle(delivery, &channel).await }));
+                    let (handling, channel, acker) = (handler.clone(), channel.clone(), delivery.acker.clone());
+                    let recorder = handler.clone();
+                    let record = move |started, error_type| recorder.record_settle(Settle::Nack, started, error_type);
+                    let handling = async move { handling.handle(delivery, &channel).await };
+                    in_flight.spawn(requeued_on_panic(acker, handling, record));
                 }
                 Some(Err(error)) => {
                     tracing::warn!(%error, "consumer interrupted");
@@ -326,33 +329,61 @@ async fn session(
 /// Runs `handling`; should it panic (a bug), its delivery goes back to the queue at once rather
 /// than hold one of the consumer's prefetch slots until the channel closes (panic after panic
 /// would stall the consumer). The queue's delivery limit dead-letters a message that keeps
-/// failing. A delivery already settled stays settled (lapin's acker is used once).
+/// failing. A delivery already settled stays settled (lapin's acker is used once). `record`
+/// gets a nack that was sent, or that failed or timed out on the wire, for the settle metrics;
+/// not one lapin did not send (`Ok(false)`: the delivery was already settled, whose settle was
+/// recorded then, or its channel was lost, and lapin cannot say which).
 /// (Combinators rather than an `async fn`, which would keep `handling` twice in its state, as its
 /// argument and inside the `catch_unwind`: a task is moved whole, so its size is paid per order.)
 fn requeued_on_panic(
     acker: lapin::Acker,
-    handling: impl std::future::Future<Output = ()>,
-) -> impl std::future::Future<Output = ()> {
+    handling: impl Future<Output = ()>,
+    record: impl FnOnce(Instant, Option<&'static str>),
+) -> impl Future<Output = ()> {
     use futures_util::FutureExt as _;
     std::panic::AssertUnwindSafe(handling).catch_unwind().then(async move |handled| {
         if handled.is_ok() {
             return;
         }
-        let nack = acker.nack(BasicNackOptions { requeue: true, multiple: false });
-        match tokio::time::timeout(FORWARD_TIMEOUT, nack).await {
-            Ok(Ok(true)) => tracing::error!("handling a delivery panicked; it goes back to the queue"),
-            Ok(Ok(false)) => {
+        let started = Instant::now();
+        match requeue(&acker).await {
+            Ok(true) => {
+                tracing::error!("handling a delivery panicked; it goes back to the queue");
+                record(started, None);
+            }
+            Ok(false) => {
                 tracing::error!("handling a delivery panicked after it was settled, or its channel was lost")
             }
-            Ok(Err(error)) => tracing::error!(
-                %error,
-                "handling a delivery panicked and its nack failed; the broker redelivers it when the channel closes"
-            ),
-            Err(_) => tracing::error!(
-                "handling a delivery panicked and its nack timed out; the broker redelivers it when the channel closes"
-            ),
+            Err(error) => {
+                tracing::error!(
+                    %error,
+                    "handling a delivery panicked and its nack failed; the broker redelivers it when the channel closes"
+                );
+                record(started, Some(nack_error_type(&error)));
+            }
         }
     })
+}
+
+/// Nacks a delivery back onto its queue. Bounded: on a connection that hangs, a nack would wait
+/// forever (a timeout is an `io::ErrorKind::TimedOut` error). lapin answers `Ok(false)` when it
+/// sent nothing: the delivery was already settled, or its channel was lost.
+async fn requeue(acker: &lapin::Acker) -> lapin::Result<bool> {
+    let nack = acker.nack(BasicNackOptions { requeue: true, multiple: false });
+    tokio::time::timeout(FORWARD_TIMEOUT, nack).await.unwrap_or_else(|_| Err(timed_out()))
+}
+
+/// The `error.type` of a failed nack: `timeout` or `nack_failed`.
+fn nack_error_type(error: &lapin::Error) -> &'static str {
+    match error.kind() {
+        lapin::ErrorKind::IOError(io) if io.kind() == std::io::ErrorKind::TimedOut => "timeout",
+        _ => "nack_failed",
+    }
+}
+
+/// The error a bounded broker operation ends with when its time is up.
+fn timed_out() -> lapin::Error {
+    lapin::Error::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
 }
 
 impl Handler {
@@ -599,9 +630,7 @@ impl Handler {
         // A confirm that never comes (a connection that hangs) must not pin the delivery
         // forever.
         let started = Instant::now();
-        let confirmed = tokio::time::timeout(FORWARD_TIMEOUT, publish)
-            .await
-            .unwrap_or_else(|_| Err(lapin::Error::from(std::io::Error::from(std::io::ErrorKind::TimedOut))));
+        let confirmed = tokio::time::timeout(FORWARD_TIMEOUT, publish).await.unwrap_or_else(|_| Err(timed_out()));
         let error_type = match &confirmed {
             Ok(Confirmation::Ack(None)) => None,
             Ok(Confirmation::Ack(Some(_))) => Some("unroutable"),
@@ -629,17 +658,13 @@ impl Handler {
                     routing_key = target.routing_key,
                     "could not forward the message; requeueing it"
                 );
-                let requeue = BasicNackOptions { requeue: true, ..BasicNackOptions::default() };
                 let started = Instant::now();
-                let error_type = match tokio::time::timeout(FORWARD_TIMEOUT, delivery.acker.nack(requeue))
-                    .await
-                    .map_err(|_| lapin::Error::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))
-                {
-                    Ok(Ok(true)) => None,
-                    Ok(Ok(false)) => Some("channel_lost"),
-                    Ok(Err(error)) | Err(error) => {
+                let error_type = match requeue(&delivery.acker).await {
+                    Ok(true) => None,
+                    Ok(false) => Some("channel_lost"),
+                    Err(error) => {
                         tracing::warn!(%error, "nack failed; the broker will redeliver");
-                        Some("nack_failed")
+                        Some(nack_error_type(&error))
                     }
                 };
                 self.record_settle(Settle::Nack, started, error_type);
@@ -735,9 +760,17 @@ mod tests {
             let next = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await;
             next.expect("no delivery within 5 s").expect("the consumer ended").expect("a delivery")
         };
+        // What the settle metrics were given: a nack sent, and nothing for a delivery already
+        // settled.
+        let recorded = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = || {
+            let recorded = recorded.clone();
+            move |_, error_type| recorded.lock().expect("not poisoned").push(error_type)
+        };
         let first = next(&mut consumer).await;
-        let panicking = requeued_on_panic(first.acker.clone(), async { panic!("a bug in the handler") });
+        let panicking = requeued_on_panic(first.acker.clone(), async { panic!("a bug in the handler") }, record());
         tokio::spawn(panicking).await.expect("the panic is caught");
+        assert_eq!(*recorded.lock().expect("not poisoned"), [None]);
         let again = next(&mut consumer).await;
         assert!(again.redelivered, "another message came instead");
         assert_eq!(again.data, b"order");
@@ -747,7 +780,8 @@ mod tests {
             acker.ack(BasicAckOptions::default()).await.expect("ack");
             panic!("a bug after the ack");
         };
-        tokio::spawn(requeued_on_panic(again.acker.clone(), settled)).await.expect("the panic is caught");
+        tokio::spawn(requeued_on_panic(again.acker.clone(), settled, record())).await.expect("the panic is caught");
+        assert_eq!(*recorded.lock().expect("not poisoned"), [None], "a nack recorded that was never sent");
         let back = tokio::time::timeout(Duration::from_millis(500), consumer.next()).await;
         assert!(back.is_err(), "the acked delivery came back: {back:?}");
         assert!(channel.status().connected(), "the channel closed");
