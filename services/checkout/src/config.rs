@@ -48,10 +48,28 @@ impl Config {
         Ok(Self {
             addr: env.parse_or("CHECKOUT_ADDR", SocketAddr::from(([0, 0, 0, 0], 50051)))?,
             amqp: BrokerNodes::parse(&amqp).map_err(|e| ConfigError::new("AMQP_ADDR", e))?,
-            publish_timeout: Duration::from_millis(env.parse_or("PUBLISH_TIMEOUT_MS", 1500)?),
+            publish_timeout: env.millis_or("PUBLISH_TIMEOUT_MS", 1500)?,
             broker_give_up: Duration::from_secs(env.parse_or("BROKER_GIVE_UP_SECS", 120)?),
             baggage_span_attributes: env.list_or("BAGGAGE_SPAN_ATTRIBUTES", "customer.id"),
             drain_timeout: Duration::from_secs(env.parse_or("SHUTDOWN_DRAIN_SECS", 5)?),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_publish_deadline_of_zero_is_refused_at_startup() {
+        // 0 would fail every publish before its confirm could come.
+        let map = [("PUBLISH_TIMEOUT_MS".to_owned(), "0".to_owned())].into();
+        let error = Config::from_lookup(&Env::from_map(&map)).expect_err("0 is refused");
+        assert!(error.to_string().contains("PUBLISH_TIMEOUT_MS"), "{error}");
+        let map = [("PUBLISH_TIMEOUT_MS".to_owned(), "250".to_owned())].into();
+        assert_eq!(
+            Config::from_lookup(&Env::from_map(&map)).expect("config").publish_timeout,
+            Duration::from_millis(250)
+        );
     }
 }

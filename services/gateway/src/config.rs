@@ -67,7 +67,7 @@ impl Config {
             addr: env.parse_or("GATEWAY_ADDR", SocketAddr::from(([0, 0, 0, 0], 8080)))?,
             checkout_url,
             body_limit,
-            checkout_timeout: Duration::from_millis(env.parse_or("CHECKOUT_TIMEOUT_MS", 2000)?),
+            checkout_timeout: env.millis_or("CHECKOUT_TIMEOUT_MS", 2000)?,
             jaeger_ui_url: env.string_or("JAEGER_UI_URL", "http://localhost:16686").trim_end_matches('/').to_owned(),
             inbound_context: env.choice_or(
                 "GATEWAY_INBOUND_CONTEXT",
@@ -95,5 +95,15 @@ mod tests {
         let map = [("GATEWAY_HEADER_TIMEOUT_MS".to_owned(), "250".to_owned())].into();
         let config = Config::from_lookup(&Env::from_map(&map)).expect("config");
         assert_eq!(config.header_timeout, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn deadlines_of_zero_are_refused_at_startup() {
+        // 0 would fail every checkout, or close every connection, at once.
+        for name in ["CHECKOUT_TIMEOUT_MS", "GATEWAY_HEADER_TIMEOUT_MS"] {
+            let map = [(name.to_owned(), "0".to_owned())].into();
+            let error = Config::from_lookup(&Env::from_map(&map)).expect_err(name);
+            assert!(error.to_string().contains(name), "{error}");
+        }
     }
 }
