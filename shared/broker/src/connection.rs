@@ -214,7 +214,8 @@ async fn open(
                         state.pending = Some(Handshake {
                             socket: socket.into(),
                             node: index,
-                            deadline: tokio::time::Instant::now() + timeout * HANDSHAKE_TIMEOUTS,
+                            started: tokio::time::Instant::now(),
+                            timeout: timeout * HANDSHAKE_TIMEOUTS,
                         });
                         return Ok(stream);
                     }
@@ -257,8 +258,10 @@ struct Handshake {
     socket: std::net::TcpStream,
     /// The node it goes to.
     node: usize,
-    /// The handshake within [`HANDSHAKE_TIMEOUTS`] times the URI's `connection_timeout`.
-    deadline: tokio::time::Instant,
+    /// When the TCP connection was handed to lapin.
+    started: tokio::time::Instant,
+    /// The handshake's allowance: [`HANDSHAKE_TIMEOUTS`] times the URI's `connection_timeout`.
+    timeout: Duration,
 }
 
 fn abandoned() -> lapin::Error {
@@ -294,7 +297,7 @@ impl HandshakeWatch {
     /// attempt at the node after it (lapin connects again at once).
     fn cut_if_overdue(&self, nodes: &BrokerNodes, current: &AtomicUsize) {
         let mut state = lock(&self.0);
-        let Some(overdue) = state.pending.take_if(|pending| tokio::time::Instant::now() >= pending.deadline) else {
+        let Some(overdue) = state.pending.take_if(|pending| pending.started.elapsed() >= pending.timeout) else {
             return;
         };
         overdue.pass_over(current, nodes.len());
@@ -302,7 +305,7 @@ impl HandshakeWatch {
         let peer = nodes.peer(overdue.node);
         tracing::warn!(
             node = %format_args!("{}:{}", peer.address, peer.port),
-            timeout_ms = (connect_timeout(&nodes.uris[overdue.node]) * HANDSHAKE_TIMEOUTS).as_millis() as u64,
+            timeout_ms = overdue.timeout.as_millis() as u64,
             "the node accepted the TCP connection but did not complete the AMQP handshake in time; connecting again"
         );
         overdue.cut();
