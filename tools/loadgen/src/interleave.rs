@@ -27,6 +27,7 @@ use serde::Serialize;
 
 use crate::Load;
 use crate::bench::{Compare, Services, Telemetry, Usage, Vhost, a_measurement, cpu_per_thousand_orders, median};
+use crate::pipeline::{Lookups, Orders};
 
 /// The interleaved comparison's settings.
 #[derive(clap::Args, Clone, Debug)]
@@ -95,6 +96,9 @@ struct Results {
 /// goes), whichever way the run ends.
 struct Stack {
     telemetry: Telemetry,
+    /// Its clients, kept from slice to slice: a slice does not open its connections afresh.
+    orders: Orders,
+    lookups: Lookups,
     services: Services,
     _vhost: Vhost,
 }
@@ -103,7 +107,8 @@ impl Stack {
     async fn start(args: &InterleaveArgs, sink: &str, telemetry: Telemetry) -> anyhow::Result<Self> {
         let vhost = Vhost::create()?;
         let services = Services::start(&format!("{}/{}", args.amqp, vhost.0), sink, telemetry).await?;
-        Ok(Self { telemetry, services, _vhost: vhost })
+        let (orders, lookups) = (Orders::new(&services.gateway)?, Lookups::new(&services.stock)?);
+        Ok(Self { telemetry, orders, lookups, services, _vhost: vhost })
     }
 
     /// Full load for `seconds`, until stock has reserved the slice's last orders; `otlp` counts
@@ -122,8 +127,8 @@ impl Stack {
             quiet: true,
         };
         let report = crate::pipeline::run_drained(
-            &self.services.gateway,
-            &self.services.stock,
+            &self.orders,
+            &self.lookups,
             &load,
             args.concurrency,
             crate::pipeline::FOLLOW_WAIT,

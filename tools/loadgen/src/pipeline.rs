@@ -36,15 +36,75 @@ pub const FOLLOW_WAIT: Duration = Duration::from_secs(60);
 /// How long one lookup of an order in stock's admin API may take.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The client of the POSTs: hyper's pooled client over plain TCP (no delay), one connection per
-/// order in flight, the URI parsed once. Not reqwest, which parses each request's URL more than
-/// once (to build the request, and again in its redirect policy, which runs on every request):
-/// that, with the bodies going through `serde_json::Value`, was most of the load generator's
-/// work per order, on the two cores the services and the broker share.
-fn post_client() -> Client<HttpConnector, Full<Bytes>> {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build(connector)
+/// The gateway's order endpoint and the client of the POSTs: hyper's pooled client over plain
+/// TCP (no delay), one connection per order in flight, the URI parsed once. Not reqwest, which
+/// parses each request's URL more than once (to build the request, and again in its redirect
+/// policy, which runs on every request): that, with the bodies going through
+/// `serde_json::Value`, was most of the load generator's work per order, on the two cores the
+/// services and the broker share. Kept from one run to the next by whoever runs several against
+/// the same services (the interleaved comparison's slices), so that a run does not open its
+/// connections afresh.
+pub struct Orders {
+    uri: Uri,
+    post: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Orders {
+    /// POSTs to `gateway`'s `/api/checkout`.
+    pub fn new(gateway: &str) -> anyhow::Result<Self> {
+        let uri: Uri = format!("{}/api/checkout", gateway.trim_end_matches('/'))
+            .parse()
+            .map_err(|error| anyhow::anyhow!("the gateway URL {gateway:?} is not a valid URI: {error}"))?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let post = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build(connector);
+        Ok(Self { uri, post })
+    }
+
+    /// The orders' POSTs, as the load says: each success is the order's id and when it was sent.
+    async fn post(&self, load: &Load) -> Driven<(String, i64)> {
+        let (post, uri) = (self.post.clone(), self.uri.clone());
+        drive(load, move |i| {
+            let (post, uri) = (post.clone(), uri.clone());
+            async move {
+                let request = Request::post(uri)
+                    .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+                    .body(Full::new(order_body(i)))
+                    .map_err(|_| "request".to_owned())?;
+                let sent_at = epoch_us(SystemTime::now());
+                // Within the timeout: the answer's head and its whole body.
+                let answer = async {
+                    let response = post.request(request).await.map_err(|_| "connection".to_owned())?;
+                    let status = response.status();
+                    let body = response.into_body().collect().await;
+                    if status != StatusCode::ACCEPTED {
+                        // The body is read (whatever became of it) so the connection can be reused.
+                        return Err(status.as_u16().to_string());
+                    }
+                    Ok(body.map_err(|_| "connection".to_owned())?.to_bytes())
+                };
+                let body = tokio::time::timeout(POST_TIMEOUT, answer).await.map_err(|_| "timeout".to_owned())??;
+                let accepted: Accepted = serde_json::from_slice(&body).map_err(|_| "bad body".to_owned())?;
+                let order_id = accepted.order_id.ok_or_else(|| "no order id".to_owned())?;
+                Ok((order_id, sent_at))
+            }
+        })
+        .await
+    }
+}
+
+/// Stock's admin API and the client of the lookups in it (kept like [`Orders`]).
+pub struct Lookups {
+    stock: String,
+    http: reqwest::Client,
+}
+
+impl Lookups {
+    /// Looks orders up at `stock`'s `/api/orders/{id}`.
+    pub fn new(stock: &str) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder().timeout(LOOKUP_TIMEOUT).pool_max_idle_per_host(1024).build()?;
+        Ok(Self { stock: stock.trim_end_matches('/').to_owned(), http })
+    }
 }
 
 /// An order's JSON body: one unit of SKU-001 for customer `load-{i}`.
@@ -54,11 +114,11 @@ fn order_body(i: u64) -> Bytes {
 
 /// Runs the pipeline load and, given stock's admin API, follows every accepted order.
 pub async fn run(gateway: &str, stock: Option<&str>, load: &Load) -> anyhow::Result<Report> {
-    let driven = post_orders(gateway, load).await?;
+    let driven = Orders::new(gateway)?.post(load).await;
     let (end_to_end, end_to_end_timeline, not_reserved) = match stock {
         Some(stock) => {
             let origin = epoch_us(driven.window_start);
-            let followed = follow(&lookup_client()?, stock, &driven.successes, origin, FOLLOW_WAIT).await;
+            let followed = follow(&Lookups::new(stock)?, &driven.successes, origin, FOLLOW_WAIT).await;
             (Some(Percentiles::of(&followed.latency)), followed.timeline, followed.not_reserved)
         }
         None => (None, Vec::new(), 0),
@@ -73,15 +133,15 @@ pub async fn run(gateway: &str, stock: Option<&str>, load: &Load) -> anyhow::Res
 /// latency (only those few were followed). `wait`: how long stock may take (a minute, as for
 /// every order in [`run`], outside the tests).
 pub async fn run_drained(
-    gateway: &str,
-    stock: &str,
+    orders: &Orders,
+    lookups: &Lookups,
     load: &Load,
     last: usize,
     wait: Duration,
 ) -> anyhow::Result<Report> {
-    let driven = post_orders(gateway, load).await?;
+    let driven = orders.post(load).await;
     let tail = &driven.successes[driven.successes.len().saturating_sub(last)..];
-    let followed = follow(&lookup_client()?, stock, tail, epoch_us(driven.window_start), wait).await;
+    let followed = follow(lookups, tail, epoch_us(driven.window_start), wait).await;
     anyhow::ensure!(
         followed.not_reserved == 0,
         "{}: {} of the last {} accepted orders were not reserved within {wait:?}",
@@ -90,45 +150,6 @@ pub async fn run_drained(
         tail.len()
     );
     Ok(driven.report("pipeline", load))
-}
-
-/// The orders' POSTs, as the load says: each success is the order's id and when it was sent.
-async fn post_orders(gateway: &str, load: &Load) -> anyhow::Result<Driven<(String, i64)>> {
-    let uri: Uri = format!("{}/api/checkout", gateway.trim_end_matches('/'))
-        .parse()
-        .map_err(|error| anyhow::anyhow!("the gateway URL {gateway:?} is not a valid URI: {error}"))?;
-    let post = post_client();
-    Ok(drive(load, move |i| {
-        let (post, uri) = (post.clone(), uri.clone());
-        async move {
-            let request = Request::post(uri)
-                .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-                .body(Full::new(order_body(i)))
-                .map_err(|_| "request".to_owned())?;
-            let sent_at = epoch_us(SystemTime::now());
-            // Within the timeout: the answer's head and its whole body.
-            let answer = async {
-                let response = post.request(request).await.map_err(|_| "connection".to_owned())?;
-                let status = response.status();
-                let body = response.into_body().collect().await;
-                if status != StatusCode::ACCEPTED {
-                    // The body is read (whatever became of it) so the connection can be reused.
-                    return Err(status.as_u16().to_string());
-                }
-                Ok(body.map_err(|_| "connection".to_owned())?.to_bytes())
-            };
-            let body = tokio::time::timeout(POST_TIMEOUT, answer).await.map_err(|_| "timeout".to_owned())??;
-            let accepted: Accepted = serde_json::from_slice(&body).map_err(|_| "bad body".to_owned())?;
-            let order_id = accepted.order_id.ok_or_else(|| "no order id".to_owned())?;
-            Ok((order_id, sent_at))
-        }
-    })
-    .await)
-}
-
-/// The client of the lookups in stock's admin API.
-fn lookup_client() -> anyhow::Result<reqwest::Client> {
-    Ok(reqwest::Client::builder().timeout(LOOKUP_TIMEOUT).pool_max_idle_per_host(1024).build()?)
 }
 
 /// What following the accepted orders found.
@@ -144,17 +165,11 @@ struct Followed {
 
 /// Looks up when each accepted order was reserved, 64 lookups at a time (waiting up to `wait`
 /// for the last ones). `origin`: the measured window's start, µs since the epoch.
-async fn follow(
-    http: &reqwest::Client,
-    stock: &str,
-    accepted: &[(String, i64)],
-    origin: i64,
-    wait: Duration,
-) -> Followed {
+async fn follow(lookups: &Lookups, accepted: &[(String, i64)], origin: i64, wait: Duration) -> Followed {
     let mut histogram = histogram();
     let mut timeline = Timeline::default();
     let deadline = tokio::time::Instant::now() + wait;
-    let base = format!("{}/api/orders", stock.trim_end_matches('/'));
+    let (http, base) = (&lookups.http, format!("{}/api/orders", lookups.stock));
     let mut missing = 0;
     for chunk in accepted.chunks(64) {
         let lookups = chunk.iter().map(|(order_id, sent_at)| {
@@ -224,24 +239,30 @@ mod tests {
     }
 
     /// Over real HTTP on loopback: a drained run looks up only its last accepted orders, and fails
-    /// when stock does not reserve them.
+    /// when stock does not reserve them; runs with the same clients share their connections.
     #[tokio::test]
     async fn a_drained_run_follows_its_last_orders_and_fails_when_one_is_not_reserved() -> anyhow::Result<()> {
+        use std::collections::BTreeSet;
+        use std::net::SocketAddr;
         use std::sync::{Arc, Mutex};
 
         use axum::Json;
-        use axum::extract::{Path, State};
+        use axum::extract::{ConnectInfo, Path, State};
         use axum::http::StatusCode as Status;
         use axum::response::IntoResponse as _;
 
-        let gateway = axum::routing::post(|Json(order): Json<Value>| async move {
-            let customer = order["customer_id"].as_str().unwrap_or_default().to_owned();
-            (Status::ACCEPTED, Json(serde_json::json!({"order_id": customer})))
-        });
+        // The gateway notes each POST's connection (its client's address).
+        type Seen = Arc<Mutex<(bool, Vec<String>, BTreeSet<SocketAddr>)>>;
+        let gateway = axum::routing::post(
+            |State(seen): State<Seen>, ConnectInfo(client): ConnectInfo<SocketAddr>, Json(order): Json<Value>| async move {
+                seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).2.insert(client);
+                let customer = order["customer_id"].as_str().unwrap_or_default().to_owned();
+                (Status::ACCEPTED, Json(serde_json::json!({"order_id": customer})))
+            },
+        );
         // Stock reserves every order looked up, unless told it lost them all.
-        type Lookups = Arc<Mutex<(bool, Vec<String>)>>;
-        let lookups: Lookups = Arc::default();
-        let stock = axum::routing::get(|State(lookups): State<Lookups>, Path(id): Path<String>| async move {
+        let lookups: Seen = Arc::default();
+        let stock = axum::routing::get(|State(lookups): State<Seen>, Path(id): Path<String>| async move {
             let mut lookups = lookups.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             lookups.1.push(id);
             if lookups.0 {
@@ -256,10 +277,11 @@ mod tests {
             .with_state(lookups.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let base = format!("http://{}", listener.local_addr()?);
-        tokio::spawn(axum::serve(listener, app).into_future());
+        tokio::spawn(axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).into_future());
         let load = Load { concurrency: 1, orders: Some(10), ..Load::for_test("drained") };
+        let (orders, stock) = (Orders::new(&base)?, Lookups::new(&base)?);
 
-        let report = run_drained(&base, &base, &load, 3, Duration::from_secs(5)).await?;
+        let report = run_drained(&orders, &stock, &load, 3, Duration::from_secs(5)).await?;
         assert_eq!(report.succeeded, 10);
         assert!(report.end_to_end.is_none());
         // One order at a time: the last three accepted are the last three sent.
@@ -267,9 +289,12 @@ mod tests {
         assert_eq!(looked_up, ["load-7", "load-8", "load-9"]);
 
         lookups.lock().unwrap_or_else(std::sync::PoisonError::into_inner).0 = true;
-        let lost = run_drained(&base, &base, &load, 3, Duration::from_millis(300)).await;
+        let lost = run_drained(&orders, &stock, &load, 3, Duration::from_millis(300)).await;
         let error = lost.expect_err("orders stock never reserved").to_string();
         assert!(error.contains("3 of the last 3 accepted orders were not reserved"), "{error}");
+        // One order in flight: twenty POSTs over two runs, one connection.
+        let connections = lookups.lock().unwrap_or_else(std::sync::PoisonError::into_inner).2.len();
+        assert_eq!(connections, 1, "the second run opened connections of its own");
         Ok(())
     }
 }
