@@ -351,44 +351,61 @@ fn requeued_on_panic(
             return;
         }
         let started = Instant::now();
-        match requeue(&acker).await {
-            Ok(true) => {
-                tracing::error!("handling a delivery panicked; it goes back to the queue");
-                record(started, None);
+        let requeued = settle(acker.nack(REQUEUE)).await;
+        match &requeued {
+            Settled::Sent => tracing::error!("handling a delivery panicked; it goes back to the queue"),
+            // Nothing sent, and possibly nothing to record: its settle was recorded when made.
+            Settled::NotSent => {
+                tracing::error!("handling a delivery panicked after it was settled, or its channel was lost");
+                return;
             }
-            Ok(false) => {
-                tracing::error!("handling a delivery panicked after it was settled, or its channel was lost")
-            }
-            Err(error) => {
-                tracing::error!(
-                    %error,
-                    "handling a delivery panicked and its nack failed; the broker redelivers it when the channel closes"
-                );
-                record(started, Some(nack_error_type(&error)));
-            }
+            Settled::Failed(error) => tracing::error!(
+                %error,
+                "handling a delivery panicked and its nack failed; the broker redelivers it when the channel closes"
+            ),
+            Settled::TimedOut => tracing::error!(
+                "handling a delivery panicked and its nack timed out; the broker redelivers it when the channel closes"
+            ),
         }
+        record(started, requeued.error_type("nack_failed"));
     })
 }
 
-/// Nacks a delivery back onto its queue. Bounded: on a connection that hangs, a nack would wait
-/// forever (a timeout is an `io::ErrorKind::TimedOut` error). lapin answers `Ok(false)` when it
-/// sent nothing: the delivery was already settled, or its channel was lost.
-async fn requeue(acker: &lapin::Acker) -> lapin::Result<bool> {
-    let nack = acker.nack(BasicNackOptions { requeue: true, multiple: false });
-    tokio::time::timeout(FORWARD_TIMEOUT, nack).await.unwrap_or_else(|_| Err(timed_out()))
+/// A nack that puts its delivery back on the queue.
+const REQUEUE: BasicNackOptions = BasicNackOptions { requeue: true, multiple: false };
+
+/// What became of an ack or a nack.
+enum Settled {
+    /// The broker has it.
+    Sent,
+    /// lapin sent nothing (`Ok(false)`): the delivery was already settled, or its channel was
+    /// lost; lapin cannot say which.
+    NotSent,
+    Failed(lapin::Error),
+    /// No answer within [`FORWARD_TIMEOUT`].
+    TimedOut,
 }
 
-/// The `error.type` of a failed nack: `timeout` or `nack_failed`.
-fn nack_error_type(error: &lapin::Error) -> &'static str {
-    match error.kind() {
-        lapin::ErrorKind::IOError(io) if io.kind() == std::io::ErrorKind::TimedOut => "timeout",
-        _ => "nack_failed",
+impl Settled {
+    /// Its `error.type`; `failed` names a failure (`ack_failed`, `nack_failed`).
+    fn error_type(&self, failed: &'static str) -> Option<&'static str> {
+        match self {
+            Self::Sent => None,
+            Self::NotSent => Some("channel_lost"),
+            Self::Failed(_) => Some(failed),
+            Self::TimedOut => Some("timeout"),
+        }
     }
 }
 
-/// The error a bounded broker operation ends with when its time is up.
-fn timed_out() -> lapin::Error {
-    lapin::Error::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
+/// An ack or a nack, bounded: on a connection that hangs it would wait forever.
+async fn settle(settling: impl Future<Output = lapin::Result<bool>>) -> Settled {
+    match tokio::time::timeout(FORWARD_TIMEOUT, settling).await {
+        Ok(Ok(true)) => Settled::Sent,
+        Ok(Ok(false)) => Settled::NotSent,
+        Ok(Err(error)) => Settled::Failed(error),
+        Err(_) => Settled::TimedOut,
+    }
 }
 
 impl Handler {
@@ -567,24 +584,17 @@ impl Handler {
         // The broker redelivers an unacked message; the store's order-id record makes the
         // redelivery reserve nothing. lapin answers Ok(false) when the delivery's channel was
         // lost in between: that ack never reached the broker either.
-        // Bounded: on a connection that hangs, an ack would wait forever.
         let started = Instant::now();
-        let error_type =
-            match tokio::time::timeout(FORWARD_TIMEOUT, delivery.acker.ack(BasicAckOptions::default())).await {
-                Ok(Ok(true)) => None,
-                Ok(Ok(false)) => {
-                    tracing::warn!("ack not sent: the channel was lost; the broker will redeliver");
-                    Some("channel_lost")
-                }
-                Ok(Err(error)) => {
-                    tracing::warn!(%error, "ack failed; the broker will redeliver, the store deduplicates");
-                    Some("ack_failed")
-                }
-                Err(_) => {
-                    tracing::warn!("ack timed out; the broker will redeliver, the store deduplicates");
-                    Some("timeout")
-                }
-            };
+        let acked = settle(delivery.acker.ack(BasicAckOptions::default())).await;
+        match &acked {
+            Settled::Sent => {}
+            Settled::NotSent => tracing::warn!("ack not sent: the channel was lost; the broker will redeliver"),
+            Settled::Failed(error) => {
+                tracing::warn!(%error, "ack failed; the broker will redeliver, the store deduplicates")
+            }
+            Settled::TimedOut => tracing::warn!("ack timed out; the broker will redeliver, the store deduplicates"),
+        }
+        let error_type = acked.error_type("ack_failed");
         self.record_settle(Settle::Ack, started, error_type);
     }
 
@@ -635,12 +645,13 @@ impl Handler {
         // A confirm that never comes (a connection that hangs) must not pin the delivery
         // forever.
         let started = Instant::now();
-        let confirmed = tokio::time::timeout(FORWARD_TIMEOUT, publish).await.unwrap_or_else(|_| Err(timed_out()));
+        let confirmed = tokio::time::timeout(FORWARD_TIMEOUT, publish).await;
         let error_type = match &confirmed {
-            Ok(Confirmation::Ack(None)) => None,
-            Ok(Confirmation::Ack(Some(_))) => Some("unroutable"),
-            Ok(Confirmation::Nack(_) | Confirmation::NotRequested) => Some("nacked"),
-            Err(_) => Some("publish_failed"),
+            Ok(Ok(Confirmation::Ack(None))) => None,
+            Ok(Ok(Confirmation::Ack(Some(_)))) => Some("unroutable"),
+            Ok(Ok(Confirmation::Nack(_) | Confirmation::NotRequested)) => Some("nacked"),
+            Ok(Err(_)) => Some("publish_failed"),
+            Err(_) => Some("timeout"),
         };
         messaging::record_publish(
             &self.telemetry,
@@ -650,28 +661,31 @@ impl Handler {
             error_type,
         );
         match confirmed {
-            Ok(Confirmation::Ack(None)) => {
+            Ok(Ok(Confirmation::Ack(None))) => {
                 self.ack(delivery).await;
                 true
             }
             other => {
+                let why = match other {
+                    Ok(confirmed) => format!("{confirmed:?}"),
+                    Err(_) => format!("no confirm within {FORWARD_TIMEOUT:?}"),
+                };
                 let cx = Context::current();
-                record_error(&cx.span(), "forward_failed", &format!("{other:?}"));
+                record_error(&cx.span(), "forward_failed", &why);
                 tracing::error!(
-                    ?other,
+                    why,
                     exchange = target.exchange,
                     routing_key = target.routing_key,
                     "could not forward the message; requeueing it"
                 );
                 let started = Instant::now();
-                let error_type = match requeue(&delivery.acker).await {
-                    Ok(true) => None,
-                    Ok(false) => Some("channel_lost"),
-                    Err(error) => {
-                        tracing::warn!(%error, "nack failed; the broker will redeliver");
-                        Some(nack_error_type(&error))
-                    }
-                };
+                let requeued = settle(delivery.acker.nack(REQUEUE)).await;
+                match &requeued {
+                    Settled::Failed(error) => tracing::warn!(%error, "nack failed; the broker will redeliver"),
+                    Settled::TimedOut => tracing::warn!("nack timed out; the broker will redeliver"),
+                    Settled::Sent | Settled::NotSent => {}
+                }
+                let error_type = requeued.error_type("nack_failed");
                 self.record_settle(Settle::Nack, started, error_type);
                 false
             }
