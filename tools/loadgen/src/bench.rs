@@ -173,6 +173,11 @@ impl Drop for Vhost {
     }
 }
 
+/// How long the services keep a client's idle connection (`GATEWAY_HEADER_TIMEOUT_MS`,
+/// `STOCK_HEADER_TIMEOUT_MS`): an hour. The interleaved comparison keeps each stack's connections
+/// while the other stack runs its warm-up or its slice, which the 10 s default could outlast.
+const IDLE_MS: &str = "3600000";
+
 /// The three services of one run.
 pub(crate) struct Services {
     children: Vec<(String, Child)>,
@@ -207,6 +212,7 @@ impl Services {
                     ("STOCK_ADDR", format!("127.0.0.1:{stock}")),
                     ("STOCK_DB", dir.join("stock.db").display().to_string()),
                     ("STOCK_SEED_UNITS", "100000000".to_owned()),
+                    ("STOCK_HEADER_TIMEOUT_MS", IDLE_MS.to_owned()),
                     ("AMQP_ADDR", amqp.to_owned()),
                 ],
             ),
@@ -216,6 +222,7 @@ impl Services {
                 vec![
                     ("GATEWAY_ADDR", format!("127.0.0.1:{gateway}")),
                     ("CHECKOUT_URL", format!("http://127.0.0.1:{checkout}")),
+                    ("GATEWAY_HEADER_TIMEOUT_MS", IDLE_MS.to_owned()),
                 ],
             ),
         ];
