@@ -80,12 +80,13 @@ pub async fn run(
     let server = tonic::transport::Server::builder()
         .layer(GrpcServerLayer::new(telemetry.clone()).baggage_attributes(&config.baggage_span_attributes))
         .add_service(health_service)
-        .add_service(CheckoutServiceServer::new(CheckoutApi::new(publisher, telemetry.meter())));
+        .add_service(CheckoutServiceServer::new(CheckoutApi::new(publisher.clone(), telemetry.meter())));
     serve_draining(stop, config.drain_timeout, |stop| {
         server.serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stop)
     })
     .await
     .transpose()?;
+    publisher.close().await;
     broker.close().await;
     if *stopped_by.borrow_and_update() { Err(RunError::BrokerLost) } else { Ok(()) }
 }

@@ -223,6 +223,16 @@ impl Publisher {
         Ok(Self { broker, pool, telemetry, timeout, destination: topology::publish_destination() })
     }
 
+    /// Closes the idle channels, at shutdown, before the connection ([`Broker::close_channels`];
+    /// half a second at most), and refuses later publishes ([`PublishError::Closed`]). A publish
+    /// still under way keeps its channel until it ends.
+    pub async fn close(&self) {
+        self.pool.permits.close();
+        let idle = std::mem::take(&mut *self.pool.idle.lock().unwrap_or_else(PoisonError::into_inner));
+        let deadline = Instant::now() + Duration::from_millis(500);
+        self.broker.close_channels(idle.into_iter().map(|pooled| pooled.channel), deadline).await;
+    }
+
     /// Publishes `event` under a PRODUCER span (child of the current span) and waits for the
     /// broker's confirm.
     pub async fn publish(&self, event: &CheckoutProcessed) -> Result<(), PublishError> {

@@ -272,9 +272,9 @@ pub async fn consume(
     // One deadline for the cancel and the deliveries in progress: a broker that blocks its
     // clients (a resource alarm) answers neither the cancel nor the acks.
     let deadline = Instant::now() + drain;
-    if let Some((channel, tag)) = cancel {
+    if let Some((channel, tag)) = &cancel {
         // Stop taking work; deliveries not yet started go back to the queue.
-        let cancelled = channel.basic_cancel(tag, BasicCancelOptions::default());
+        let cancelled = channel.basic_cancel(tag.clone(), BasicCancelOptions::default());
         match tokio::time::timeout_at(deadline.into(), cancelled).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::debug!(%error, "cancelling the consumer"),
@@ -290,6 +290,12 @@ pub async fn consume(
         );
     } else if pending > 0 {
         tracing::info!(pending, "deliveries in progress finished before shutdown");
+    }
+    // Before the connection's close, within the drain: the broker requeues what a delivery
+    // still in progress did not settle.
+    in_flight.abort_all();
+    if let Some((channel, _)) = cancel {
+        handler.broker.close_channels([channel], deadline).await;
     }
     outcome
 }
