@@ -311,6 +311,16 @@ async fn sigterm_under_load_exits_cleanly_and_loses_nothing() {
         assert!(status.success(), "{name} exited with {status}");
         assert!(took < Duration::from_secs(10), "{name} took {took:?} to exit");
     }
+    // Channels closed before their connection: lapin logs one it had to close itself after the
+    // connection's close began as a connection error.
+    for service in &processes.services {
+        assert_eq!(
+            service.count("Connection error"),
+            0,
+            "{} did not close its broker connection cleanly",
+            service.name()
+        );
+    }
     assert!(report.accepted.len() >= 800, "{:?}", report.statuses);
     assert_eq!(missing, 0, "every finished request's span was exported");
     drop(stock);

@@ -203,8 +203,10 @@ enum Session {
 }
 
 /// Consumes until `shutdown`, then stops taking deliveries and waits up to `drain` for those in
-/// progress. Follows connection replacements; never stops on a bad message. Stops with an error
-/// when the consumer cannot be set up: at once the first time, else after `give_up` of trying.
+/// progress; those still running then are dropped, and the channel is closed (the broker
+/// requeues what they did not settle). Follows connection replacements; never stops on a bad
+/// message. Stops with an error when the consumer cannot be set up: at once the first time, else
+/// after `give_up` of trying.
 pub async fn consume(
     handler: Arc<Handler>,
     prefetch: u16,
@@ -215,7 +217,8 @@ pub async fn consume(
     let mut in_flight = JoinSet::new();
     let mut consumed_before = false;
     let mut failing_since: Option<Instant> = None;
-    let mut cancel = None;
+    // The channel of the last session, and its consumer's tag when it is still to cancel.
+    let mut last = None;
     tokio::pin!(shutdown);
     let outcome = loop {
         let link = handler.broker.link();
@@ -262,17 +265,21 @@ pub async fn consume(
         handler.consuming.send_replace(false);
         match session {
             Session::Shutdown => {
-                cancel = Some((channel, tag));
+                last = Some((channel, Some(tag)));
                 break Ok(());
             }
             Session::Interrupted => tracing::warn!("consuming again, on a new channel"),
-            Session::Failed(error) => break Err(error),
+            Session::Failed(error) => {
+                // The broker cancelled the consumer already.
+                last = Some((channel, None));
+                break Err(error);
+            }
         }
     };
     // One deadline for the cancel and the deliveries in progress: a broker that blocks its
     // clients (a resource alarm) answers neither the cancel nor the acks.
     let deadline = Instant::now() + drain;
-    if let Some((channel, tag)) = &cancel {
+    if let Some((channel, Some(tag))) = &last {
         // Stop taking work; deliveries not yet started go back to the queue.
         let cancelled = channel.basic_cancel(tag.clone(), BasicCancelOptions::default());
         match tokio::time::timeout_at(deadline.into(), cancelled).await {
@@ -291,10 +298,10 @@ pub async fn consume(
     } else if pending > 0 {
         tracing::info!(pending, "deliveries in progress finished before shutdown");
     }
-    // Before the connection's close, within the drain: the broker requeues what a delivery
-    // still in progress did not settle.
+    // Before the connection's close (waiting for its confirm within the drain only): the
+    // broker requeues what a delivery still in progress did not settle.
     in_flight.abort_all();
-    if let Some((channel, _)) = cancel {
+    if let Some((channel, _)) = last {
         handler.broker.close_channels([channel], deadline).await;
     }
     outcome
@@ -357,7 +364,7 @@ fn requeued_on_panic(
             return;
         }
         let started = Instant::now();
-        let requeued = settle(acker.nack(REQUEUE)).await;
+        let requeued = settle_bounded(acker.nack(REQUEUE)).await;
         match &requeued {
             Settled::Sent => tracing::error!("handling a delivery panicked; it goes back to the queue"),
             // Nothing sent, and possibly nothing to record: its settle was recorded when made.
@@ -382,13 +389,14 @@ const REQUEUE: BasicNackOptions = BasicNackOptions { requeue: true, multiple: fa
 
 /// What became of an ack or a nack.
 enum Settled {
-    /// The broker has it.
+    /// Written to the connection (the broker does not answer either).
     Sent,
     /// lapin sent nothing (`Ok(false)`): the delivery was already settled, or its channel was
     /// lost; lapin cannot say which.
     NotSent,
+    /// lapin could not send it.
     Failed(lapin::Error),
-    /// No answer within [`FORWARD_TIMEOUT`].
+    /// Not written within [`FORWARD_TIMEOUT`] (a connection that hangs).
     TimedOut,
 }
 
@@ -405,7 +413,7 @@ impl Settled {
 }
 
 /// An ack or a nack, bounded: on a connection that hangs it would wait forever.
-async fn settle(settling: impl Future<Output = lapin::Result<bool>>) -> Settled {
+async fn settle_bounded(settling: impl Future<Output = lapin::Result<bool>>) -> Settled {
     match tokio::time::timeout(FORWARD_TIMEOUT, settling).await {
         Ok(Ok(true)) => Settled::Sent,
         Ok(Ok(false)) => Settled::NotSent,
@@ -591,7 +599,7 @@ impl Handler {
         // redelivery reserve nothing. lapin answers Ok(false) when the delivery's channel was
         // lost in between: that ack never reached the broker either.
         let started = Instant::now();
-        let acked = settle(delivery.acker.ack(BasicAckOptions::default())).await;
+        let acked = settle_bounded(delivery.acker.ack(BasicAckOptions::default())).await;
         match &acked {
             Settled::Sent => {}
             Settled::NotSent => tracing::warn!("ack not sent: the channel was lost; the broker will redeliver"),
@@ -685,7 +693,7 @@ impl Handler {
                     "could not forward the message; requeueing it"
                 );
                 let started = Instant::now();
-                let requeued = settle(delivery.acker.nack(REQUEUE)).await;
+                let requeued = settle_bounded(delivery.acker.nack(REQUEUE)).await;
                 match &requeued {
                     Settled::Failed(error) => tracing::warn!(%error, "nack failed; the broker will redeliver"),
                     Settled::TimedOut => tracing::warn!("nack timed out; the broker will redeliver"),

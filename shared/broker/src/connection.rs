@@ -426,25 +426,32 @@ impl Broker {
         gone()
     }
 
-    /// Closes `channels` at shutdown, before the connection, one after the other, giving up at
-    /// `deadline` (and at once while the broker blocks its clients: lapin would write nothing).
-    /// A channel only dropped is closed by lapin's I/O thread a moment later; should the
-    /// connection's close have begun by then, that close fails, lapin 4.12 logs it as a
-    /// connection error ("invalid channel state: Closing") and the connection ends in error,
-    /// its own close unconfirmed (RabbitMQ logs a client that "unexpectedly closed" it).
+    /// Closes `channels` at shutdown, before the connection: every close is sent at once (a
+    /// channel being closed is one lapin's I/O thread leaves alone), and their confirms are
+    /// awaited until `deadline`, not at all when it has passed, nor while the broker blocks its
+    /// clients (lapin would write nothing). A channel only dropped is closed by lapin's I/O
+    /// thread a moment later; should the connection's close have begun by then, that close
+    /// fails, lapin 4.12 logs it as a connection error ("invalid channel state: Closing") and
+    /// the connection ends in error, its own close unconfirmed (RabbitMQ logs a client that
+    /// "unexpectedly closed" it).
     pub async fn close_channels(&self, channels: impl IntoIterator<Item = Channel>, deadline: std::time::Instant) {
         if self.link().connection.status().blocked() {
             return;
         }
-        for channel in channels.into_iter().filter(|channel| channel.status().connected()) {
-            match tokio::time::timeout_at(deadline.into(), channel.close(200, "shutting down".into())).await {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => tracing::debug!(%error, "closing a channel"),
-                Err(_) => {
-                    tracing::warn!("the broker did not confirm closing the channels in time");
-                    return;
+        let closes = channels
+            .into_iter()
+            .filter(|channel| channel.status().connected())
+            .map(|channel| async move { channel.close(200, "shutting down".into()).await });
+        let waiting = deadline > std::time::Instant::now();
+        // A timeout polls what it bounds once even past its deadline: every close is sent.
+        match tokio::time::timeout_at(deadline.into(), futures_util::future::join_all(closes)).await {
+            Ok(closed) => {
+                for error in closed.into_iter().filter_map(Result::err) {
+                    tracing::debug!(%error, "closing a channel");
                 }
             }
+            Err(_) if waiting => tracing::warn!("the broker did not confirm closing the channels in time"),
+            Err(_) => tracing::debug!("channels closed without waiting for the broker: no time left"),
         }
     }
 
