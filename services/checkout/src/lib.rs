@@ -81,13 +81,14 @@ pub async fn run(
         .layer(GrpcServerLayer::new(telemetry.clone()).baggage_attributes(&config.baggage_span_attributes))
         .add_service(health_service)
         .add_service(CheckoutServiceServer::new(CheckoutApi::new(publisher.clone(), telemetry.meter())));
-    serve_draining(stop, config.drain_timeout, |stop| {
+    let served = serve_draining(stop, config.drain_timeout, |stop| {
         server.serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stop)
     })
-    .await
-    .transpose()?;
+    .await;
+    // Whatever ended the serving, the broker sees a clean close.
     publisher.close().await;
     broker.close().await;
+    served.transpose()?;
     if *stopped_by.borrow_and_update() { Err(RunError::BrokerLost) } else { Ok(()) }
 }
 

@@ -164,9 +164,15 @@ impl Forward {
 }
 
 /// Opens the consuming channel on the current connection: confirm mode (for republishing),
-/// prefetch, topology, consume.
-async fn open(broker: &Broker, prefetch: u16) -> lapin::Result<(Channel, lapin::Consumer, u64)> {
+/// prefetch, topology, consume. `opening` gets the channel as soon as it exists, so that a caller
+/// who drops this midway (shutdown) can still close it before the connection.
+async fn open(
+    broker: &Broker,
+    prefetch: u16,
+    opening: &mut Option<Channel>,
+) -> lapin::Result<(Channel, lapin::Consumer, u64)> {
     let (channel, generation) = broker.channel().await?;
+    *opening = Some(channel.clone());
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
     channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
     topology::declare(&channel).await?;
@@ -225,9 +231,15 @@ pub async fn consume(
         let (current, was_up) = (link.generation, link.connection.status().connected());
         drop(link);
         // A broker that blocks its clients (a resource alarm) stalls the open: shutdown wins.
+        // The channel being opened, kept here: should shutdown win, it is closed below.
+        let mut opening = None;
         let opened = tokio::select! {
-            () = &mut shutdown => break Ok(()),
-            opened = open(&handler.broker, prefetch) => opened,
+            () = &mut shutdown => None,
+            opened = open(&handler.broker, prefetch, &mut opening) => Some(opened),
+        };
+        let Some(opened) = opened else {
+            last = opening.map(|channel| (channel, None));
+            break Ok(());
         };
         let (channel, consumer, generation) = match opened {
             Ok(opened) => opened,
