@@ -349,11 +349,15 @@ async fn session(
 
 /// A delivery's task: its handling, under the panic guard. A task is moved whole, so its size is
 /// paid per order; a test holds it.
+/// (The handling and the panic's recorder borrow the one handler this owns: no second clone
+/// per delivery.)
+#[allow(clippy::manual_async_fn, reason = "as an `async fn` the task is 2,952 bytes, against 2,384")]
 fn delivery_task(handler: Arc<Handler>, channel: Channel, delivery: Delivery) -> impl Future<Output = ()> + Send {
-    let acker = delivery.acker.clone();
-    let recorder = handler.clone();
-    let record = move |started, error_type| recorder.record_settle(Settle::Nack, started, error_type);
-    requeued_on_panic(acker, async move { handler.handle(delivery, &channel).await }, record)
+    async move {
+        let acker = delivery.acker.clone();
+        let record = |started, error_type| handler.record_settle(Settle::Nack, started, error_type);
+        requeued_on_panic(acker, handler.handle(delivery, &channel), record).await;
+    }
 }
 
 /// Runs `handling`; should it panic (a bug), its delivery goes back to the queue at once rather
@@ -843,7 +847,7 @@ mod tests {
         assert!(size <= TASK_BOUND, "a delivery's task is {size} bytes, over {TASK_BOUND}");
     }
 
-    /// The task's bound: 2,368 bytes in the test build when it was set, and room for a little
+    /// The task's bound: 2,384 bytes in the test build when it was set, and room for a little
     /// more state; a copy of the handling, or a publish kept inline, is well over it.
     const TASK_BOUND: usize = 3 * 1024;
 
