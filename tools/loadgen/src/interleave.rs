@@ -74,6 +74,13 @@ struct SlicePair {
     on: Slice,
 }
 
+impl SlicePair {
+    /// On / off throughput.
+    fn ratio(&self) -> f64 {
+        self.on.throughput / self.off.throughput
+    }
+}
+
 /// A stack's telemetry, and its services' CPU and peak memory over the measured slices.
 #[derive(Debug, Serialize)]
 struct StackUse {
@@ -195,10 +202,11 @@ pub async fn run(args: InterleaveArgs) -> anyhow::Result<()> {
             let off = off_stack.slice(&args, args.slice, &otlp).await?;
             (off, on_stack.slice(&args, args.slice, &otlp).await?)
         };
+        let pair = SlicePair { on_first, off, on };
         if (index + 1) % 10 == 0 {
-            eprintln!("pair {}/{}: {:.3}", index + 1, args.pairs, on.throughput / off.throughput);
+            eprintln!("pair {}/{}: {:.3}", index + 1, args.pairs, pair.ratio());
         }
-        pairs.push(SlicePair { on_first, off, on });
+        pairs.push(pair);
     }
     let results = Results {
         slice_seconds: args.slice,
@@ -240,14 +248,9 @@ fn summary(results: &Results) -> String {
         return "\nno pairs ran\n".to_owned();
     }
     let (off_label, on_label) = (results.off.telemetry.label(), results.on.telemetry.label());
-    let mut ratios: Vec<f64> = results.pairs.iter().map(|pair| pair.on.throughput / pair.off.throughput).collect();
+    let mut ratios: Vec<f64> = results.pairs.iter().map(SlicePair::ratio).collect();
     let by_order = |first: bool| -> Vec<f64> {
-        results
-            .pairs
-            .iter()
-            .filter(|pair| pair.on_first == first)
-            .map(|pair| pair.on.throughput / pair.off.throughput)
-            .collect()
+        results.pairs.iter().filter(|pair| pair.on_first == first).map(SlicePair::ratio).collect()
     };
     let (off_first, on_first) = (by_order(false), by_order(true));
     let _ = writeln!(
