@@ -324,3 +324,40 @@ impl Publisher {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tracehop_broker::connection::BrokerNodes;
+    use tracehop_broker::event::Item;
+
+    use super::*;
+
+    /// At shutdown the pool's channels close before the connection (a channel only dropped is
+    /// closed by lapin after the connection's close began: a logged connection error), and a
+    /// publish that comes later is refused rather than opening a channel again.
+    #[tokio::test]
+    async fn a_closed_publisher_has_closed_its_channels_and_refuses_to_publish() {
+        let vhost = tracehop_testkit::rabbit::TestVhost::create();
+        let nodes = BrokerNodes::parse(vhost.url()).expect("nodes");
+        let broker = Broker::connect(nodes, "publisher-test", Duration::from_secs(30)).await.expect("connect");
+        let telemetry = Telemetry::disabled("checkout");
+        let publisher = Publisher::open(broker.clone(), telemetry, Duration::from_secs(2)).await.expect("open");
+        let event = CheckoutProcessed {
+            order_id: "o-1".into(),
+            customer_id: "c".into(),
+            items: vec![Item { sku: "SKU-001".into(), quantity: 1 }],
+            total_cents: 1,
+        };
+        publisher.publish(&event).await.expect("published");
+        let pooled: Vec<Channel> =
+            publisher.pool.idle.lock().expect("not poisoned").iter().map(|p| p.channel.clone()).collect();
+        assert!(!pooled.is_empty(), "no channel in the pool");
+
+        publisher.close().await;
+
+        assert!(pooled.iter().all(|channel| !channel.status().connected()), "a pooled channel is still open");
+        let refused = publisher.publish(&event).await;
+        assert!(matches!(refused, Err(PublishError::Closed)), "{refused:?}");
+        broker.close().await;
+    }
+}
