@@ -11,8 +11,8 @@ use axum::response::{IntoResponse, Response};
 use opentelemetry::Context;
 use opentelemetry::context::FutureExt as _;
 use opentelemetry::trace::TraceContextExt;
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tracehop_proto::{CheckoutRequest, LineItem};
 use tracehop_telemetry::propagation::trace_id_hex;
@@ -111,13 +111,24 @@ pub async fn checkout(
     } else {
         (None, None)
     };
-    let body = json!({
-        "order_id": response.order_id,
-        "total_cents": response.total_cents,
-        "trace_id": trace_id,
-        "trace_url": trace_url,
-    });
+    let body = Accepted {
+        order_id: &response.order_id,
+        total_cents: response.total_cents,
+        trace_id: trace_id.as_deref(),
+        trace_url: trace_url.as_deref(),
+    };
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+/// The 202's body. Serialized from borrowed fields: a `json!` value built a map, a `String` per
+/// key and a copy of every value, then freed them, on every order.
+#[derive(Debug, Serialize)]
+struct Accepted<'a> {
+    order_id: &'a str,
+    total_cents: i64,
+    /// `null` when the request has no trace (telemetry off).
+    trace_id: Option<&'a str>,
+    trace_url: Option<&'a str>,
 }
 
 /// Waits for checkout's answer: at most `timeout` (504 after it), and while no connection to
@@ -153,4 +164,35 @@ pub async fn healthz() -> Json<serde_json::Value> {
 /// Any other path.
 pub async fn not_found() -> (StatusCode, Json<serde_json::Value>) {
     (StatusCode::NOT_FOUND, Json(json!({ "error": "not found" })))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::Accepted;
+
+    #[test]
+    fn the_accepted_body_names_its_trace_or_says_null() {
+        let traced = Accepted {
+            order_id: "0193a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b",
+            total_cents: 4900,
+            trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736"),
+            trace_url: Some("http://localhost:16686/trace/4bf92f3577b34da6a3ce929d0e0e4736"),
+        };
+        assert_eq!(
+            serde_json::to_value(&traced).expect("serializes"),
+            json!({
+                "order_id": "0193a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b",
+                "total_cents": 4900,
+                "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
+                "trace_url": "http://localhost:16686/trace/4bf92f3577b34da6a3ce929d0e0e4736",
+            })
+        );
+        let untraced = Accepted { order_id: "o-1", total_cents: 0, trace_id: None, trace_url: None };
+        assert_eq!(
+            serde_json::to_value(&untraced).expect("serializes"),
+            json!({ "order_id": "o-1", "total_cents": 0, "trace_id": null, "trace_url": null })
+        );
+    }
 }
