@@ -22,7 +22,7 @@ use lapin::{BasicProperties, Channel, Confirmation};
 use opentelemetry::Context;
 use opentelemetry::trace::TraceContextExt;
 use tokio::sync::{Semaphore, SemaphorePermit};
-use tracehop_broker::connection::Broker;
+use tracehop_broker::connection::{Broker, CLOSE_WITHIN};
 use tracehop_broker::event::{CONTENT_TYPE, CheckoutProcessed, EVENT_TYPE};
 use tracehop_broker::topology;
 use tracehop_telemetry::Telemetry;
@@ -224,12 +224,12 @@ impl Publisher {
     }
 
     /// Closes the idle channels, at shutdown, before the connection ([`Broker::close_channels`];
-    /// half a second at most), and refuses later publishes ([`PublishError::Closed`]). A publish
+    /// [`CLOSE_WITHIN`] at most), and refuses later publishes ([`PublishError::Closed`]). A publish
     /// still under way keeps its channel until it ends.
     pub async fn close(&self) {
         self.pool.permits.close();
         let idle = std::mem::take(&mut *self.pool.idle.lock().unwrap_or_else(PoisonError::into_inner));
-        let deadline = Instant::now() + Duration::from_millis(500);
+        let deadline = Instant::now() + CLOSE_WITHIN;
         self.broker.close_channels(idle.into_iter().map(|pooled| pooled.channel), deadline).await;
     }
 

@@ -34,6 +34,11 @@ pub const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 /// stall the walk to the next one; the AMQP handshake that follows gets five times as long.
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2000;
 
+/// How long a close at shutdown waits for the broker's confirm: the connection's
+/// ([`Broker::close`]), and the channels' before it, which a service bounds with a deadline this
+/// far ahead ([`Broker::close_channels`]).
+pub const CLOSE_WITHIN: Duration = Duration::from_millis(500);
+
 /// The broker nodes from `AMQP_ADDR`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct BrokerNodes {
@@ -502,7 +507,7 @@ async fn close_within(connection: &Connection) {
         tracing::warn!("the broker blocks this connection; not waiting to close it");
         return;
     }
-    match tokio::time::timeout(Duration::from_millis(500), connection.close(200, "shutting down".into())).await {
+    match tokio::time::timeout(CLOSE_WITHIN, connection.close(200, "shutting down".into())).await {
         Ok(Ok(())) => {}
         Ok(Err(error)) => tracing::debug!(%error, "closing the broker connection"),
         Err(_) => tracing::warn!("the broker did not confirm closing the connection in time"),
