@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -32,7 +32,6 @@ use tracehop_telemetry::Telemetry;
 use tracehop_telemetry::messaging::{self, ConsumerContext, Destination, RETRY_COUNT_HEADER, Settle};
 use tracehop_telemetry::spans::{baggage_attributes, error_chain, record_error};
 
-use crate::acks::{Acked, Acks};
 use crate::store::{OrderLine, Outcome, Store};
 
 /// How long forwarding a message (retry, dead letter) may wait for the broker's confirm, and an
@@ -328,7 +327,6 @@ async fn session(
     in_flight: &mut JoinSet<()>,
     shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
 ) -> Session {
-    let acks = Acks::new(channel.clone(), FORWARD_TIMEOUT);
     loop {
         tokio::select! {
             () = shutdown.as_mut() => return Session::Shutdown,
@@ -336,8 +334,7 @@ async fn session(
             () = handler.broker.replaced(generation) => return Session::Interrupted,
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
-                    acks.received(delivery.delivery_tag);
-                    in_flight.spawn(delivery_task(handler.clone(), acks.clone(), delivery));
+                    in_flight.spawn(delivery_task(handler.clone(), channel.clone(), delivery));
                 }
                 Some(Err(error)) => {
                     tracing::warn!(%error, "consumer interrupted");
@@ -354,43 +351,36 @@ async fn session(
 /// paid per order; a test holds it.
 /// (The handling and the panic's recorder borrow the one handler this owns: no second clone
 /// per delivery.)
-#[allow(clippy::manual_async_fn, reason = "as an `async fn` the task was 2,952 bytes, against 2,384 (2,304 since)")]
-fn delivery_task(handler: Arc<Handler>, acks: Acks, delivery: Delivery) -> impl Future<Output = ()> + Send {
+#[allow(clippy::manual_async_fn, reason = "as an `async fn` the task is 2,952 bytes, against 2,384")]
+fn delivery_task(handler: Arc<Handler>, channel: Channel, delivery: Delivery) -> impl Future<Output = ()> + Send {
     async move {
-        let (acker, tag) = (delivery.acker.clone(), delivery.delivery_tag);
+        let acker = delivery.acker.clone();
         let record = |started, error_type| handler.record_settle(Settle::Nack, started, error_type);
-        requeued_on_panic((acker, tag), &acks, handler.handle(delivery, &acks), record).await;
+        requeued_on_panic(acker, handler.handle(delivery, &channel), record).await;
     }
 }
 
 /// Runs `handling`; should it panic (a bug), its delivery goes back to the queue at once rather
 /// than hold one of the consumer's prefetch slots until the channel closes (panic after panic
 /// would stall the consumer). The queue's delivery limit dead-letters a message that keeps
-/// failing. A delivery already settled, or acked or waiting for its ack in `acks`, stays so
-/// (lapin's acker is used once; an ack of a tag already acked would close the channel). `record`
+/// failing. A delivery already settled stays settled (lapin's acker is used once). `record`
 /// gets a nack that was sent, or that failed or timed out on the wire, for the settle metrics;
 /// not one lapin did not send (`Ok(false)`: the delivery was already settled, whose settle was
 /// recorded then, or its channel was lost, and lapin cannot say which).
 /// (Combinators rather than an `async fn`, which would keep `handling` twice in its state, as its
 /// argument and inside the `catch_unwind`: a task is moved whole, so its size is paid per order.)
-fn requeued_on_panic<'a>(
-    (acker, tag): (lapin::Acker, u64),
-    acks: &'a Acks,
-    handling: impl Future<Output = ()> + 'a,
-    record: impl FnOnce(Instant, Option<&'static str>) + 'a,
-) -> impl Future<Output = ()> + 'a {
+fn requeued_on_panic(
+    acker: lapin::Acker,
+    handling: impl Future<Output = ()>,
+    record: impl FnOnce(Instant, Option<&'static str>),
+) -> impl Future<Output = ()> {
     use futures_util::FutureExt as _;
     std::panic::AssertUnwindSafe(handling).catch_unwind().then(async move |handled| {
         if handled.is_ok() {
             return;
         }
-        if !acks.unsettled(tag) {
-            tracing::error!("handling a delivery panicked after its ack was asked for; the ack stands");
-            return;
-        }
         let started = Instant::now();
         let requeued = settle_bounded(acker.nack(REQUEUE)).await;
-        acks.settled_otherwise(tag);
         match &requeued {
             Settled::Sent => tracing::error!("handling a delivery panicked; it goes back to the queue"),
             // Nothing sent, and possibly nothing to record: its settle was recorded when made.
@@ -449,8 +439,8 @@ async fn settle_bounded(settling: impl Future<Output = lapin::Result<bool>>) -> 
 }
 
 impl Handler {
-    /// Processes one delivery under its CONSUMER span, and settles it on its channel.
-    pub(crate) async fn handle(&self, delivery: Delivery, acks: &Acks) {
+    /// Processes one delivery under its CONSUMER span, and settles it on `channel`.
+    pub async fn handle(&self, delivery: Delivery, channel: &Channel) {
         let started = Instant::now();
         let peer = self.broker.peer();
         messaging::record_consumed(&self.telemetry, &self.source, &peer);
@@ -459,7 +449,7 @@ impl Handler {
         let error_type = async {
             let verdict = self.decide(&delivery).await;
             let error_type = verdict.error_type();
-            self.settle(&delivery, verdict, acks).await;
+            self.settle(&delivery, verdict, channel).await;
             error_type
         }
         .with_context(cx.clone())
@@ -535,7 +525,7 @@ impl Handler {
         result
     }
 
-    async fn settle(&self, delivery: &Delivery, verdict: Verdict, acks: &Acks) {
+    async fn settle(&self, delivery: &Delivery, verdict: Verdict, channel: &Channel) {
         let cx = Context::current();
         let span = cx.span();
         let tag = delivery.delivery_tag;
@@ -570,7 +560,7 @@ impl Handler {
                         );
                     }
                 }
-                self.ack(delivery, acks).await;
+                self.ack(delivery).await;
             }
             Verdict::Poison { reason, error } => {
                 let error = bounded(error);
@@ -578,7 +568,7 @@ impl Handler {
                 span.set_attribute(KeyValue::new(OUTCOME, "dead_lettered"));
                 tracing::warn!(reason, %error, "message can never succeed; dead-lettering it");
                 let headers = dead_letter_headers(reason, &error);
-                if self.forward(acks, delivery, &self.dead_letter, headers).await {
+                if self.forward(channel, delivery, &self.dead_letter, headers).await {
                     self.count_dead_letter(reason);
                 }
             }
@@ -591,12 +581,12 @@ impl Handler {
                     span.set_attribute(KeyValue::new(OUTCOME, "retried"));
                     tracing::warn!(reason, %error, retry = retries + 1, "processing failed; retrying after a delay");
                     let extra = [(RETRY_COUNT_HEADER, AMQPValue::LongLongInt(retries + 1))];
-                    self.forward(acks, delivery, &self.retry, extra.to_vec()).await;
+                    self.forward(channel, delivery, &self.retry, extra.to_vec()).await;
                 } else {
                     span.set_attribute(KeyValue::new(OUTCOME, "dead_lettered"));
                     tracing::error!(reason, %error, retries, "retries exhausted; dead-lettering the message");
                     let headers = dead_letter_headers("retries_exhausted", &bounded(format!("{reason}: {error}")));
-                    if self.forward(acks, delivery, &self.dead_letter, headers).await {
+                    if self.forward(channel, delivery, &self.dead_letter, headers).await {
                         self.count_dead_letter("retries_exhausted");
                     }
                 }
@@ -620,27 +610,21 @@ impl Handler {
         );
     }
 
-    /// Acks `delivery` through `acks`, with others where it can.
-    async fn ack(&self, delivery: &Delivery, acks: &Acks) {
+    async fn ack(&self, delivery: &Delivery) {
         // The broker redelivers an unacked message; the store's order-id record makes the
-        // redelivery reserve nothing. An ack lost with its channel never reached the broker
-        // either.
+        // redelivery reserve nothing. lapin answers Ok(false) when the delivery's channel was
+        // lost in between: that ack never reached the broker either.
         let started = Instant::now();
-        let error_type = match acks.ack(delivery.delivery_tag).await {
-            Acked::Sent => None,
-            Acked::ChannelLost => {
-                tracing::warn!("ack not sent: the channel was lost; the broker will redeliver");
-                Some("channel_lost")
+        let acked = settle_bounded(delivery.acker.ack(BasicAckOptions::default())).await;
+        match &acked {
+            Settled::Sent => {}
+            Settled::NotSent => tracing::warn!("ack not sent: the channel was lost; the broker will redeliver"),
+            Settled::Failed(error) => {
+                tracing::warn!(%error, "ack failed; the broker will redeliver, the store deduplicates")
             }
-            Acked::Failed(error) => {
-                tracing::warn!(%error, "ack failed; the broker will redeliver, the store deduplicates");
-                Some("ack_failed")
-            }
-            Acked::TimedOut => {
-                tracing::warn!("ack timed out; the broker will redeliver, the store deduplicates");
-                Some("timeout")
-            }
-        };
+            Settled::TimedOut => tracing::warn!("ack timed out; the broker will redeliver, the store deduplicates"),
+        }
+        let error_type = acked.error_type("ack_failed");
         self.record_settle(Settle::Ack, started, error_type);
     }
 
@@ -652,18 +636,18 @@ impl Handler {
     /// failed needs it.
     fn forward<'a>(
         &'a self,
-        acks: &'a Acks,
+        channel: &'a Channel,
         delivery: &'a Delivery,
         target: &'a Forward,
         extra: Vec<(&'a str, AMQPValue)>,
     ) -> std::pin::Pin<Box<impl Future<Output = bool> + Send + 'a>> {
-        Box::pin(self.forward_unboxed(acks, delivery, target, extra))
+        Box::pin(self.forward_unboxed(channel, delivery, target, extra))
     }
 
     /// [`Self::forward`]'s work, unboxed.
     async fn forward_unboxed(
         &self,
-        acks: &Acks,
+        channel: &Channel,
         delivery: &Delivery,
         target: &Forward,
         extra: Vec<(&str, AMQPValue)>,
@@ -674,7 +658,7 @@ impl Handler {
         }
         let properties: BasicProperties = delivery.properties.clone().with_headers(headers);
         let publish = async {
-            acks.channel()
+            channel
                 .basic_publish(
                     target.exchange.into(),
                     target.routing_key.into(),
@@ -708,7 +692,7 @@ impl Handler {
         );
         match confirmed {
             Ok(Ok(Confirmation::Ack(None))) => {
-                self.ack(delivery, acks).await;
+                self.ack(delivery).await;
                 true
             }
             other => {
@@ -726,7 +710,6 @@ impl Handler {
                 );
                 let started = Instant::now();
                 let requeued = settle_bounded(delivery.acker.nack(REQUEUE)).await;
-                acks.settled_otherwise(delivery.delivery_tag);
                 match &requeued {
                     Settled::Failed(error) => tracing::warn!(%error, "nack failed; the broker will redeliver"),
                     Settled::TimedOut => tracing::warn!("nack timed out; the broker will redeliver"),
@@ -833,29 +816,21 @@ mod tests {
             let recorded = recorded.clone();
             move |_, error_type| recorded.lock().expect("not poisoned").push(error_type)
         };
-        let acks = Acks::new(channel.clone(), Duration::from_secs(5));
-        type Handling = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
-        let guarded = |delivery: &Delivery, handling: Handling, record| {
-            let (acks, acker, tag) = (acks.clone(), delivery.acker.clone(), delivery.delivery_tag);
-            acks.received(tag);
-            async move { requeued_on_panic((acker, tag), &acks, handling, record).await }
-        };
         let first = next(&mut consumer).await;
-        let panicking = guarded(&first, Box::pin(async { panic!("a bug in the handler") }), record());
+        let panicking = requeued_on_panic(first.acker.clone(), async { panic!("a bug in the handler") }, record());
         tokio::spawn(panicking).await.expect("the panic is caught");
         assert_eq!(*recorded.lock().expect("not poisoned"), [None]);
         let again = next(&mut consumer).await;
         assert!(again.redelivered, "another message came instead");
         assert_eq!(again.data, b"order");
-        // A handler whose ack was asked for before it panicked: the ack stands, no nack follows
-        // it (a nack of an acked tag would close the channel).
-        let (acking, tag) = (acks.clone(), again.delivery_tag);
-        let settled = Box::pin(async move {
-            assert!(matches!(acking.ack(tag).await, Acked::Sent));
+        // A handler that settled before it panicked: the delivery stays settled.
+        let acker = again.acker.clone();
+        let settled = async move {
+            acker.ack(BasicAckOptions::default()).await.expect("ack");
             panic!("a bug after the ack");
-        });
-        tokio::spawn(guarded(&again, settled, record())).await.expect("the panic is caught");
-        assert_eq!(*recorded.lock().expect("not poisoned"), [None], "a nack recorded after the ack");
+        };
+        tokio::spawn(requeued_on_panic(again.acker.clone(), settled, record())).await.expect("the panic is caught");
+        assert_eq!(*recorded.lock().expect("not poisoned"), [None], "a nack recorded that was never sent");
         let back = tokio::time::timeout(Duration::from_millis(500), consumer.next()).await;
         assert!(back.is_err(), "the acked delivery came back: {back:?}");
         assert!(channel.status().connected(), "the channel closed");

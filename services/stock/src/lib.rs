@@ -11,7 +11,6 @@
 //! and the admin requests in progress (for at most `SHUTDOWN_DRAIN_SECS`) and returns; `main`
 //! flushes telemetry after it.
 
-mod acks;
 pub mod admin;
 pub mod config;
 pub mod consumer;
