@@ -186,6 +186,17 @@ pub(crate) struct Services {
     _dir: PathBuf,
 }
 
+/// The batch span processor's limits, passed from the load generator's environment to the
+/// services that export (to measure a tuning: `OTEL_BSP_MAX_EXPORT_BATCH_SIZE=2048 loadgen
+/// bench ...`); the services' own defaults where unset.
+const SPAN_PROCESSOR_LIMITS: [&str; 3] =
+    ["OTEL_BSP_SCHEDULE_DELAY", "OTEL_BSP_MAX_QUEUE_SIZE", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"];
+
+/// Those of [`SPAN_PROCESSOR_LIMITS`] that `lookup` finds.
+fn span_processor_limits(lookup: impl Fn(&str) -> Option<String>) -> Vec<(&'static str, String)> {
+    SPAN_PROCESSOR_LIMITS.iter().filter_map(|&key| lookup(key).map(|value| (key, value))).collect()
+}
+
 impl Services {
     pub(crate) async fn start(amqp: &str, sink: &str, telemetry: Telemetry) -> anyhow::Result<Self> {
         let bin = std::env::current_exe()?.parent().map(PathBuf::from).unwrap_or_default();
@@ -195,7 +206,8 @@ impl Services {
         // takes one before its service binds it; and picked together, so none repeats (a run
         // once served its load from stock's port).
         let [gateway, checkout, stock] = tracehop_ports::free_ports()?;
-        let telemetry: Vec<(&str, String)> = match telemetry {
+        let exporting = telemetry != Telemetry::Off;
+        let mut telemetry: Vec<(&str, String)> = match telemetry {
             Telemetry::Off => vec![("OTEL_SDK_DISABLED", "true".to_owned())],
             Telemetry::Spans => {
                 vec![("OTEL_EXPORTER_OTLP_ENDPOINT", sink.to_owned()), ("OTEL_METRICS_EXPORTER", "none".to_owned())]
@@ -205,6 +217,9 @@ impl Services {
                 ("OTEL_METRIC_EXPORT_INTERVAL", "1000".to_owned()),
             ],
         };
+        if exporting {
+            telemetry.extend(span_processor_limits(|key| std::env::var(key).ok()));
+        }
         let environments: [(&str, Vec<(&str, String)>); 3] = [
             (
                 "stock",
@@ -783,6 +798,20 @@ mod tests {
         assert_eq!(Compare::Spans.sides(), (Telemetry::Off, Telemetry::Spans));
         assert_eq!(Compare::Metrics.sides(), (Telemetry::Spans, Telemetry::SpansAndMetrics));
         assert_eq!(Compare::Same.sides(), (Telemetry::Off, Telemetry::Off));
+    }
+
+    #[test]
+    fn the_span_processor_limits_set_are_passed_on_and_nothing_else() {
+        let lookup = |key: &str| match key {
+            "OTEL_BSP_MAX_EXPORT_BATCH_SIZE" => Some("2048".to_owned()),
+            "OTEL_BSP_MAX_QUEUE_SIZE" => Some("8192".to_owned()),
+            "OTEL_SDK_DISABLED" => Some("true".to_owned()),
+            _ => None,
+        };
+        assert_eq!(
+            span_processor_limits(lookup),
+            vec![("OTEL_BSP_MAX_QUEUE_SIZE", "8192".to_owned()), ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "2048".to_owned())]
+        );
     }
 
     #[test]
