@@ -154,19 +154,26 @@ impl GrpcSpanExporter {
     /// batch processor's thread, which is not a runtime thread. tonic's channel and tokio's
     /// timers live on that runtime; the caller only waits, a second past the export's own
     /// timeout at most (should the runtime be stuck or gone).
-    pub(crate) fn export_blocking(&self, request: Vec<u8>) -> OTelSdkResult {
+    ///
+    /// The batch comes back with the outcome, for its buffers to take the next spans; not when
+    /// the runtime did not answer in time (the send may still hold it).
+    pub(crate) fn export_blocking(&self, request: ExportRequest) -> (OTelSdkResult, Option<EncodedBatch>) {
+        let request = Arc::new(request);
         let (answer, outcome) = std::sync::mpsc::sync_channel(1);
-        let send = self.send(Bytes::from(request));
+        let send = self.send(request.clone());
         self.runtime.spawn(async move {
-            let _ = answer.send(send.await);
+            // The send, and with it its hold on the request, is gone before the answer.
+            let result = send.await;
+            let _ = answer.send(result);
         });
-        outcome.recv_timeout(self.timeout + Duration::from_secs(1)).unwrap_or_else(|_| {
+        let result = outcome.recv_timeout(self.timeout + Duration::from_secs(1)).unwrap_or_else(|_| {
             Err(OTelSdkError::InternalFailure("the OTLP export runtime did not answer in time".into()))
-        })
+        });
+        (result, Arc::into_inner(request).map(|request| request.batch))
     }
 
     /// Sends `body` until it is accepted, a non-retryable error comes back, or the timeout.
-    fn send(&self, body: Bytes) -> impl Future<Output = OTelSdkResult> + Send + 'static {
+    fn send(&self, body: Arc<ExportRequest>) -> impl Future<Output = OTelSdkResult> + Send + 'static {
         let (mut client, metadata, timeout) = (self.client.clone(), self.metadata.clone(), self.timeout);
         let lost = self.lost.clone();
         // From now, not from the task's first poll: `export_blocking` waits for the answer
@@ -243,12 +250,12 @@ fn retryable(code: tonic::Code) -> bool {
     )
 }
 
-/// Passes pre-encoded request bytes through and decodes the response with prost.
+/// Writes a batch's pre-encoded spans into tonic's buffer and decodes the response with prost.
 #[derive(Debug, Clone, Copy)]
 struct RawCodec;
 
 impl Codec for RawCodec {
-    type Encode = Bytes;
+    type Encode = Arc<ExportRequest>;
     type Decode = ExportTraceServiceResponse;
     type Encoder = RawCodec;
     type Decoder = RawCodec;
@@ -263,11 +270,11 @@ impl Codec for RawCodec {
 }
 
 impl Encoder for RawCodec {
-    type Item = Bytes;
+    type Item = Arc<ExportRequest>;
     type Error = tonic::Status;
 
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
-        dst.put_slice(&item);
+    fn encode(&mut self, item: Arc<ExportRequest>, dst: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
+        item.batch.write_request(&item.resource, dst);
         Ok(())
     }
 }
@@ -412,11 +419,42 @@ impl EncodedBatch {
         self.spans = 0;
     }
 
-    /// The request: one `ResourceSpans` with `resource` (from [`encode_resource`]) and a
-    /// `ScopeSpans` per group that holds spans.
+    /// [`Self::write_request`]'s bytes in a `Vec` of their own (what the tests decode).
+    #[cfg(test)]
     pub(crate) fn request(&self, resource: &[u8]) -> Vec<u8> {
-        // Each group's scope (field 1) and schema URL (field 3), around its spans (field 2).
-        let framed: Vec<(Vec<u8>, &[u8], Vec<u8>)> = self
+        let mut buf = Vec::new();
+        self.write_request(resource, &mut buf);
+        buf
+    }
+
+    /// Writes the request, one `ResourceSpans` with `resource` (from [`encode_resource`]) and a
+    /// `ScopeSpans` per group that holds spans, into `dst`, its whole length reserved first
+    /// (see [`Reserve`]): the spans are copied from the batch once, straight into the buffer
+    /// that is sent.
+    pub(crate) fn write_request(&self, resource: &[u8], dst: &mut impl Reserve) {
+        let (framed, resource_spans_len) = self.framing(resource);
+        let mut head = Vec::with_capacity(12);
+        encode_key(1, WireType::LengthDelimited, &mut head);
+        encode_varint(resource_spans_len as u64, &mut head);
+        encode_key(1, WireType::LengthDelimited, &mut head);
+        dst.reserve_total(head.len() + resource_spans_len - 1);
+        dst.put_slice(&head);
+        dst.put_slice(resource);
+        for entry in &framed {
+            head.clear();
+            encode_key(2, WireType::LengthDelimited, &mut head);
+            encode_varint(entry.len() as u64, &mut head);
+            dst.put_slice(&head);
+            dst.put_slice(&entry.scope);
+            dst.put_slice(entry.spans);
+            dst.put_slice(&entry.schema_url);
+        }
+    }
+
+    /// Each group's scope (field 1) and schema URL (field 3), around its spans (field 2); and
+    /// the length of the `ResourceSpans` they make with `resource`.
+    fn framing(&self, resource: &[u8]) -> (Vec<FramedGroup<'_>>, usize) {
+        let framed: Vec<FramedGroup<'_>> = self
             .groups
             .iter()
             .filter(|group| !group.spans.is_empty())
@@ -424,30 +462,62 @@ impl EncodedBatch {
                 let (mut scope, mut schema_url) = (Vec::new(), Vec::new());
                 nested(&mut scope, 1, |buf| encode_scope(buf, &group.scope));
                 bytes_field(&mut schema_url, 3, group.scope.schema_url().unwrap_or_default().as_bytes());
-                (scope, group.spans.as_slice(), schema_url)
+                FramedGroup { scope, spans: group.spans.as_slice(), schema_url }
             })
             .collect();
-        let scope_spans_len =
-            |(scope, spans, schema_url): &(Vec<u8>, &[u8], Vec<u8>)| scope.len() + spans.len() + schema_url.len();
         let resource_spans_len = 1
             + resource.len()
-            + framed
-                .iter()
-                .map(|s| 1 + encoded_len_varint(scope_spans_len(s) as u64) + scope_spans_len(s))
-                .sum::<usize>();
-        let mut buf = Vec::with_capacity(1 + encoded_len_varint(resource_spans_len as u64) + resource_spans_len);
-        encode_key(1, WireType::LengthDelimited, &mut buf);
-        encode_varint(resource_spans_len as u64, &mut buf);
-        encode_key(1, WireType::LengthDelimited, &mut buf);
-        buf.extend_from_slice(resource);
-        for entry in &framed {
-            encode_key(2, WireType::LengthDelimited, &mut buf);
-            encode_varint(scope_spans_len(entry) as u64, &mut buf);
-            buf.extend_from_slice(&entry.0);
-            buf.extend_from_slice(entry.1);
-            buf.extend_from_slice(&entry.2);
-        }
-        buf
+            + framed.iter().map(|group| 1 + encoded_len_varint(group.len() as u64) + group.len()).sum::<usize>();
+        (framed, resource_spans_len)
+    }
+}
+
+/// One group's `ScopeSpans`, its spans borrowed from the batch.
+struct FramedGroup<'a> {
+    scope: Vec<u8>,
+    spans: &'a [u8],
+    schema_url: Vec<u8>,
+}
+
+impl FramedGroup<'_> {
+    /// The `ScopeSpans` message's length.
+    fn len(&self) -> usize {
+        self.scope.len() + self.spans.len() + self.schema_url.len()
+    }
+}
+
+/// A buffer a request is written into, its whole length reserved at once: a buffer grown by
+/// doubling as the spans arrive would copy them again on the way.
+pub(crate) trait Reserve: BufMut {
+    /// Makes room for `additional` more bytes.
+    fn reserve_total(&mut self, additional: usize);
+}
+
+impl Reserve for Vec<u8> {
+    fn reserve_total(&mut self, additional: usize) {
+        self.reserve(additional);
+    }
+}
+
+impl Reserve for EncodeBuf<'_> {
+    fn reserve_total(&mut self, additional: usize) {
+        self.reserve(additional);
+    }
+}
+
+/// A batch on its way out, with the resource it goes with: shared by the attempts to send it,
+/// then handed back, so its buffers take the next spans.
+#[derive(Debug)]
+pub(crate) struct ExportRequest {
+    pub(crate) batch: EncodedBatch,
+    pub(crate) resource: Bytes,
+}
+
+impl ExportRequest {
+    /// The request's bytes (what a test's backend decodes).
+    #[cfg(test)]
+    pub(crate) fn bytes(&self) -> Vec<u8> {
+        self.batch.request(&self.resource)
     }
 }
 

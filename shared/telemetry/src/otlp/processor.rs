@@ -25,7 +25,7 @@ use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{Span, SpanData, SpanProcessor};
 use prost::bytes::Bytes;
 
-use super::{EncodedBatch, GrpcSpanExporter, LostSpans, encode_resource, encode_span_entry};
+use super::{EncodedBatch, ExportRequest, GrpcSpanExporter, LostSpans, encode_resource, encode_span_entry};
 use crate::setup::BatchLimits;
 
 /// How long `force_flush` waits (the SDK's processor waits as long).
@@ -98,12 +98,13 @@ thread_local! {
 
 /// Where the export thread sends each batch's encoded request, waiting for the outcome.
 pub(crate) trait SendBatch: Send + 'static {
-    /// Sends one `ExportTraceServiceRequest` and says how it went.
-    fn send_batch(&self, request: Vec<u8>) -> OTelSdkResult;
+    /// Sends one `ExportTraceServiceRequest` and says how it went; hands the batch back when
+    /// it can, for its buffers to take the next spans.
+    fn send_batch(&self, request: ExportRequest) -> (OTelSdkResult, Option<EncodedBatch>);
 }
 
 impl SendBatch for GrpcSpanExporter {
-    fn send_batch(&self, request: Vec<u8>) -> OTelSdkResult {
+    fn send_batch(&self, request: ExportRequest) -> (OTelSdkResult, Option<EncodedBatch>) {
         self.export_blocking(request)
     }
 }
@@ -364,17 +365,19 @@ fn export_loop(shared: &Shared, sender: &impl SendBatch) {
         }
         // What a flush or the shutdown is answered: the last failure of the round, if any.
         let mut result = Ok(());
-        for mut batch in round.batches {
+        for batch in round.batches {
             let spans = batch.len();
-            let sent = sender.send_batch(batch.request(&round.resource));
+            let (sent, returned) = sender.send_batch(ExportRequest { batch, resource: round.resource.clone() });
             if let Err(error) = &sent {
                 let total = shared.lost.add(spans as u64);
                 tracing::warn!(%error, dropped_spans = spans, dropped_spans_total = total, "span export failed");
             }
-            batch.clear();
             let mut queue = shared.lock();
             queue.sending -= spans;
-            queue.spare = Some(batch);
+            if let Some(mut batch) = returned {
+                batch.clear();
+                queue.spare = Some(batch);
+            }
             drop(queue);
             if sent.is_err() {
                 result = sent;
@@ -430,11 +433,11 @@ mod tests {
     }
 
     impl SendBatch for Backend {
-        fn send_batch(&self, request: Vec<u8>) -> OTelSdkResult {
+        fn send_batch(&self, request: ExportRequest) -> (OTelSdkResult, Option<EncodedBatch>) {
             drop(self.gate.lock());
             std::thread::sleep(self.pause);
-            let _ = self.requests.send(ExportTraceServiceRequest::decode(request.as_slice()).expect("decodes"));
-            Ok(())
+            let _ = self.requests.send(ExportTraceServiceRequest::decode(request.bytes().as_slice()).expect("decodes"));
+            (Ok(()), Some(request.batch))
         }
     }
 

@@ -12,7 +12,8 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
 use prost::Message as _;
 
-use super::{EncodedBatch, encode_resource, jittered};
+use super::{EncodedBatch, ExportRequest, GrpcSpanExporter, encode_resource, jittered};
+use crate::setup::SpanTransport;
 
 fn context(trace: u128, span: u64, remote: bool, state: &str) -> SpanContext {
     let state: TraceState = state.parse().expect("tracestate");
@@ -199,4 +200,29 @@ fn retries_wait_between_half_the_backoff_and_all_of_it_and_out_of_step() {
         let count = waits.iter().filter(|wait| (from..from + Duration::from_millis(50)).contains(wait)).count();
         assert!((150..=350).contains(&count), "{count} of 1,000 waits in the quarter from {from:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_writes_the_batch_into_the_call_and_hands_it_back_for_reuse() {
+    let receiver = tracehop_testkit::otlp::OtlpReceiver::start().await;
+    let exporter =
+        GrpcSpanExporter::new(receiver.endpoint(), &SpanTransport::default(), &tokio::runtime::Handle::current())
+            .expect("exporter");
+    let (resource, batch) = (resource(), batch());
+    let mut encoded = EncodedBatch::default();
+    batch.iter().for_each(|span| encoded.push(span));
+    let request = ExportRequest { batch: encoded, resource: encode_resource(&resource) };
+    // Blocking, as on the batch thread; the call runs on this test's runtime.
+    let (result, returned) =
+        tokio::task::spawn_blocking(move || exporter.export_blocking(request)).await.expect("export thread");
+    result.expect("the receiver accepts the batch");
+    assert_eq!(returned.map(|batch| batch.len()), Some(batch.len()), "the batch comes back, its spans still in it");
+    // Both scopes' spans arrive whole: the request was written right into the call's buffer.
+    let received = receiver.wait_for(Duration::from_secs(10), |spans| spans.len() >= batch.len()).await;
+    let mut names: Vec<&str> = received.iter().map(|span| span.name.as_str()).collect();
+    let mut sent: Vec<&str> = batch.iter().map(|span| span.name.as_ref()).collect();
+    names.sort_unstable();
+    sent.sort_unstable();
+    assert_eq!(names, sent);
+    assert!(received.iter().all(|span| span.service_name == "stock"));
 }
