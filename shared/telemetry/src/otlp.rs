@@ -6,7 +6,8 @@
 //! `opentelemetry-proto` structs (a `String` per attribute key and per string value), then
 //! encodes those structs and frees them: about 15,000 instructions per span, on the batch
 //! thread and the service's runtime. Writing the wire format directly from the borrowed spans
-//! allocates nothing per span; a retry resends the same bytes. The equivalence test decodes
+//! allocates nothing per span; each attempt, a retry too, writes the same bytes into the call's
+//! buffer straight from the batch. The equivalence test decodes
 //! these bytes with `opentelemetry-proto` and compares them with the SDK's own conversion.
 //!
 //! Scope: OTLP/gRPC without compression over `http://` (what Jaeger and collectors take on
@@ -155,14 +156,17 @@ impl GrpcSpanExporter {
     /// timers live on that runtime; the caller only waits, a second past the export's own
     /// timeout at most (should the runtime be stuck or gone).
     ///
-    /// The batch comes back with the outcome, for its buffers to take the next spans; not when
-    /// the runtime did not answer in time (the send may still hold it).
+    /// The batch comes back with the outcome, for its buffers to take the next spans, unless
+    /// something still holds it: the runtime did not answer in time, or the send ended (at its
+    /// deadline, or on an answer that came before the request was written) while tonic's
+    /// channel or hyper still held a request not yet written. The next batch then starts with
+    /// fresh buffers.
     pub(crate) fn export_blocking(&self, request: ExportRequest) -> (OTelSdkResult, Option<EncodedBatch>) {
         let request = Arc::new(request);
         let (answer, outcome) = std::sync::mpsc::sync_channel(1);
         let send = self.send(request.clone());
         self.runtime.spawn(async move {
-            // The send, and with it its hold on the request, is gone before the answer.
+            // The send future, and with it its own hold on the request, is gone before the answer.
             let result = send.await;
             let _ = answer.send(result);
         });
@@ -419,11 +423,13 @@ impl EncodedBatch {
         self.spans = 0;
     }
 
-    /// [`Self::write_request`]'s bytes in a `Vec` of their own (what the tests decode).
+    /// [`Self::write_request`]'s bytes in a `Vec` of their own (what the tests decode), which
+    /// checks that the length reserved was the length written.
     #[cfg(test)]
     pub(crate) fn request(&self, resource: &[u8]) -> Vec<u8> {
         let mut buf = Vec::new();
         self.write_request(resource, &mut buf);
+        assert_eq!(buf.len(), buf.capacity(), "the request's length, reserved first, is what was written");
         buf
     }
 
@@ -495,7 +501,7 @@ pub(crate) trait Reserve: BufMut {
 
 impl Reserve for Vec<u8> {
     fn reserve_total(&mut self, additional: usize) {
-        self.reserve(additional);
+        self.reserve_exact(additional);
     }
 }
 
