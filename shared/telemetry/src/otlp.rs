@@ -3,12 +3,12 @@
 //! ([`GrpcSpanExporter`]).
 //!
 //! The SDK's exporter clones the whole batch (so it can retry), converts every span into the
-//! `opentelemetry-proto` structs (a `String` per attribute key and per string value), then
-//! encodes those structs and frees them: about 15,000 instructions per span, on the batch
-//! thread and the service's runtime. Writing the wire format directly from the borrowed spans
-//! allocates nothing per span; each attempt, a retry too, writes the same bytes into the call's
-//! buffer straight from the batch. The equivalence test decodes
-//! these bytes with `opentelemetry-proto` and compares them with the SDK's own conversion.
+//! `opentelemetry-proto` structs (a `String` per attribute key and per string value), then encodes
+//! those structs and frees them: about 15,000 instructions per span, on the batch thread and the
+//! service's runtime. Writing the wire format directly from the borrowed spans allocates nothing
+//! per span; each attempt, a retry too, writes the same bytes into the call's buffer straight from
+//! the batch. The equivalence test decodes these bytes with `opentelemetry-proto` and compares them
+//! with the SDK's own conversion.
 //!
 //! Scope: OTLP/gRPC without compression over `http://` (what Jaeger and collectors take on
 //! 4317, and the default here). `http/protobuf` goes through the SDK's exporter, and so does

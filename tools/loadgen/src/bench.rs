@@ -192,9 +192,21 @@ pub(crate) struct Services {
 const SPAN_PROCESSOR_LIMITS: [&str; 3] =
     ["OTEL_BSP_SCHEDULE_DELAY", "OTEL_BSP_MAX_QUEUE_SIZE", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"];
 
-/// Those of [`SPAN_PROCESSOR_LIMITS`] that `lookup` finds.
-fn span_processor_limits(lookup: impl Fn(&str) -> Option<String>) -> Vec<(&'static str, String)> {
-    SPAN_PROCESSOR_LIMITS.iter().filter_map(|&key| lookup(key).map(|value| (key, value))).collect()
+/// The telemetry variables of a service run with `telemetry`, exporting to `sink`: with an
+/// exporter, those of [`SPAN_PROCESSOR_LIMITS`] that `lookup` (the load generator's
+/// environment) finds are added.
+fn telemetry_env(
+    telemetry: Telemetry,
+    sink: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Vec<(&'static str, String)> {
+    let exporter = match telemetry {
+        Telemetry::Off => return vec![("OTEL_SDK_DISABLED", "true".to_owned())],
+        Telemetry::Spans => ("OTEL_METRICS_EXPORTER", "none".to_owned()),
+        Telemetry::SpansAndMetrics => ("OTEL_METRIC_EXPORT_INTERVAL", "1000".to_owned()),
+    };
+    let limits = SPAN_PROCESSOR_LIMITS.iter().filter_map(|&key| lookup(key).map(|value| (key, value)));
+    [("OTEL_EXPORTER_OTLP_ENDPOINT", sink.to_owned()), exporter].into_iter().chain(limits).collect()
 }
 
 impl Services {
@@ -206,20 +218,7 @@ impl Services {
         // takes one before its service binds it; and picked together, so none repeats (a run
         // once served its load from stock's port).
         let [gateway, checkout, stock] = tracehop_ports::free_ports()?;
-        let exporting = telemetry != Telemetry::Off;
-        let mut telemetry: Vec<(&str, String)> = match telemetry {
-            Telemetry::Off => vec![("OTEL_SDK_DISABLED", "true".to_owned())],
-            Telemetry::Spans => {
-                vec![("OTEL_EXPORTER_OTLP_ENDPOINT", sink.to_owned()), ("OTEL_METRICS_EXPORTER", "none".to_owned())]
-            }
-            Telemetry::SpansAndMetrics => vec![
-                ("OTEL_EXPORTER_OTLP_ENDPOINT", sink.to_owned()),
-                ("OTEL_METRIC_EXPORT_INTERVAL", "1000".to_owned()),
-            ],
-        };
-        if exporting {
-            telemetry.extend(span_processor_limits(|key| std::env::var(key).ok()));
-        }
+        let telemetry = telemetry_env(telemetry, sink, |key| std::env::var(key).ok());
         let environments: [(&str, Vec<(&str, String)>); 3] = [
             (
                 "stock",
@@ -808,9 +807,22 @@ mod tests {
             "OTEL_SDK_DISABLED" => Some("true".to_owned()),
             _ => None,
         };
+        let passed = |telemetry| -> Vec<(&str, String)> {
+            telemetry_env(telemetry, "http://127.0.0.1:4317", lookup)
+                .into_iter()
+                .filter(|(key, _)| key.starts_with("OTEL_BSP_"))
+                .collect()
+        };
         assert_eq!(
-            span_processor_limits(lookup),
+            passed(Telemetry::Spans),
             vec![("OTEL_BSP_MAX_QUEUE_SIZE", "8192".to_owned()), ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "2048".to_owned())]
+        );
+        assert_eq!(passed(Telemetry::SpansAndMetrics), passed(Telemetry::Spans));
+        // Nothing exports with telemetry off: the limits would only make the two sides differ.
+        assert_eq!(passed(Telemetry::Off), Vec::new());
+        assert_eq!(
+            telemetry_env(Telemetry::Off, "http://127.0.0.1:4317", lookup),
+            vec![("OTEL_SDK_DISABLED", "true".to_owned())]
         );
     }
 

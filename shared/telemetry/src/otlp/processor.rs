@@ -3,14 +3,15 @@
 //! batches.
 //!
 //! The SDK's `BatchSpanProcessor` moves every `SpanData` (about 300 bytes, and its attributes
-//! behind it) through a channel to its thread, copies the batch once more (`split_off`), and
-//! frees it all there, on another thread than the one that allocated it. Encoded at `end`, a
-//! span is freed where it was built, while its allocations are still in that thread's cache,
-//! and waits as its 250-700 encoded bytes; the export thread's work per batch is one request,
-//! written from the batch straight into the call's buffer on the export runtime, and its send. The limits are those of `OTEL_BSP_*`, with the SDK's meaning: at most
-//! `max_queue` spans wait (the batch being sent is not counted, as in the SDK's channel), a
-//! batch goes as soon as it is full or `delay` after the last export. As there, a span that
-//! finds the queue full is dropped; here it is also counted and logged.
+//! behind it) through a channel to its thread, copies the batch once more (`split_off`), and frees
+//! it all there, on another thread than the one that allocated it. Encoded at `end`, a span is
+//! freed where it was built, while its allocations are still in that thread's cache, and waits as
+//! its 250-700 encoded bytes; the export thread's work per batch is one request, written from the
+//! batch straight into the call's buffer on the export runtime, and its send. The limits are those
+//! of `OTEL_BSP_*`, with the SDK's meaning: at most `max_queue` spans wait (the batch being sent is
+//! not counted, as in the SDK's channel), a batch goes as soon as it is full or `delay` after the
+//! last export. As there, a span that finds the queue full is dropped; here it is also counted and
+//! logged.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
