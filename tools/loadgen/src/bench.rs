@@ -74,6 +74,12 @@ pub enum Compare {
     /// Telemetry off on both sides: the measure's own zero and spread (an A/A comparison), to
     /// see how far apart two sides that do the same work come out.
     Same,
+    /// Telemetry off on both sides, the "on" side's orders sent with a trace context (a
+    /// `traceparent` of a sampled trace of their own, as from a traced client), which the
+    /// services carry untouched through HTTP, gRPC, RabbitMQ's message headers and the
+    /// consumer: what carrying the context costs without a span recorded, the broker's share
+    /// included.
+    Propagation,
 }
 
 impl Compare {
@@ -84,6 +90,7 @@ impl Compare {
             Self::Spans => (Telemetry::Off, Telemetry::Spans),
             Self::Metrics => (Telemetry::Spans, Telemetry::SpansAndMetrics),
             Self::Same => (Telemetry::Off, Telemetry::Off),
+            Self::Propagation => (Telemetry::Off, Telemetry::Carried),
         }
     }
 }
@@ -97,6 +104,8 @@ pub(crate) enum Telemetry {
     Spans,
     /// Spans and metrics exported.
     SpansAndMetrics,
+    /// `OTEL_SDK_DISABLED=true`, each order sent with a trace context for the services to carry.
+    Carried,
 }
 
 impl Telemetry {
@@ -105,7 +114,13 @@ impl Telemetry {
             Self::Off => "telemetry off",
             Self::Spans => "spans only",
             Self::SpansAndMetrics => "spans + metrics",
+            Self::Carried => "context carried",
         }
+    }
+
+    /// Whether the load generator sends each order with a trace context of its own.
+    pub(crate) fn client_context(self) -> bool {
+        self == Self::Carried
     }
 }
 
@@ -201,7 +216,7 @@ fn telemetry_env(
     lookup: impl Fn(&str) -> Option<String>,
 ) -> Vec<(&'static str, String)> {
     let exporter = match telemetry {
-        Telemetry::Off => return vec![("OTEL_SDK_DISABLED", "true".to_owned())],
+        Telemetry::Off | Telemetry::Carried => return vec![("OTEL_SDK_DISABLED", "true".to_owned())],
         Telemetry::Spans => ("OTEL_METRICS_EXPORTER", "none".to_owned()),
         Telemetry::SpansAndMetrics => ("OTEL_METRIC_EXPORT_INTERVAL", "1000".to_owned()),
     };
@@ -322,7 +337,7 @@ pub(crate) fn cpu_per_thousand_orders(usage: &[Usage], orders: u64, service: Opt
 }
 
 /// User and system CPU seconds a process (`self`, or a pid) has used so far; 0 if it is gone.
-fn cpu_seconds(pid: &str) -> f64 {
+pub(crate) fn cpu_seconds(pid: &str) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat.rsplit_once(") ").map_or("", |(_, rest)| rest).split_whitespace().collect();
     let ticks: u64 = [11, 12].iter().filter_map(|&i| fields.get(i)?.parse::<u64>().ok()).sum();
@@ -330,7 +345,7 @@ fn cpu_seconds(pid: &str) -> f64 {
 }
 
 /// The local RabbitMQ node's Erlang VM, if the broker runs on this machine.
-fn broker_pid() -> Option<String> {
+pub(crate) fn broker_pid() -> Option<String> {
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
         let pid = entry.file_name().into_string().ok()?;
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
@@ -420,7 +435,8 @@ async fn pipeline_run(
     let before = spans.load(Ordering::Relaxed);
     let label = telemetry.label();
     let bystanders = Bystanders::start();
-    let report = crate::pipeline::run(&services.gateway, Some(&services.stock), &load(args, label, rate)).await?;
+    let orders = crate::pipeline::Orders::new(&services.gateway, telemetry.client_context())?;
+    let report = crate::pipeline::run(&orders, Some(&services.stock), &load(args, label, rate)).await?;
     let bystanders = bystanders.stop();
     let usage = services.usage();
     let running = services.all_running();
@@ -797,6 +813,11 @@ mod tests {
         assert_eq!(Compare::Spans.sides(), (Telemetry::Off, Telemetry::Spans));
         assert_eq!(Compare::Metrics.sides(), (Telemetry::Spans, Telemetry::SpansAndMetrics));
         assert_eq!(Compare::Same.sides(), (Telemetry::Off, Telemetry::Off));
+        assert_eq!(Compare::Propagation.sides(), (Telemetry::Off, Telemetry::Carried));
+        // Only the side that carries a client's context gets one from the load generator.
+        let carried = [Telemetry::Off, Telemetry::Spans, Telemetry::SpansAndMetrics, Telemetry::Carried]
+            .map(Telemetry::client_context);
+        assert_eq!(carried, [false, false, false, true]);
     }
 
     #[test]
@@ -823,6 +844,11 @@ mod tests {
         assert_eq!(
             telemetry_env(Telemetry::Off, "http://127.0.0.1:4317", lookup),
             vec![("OTEL_SDK_DISABLED", "true".to_owned())]
+        );
+        // Carrying a client's context is telemetry off to the services.
+        assert_eq!(
+            telemetry_env(Telemetry::Carried, "http://127.0.0.1:4317", lookup),
+            telemetry_env(Telemetry::Off, "http://127.0.0.1:4317", lookup)
         );
     }
 

@@ -18,6 +18,8 @@
 //! metric exports. The summary says how much of what the receiver got arrived during the "off"
 //! slices. CPU per order is each stack's CPU from the first pair to the last (its own slices,
 //! their drains, and whatever it did during the other's), over all its orders.
+//! The broker's CPU is read around each slice, its drain included: both stacks share the one
+//! broker, and while a slice runs, only its stack sends it work.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -26,7 +28,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::Serialize;
 
 use crate::Load;
-use crate::bench::{Compare, Services, Telemetry, Usage, Vhost, a_measurement, cpu_per_thousand_orders, median};
+use crate::bench::{
+    Compare, Services, Telemetry, Usage, Vhost, a_measurement, broker_pid, cpu_per_thousand_orders, cpu_seconds, median,
+};
 use crate::pipeline::{Lookups, Orders};
 
 /// The interleaved comparison's settings.
@@ -64,6 +68,9 @@ struct Slice {
     /// OTLP bytes the receiver got from the slice's start to the end of its drain, from
     /// whichever stack sent them.
     otlp_bytes: u64,
+    /// The local RabbitMQ node's CPU seconds over the same time (`None` without one): both
+    /// stacks share the broker, and between slices its work is the slice's stack's.
+    broker_cpu_seconds: Option<f64>,
 }
 
 /// One pair of slices.
@@ -114,14 +121,22 @@ impl Stack {
     async fn start(args: &InterleaveArgs, sink: &str, telemetry: Telemetry) -> anyhow::Result<Self> {
         let vhost = Vhost::create()?;
         let services = Services::start(&format!("{}/{}", args.amqp, vhost.0), sink, telemetry).await?;
-        let (orders, lookups) = (Orders::new(&services.gateway)?, Lookups::new(&services.stock)?);
+        let (orders, lookups) =
+            (Orders::new(&services.gateway, telemetry.client_context())?, Lookups::new(&services.stock)?);
         Ok(Self { telemetry, orders, lookups, services, _vhost: vhost })
     }
 
     /// Full load for `seconds`, until stock has reserved the slice's last orders; `otlp` counts
-    /// the bytes the receiver gets.
-    async fn slice(&mut self, args: &InterleaveArgs, seconds: f64, otlp: &AtomicU64) -> anyhow::Result<Slice> {
+    /// the bytes the receiver gets, `broker` is the local RabbitMQ node's pid.
+    async fn slice(
+        &mut self,
+        args: &InterleaveArgs,
+        seconds: f64,
+        otlp: &AtomicU64,
+        broker: Option<&str>,
+    ) -> anyhow::Result<Slice> {
         let received = otlp.load(Ordering::Relaxed);
+        let broker_before = broker.map(cpu_seconds);
         let load = Load {
             concurrency: args.concurrency,
             rate: None,
@@ -148,6 +163,7 @@ impl Stack {
             succeeded: report.succeeded,
             throughput: report.throughput,
             otlp_bytes: otlp.load(Ordering::Relaxed) - received,
+            broker_cpu_seconds: broker.zip(broker_before).map(|(pid, before)| cpu_seconds(pid) - before),
         })
     }
 
@@ -187,8 +203,10 @@ pub async fn run(args: InterleaveArgs) -> anyhow::Result<()> {
     let otlp = crate::sink::spawn_on_own_thread(listener, None)?;
     let (off, on) = args.compare.sides();
     let mut stacks = [Stack::start(&args, &sink, off).await?, Stack::start(&args, &sink, on).await?];
+    let broker = broker_pid();
+    let broker = broker.as_deref();
     for stack in &mut stacks {
-        stack.slice(&args, args.warmup, &otlp).await?;
+        stack.slice(&args, args.warmup, &otlp, broker).await?;
     }
     let [off_stack, on_stack] = &mut stacks;
     let before = (off_stack.services.usage(), on_stack.services.usage());
@@ -196,11 +214,11 @@ pub async fn run(args: InterleaveArgs) -> anyhow::Result<()> {
     for index in 0..args.pairs {
         let on_first = on_first(index);
         let (off, on) = if on_first {
-            let on = on_stack.slice(&args, args.slice, &otlp).await?;
-            (off_stack.slice(&args, args.slice, &otlp).await?, on)
+            let on = on_stack.slice(&args, args.slice, &otlp, broker).await?;
+            (off_stack.slice(&args, args.slice, &otlp, broker).await?, on)
         } else {
-            let off = off_stack.slice(&args, args.slice, &otlp).await?;
-            (off, on_stack.slice(&args, args.slice, &otlp).await?)
+            let off = off_stack.slice(&args, args.slice, &otlp, broker).await?;
+            (off, on_stack.slice(&args, args.slice, &otlp, broker).await?)
         };
         let pair = SlicePair { on_first, off, on };
         if (index + 1) % 10 == 0 {
@@ -325,6 +343,25 @@ fn summary(results: &Results) -> String {
         on / off,
         (on / off - 1.0) * 100.0
     );
+    // The broker's CPU per order, each side's slices with their drains: the same broker, seconds apart.
+    let broker = |off: bool| -> Option<f64> {
+        let (mut seconds, mut orders) = (0.0, 0);
+        for pair in &results.pairs {
+            let slice = if off { &pair.off } else { &pair.on };
+            seconds += slice.broker_cpu_seconds?;
+            orders += slice.succeeded;
+        }
+        Some(seconds / (orders as f64 / 1000.0))
+    };
+    if let (Some(off), Some(on)) = (broker(true), broker(false)) {
+        let _ = writeln!(
+            out,
+            "broker (RabbitMQ) CPU s / 1,000 orders in each side's slices: {off_label} {off:.3}, {on_label} {on:.3}; \
+             on / off {:.3} ({:+.1}%)",
+            on / off,
+            (on / off - 1.0) * 100.0
+        );
+    }
     // What the stacks' timers sent while the other side was measured: their exports' cost fell there.
     let bytes = |off: bool| -> u64 {
         results.pairs.iter().map(|pair| if off { pair.off.otlp_bytes } else { pair.on.otlp_bytes }).sum()
@@ -392,6 +429,8 @@ mod tests {
             succeeded: (throughput * 2.0) as u64,
             throughput,
             otlp_bytes,
+            // 0.1 s of the broker's CPU per slice of either side.
+            broker_cpu_seconds: Some(0.1),
         };
         // Ratios 0.90, 0.91, ..., 0.99 and 1.00, 1.01: median 0.955.
         let pairs: Vec<SlicePair> = (0..12)
@@ -426,7 +465,16 @@ mod tests {
         assert!(text.contains("on / off: 1.100 (+10.0%)"), "{text}");
         // A quarter of the 12 MB came while the "off" side was measured.
         assert!(text.contains("OTLP received during the telemetry off slices: 25.0% of 12.0 MB"), "{text}");
-        let none = Results { pairs: Vec::new(), ..results };
+        // 1.2 s over 24,000 orders off; on, 1.2 s over 2 * (900 + 910 + ... + 1010) = 22,920.
+        assert!(
+            text.contains("CPU s / 1,000 orders in each side's slices: telemetry off 0.050, spans + metrics 0.052; on / off 1.047 (+4.7%)"),
+            "{text}"
+        );
+        // A slice without a broker reading leaves the line out rather than count it as idle.
+        let mut unread = Results { pairs: results.pairs.clone(), ..results };
+        unread.pairs[3].on.broker_cpu_seconds = None;
+        assert!(!summary(&unread).contains("broker (RabbitMQ)"), "{}", summary(&unread));
+        let none = Results { pairs: Vec::new(), ..unread };
         assert_eq!(summary(&none), "\nno pairs ran\n");
     }
 }

@@ -145,6 +145,10 @@ struct PipelineArgs {
     /// services' work per order that the lookups' traced requests would add to.
     #[arg(long)]
     no_follow: bool,
+    /// Send each order with a `traceparent` of its own (a new sampled trace), as a traced
+    /// client would: the gateway continues it instead of starting one.
+    #[arg(long)]
+    trace_context: bool,
     #[command(flatten)]
     load: Load,
 }
@@ -166,8 +170,8 @@ struct RawArgs {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Pipeline(args) => {
-            let report =
-                pipeline::run(&args.gateway, (!args.no_follow).then_some(args.stock.as_str()), &args.load).await?;
+            let orders = pipeline::Orders::new(&args.gateway, args.trace_context)?;
+            let report = pipeline::run(&orders, (!args.no_follow).then_some(args.stock.as_str()), &args.load).await?;
             report.finish(&args.load)?;
         }
         Command::Raw(args) => {

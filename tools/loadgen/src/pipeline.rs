@@ -49,27 +49,34 @@ pub struct Orders {
     uri: Uri,
     /// Its connections pooled, one per order in flight.
     post: Client<HttpConnector, Full<Bytes>>,
+    /// Whether each order goes with a trace context of its own ([`traceparent`]).
+    traced: bool,
 }
 
 impl Orders {
-    /// POSTs to `gateway`'s `/api/checkout`.
-    pub fn new(gateway: &str) -> anyhow::Result<Self> {
+    /// POSTs to `gateway`'s `/api/checkout`; `traced`: each with a `traceparent` of its own, as
+    /// from a traced client.
+    pub fn new(gateway: &str, traced: bool) -> anyhow::Result<Self> {
         let uri: Uri = format!("{}/api/checkout", gateway.trim_end_matches('/'))
             .parse()
             .map_err(|error| anyhow::anyhow!("the gateway URL {gateway:?} is not a valid URI: {error}"))?;
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let post = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build(connector);
-        Ok(Self { uri, post })
+        Ok(Self { uri, post, traced })
     }
 
     /// The orders' POSTs, as the load says: each success is the order's id and when it was sent.
     async fn post(&self, load: &Load) -> Driven<(String, i64)> {
-        let (post, uri) = (self.post.clone(), self.uri.clone());
+        let (post, uri, traced) = (self.post.clone(), self.uri.clone(), self.traced);
         drive(load, move |i| {
             let (post, uri) = (post.clone(), uri.clone());
             async move {
-                let request = Request::post(uri)
+                let mut request = Request::post(uri);
+                if traced {
+                    request = request.header("traceparent", traceparent());
+                }
+                let request = request
                     .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
                     .body(Full::new(order_body(i)))
                     .map_err(|_| "request".to_owned())?;
@@ -111,14 +118,21 @@ impl Lookups {
     }
 }
 
+/// A W3C `traceparent` of a new sampled trace: random trace and parent ids, never all zeros.
+fn traceparent() -> String {
+    let (trace, parent) = (uuid::Uuid::new_v4().as_u128(), uuid::Uuid::new_v4().as_u64_pair().0);
+    // A version 4 UUID has its version bits set, so neither id is zero.
+    format!("00-{trace:032x}-{parent:016x}-01")
+}
+
 /// An order's JSON body: one unit of SKU-001 for customer `load-{i}`.
 fn order_body(i: u64) -> Bytes {
     Bytes::from(format!(r#"{{"customer_id":"load-{i}","items":[{{"sku":"SKU-001","quantity":1}}]}}"#))
 }
 
 /// Runs the pipeline load and, given stock's admin API, follows every accepted order.
-pub async fn run(gateway: &str, stock: Option<&str>, load: &Load) -> anyhow::Result<Report> {
-    let driven = Orders::new(gateway)?.post(load).await;
+pub async fn run(orders: &Orders, stock: Option<&str>, load: &Load) -> anyhow::Result<Report> {
+    let driven = orders.post(load).await;
     let (end_to_end, end_to_end_timeline, not_reserved) = match stock {
         Some(stock) => {
             let origin = epoch_us(driven.window_start);
@@ -234,7 +248,7 @@ mod tests {
         tokio::spawn(axum::serve(listener, axum::Router::new().route("/api/checkout", gateway)).into_future());
         let load = Load { concurrency: 4, orders: Some(8), ..Load::for_test("answers") };
 
-        let report = run(&format!("http://{address}/"), None, &load).await?;
+        let report = run(&Orders::new(&format!("http://{address}/"), false)?, None, &load).await?;
 
         assert_eq!(report.succeeded, 2, "{report:?}");
         let failures: Vec<(&str, u64)> = report.failures.iter().map(|(kind, count)| (kind.as_str(), *count)).collect();
@@ -283,7 +297,7 @@ mod tests {
         let base = format!("http://{}", listener.local_addr()?);
         tokio::spawn(axum::serve(listener, app).into_future());
         let load = Load { concurrency: 1, orders: Some(10), ..Load::for_test("drained") };
-        let (orders, lookups) = (Orders::new(&base)?, Lookups::new(&base)?);
+        let (orders, lookups) = (Orders::new(&base, false)?, Lookups::new(&base)?);
 
         let report = run_drained(&orders, &lookups, &load, 3, Duration::from_secs(5)).await?;
         assert_eq!(report.succeeded, 10);
@@ -296,6 +310,58 @@ mod tests {
         let lost = run_drained(&orders, &lookups, &load, 3, Duration::from_millis(300)).await;
         let error = lost.expect_err("orders stock never reserved").to_string();
         assert!(error.contains("3 of the last 3 accepted orders were not reserved"), "{error}");
+        Ok(())
+    }
+
+    /// Over real HTTP on loopback: traced orders each carry a `traceparent` of a sampled trace of
+    /// their own, which the gateway's W3C parsing would take; untraced orders carry none.
+    #[tokio::test]
+    async fn traced_orders_each_send_a_trace_context_of_their_own() -> anyhow::Result<()> {
+        use std::sync::{Arc, Mutex};
+
+        use axum::Json;
+        use axum::extract::State;
+        use axum::http::{HeaderMap, StatusCode as Status};
+
+        // The gateway notes each POST's `traceparent`, or its absence.
+        type Seen = Arc<Mutex<Vec<Option<String>>>>;
+        let gateway = axum::routing::post(|State(seen): State<Seen>, headers: HeaderMap| async move {
+            let traceparent = headers.get("traceparent").map(|v| v.to_str().unwrap_or("not ASCII").to_owned());
+            seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(traceparent);
+            (Status::ACCEPTED, Json(serde_json::json!({"order_id": "o"})))
+        });
+        let seen: Seen = Arc::default();
+        let app = axum::Router::new().route("/api/checkout", gateway).with_state(seen.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        tokio::spawn(axum::serve(listener, app).into_future());
+        let load = Load { concurrency: 2, orders: Some(20), ..Load::for_test("traced") };
+        let take = || std::mem::take(&mut *seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+
+        assert_eq!(Orders::new(&base, true)?.post(&load).await.successes.len(), 20);
+        let traced: Vec<String> = take().into_iter().collect::<Option<_>>().expect("every order has a traceparent");
+        let mut traces = std::collections::BTreeSet::new();
+        for traceparent in &traced {
+            let parts: Vec<&str> = traceparent.split('-').collect();
+            let hex = |part: &str, len: usize| {
+                part.len() == len && part.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            };
+            assert!(
+                parts.len() == 4
+                    && parts[0] == "00"
+                    && hex(parts[1], 32)
+                    && hex(parts[2], 16)
+                    && parts[3] == "01"
+                    && parts[1].bytes().any(|b| b != b'0')
+                    && parts[2].bytes().any(|b| b != b'0'),
+                "not a sampled W3C traceparent: {traceparent}"
+            );
+            traces.insert(parts[1].to_owned());
+        }
+        assert_eq!(traces.len(), 20, "orders shared a trace: {traced:?}");
+
+        assert_eq!(Orders::new(&base, false)?.post(&load).await.successes.len(), 20);
+        assert_eq!(take(), vec![None; 20]);
         Ok(())
     }
 
@@ -325,7 +391,7 @@ mod tests {
         let base = format!("http://{}", listener.local_addr()?);
         tokio::spawn(axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).into_future());
         let load = Load { concurrency: 4, orders: Some(40), ..Load::for_test("reused") };
-        let orders = Orders::new(&base)?;
+        let orders = Orders::new(&base, false)?;
         let take = || std::mem::take(&mut *clients.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
 
         assert_eq!(orders.post(&load).await.successes.len(), 40);
