@@ -398,9 +398,9 @@ impl EncodedBatch {
     /// Encodes `span` and adds it (what the tests use; the processor encodes outside its lock).
     #[cfg(test)]
     pub(crate) fn push(&mut self, span: &SpanData) {
-        let mut entry = Vec::new();
-        encode_span_entry(&mut entry, span);
-        self.push_encoded(&span.instrumentation_scope, &entry);
+        let mut buf = Vec::new();
+        let entry = encode_span_entry(&mut buf, span);
+        self.push_encoded(&span.instrumentation_scope, entry);
     }
 
     /// How many spans it holds.
@@ -527,10 +527,33 @@ impl ExportRequest {
     }
 }
 
+/// Room for a `ScopeSpans` entry's key (one byte) and the longest varint length.
+const ENTRY_HEAD: usize = 1 + 10;
+
 /// A span as a `ScopeSpans` entry (field 2), length-prefixed, ready for
-/// [`EncodedBatch::push_encoded`].
-pub(crate) fn encode_span_entry(buf: &mut Vec<u8>, span: &SpanData) {
-    nested(buf, 2, |buf| encode_span(buf, span));
+/// [`EncodedBatch::push_encoded`]: the entry is the slice returned, at the end of `buf`.
+///
+/// The span is written after room for the entry's head, and the head, once the length is known,
+/// just in front of it: [`nested`] would move the whole span (some 600 bytes) to make room.
+pub(crate) fn encode_span_entry<'a>(buf: &'a mut Vec<u8>, span: &SpanData) -> &'a [u8] {
+    let start = buf.len();
+    buf.resize(start + ENTRY_HEAD, 0);
+    encode_span(buf, span);
+    let len = buf.len() - start - ENTRY_HEAD;
+    // The key, then the length as a varint, on the stack (no allocation per span).
+    let mut head = [0u8; ENTRY_HEAD];
+    head[0] = 2 << 3 | WireType::LengthDelimited as u8;
+    let (mut value, mut used) = (len as u64, 1);
+    while value >= 0x80 {
+        head[used] = (value as u8) | 0x80;
+        value >>= 7;
+        used += 1;
+    }
+    head[used] = value as u8;
+    used += 1;
+    let entry = start + ENTRY_HEAD - used;
+    buf[entry..start + ENTRY_HEAD].copy_from_slice(&head[..used]);
+    &buf[entry..]
 }
 
 /// Whether two spans' scopes are one, without the allocations of `InstrumentationScope`'s `==`

@@ -194,9 +194,9 @@ impl SpanProcessor for EncodingSpanProcessor {
         if !span.span_context.is_sampled() {
             return;
         }
-        let enqueue = |entry: &mut Vec<u8>| {
-            entry.clear();
-            encode_span_entry(entry, &span);
+        let enqueue = |scratch: &mut Vec<u8>| {
+            scratch.clear();
+            let entry = encode_span_entry(scratch, &span);
             self.enqueue(&span, entry);
         };
         // A span that ends while its thread is being torn down (its thread-locals gone) gets a

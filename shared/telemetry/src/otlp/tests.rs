@@ -12,7 +12,9 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
 use prost::Message as _;
 
-use super::{EncodedBatch, ExportRequest, GrpcSpanExporter, encode_resource, jittered};
+use super::{
+    EncodedBatch, ExportRequest, GrpcSpanExporter, encode_resource, encode_span, encode_span_entry, jittered, nested,
+};
 use crate::setup::SpanTransport;
 
 fn context(trace: u128, span: u64, remote: bool, state: &str) -> SpanContext {
@@ -156,6 +158,28 @@ fn the_same_bytes_come_out_of_the_same_batch() {
     let (first, second) = (encoded(&resource, &batch), encoded(&resource, &batch));
     assert_eq!(first, second);
     assert!(first.len() > 500, "a five-span request is not {} bytes", first.len());
+}
+
+#[test]
+fn a_span_entry_is_the_span_behind_its_key_and_length() {
+    // Lengths needing a varint of one byte, two and three; and a scratch holding earlier bytes,
+    // which the entry is written after and leaves alone.
+    let scope = InstrumentationScope::builder("tracehop").build();
+    let sized = |len: usize| SpanData {
+        attributes: if len == 0 { Vec::new() } else { vec![KeyValue::new("pad", "p".repeat(len))] },
+        ..span("s", SpanKind::Internal, &scope)
+    };
+    for (span, head) in [(sized(0), 2), (sized(200), 3), (sized(20_000), 4)] {
+        let mut expected = Vec::new();
+        nested(&mut expected, 2, |buf| encode_span(buf, &span));
+        let mut scratch = b"earlier".to_vec();
+        let entry = encode_span_entry(&mut scratch, &span).to_vec();
+        assert_eq!(entry, expected);
+        assert!(scratch.starts_with(b"earlier") && scratch.ends_with(&entry));
+        let mut body = Vec::new();
+        encode_span(&mut body, &span);
+        assert_eq!(expected.len(), body.len() + head, "the head of a {}-byte span", body.len());
+    }
 }
 
 #[test]
