@@ -338,10 +338,16 @@ pub(crate) fn cpu_per_thousand_orders(usage: &[Usage], orders: u64, service: Opt
 
 /// User and system CPU seconds a process (`self`, or a pid) has used so far; 0 if it is gone.
 pub(crate) fn cpu_seconds(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit_once(") ").map_or("", |(_, rest)| rest).split_whitespace().collect();
-    let ticks: u64 = [11, 12].iter().filter_map(|&i| fields.get(i)?.parse::<u64>().ok()).sum();
-    ticks as f64 / 100.0
+    read_cpu_seconds(pid).unwrap_or(0.0)
+}
+
+/// User and system CPU seconds a process (`self`, or a pid) has used so far; `None` when its
+/// `/proc` entry cannot be read or parsed (the process is gone).
+pub(crate) fn read_cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(") ")?.1.split_whitespace().collect();
+    let ticks: Option<Vec<u64>> = [11, 12].iter().map(|&i| fields.get(i)?.parse::<u64>().ok()).collect();
+    Some(ticks?.iter().sum::<u64>() as f64 / 100.0)
 }
 
 /// The local RabbitMQ node's Erlang VM, if the broker runs on this machine.

@@ -74,7 +74,7 @@ impl Orders {
             async move {
                 let mut request = Request::post(uri);
                 if traced {
-                    request = request.header("traceparent", traceparent());
+                    request = request.header(&TRACEPARENT, traceparent());
                 }
                 let request = request
                     .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
@@ -117,6 +117,9 @@ impl Lookups {
         Ok(Self { stock: stock.trim_end_matches('/').to_owned(), http })
     }
 }
+
+/// The W3C trace context header, its name made once.
+static TRACEPARENT: hyper::header::HeaderName = hyper::header::HeaderName::from_static("traceparent");
 
 /// A W3C `traceparent` of a new sampled trace: random trace and parent ids, never all zeros.
 fn traceparent() -> String {
