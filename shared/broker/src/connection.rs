@@ -151,6 +151,14 @@ impl std::fmt::Debug for Broker {
     }
 }
 
+/// Why [`open`] failed.
+struct OpenFailed {
+    error: lapin::Error,
+    /// The failure broke off a handshake a node had begun (it reset the connection, say): lapin
+    /// gives up at once there, where it retries a node that refuses TCP. That node now goes last.
+    handshake_broken: bool,
+}
+
 /// Opens one connection, walking the node list on each attempt (about half a minute of
 /// attempts with backoff). Once this future is dropped (abandoned), further attempts fail.
 async fn open(
@@ -158,7 +166,7 @@ async fn open(
     current: &Arc<AtomicUsize>,
     name: &str,
     generation: u64,
-) -> lapin::Result<Link> {
+) -> Result<Link, OpenFailed> {
     let properties = ConnectionProperties::default()
         .with_connection_name(format!("{name}#{generation}").into())
         // Short steps: a restarted broker is back in seconds. No auto-recovery (module docs).
@@ -172,7 +180,7 @@ async fn open(
     let (connect_nodes, connect_current) = (nodes.clone(), current.clone());
     let handshake = HandshakeWatch::default();
     let connect_handshake = handshake.0.clone();
-    let runtime = lapin::runtime::default_runtime()?;
+    let runtime = lapin::runtime::default_runtime().map_err(|error| OpenFailed { error, handshake_broken: false })?;
     let connecting = Connection::connector(
         nodes.uris[0].clone(),
         runtime,
@@ -241,7 +249,16 @@ async fn open(
         tokio::select! {
             // A finished handshake first: never cut one that completed as the deadline passed.
             biased;
-            connected = &mut connecting => break connected?,
+            connected = &mut connecting => match connected {
+                Ok(connection) => break connection,
+                Err(error) => {
+                    let broken = lock(&handshake.0).pending.take();
+                    if let Some(broken) = &broken {
+                        broken.pass_over(current, nodes.len());
+                    }
+                    return Err(OpenFailed { error, handshake_broken: broken.is_some() });
+                }
+            },
             _ = check.tick() => handshake.cut_if_overdue(nodes, current),
         }
     };
@@ -360,7 +377,19 @@ impl Broker {
     pub async fn connect(nodes: BrokerNodes, connection_name: &str, give_up: Duration) -> lapin::Result<Self> {
         let nodes = Arc::new(nodes);
         let current = Arc::new(AtomicUsize::new(0));
-        let link = open(&nodes, &current, connection_name, 0).await?;
+        // A node that breaks off its handshake fails lapin's connect at once: the others are
+        // tried, each once at most, from the next node.
+        let mut tries = nodes.len();
+        let link = loop {
+            match open(&nodes, &current, connection_name, 0).await {
+                Ok(link) => break link,
+                Err(failed) if failed.handshake_broken && tries > 1 => {
+                    tries -= 1;
+                    tracing::warn!(error = %failed.error, "a broker node broke off the AMQP handshake; trying the next one");
+                }
+                Err(failed) => return Err(failed.error),
+            }
+        };
         let inner = Arc::new(Inner {
             nodes,
             name: connection_name.to_owned(),
@@ -529,7 +558,8 @@ async fn replace(inner: &Inner, lost: &Link) {
                 close_within(&connection).await;
             }
         }
-        Ok(Err(error)) => tracing::debug!(%error, "replacing the broker connection failed"),
+        // A node that broke off the handshake goes last for the next attempt (`open`).
+        Ok(Err(failed)) => tracing::debug!(error = %failed.error, "replacing the broker connection failed"),
         Err(_) => tracing::debug!("replacing the broker connection timed out"),
     }
 }

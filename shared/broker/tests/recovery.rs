@@ -202,27 +202,59 @@ async fn a_connect_dropped_mid_walk_leaves_no_handshake_open() {
     assert_eq!(frozen.open_connections(), 0, "a handshake nobody watches is still open ({opened} opened)");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_that_closes_each_connection_at_once_is_passed_over() {
+/// How a node in [`passed_over`] ends each connection before the AMQP handshake.
+#[derive(Clone, Copy, Debug)]
+enum BreakOff {
+    /// Reads the protocol header, then closes (FIN): lapin connects again by itself.
+    Close,
+    /// Resets the connection (RST; what a close with the header unread sends too): lapin's
+    /// connect fails at once, and the next attempt starts from the next node.
+    Reset,
+}
+
+/// A node that ends each connection before the handshake, listed first, is passed over for the
+/// next one.
+async fn passed_over(break_off: BreakOff) {
     let vhost = TestVhost::create();
-    // Accepts, then closes before the handshake: lapin connects again, from the next node.
-    let closing = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let closing_port = closing.local_addr().expect("address").port();
+    let breaking = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let breaking_port = breaking.local_addr().expect("address").port();
     let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counted = accepted.clone();
     tokio::spawn(async move {
-        while let Ok((stream, _)) = closing.accept().await {
+        while let Ok((mut stream, _)) = breaking.accept().await {
             counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            match break_off {
+                BreakOff::Close => {
+                    use tokio::io::AsyncReadExt as _;
+                    let mut header = [0u8; 8];
+                    let _ = stream.read_exact(&mut header).await;
+                }
+                BreakOff::Reset => stream.set_zero_linger().expect("SO_LINGER 0"),
+            }
             drop(stream);
         }
     });
-    let nodes = BrokerNodes::parse(&format!("{}, {}", url_at(&vhost, closing_port), vhost.url())).expect("nodes");
-    // Without the pass-over, lapin would try the closing node again, 30 times with backoff.
+    let nodes = BrokerNodes::parse(&format!("{}, {}", url_at(&vhost, breaking_port), vhost.url())).expect("nodes");
+    // Without the pass-over, lapin would try the breaking node again, 30 times with backoff, or
+    // (a reset) the connect would fail.
     let connecting = Broker::connect(nodes, "frozen-test", Duration::from_secs(30));
     let broker = tokio::time::timeout(Duration::from_secs(5), connecting)
         .await
-        .expect("still trying the closing node after 5 s")
-        .expect("connect");
-    assert_ne!(broker.peer().port, closing_port, "connected to the closing node");
-    assert!(accepted.load(std::sync::atomic::Ordering::Relaxed) > 0, "the closing node was never tried");
+        .unwrap_or_else(|_| panic!("{break_off:?}: still trying the breaking node after 5 s"))
+        .unwrap_or_else(|error| panic!("{break_off:?}: connect: {error}"));
+    assert_ne!(broker.peer().port, breaking_port, "{break_off:?}: connected to the breaking node");
+    assert!(
+        accepted.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "{break_off:?}: the breaking node was never tried"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_closes_each_connection_at_once_is_passed_over() {
+    passed_over(BreakOff::Close).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_resets_each_connection_is_passed_over() {
+    passed_over(BreakOff::Reset).await;
 }
