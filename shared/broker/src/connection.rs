@@ -154,8 +154,9 @@ impl std::fmt::Debug for Broker {
 /// Why [`open`] failed.
 struct OpenFailed {
     error: lapin::Error,
-    /// The failure broke off a handshake a node had begun (it reset the connection, say): lapin
-    /// gives up at once there, where it retries a node that refuses TCP. That node now goes last.
+    /// An I/O error broke off a handshake a node had begun (it reset the connection, say): lapin
+    /// gives up at once there, where it retries a node that refuses TCP. That node now goes
+    /// last (so does one whose handshake failed otherwise: refused credentials, say).
     handshake_broken: bool,
 }
 
@@ -252,11 +253,10 @@ async fn open(
             connected = &mut connecting => match connected {
                 Ok(connection) => break connection,
                 Err(error) => {
-                    let broken = lock(&handshake.0).pending.take();
-                    if let Some(broken) = &broken {
-                        broken.pass_over(current, nodes.len());
-                    }
-                    return Err(OpenFailed { error, handshake_broken: broken.is_some() });
+                    // Left pending: the watch's drop shuts its socket down.
+                    let pending = lock(&handshake.0).pending.as_ref().map(|broken| broken.pass_over(current, nodes.len()));
+                    let handshake_broken = pending.is_some() && error.is_io_error();
+                    return Err(OpenFailed { error, handshake_broken });
                 }
             },
             _ = check.tick() => handshake.cut_if_overdue(nodes, current),
@@ -266,6 +266,10 @@ async fn open(
     drop(lock(&handshake.0).pending.take());
     Ok(Link { connection: Arc::new(connection), generation })
 }
+
+/// How long a first connect tries the other nodes after one broke off its handshake (about the
+/// half minute of lapin's attempts with backoff).
+const CONNECT_RETRIES_WITHIN: Duration = Duration::from_secs(30);
 
 /// How often a connect looks at its handshake's deadline.
 const HANDSHAKE_CHECK_EVERY: Duration = Duration::from_millis(100);
@@ -378,12 +382,12 @@ impl Broker {
         let nodes = Arc::new(nodes);
         let current = Arc::new(AtomicUsize::new(0));
         // A node that breaks off its handshake fails lapin's connect at once: the others are
-        // tried, each once at most, from the next node.
-        let mut tries = nodes.len();
+        // tried, each once at most, from the next node, within the half minute of attempts.
+        let (mut tries, started) = (nodes.len(), tokio::time::Instant::now());
         let link = loop {
             match open(&nodes, &current, connection_name, 0).await {
                 Ok(link) => break link,
-                Err(failed) if failed.handshake_broken && tries > 1 => {
+                Err(failed) if failed.handshake_broken && tries > 1 && started.elapsed() < CONNECT_RETRIES_WITHIN => {
                     tries -= 1;
                     tracing::warn!(error = %failed.error, "a broker node broke off the AMQP handshake; trying the next one");
                 }
