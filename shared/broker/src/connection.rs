@@ -154,10 +154,13 @@ impl std::fmt::Debug for Broker {
 /// Why [`open`] failed.
 struct OpenFailed {
     error: lapin::Error,
-    /// An I/O error broke off a handshake a node had begun (it reset the connection, say): lapin
-    /// gives up at once there, where it retries a node that refuses TCP. That node now goes
+    /// An I/O error broke off a handshake a node had begun (it reset the connection, say), or
+    /// the handshake was cut at its deadline: lapin gives up at once on a handshake broken off
+    /// after `connection.start`, where it retries a node that refuses TCP. That node now goes
     /// last (so does one whose handshake failed otherwise: refused credentials, say).
     handshake_broken: bool,
+    /// A handshake was cut at its deadline during this attempt (which then took that long).
+    cut: bool,
 }
 
 /// Opens one connection, walking the node list on each attempt (about half a minute of
@@ -181,7 +184,8 @@ async fn open(
     let (connect_nodes, connect_current) = (nodes.clone(), current.clone());
     let handshake = HandshakeWatch::default();
     let connect_handshake = handshake.0.clone();
-    let runtime = lapin::runtime::default_runtime().map_err(|error| OpenFailed { error, handshake_broken: false })?;
+    let runtime =
+        lapin::runtime::default_runtime().map_err(|error| OpenFailed { error, handshake_broken: false, cut: false })?;
     let connecting = Connection::connector(
         nodes.uris[0].clone(),
         runtime,
@@ -253,10 +257,12 @@ async fn open(
             connected = &mut connecting => match connected {
                 Ok(connection) => break connection,
                 Err(error) => {
+                    let state = lock(&handshake.0);
                     // Left pending: the watch's drop shuts its socket down.
-                    let pending = lock(&handshake.0).pending.as_ref().map(|broken| broken.pass_over(current, nodes.len()));
-                    let handshake_broken = pending.is_some() && error.is_io_error();
-                    return Err(OpenFailed { error, handshake_broken });
+                    let pending = state.pending.as_ref().map(|broken| broken.pass_over(current, nodes.len()));
+                    let cut = state.cut;
+                    let handshake_broken = (pending.is_some() && error.is_io_error()) || cut;
+                    return Err(OpenFailed { error, handshake_broken, cut });
                 }
             },
             _ = check.tick() => handshake.cut_if_overdue(nodes, current),
@@ -316,6 +322,8 @@ struct HandshakeState {
     /// The connect is gone: lapin's further attempts fail, and a handshake that would start now
     /// is cut at once.
     closed: bool,
+    /// A handshake was cut at its deadline (the node passed over).
+    cut: bool,
 }
 
 impl HandshakeWatch {
@@ -327,6 +335,7 @@ impl HandshakeWatch {
             return;
         };
         overdue.pass_over(current, nodes.len());
+        state.cut = true;
         drop(state);
         let peer = nodes.peer(overdue.node);
         tracing::warn!(
@@ -381,13 +390,19 @@ impl Broker {
     pub async fn connect(nodes: BrokerNodes, connection_name: &str, give_up: Duration) -> lapin::Result<Self> {
         let nodes = Arc::new(nodes);
         let current = Arc::new(AtomicUsize::new(0));
-        // A node that breaks off its handshake fails lapin's connect at once: the others are
-        // tried, each once at most, from the next node, within the half minute of attempts.
+        // A node that breaks off its handshake, or stalls in it past `connection.start`, fails
+        // lapin's connect: the others are tried, each once at most, from the next node, within
+        // the half minute of attempts (or after a handshake cut at its deadline, which may come
+        // later: 50 s by default).
         let (mut tries, started) = (nodes.len(), tokio::time::Instant::now());
         let link = loop {
             match open(&nodes, &current, connection_name, 0).await {
                 Ok(link) => break link,
-                Err(failed) if failed.handshake_broken && tries > 1 && started.elapsed() < CONNECT_RETRIES_WITHIN => {
+                Err(failed)
+                    if failed.handshake_broken
+                        && tries > 1
+                        && (failed.cut || started.elapsed() < CONNECT_RETRIES_WITHIN) =>
+                {
                     tries -= 1;
                     tracing::warn!(error = %failed.error, "a broker node broke off the AMQP handshake; trying the next one");
                 }

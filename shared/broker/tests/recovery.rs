@@ -249,6 +249,59 @@ async fn passed_over(break_off: BreakOff) {
     );
 }
 
+/// The `connection.start` frame the local RabbitMQ sends a new client, as it sent it.
+async fn connection_start_frame() -> Vec<u8> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut broker = tokio::net::TcpStream::connect("127.0.0.1:5672").await.expect("RabbitMQ at 127.0.0.1:5672");
+    broker.write_all(b"AMQP\x00\x00\x09\x01").await.expect("protocol header");
+    // A frame: type, channel (2 bytes), payload size (4 bytes), the payload, the frame end.
+    let mut head = [0u8; 7];
+    broker.read_exact(&mut head).await.expect("frame header");
+    let size = u32::from_be_bytes([head[3], head[4], head[5], head[6]]) as usize;
+    let mut frame = head.to_vec();
+    frame.resize(7 + size + 1, 0);
+    broker.read_exact(&mut frame[7..]).await.expect("frame");
+    assert_eq!((frame[0], frame[7 + size]), (1, 0xce), "not a method frame: {frame:?}");
+    frame
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_stalls_after_connection_start_is_passed_over() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let vhost = TestVhost::create();
+    let start = connection_start_frame().await;
+    // Answers the protocol header with a real `connection.start`, then says nothing more.
+    let stalling = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let stalling_port = stalling.local_addr().expect("address").port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = stalling.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let start = start.clone();
+            tokio::spawn(async move {
+                let mut header = [0u8; 8];
+                if stream.read_exact(&mut header).await.is_ok() && stream.write_all(&start).await.is_ok() {
+                    // Held until the client lets go.
+                    let mut rest = Vec::new();
+                    let _ = stream.read_to_end(&mut rest).await;
+                }
+            });
+        }
+    });
+    // Its handshake is cut after five connection timeouts: 1 s.
+    let list = format!("{}?connection_timeout=200, {}", url_at(&vhost, stalling_port), vhost.url());
+    let nodes = BrokerNodes::parse(&list).expect("nodes");
+    let connecting = Broker::connect(nodes, "frozen-test", Duration::from_secs(30));
+    let broker = tokio::time::timeout(Duration::from_secs(10), connecting)
+        .await
+        .expect("still waiting on the stalling node after 10 s")
+        .expect("connect");
+    assert_ne!(broker.peer().port, stalling_port, "connected to the stalling node");
+    assert!(accepted.load(std::sync::atomic::Ordering::Relaxed) > 0, "the stalling node was never tried");
+    broker.channel().await.expect("a channel on the node that answers");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_closes_each_connection_at_once_is_passed_over() {
     passed_over(BreakOff::Close).await;
