@@ -182,8 +182,8 @@ async fn open(
                 .with_jitter(),
         );
     let (connect_nodes, connect_current) = (nodes.clone(), current.clone());
-    let handshake = HandshakeWatch::default();
-    let connect_handshake = handshake.0.clone();
+    let handshake = HandshakeWatch { state: Arc::default(), current: current.clone(), nodes: nodes.len() };
+    let connect_handshake = handshake.state.clone();
     let runtime =
         lapin::runtime::default_runtime().map_err(|error| OpenFailed { error, handshake_broken: false, cut: false })?;
     let connecting = Connection::connector(
@@ -201,6 +201,8 @@ async fn open(
                 if let Some(failed) = state.pending.take() {
                     failed.pass_over(&connect_current, count);
                 }
+                // A cut counts for the attempt lapin gives up on, not for one it makes again.
+                state.cut = false;
             }
             let start = connect_current.load(Ordering::Relaxed);
             let mut last_error = None;
@@ -257,7 +259,7 @@ async fn open(
             connected = &mut connecting => match connected {
                 Ok(connection) => break connection,
                 Err(error) => {
-                    let state = lock(&handshake.0);
+                    let state = lock(&handshake.state);
                     // Left pending: the watch's drop shuts its socket down.
                     let pending = state.pending.as_ref().map(|broken| broken.pass_over(current, nodes.len()));
                     let cut = state.cut;
@@ -269,7 +271,7 @@ async fn open(
         }
     };
     // Done: the duplicate goes (it would keep the socket open past lapin's close).
-    drop(lock(&handshake.0).pending.take());
+    drop(lock(&handshake.state).pending.take());
     Ok(Link { connection: Arc::new(connection), generation })
 }
 
@@ -311,10 +313,17 @@ fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// The handshake of the connection being opened, if one is under way. Dropped with the connect
 /// (an attempt abandoned after its time, or failed), it shuts the socket of a handshake still
-/// under way and fails lapin's further attempts, so its I/O thread neither waits on a handshake
-/// for good nor connects again.
-#[derive(Default)]
-struct HandshakeWatch(Arc<std::sync::Mutex<HandshakeState>>);
+/// under way, passes its node over, and fails lapin's further attempts, so its I/O thread
+/// neither waits on a handshake for good nor connects again, and the next connect does not
+/// start from a node that kept the last one waiting (a replacement gives up after 5 s, before
+/// the handshake's deadline of 10 s by default).
+struct HandshakeWatch {
+    state: Arc<std::sync::Mutex<HandshakeState>>,
+    /// The connect's node index, which a passed-over node moves on.
+    current: Arc<AtomicUsize>,
+    /// How many nodes there are.
+    nodes: usize,
+}
 
 #[derive(Default)]
 struct HandshakeState {
@@ -322,7 +331,7 @@ struct HandshakeState {
     /// The connect is gone: lapin's further attempts fail, and a handshake that would start now
     /// is cut at once.
     closed: bool,
-    /// A handshake was cut at its deadline (the node passed over).
+    /// The last handshake lapin began was cut at its deadline (the node passed over).
     cut: bool,
 }
 
@@ -330,7 +339,7 @@ impl HandshakeWatch {
     /// Shuts the handshake's socket down once its deadline has passed, and points the next
     /// attempt at the node after it (lapin connects again at once).
     fn cut_if_overdue(&self, nodes: &BrokerNodes, current: &AtomicUsize) {
-        let mut state = lock(&self.0);
+        let mut state = lock(&self.state);
         let Some(overdue) = state.pending.take_if(|pending| pending.started.elapsed() >= pending.timeout) else {
             return;
         };
@@ -341,7 +350,7 @@ impl HandshakeWatch {
         tracing::warn!(
             node = %format_args!("{}:{}", peer.address, peer.port),
             timeout_ms = overdue.timeout.as_millis() as u64,
-            "the node accepted the TCP connection but did not complete the AMQP handshake in time; connecting again"
+            "the node accepted the TCP connection but did not complete the AMQP handshake in time; connecting again (from the next node)"
         );
         overdue.cut();
     }
@@ -349,9 +358,10 @@ impl HandshakeWatch {
 
 impl Drop for HandshakeWatch {
     fn drop(&mut self) {
-        let mut state = lock(&self.0);
+        let mut state = lock(&self.state);
         state.closed = true;
         if let Some(pending) = state.pending.take() {
+            pending.pass_over(&self.current, self.nodes);
             pending.cut();
         }
     }
@@ -385,15 +395,16 @@ async fn reachable(nodes: &BrokerNodes) -> bool {
 
 impl Broker {
     /// Connects to the first node that answers (retrying for about half a minute while none
-    /// does) and starts the supervisor. `give_up`: how long the broker may stay unreachable
+    /// does; a node that breaks off or stalls in its handshake is passed over, and the others
+    /// are tried, each once) and starts the supervisor. `give_up`: how long the broker may stay unreachable
     /// before [`BrokerHealth::Lost`].
     pub async fn connect(nodes: BrokerNodes, connection_name: &str, give_up: Duration) -> lapin::Result<Self> {
         let nodes = Arc::new(nodes);
         let current = Arc::new(AtomicUsize::new(0));
         // A node that breaks off its handshake, or stalls in it past `connection.start`, fails
-        // lapin's connect: the others are tried, each once at most, from the next node, within
-        // the half minute of attempts (or after a handshake cut at its deadline, which may come
-        // later: 50 s by default).
+        // lapin's connect: the others are tried, each once at most, from the next node. A try
+        // starts within the half minute of the first, or right after a handshake cut at its
+        // deadline (five connection timeouts: 10 s by default).
         let (mut tries, started) = (nodes.len(), tokio::time::Instant::now());
         let link = loop {
             match open(&nodes, &current, connection_name, 0).await {

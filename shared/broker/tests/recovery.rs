@@ -179,6 +179,37 @@ async fn a_replacement_passes_over_a_node_that_accepts_tcp_but_never_answers_amq
     assert!(frozen.connections() > 0, "the frozen node was never tried");
 }
 
+/// As above with the node's default `connection_timeout` (2 s): a replacement gives up after 5 s,
+/// before the handshake's deadline (10 s), and the next one must not start from that node again
+/// (each would, and the connection would never be replaced).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replacement_given_up_on_a_frozen_node_starts_the_next_one_from_the_node_after_it() {
+    let vhost = TestVhost::create();
+    let proxy = AmqpProxy::start().await;
+    let frozen = FrozenNode::start();
+    let list = format!("{}, {}, {}", proxy.url(&vhost), frozen.url(&vhost), vhost.url());
+    let nodes = BrokerNodes::parse(&list).expect("nodes");
+    let broker = Broker::connect(nodes, "frozen-test", Duration::from_secs(60)).await.expect("connect");
+    proxy.stop();
+    proxy.cut();
+    // Not `assert_replaced_and_nothing_left_hanging`: the abandoned attempt's I/O thread
+    // outlives it, lapin calling the connector again with backoff (each call fails at once).
+    let replaced = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            if let Ok(Ok((_, generation))) = tokio::time::timeout(Duration::from_secs(2), broker.channel()).await
+                && generation > 0
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    replaced.await.expect("not replaced within 15 s of the cut");
+    assert_ne!(broker.peer().port, frozen.port(), "replaced by a connection to the frozen node");
+    // (Its connections also count the supervisor's TCP probes of the nodes.)
+    assert!(frozen.connections() > 0, "the frozen node was never tried");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connect_dropped_mid_walk_leaves_no_handshake_open() {
     let vhost = TestVhost::create();
