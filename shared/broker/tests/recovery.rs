@@ -280,10 +280,12 @@ async fn passed_over(break_off: BreakOff) {
     );
 }
 
-/// The `connection.start` frame the local RabbitMQ sends a new client, as it sent it.
+/// The `connection.start` frame the tests' RabbitMQ (`AMQP_ADDR`) sends a new client, as it sent it.
 async fn connection_start_frame() -> Vec<u8> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut broker = tokio::net::TcpStream::connect("127.0.0.1:5672").await.expect("RabbitMQ at 127.0.0.1:5672");
+    let address = tracehop_testkit::rabbit::broker_address();
+    let mut broker =
+        tokio::net::TcpStream::connect(&address).await.unwrap_or_else(|error| panic!("{address}: {error}"));
     broker.write_all(b"AMQP\x00\x00\x09\x01").await.expect("protocol header");
     // A frame: type, channel (2 bytes), payload size (4 bytes), the payload, the frame end.
     let mut head = [0u8; 7];

@@ -22,7 +22,7 @@ fn broker_base() -> String {
 }
 
 /// `host:port` of the broker in `AMQP_ADDR`.
-pub(crate) fn broker_address() -> String {
+pub fn broker_address() -> String {
     let base = broker_base();
     let authority = base.split_once("://").map_or(base.as_str(), |(_, rest)| rest);
     let address = authority.rsplit_once('@').map_or(authority, |(_, address)| address);
