@@ -259,15 +259,14 @@ async fn open(
             connected = &mut connecting => match connected {
                 Ok(connection) => break connection,
                 Err(error) => {
+                    // A handshake still pending is the watch's to end as it drops, on return:
+                    // its node passed over, its socket shut down.
                     let state = lock(&handshake.state);
-                    // Left pending: the watch's drop shuts its socket down.
-                    let pending = state.pending.as_ref().map(|broken| broken.pass_over(current, nodes.len()));
-                    let cut = state.cut;
-                    let handshake_broken = (pending.is_some() && error.is_io_error()) || cut;
-                    return Err(OpenFailed { error, handshake_broken, cut });
+                    let handshake_broken = (state.pending.is_some() && error.is_io_error()) || state.cut;
+                    return Err(OpenFailed { error, handshake_broken, cut: state.cut });
                 }
             },
-            _ = check.tick() => handshake.cut_if_overdue(nodes, current),
+            _ = check.tick() => handshake.cut_if_overdue(nodes),
         }
     };
     // Done: the duplicate goes (it would keep the socket open past lapin's close).
@@ -338,12 +337,12 @@ struct HandshakeState {
 impl HandshakeWatch {
     /// Shuts the handshake's socket down once its deadline has passed, and points the next
     /// attempt at the node after it (lapin connects again at once).
-    fn cut_if_overdue(&self, nodes: &BrokerNodes, current: &AtomicUsize) {
+    fn cut_if_overdue(&self, nodes: &BrokerNodes) {
         let mut state = lock(&self.state);
         let Some(overdue) = state.pending.take_if(|pending| pending.started.elapsed() >= pending.timeout) else {
             return;
         };
-        overdue.pass_over(current, nodes.len());
+        overdue.pass_over(&self.current, self.nodes);
         state.cut = true;
         drop(state);
         let peer = nodes.peer(overdue.node);
@@ -396,8 +395,8 @@ async fn reachable(nodes: &BrokerNodes) -> bool {
 impl Broker {
     /// Connects to the first node that answers (retrying for about half a minute while none
     /// does; a node that breaks off or stalls in its handshake is passed over, and the others
-    /// are tried, each once) and starts the supervisor. `give_up`: how long the broker may stay unreachable
-    /// before [`BrokerHealth::Lost`].
+    /// are tried, each once) and starts the supervisor. `give_up`: how long the broker may stay
+    /// unreachable before [`BrokerHealth::Lost`].
     pub async fn connect(nodes: BrokerNodes, connection_name: &str, give_up: Duration) -> lapin::Result<Self> {
         let nodes = Arc::new(nodes);
         let current = Arc::new(AtomicUsize::new(0));
