@@ -542,15 +542,10 @@ pub(crate) fn encode_span_entry<'a>(buf: &'a mut Vec<u8>, span: &SpanData) -> &'
     let len = buf.len() - start - ENTRY_HEAD;
     // The key, then the length as a varint, on the stack (no allocation per span).
     let mut head = [0u8; ENTRY_HEAD];
-    head[0] = 2 << 3 | WireType::LengthDelimited as u8;
-    let (mut value, mut used) = (len as u64, 1);
-    while value >= 0x80 {
-        head[used] = (value as u8) | 0x80;
-        value >>= 7;
-        used += 1;
-    }
-    head[used] = value as u8;
-    used += 1;
+    let mut free = &mut head[..];
+    prost::encoding::encode_key(2, WireType::LengthDelimited, &mut free);
+    prost::encoding::encode_varint(len as u64, &mut free);
+    let used = ENTRY_HEAD - free.len();
     let entry = start + ENTRY_HEAD - used;
     buf[entry..start + ENTRY_HEAD].copy_from_slice(&head[..used]);
     &buf[entry..]
