@@ -350,6 +350,13 @@ pub(crate) fn read_cpu_seconds(pid: &str) -> Option<f64> {
     Some(ticks?.iter().sum::<u64>() as f64 / 100.0)
 }
 
+/// The broker's CPU seconds since `before` (a [`read_cpu_seconds`] of `broker`); `None` when
+/// either reading failed or the count went back (the broker restarted under another process, say).
+pub(crate) fn broker_cpu_since(broker: Option<&str>, before: Option<f64>) -> Option<f64> {
+    let used = read_cpu_seconds(broker?)? - before?;
+    (used >= 0.0).then_some(used)
+}
+
 /// The local RabbitMQ node's Erlang VM, if the broker runs on this machine.
 pub(crate) fn broker_pid() -> Option<String> {
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
@@ -367,25 +374,24 @@ pub(crate) fn broker_pid() -> Option<String> {
 /// load generator with its OTLP sink).
 #[derive(Debug, Clone, Serialize)]
 struct Bystanders {
-    /// `None` when no local RabbitMQ node was found.
+    /// `None` when no local RabbitMQ node was found, or a reading of it failed.
     broker_cpu_seconds: Option<f64>,
     loadgen_cpu_seconds: f64,
 }
 
 /// [`Bystanders`] being counted: the broker found once, so both readings are of one process.
 struct BystandersSince {
-    broker: Option<(String, f64)>,
+    broker: Option<String>,
+    broker_before: Option<f64>,
     loadgen: f64,
 }
 
 impl Bystanders {
     /// Counts from now until [`BystandersSince::stop`].
     fn start() -> BystandersSince {
-        let broker = broker_pid().map(|pid| {
-            let seconds = cpu_seconds(&pid);
-            (pid, seconds)
-        });
-        BystandersSince { broker, loadgen: cpu_seconds("self") }
+        let broker = broker_pid();
+        let broker_before = broker.as_deref().and_then(read_cpu_seconds);
+        BystandersSince { broker, broker_before, loadgen: cpu_seconds("self") }
     }
 
     /// This run's CPU seconds per 1,000 of its `orders`: (broker, load generator).
@@ -398,7 +404,7 @@ impl Bystanders {
 impl BystandersSince {
     fn stop(self) -> Bystanders {
         Bystanders {
-            broker_cpu_seconds: self.broker.map(|(pid, before)| cpu_seconds(&pid) - before),
+            broker_cpu_seconds: broker_cpu_since(self.broker.as_deref(), self.broker_before),
             loadgen_cpu_seconds: cpu_seconds("self") - self.loadgen,
         }
     }
@@ -811,6 +817,18 @@ mod tests {
         let dump = BenchArgs { pairs: 1, dump_spans: Some("spans.dump".into()), ..args };
         let error = super::run(dump).await.expect_err("a dump of full-speed pairs");
         assert!(error.to_string().contains("--dump-spans needs --pairs 0"), "{error}");
+    }
+
+    #[test]
+    fn a_broker_reading_that_failed_or_went_back_is_no_reading() {
+        let this = std::process::id().to_string();
+        let now = read_cpu_seconds(&this).expect("this process's own CPU");
+        assert!(broker_cpu_since(Some(&this), Some(now)).is_some_and(|used| used >= 0.0));
+        // No broker, no first reading, a process gone, a count that went back.
+        assert_eq!(broker_cpu_since(None, Some(now)), None);
+        assert_eq!(broker_cpu_since(Some(&this), None), None);
+        assert_eq!(broker_cpu_since(Some("0"), Some(0.0)), None);
+        assert_eq!(broker_cpu_since(Some(&this), Some(now + 1e6)), None);
     }
 
     #[test]

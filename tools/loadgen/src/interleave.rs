@@ -29,8 +29,8 @@ use serde::Serialize;
 
 use crate::Load;
 use crate::bench::{
-    Compare, Services, Telemetry, Usage, Vhost, a_measurement, broker_pid, cpu_per_thousand_orders, median,
-    read_cpu_seconds,
+    Compare, Services, Telemetry, Usage, Vhost, a_measurement, broker_cpu_since, broker_pid, cpu_per_thousand_orders,
+    median, read_cpu_seconds,
 };
 use crate::pipeline::{Lookups, Orders};
 
@@ -183,13 +183,6 @@ impl Stack {
             .collect();
         StackUse { telemetry: self.telemetry, orders, usage }
     }
-}
-
-/// The broker's CPU seconds since `before` (read at the slice's start); `None` when either reading
-/// failed or the count went back (the broker restarted under another process, say).
-fn broker_cpu_since(broker: Option<&str>, before: Option<f64>) -> Option<f64> {
-    let used = read_cpu_seconds(broker?)? - before?;
-    (used >= 0.0).then_some(used)
 }
 
 /// Whether pair `index` runs its "on" slice first: every other pair, so that whatever the
@@ -423,18 +416,6 @@ mod tests {
             let error = run(settings).await.expect_err(named).to_string();
             assert!(error.starts_with(named), "{error}");
         }
-    }
-
-    #[test]
-    fn a_broker_reading_that_failed_or_went_back_is_no_reading() {
-        let this = std::process::id().to_string();
-        let now = read_cpu_seconds(&this).expect("this process's own CPU");
-        assert!(broker_cpu_since(Some(&this), Some(now)).is_some_and(|used| used >= 0.0));
-        // No broker, no first reading, a process gone, a count that went back.
-        assert_eq!(broker_cpu_since(None, Some(now)), None);
-        assert_eq!(broker_cpu_since(Some(&this), None), None);
-        assert_eq!(broker_cpu_since(Some("0"), Some(0.0)), None);
-        assert_eq!(broker_cpu_since(Some(&this), Some(now + 1e6)), None);
     }
 
     #[test]
