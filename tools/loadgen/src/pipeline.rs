@@ -228,6 +228,14 @@ async fn follow(lookups: &Lookups, accepted: &[(String, i64)], origin: i64, wait
 mod tests {
     use super::*;
 
+    /// Serves `app` on a loopback port of its own; its base URL (`http://127.0.0.1:port`).
+    async fn serve(app: axum::Router) -> anyhow::Result<String> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        tokio::spawn(axum::serve(listener, app).into_future());
+        Ok(base)
+    }
+
     /// Over real HTTP on loopback: each POST reaches the gateway as a JSON order, and every
     /// answer but an accepted order with its id is counted as the failure it is.
     #[tokio::test]
@@ -246,12 +254,10 @@ mod tests {
                 _ => (Status::SERVICE_UNAVAILABLE, "broker down").into_response(),
             }
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let address = listener.local_addr()?;
-        tokio::spawn(axum::serve(listener, axum::Router::new().route("/api/checkout", gateway)).into_future());
+        let base = serve(axum::Router::new().route("/api/checkout", gateway)).await?;
         let load = Load { concurrency: 4, orders: Some(8), ..Load::for_test("answers") };
 
-        let report = run(&Orders::new(&format!("http://{address}/"), false)?, None, &load).await?;
+        let report = run(&Orders::new(&format!("{base}/"), false)?, None, &load).await?;
 
         assert_eq!(report.succeeded, 2, "{report:?}");
         let failures: Vec<(&str, u64)> = report.failures.iter().map(|(kind, count)| (kind.as_str(), *count)).collect();
@@ -296,9 +302,7 @@ mod tests {
             .route("/api/checkout", gateway)
             .route("/api/orders/{id}", lookup)
             .with_state(stock.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let base = format!("http://{}", listener.local_addr()?);
-        tokio::spawn(axum::serve(listener, app).into_future());
+        let base = serve(app).await?;
         let load = Load { concurrency: 1, orders: Some(10), ..Load::for_test("drained") };
         let (orders, lookups) = (Orders::new(&base, false)?, Lookups::new(&base)?);
 
@@ -335,9 +339,7 @@ mod tests {
         });
         let seen: Seen = Arc::default();
         let app = axum::Router::new().route("/api/checkout", gateway).with_state(seen.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let base = format!("http://{}", listener.local_addr()?);
-        tokio::spawn(axum::serve(listener, app).into_future());
+        let base = serve(app).await?;
         let load = Load { concurrency: 2, orders: Some(20), ..Load::for_test("traced") };
         let take = || std::mem::take(&mut *seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
 
