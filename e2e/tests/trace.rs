@@ -31,6 +31,7 @@ async fn one_checkout_is_one_trace_across_three_services() {
     let response =
         pipeline.checkout(&json!({"customer_id": "c-42", "items": [{"sku": "SKU-001", "quantity": 2}]}), &[]).await;
     assert_eq!(response.status().as_u16(), 202);
+    assert_eq!(response.headers()["content-type"], "application/json");
     let server_timing = response.headers()["server-timing"].to_str().expect("ascii").to_owned();
     let traceresponse = response.headers()["traceresponse"].to_str().expect("ascii").to_owned();
     let body: Value = serde_json::from_slice(&response.bytes().await.expect("body")).expect("json");

@@ -6,16 +6,17 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{FromRequest, Request, State};
-use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use opentelemetry::Context;
 use opentelemetry::context::FutureExt as _;
 use opentelemetry::trace::TraceContextExt;
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tracehop_proto::{CheckoutRequest, LineItem};
-use tracehop_telemetry::propagation::trace_id_hex;
+use tracehop_telemetry::propagation::{TraceIdHex, trace_id_hex};
 use tracehop_telemetry::spans::{baggage_attributes, with_baggage_entry};
 
 use crate::AppState;
@@ -104,31 +105,42 @@ pub async fn checkout(
     let response = answer(call, state.checkout_timeout, &state.checkout_links).await?.into_inner();
     let span = cx.span();
     let span_context = span.span_context();
-    let (trace_id, trace_url) = if span_context.is_valid() {
-        let trace_id = trace_id_hex(span_context.trace_id());
-        let url = [&*state.jaeger_ui_url, "/trace/", &trace_id].concat();
-        (Some(trace_id), Some(url))
-    } else {
-        (None, None)
-    };
-    let body = Accepted {
-        order_id: &response.order_id,
-        total_cents: response.total_cents,
-        trace_id: trace_id.as_deref(),
-        trace_url: trace_url.as_deref(),
-    };
-    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+    let trace_id = span_context.is_valid().then(|| trace_id_hex(span_context.trace_id()));
+    let body = accepted(&response.order_id, response.total_cents, trace_id.as_ref(), &state.trace_url_json);
+    Ok((StatusCode::ACCEPTED, [(CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response())
 }
 
-/// The 202's body. Serialized from borrowed fields: a `json!` value built a map, a `String` per
-/// key and a copy of every value, then freed them, on every order.
-#[derive(Debug, Serialize)]
-struct Accepted<'a> {
-    order_id: &'a str,
-    total_cents: i64,
-    /// `null` when the request has no trace (telemetry off).
-    trace_id: Option<&'a str>,
-    trace_url: Option<&'a str>,
+/// The 202's body, `{"order_id":..,"total_cents":..,"trace_id":..,"trace_url":..}`, the trace's
+/// fields `null` when the request has no trace (telemetry off). Written into one buffer: the
+/// trace id's hex digits and the UI's address (escaped once, at startup: `trace_url_json`, see
+/// [`json_string_inside`]) need no escaping, where serializing them checked each of their
+/// bytes and made, then freed, two `String`s per order. The order id comes from checkout, and
+/// is escaped as any string.
+fn accepted(order_id: &str, total_cents: i64, trace_id: Option<&TraceIdHex>, trace_url_json: &str) -> Vec<u8> {
+    let mut body = Vec::with_capacity(128 + order_id.len() + trace_url_json.len());
+    body.extend_from_slice(b"{\"order_id\":");
+    serde_json::to_writer(&mut body, order_id).expect("a string serializes");
+    body.extend_from_slice(b",\"total_cents\":");
+    serde_json::to_writer(&mut body, &total_cents).expect("an integer serializes");
+    match trace_id {
+        Some(trace_id) => {
+            let hex = trace_id.as_bytes();
+            body.extend_from_slice(b",\"trace_id\":\"");
+            body.extend_from_slice(hex);
+            body.extend_from_slice(b"\",\"trace_url\":\"");
+            body.extend_from_slice(trace_url_json.as_bytes());
+            body.extend_from_slice(hex);
+            body.extend_from_slice(b"\"}");
+        }
+        None => body.extend_from_slice(b",\"trace_id\":null,\"trace_url\":null}"),
+    }
+    body
+}
+
+/// `text` as it reads between the quotes of a JSON string.
+pub(crate) fn json_string_inside(text: &str) -> String {
+    let quoted = serde_json::to_string(text).expect("a string serializes");
+    quoted[1..quoted.len() - 1].to_owned()
 }
 
 /// Waits for checkout's answer: at most `timeout` (504 after it), and while no connection to
@@ -168,20 +180,23 @@ pub async fn not_found() -> (StatusCode, Json<serde_json::Value>) {
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
+    use opentelemetry::trace::TraceId;
+    use serde_json::{Value, json};
+    use tracehop_telemetry::propagation::trace_id_hex;
 
-    use super::Accepted;
+    use super::{accepted, json_string_inside};
+
+    fn parsed(body: &[u8]) -> Value {
+        serde_json::from_slice(body).expect("the body is JSON")
+    }
 
     #[test]
     fn the_accepted_body_names_its_trace_or_says_null() {
-        let traced = Accepted {
-            order_id: "0193a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b",
-            total_cents: 4900,
-            trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736"),
-            trace_url: Some("http://localhost:16686/trace/4bf92f3577b34da6a3ce929d0e0e4736"),
-        };
+        let trace_id = trace_id_hex(TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").expect("trace id"));
+        let prefix = json_string_inside("http://localhost:16686/trace/");
+        let traced = accepted("0193a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b", 4900, Some(&trace_id), &prefix);
         assert_eq!(
-            serde_json::to_value(&traced).expect("serializes"),
+            parsed(&traced),
             json!({
                 "order_id": "0193a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b",
                 "total_cents": 4900,
@@ -189,10 +204,23 @@ mod tests {
                 "trace_url": "http://localhost:16686/trace/4bf92f3577b34da6a3ce929d0e0e4736",
             })
         );
-        let untraced = Accepted { order_id: "o-1", total_cents: 0, trace_id: None, trace_url: None };
         assert_eq!(
-            serde_json::to_value(&untraced).expect("serializes"),
-            json!({ "order_id": "o-1", "total_cents": 0, "trace_id": null, "trace_url": null })
+            parsed(&accepted("o-1", -5, None, &prefix)),
+            json!({ "order_id": "o-1", "total_cents": -5, "trace_id": null, "trace_url": null })
         );
+    }
+
+    #[test]
+    fn what_the_accepted_body_carries_is_escaped() {
+        // An order id and a UI address with what JSON must escape: quotes, a backslash, a
+        // control character; and text beyond ASCII.
+        let trace_id = trace_id_hex(TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").expect("trace id"));
+        let order_id = "o-\"1\"\\\n\u{1}é";
+        let ui = "http://jaeger.example/\"ui\"\\x\té/trace/";
+        let body = accepted(order_id, 1, Some(&trace_id), &json_string_inside(ui));
+        let value = parsed(&body);
+        assert_eq!(value["order_id"], order_id);
+        assert_eq!(value["trace_url"], [ui, "0af7651916cd43dd8448eb211c80319c"].concat());
+        assert_eq!(value["trace_id"], "0af7651916cd43dd8448eb211c80319c");
     }
 }

@@ -56,6 +56,9 @@ pub struct AppState {
     pub checkout_timeout: Duration,
     /// `JAEGER_UI_URL`, without a trailing slash.
     pub jaeger_ui_url: Arc<str>,
+    /// `JAEGER_UI_URL` and `/trace/`, escaped once as the inside of a JSON string: what the
+    /// 202's `trace_url` starts with.
+    pub trace_url_json: Arc<str>,
     /// `BAGGAGE_SPAN_ATTRIBUTES`.
     pub baggage_span_attributes: Arc<[String]>,
     /// The channel's connections to checkout open now.
@@ -81,6 +84,7 @@ impl AppState {
             client: CheckoutServiceClient::new(traced),
             checkout_timeout: config.checkout_timeout,
             jaeger_ui_url: config.jaeger_ui_url.as_str().into(),
+            trace_url_json: api::json_string_inside(&[config.jaeger_ui_url.as_str(), "/trace/"].concat()).into(),
             baggage_span_attributes: config.baggage_span_attributes.as_slice().into(),
             checkout_links,
         }

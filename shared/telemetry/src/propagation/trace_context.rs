@@ -44,11 +44,34 @@ pub fn traceparent(span_context: &SpanContext) -> String {
     ascii(&value)
 }
 
-/// The 32 lowercase hex digits of `trace_id` (what Jaeger's URLs and the logs show).
-pub fn trace_id_hex(trace_id: TraceId) -> String {
+/// The 32 lowercase hex digits of a trace id (what Jaeger's URLs and the logs show), on the
+/// stack: [`trace_id_hex`] makes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceIdHex([u8; 32]);
+
+impl TraceIdHex {
+    /// The digits.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("hex digits are ASCII")
+    }
+
+    /// The digits' ASCII bytes, for a writer that takes bytes (no UTF-8 check).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for TraceIdHex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The 32 lowercase hex digits of `trace_id`, written without an allocation.
+pub fn trace_id_hex(trace_id: TraceId) -> TraceIdHex {
     let mut value = [0u8; 32];
     hex_into(&mut value, &trace_id.to_bytes());
-    ascii(&value)
+    TraceIdHex(value)
 }
 
 /// The span context a valid `traceparent` (and its `tracestate`) describe.
@@ -185,6 +208,8 @@ mod tests {
     #[test]
     fn trace_ids_print_as_32_hex_digits() {
         let trace_id = TraceId::from_hex("000f651916cd43dd8448eb211c80319c").expect("trace id");
-        assert_eq!(trace_id_hex(trace_id), trace_id.to_string());
+        assert_eq!(trace_id_hex(trace_id).as_str(), trace_id.to_string());
+        assert_eq!(trace_id_hex(trace_id).to_string(), trace_id.to_string());
+        assert_eq!(trace_id_hex(trace_id).as_bytes(), trace_id.to_string().as_bytes());
     }
 }
