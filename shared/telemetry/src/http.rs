@@ -31,7 +31,7 @@ use tower::{Layer, Service};
 
 use crate::Telemetry;
 use crate::metrics::{AttributeSet, Durations};
-use crate::propagation::traceparent;
+use crate::propagation::traceparent_bytes;
 use crate::spans::{SpanNames, record_error};
 
 /// What the edge does with a caller's trace context (`GATEWAY_INBOUND_CONTEXT`).
@@ -55,6 +55,8 @@ pub const TRACERESPONSE: &str = "traceresponse";
 
 static SERVER_TIMING_NAME: HeaderName = HeaderName::from_static(SERVER_TIMING);
 static TRACERESPONSE_NAME: HeaderName = HeaderName::from_static(TRACERESPONSE);
+/// What `server-timing`'s value starts with; the `traceparent` follows.
+const TIMING_PREFIX: &[u8] = b"trace;desc=";
 
 /// `http.request.method` of a method the HTTP spec does not define.
 const OTHER_METHOD: &str = "_OTHER";
@@ -367,13 +369,17 @@ where
                     // Values handed over as they were written, names parsed once. Both differ from
                     // response to response, so an HTTP/2 caller gets them never indexed: in its
                     // connection's HPACK table they would only evict headers that repeat.
-                    let value = traceparent(span.span_context());
-                    let timing = ["trace;desc=", value.as_str()].concat();
-                    if let Ok(mut timing) = HeaderValue::from_maybe_shared(Bytes::from(timing)) {
+                    // One buffer for both: `traceresponse` is the tail of `server-timing`.
+                    let mut timing = Vec::with_capacity(TIMING_PREFIX.len() + 55);
+                    timing.extend_from_slice(TIMING_PREFIX);
+                    timing.extend_from_slice(&traceparent_bytes(span.span_context()));
+                    let timing = Bytes::from(timing);
+                    let value = timing.slice(TIMING_PREFIX.len()..);
+                    if let Ok(mut timing) = HeaderValue::from_maybe_shared(timing) {
                         timing.set_sensitive(true);
                         response.headers_mut().insert(SERVER_TIMING_NAME.clone(), timing);
                     }
-                    if let Ok(mut value) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
+                    if let Ok(mut value) = HeaderValue::from_maybe_shared(value) {
                         value.set_sensitive(true);
                         response.headers_mut().insert(TRACERESPONSE_NAME.clone(), value);
                     }

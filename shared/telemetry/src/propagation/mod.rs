@@ -22,4 +22,4 @@ pub use baggage::W3cBaggagePropagator;
 pub use checked::CheckedPropagator;
 pub use grpc::{MetadataExtractor, MetadataInjector};
 pub use opentelemetry_http::{HeaderExtractor, HeaderInjector};
-pub use trace_context::{TraceIdHex, W3cTraceContextPropagator, trace_id_hex, traceparent};
+pub use trace_context::{TraceIdHex, W3cTraceContextPropagator, trace_id_hex, traceparent, traceparent_bytes};

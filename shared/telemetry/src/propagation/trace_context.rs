@@ -37,11 +37,17 @@ fn ascii(bytes: &[u8]) -> String {
 
 /// `00-<trace id>-<span id>-<flags>` of `span_context`, the sampled flag alone.
 pub fn traceparent(span_context: &SpanContext) -> String {
+    ascii(&traceparent_bytes(span_context))
+}
+
+/// What [`traceparent`] writes, as ASCII bytes on the stack: for a writer that puts it beside
+/// other bytes in a buffer of its own.
+pub fn traceparent_bytes(span_context: &SpanContext) -> [u8; 55] {
     let mut value = *b"00-00000000000000000000000000000000-0000000000000000-00";
     hex_into(&mut value[3..35], &span_context.trace_id().to_bytes());
     hex_into(&mut value[36..52], &span_context.span_id().to_bytes());
     hex_into(&mut value[53..55], &[(span_context.trace_flags() & TraceFlags::SAMPLED).to_u8()]);
-    ascii(&value)
+    value
 }
 
 /// The 32 lowercase hex digits of a trace id (what Jaeger's URLs and the logs show), on the
