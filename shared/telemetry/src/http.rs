@@ -370,10 +370,7 @@ where
                     // response to response, so an HTTP/2 caller gets them never indexed: in its
                     // connection's HPACK table they would only evict headers that repeat.
                     // One buffer for both: `traceresponse` is the tail of `server-timing`.
-                    let mut timing = Vec::with_capacity(TIMING_PREFIX.len() + 55);
-                    timing.extend_from_slice(TIMING_PREFIX);
-                    timing.extend_from_slice(&traceparent_bytes(span.span_context()));
-                    let timing = Bytes::from(timing);
+                    let timing = Bytes::from([TIMING_PREFIX, &traceparent_bytes(span.span_context())].concat());
                     let value = timing.slice(TIMING_PREFIX.len()..);
                     if let Ok(mut timing) = HeaderValue::from_maybe_shared(timing) {
                         timing.set_sensitive(true);
