@@ -157,26 +157,42 @@ async fn a_node_that_accepts_tcp_but_never_answers_amqp_is_passed_over() {
         .await
         .expect("the connect still waits on the frozen node after 10 s")
         .expect("connect");
-    assert_ne!(broker.peer().port, frozen.port(), "connected to the frozen node");
-    assert!(frozen.connections() > 0, "the frozen node was never tried");
+    assert_passed_over(&broker, &frozen);
     broker.channel().await.expect("a channel on the node that answers");
     assert_eq!(io_threads(), 1, "an I/O thread besides the connection's");
+}
+
+/// A broker connected through a proxy whose node then goes away (stopped, its connection cut):
+/// the next node in the list is frozen (`frozen_query` on its URL), the last one answers.
+async fn cut_before_a_frozen_node(
+    vhost: &TestVhost,
+    frozen_query: &str,
+    give_up: Duration,
+) -> (Broker, FrozenNode, AmqpProxy) {
+    let proxy = AmqpProxy::start().await;
+    let frozen = FrozenNode::start();
+    let list = format!("{}, {}{frozen_query}, {}", proxy.url(vhost), frozen.url(vhost), vhost.url());
+    let nodes = BrokerNodes::parse(&list).expect("nodes");
+    let broker = Broker::connect(nodes, "frozen-test", give_up).await.expect("connect");
+    proxy.stop();
+    proxy.cut();
+    (broker, frozen, proxy)
+}
+
+/// The connection is not the frozen node's, and the frozen node was tried.
+fn assert_passed_over(broker: &Broker, frozen: &FrozenNode) {
+    assert_ne!(broker.peer().port, frozen.port(), "connected to the frozen node");
+    // (Its connections also count the supervisor's TCP probes of the nodes.)
+    assert!(frozen.connections() > 0, "the frozen node was never tried");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replacement_passes_over_a_node_that_accepts_tcp_but_never_answers_amqp() {
     let vhost = TestVhost::create();
-    let proxy = AmqpProxy::start().await;
-    let frozen = FrozenNode::start();
-    // The proxy's node goes away; the next in the list is frozen, the last one answers.
-    let list = format!("{}, {}?connection_timeout=300, {}", proxy.url(&vhost), frozen.url(&vhost), vhost.url());
-    let nodes = BrokerNodes::parse(&list).expect("nodes");
-    let broker = Broker::connect(nodes, "frozen-test", Duration::from_secs(30)).await.expect("connect");
-    proxy.stop();
-    proxy.cut();
+    let (broker, frozen, _proxy) =
+        cut_before_a_frozen_node(&vhost, "?connection_timeout=300", Duration::from_secs(30)).await;
     assert_replaced_and_nothing_left_hanging(&broker).await;
-    assert_ne!(broker.peer().port, frozen.port(), "replaced by a connection to the frozen node");
-    assert!(frozen.connections() > 0, "the frozen node was never tried");
+    assert_passed_over(&broker, &frozen);
 }
 
 /// As above with the node's default `connection_timeout` (2 s): a replacement gives up after 5 s,
@@ -185,13 +201,8 @@ async fn a_replacement_passes_over_a_node_that_accepts_tcp_but_never_answers_amq
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replacement_given_up_on_a_frozen_node_starts_the_next_one_from_the_node_after_it() {
     let vhost = TestVhost::create();
-    let proxy = AmqpProxy::start().await;
-    let frozen = FrozenNode::start();
-    let list = format!("{}, {}, {}", proxy.url(&vhost), frozen.url(&vhost), vhost.url());
-    let nodes = BrokerNodes::parse(&list).expect("nodes");
-    let broker = Broker::connect(nodes, "frozen-test", Duration::from_secs(60)).await.expect("connect");
-    proxy.stop();
-    proxy.cut();
+    // The frozen node's URL keeps the default timeout: the point of this test.
+    let (broker, frozen, _proxy) = cut_before_a_frozen_node(&vhost, "", Duration::from_secs(60)).await;
     // Not `assert_replaced_and_nothing_left_hanging`: the abandoned attempt's I/O thread
     // outlives it, lapin calling the connector again with backoff (each call fails at once).
     let replaced = tokio::time::timeout(Duration::from_secs(15), async {
@@ -205,9 +216,7 @@ async fn a_replacement_given_up_on_a_frozen_node_starts_the_next_one_from_the_no
         }
     });
     replaced.await.expect("not replaced within 15 s of the cut");
-    assert_ne!(broker.peer().port, frozen.port(), "replaced by a connection to the frozen node");
-    // (Its connections also count the supervisor's TCP probes of the nodes.)
-    assert!(frozen.connections() > 0, "the frozen node was never tried");
+    assert_passed_over(&broker, &frozen);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
