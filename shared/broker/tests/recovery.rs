@@ -252,28 +252,42 @@ enum BreakOff {
     Reset,
 }
 
+/// A node on a port of its own that hands each connection it accepts to `serve`, on a task of
+/// its own: its port, and how many connections it accepted.
+async fn scripted_node<F, Fut>(serve: F) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>)
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tokio::spawn(serve(stream));
+        }
+    });
+    (port, accepted)
+}
+
 /// A node that ends each connection before the handshake, listed first, is passed over for the
 /// next one.
 async fn passed_over(break_off: BreakOff) {
     let vhost = TestVhost::create();
-    let breaking = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let breaking_port = breaking.local_addr().expect("address").port();
-    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counted = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = breaking.accept().await {
-            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            match break_off {
-                BreakOff::Close => {
-                    use tokio::io::AsyncReadExt as _;
-                    let mut header = [0u8; 8];
-                    let _ = stream.read_exact(&mut header).await;
-                }
-                BreakOff::Reset => stream.set_zero_linger().expect("SO_LINGER 0"),
+    let (breaking_port, accepted) = scripted_node(move |mut stream| async move {
+        match break_off {
+            BreakOff::Close => {
+                use tokio::io::AsyncReadExt as _;
+                let mut header = [0u8; 8];
+                let _ = stream.read_exact(&mut header).await;
             }
-            drop(stream);
+            BreakOff::Reset => stream.set_zero_linger().expect("SO_LINGER 0"),
         }
-    });
+        drop(stream);
+    })
+    .await;
     let nodes = BrokerNodes::parse(&format!("{}, {}", url_at(&vhost, breaking_port), vhost.url())).expect("nodes");
     // Without the pass-over, lapin would try the breaking node again, 30 times with backoff, or
     // (a reset) the connect would fail.
@@ -313,24 +327,18 @@ async fn a_node_that_stalls_after_connection_start_is_passed_over() {
     let vhost = TestVhost::create();
     let start = connection_start_frame().await;
     // Answers the protocol header with a real `connection.start`, then says nothing more.
-    let stalling = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let stalling_port = stalling.local_addr().expect("address").port();
-    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counted = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = stalling.accept().await {
-            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let start = start.clone();
-            tokio::spawn(async move {
-                let mut header = [0u8; 8];
-                if stream.read_exact(&mut header).await.is_ok() && stream.write_all(&start).await.is_ok() {
-                    // Held until the client lets go.
-                    let mut rest = Vec::new();
-                    let _ = stream.read_to_end(&mut rest).await;
-                }
-            });
+    let (stalling_port, accepted) = scripted_node(move |mut stream| {
+        let start = start.clone();
+        async move {
+            let mut header = [0u8; 8];
+            if stream.read_exact(&mut header).await.is_ok() && stream.write_all(&start).await.is_ok() {
+                // Held until the client lets go.
+                let mut rest = Vec::new();
+                let _ = stream.read_to_end(&mut rest).await;
+            }
         }
-    });
+    })
+    .await;
     // Its handshake is cut after five connection timeouts: 1 s.
     let list = format!("{}?connection_timeout=200, {}", url_at(&vhost, stalling_port), vhost.url());
     let nodes = BrokerNodes::parse(&list).expect("nodes");
