@@ -182,7 +182,7 @@ async fn open(
                 .with_jitter(),
         );
     let (connect_nodes, connect_current) = (nodes.clone(), current.clone());
-    let handshake = HandshakeWatch { state: Arc::default(), current: current.clone(), nodes: nodes.len() };
+    let handshake = HandshakeWatch { state: Arc::default(), current: current.clone(), nodes: nodes.clone() };
     let connect_handshake = handshake.state.clone();
     let runtime =
         lapin::runtime::default_runtime().map_err(|error| OpenFailed { error, handshake_broken: false, cut: false })?;
@@ -266,7 +266,7 @@ async fn open(
                     return Err(OpenFailed { error, handshake_broken, cut: state.cut });
                 }
             },
-            _ = check.tick() => handshake.cut_if_overdue(nodes),
+            _ = check.tick() => handshake.cut_if_overdue(),
         }
     };
     // Done: the duplicate goes (it would keep the socket open past lapin's close).
@@ -320,8 +320,8 @@ struct HandshakeWatch {
     state: Arc<std::sync::Mutex<HandshakeState>>,
     /// The connect's node index, which a passed-over node moves on.
     current: Arc<AtomicUsize>,
-    /// How many nodes there are.
-    nodes: usize,
+    /// The connect's nodes.
+    nodes: Arc<BrokerNodes>,
 }
 
 #[derive(Default)]
@@ -337,15 +337,15 @@ struct HandshakeState {
 impl HandshakeWatch {
     /// Shuts the handshake's socket down once its deadline has passed, and points the next
     /// attempt at the node after it (lapin connects again at once).
-    fn cut_if_overdue(&self, nodes: &BrokerNodes) {
+    fn cut_if_overdue(&self) {
         let mut state = lock(&self.state);
         let Some(overdue) = state.pending.take_if(|pending| pending.started.elapsed() >= pending.timeout) else {
             return;
         };
-        overdue.pass_over(&self.current, self.nodes);
+        overdue.pass_over(&self.current, self.nodes.len());
         state.cut = true;
         drop(state);
-        let peer = nodes.peer(overdue.node);
+        let peer = self.nodes.peer(overdue.node);
         tracing::warn!(
             node = %format_args!("{}:{}", peer.address, peer.port),
             timeout_ms = overdue.timeout.as_millis() as u64,
@@ -360,7 +360,7 @@ impl Drop for HandshakeWatch {
         let mut state = lock(&self.state);
         state.closed = true;
         if let Some(pending) = state.pending.take() {
-            pending.pass_over(&self.current, self.nodes);
+            pending.pass_over(&self.current, self.nodes.len());
             pending.cut();
         }
     }
