@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use tracehop_proto::{CheckoutRequest, LineItem};
 use tracehop_telemetry::propagation::{TraceIdHex, trace_id_hex};
-use tracehop_telemetry::spans::{baggage_attributes, with_baggage_entry};
+use tracehop_telemetry::spans::{set_baggage_attributes, with_baggage_entry};
 
 use crate::AppState;
 use crate::error::AppError;
@@ -93,7 +93,7 @@ pub async fn checkout(
     // The SERVER span is current (HttpServerLayer). customer.id rides along as baggage, so
     // every hop can tag its spans with it.
     let cx = with_baggage_entry(&Context::current(), "customer.id", body.customer_id.trim());
-    cx.span().set_attributes(baggage_attributes(&cx, &state.baggage_span_attributes));
+    set_baggage_attributes(&cx, &state.baggage_span_attributes);
     let mut request = tonic::Request::new(CheckoutRequest {
         customer_id: body.customer_id.trim().to_owned(),
         items: body.items.into_iter().map(|item| LineItem { sku: item.sku, quantity: item.quantity }).collect(),

@@ -21,7 +21,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation};
 use opentelemetry::context::FutureExt as _;
 use opentelemetry::metrics::{Counter, Meter};
-use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer};
+use opentelemetry::trace::{SpanBuilder, SpanKind, TraceContextExt};
 use opentelemetry::{Context, KeyValue};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -30,7 +30,7 @@ use tracehop_broker::event::CheckoutProcessed;
 use tracehop_broker::topology;
 use tracehop_telemetry::Telemetry;
 use tracehop_telemetry::messaging::{self, ConsumerContext, Destination, RETRY_COUNT_HEADER, Settle};
-use tracehop_telemetry::spans::{baggage_attributes, error_chain, record_error};
+use tracehop_telemetry::spans::{error_chain, record_error, set_baggage_attributes};
 
 use crate::store::{OrderLine, Outcome, Store};
 
@@ -445,7 +445,7 @@ impl Handler {
         let peer = self.broker.peer();
         messaging::record_consumed(&self.telemetry, &self.source, &peer);
         let cx = messaging::start_process(&self.telemetry, self.mode, &self.source, &delivery, &peer);
-        cx.span().set_attributes(baggage_attributes(&cx, &self.baggage_keys));
+        set_baggage_attributes(&cx, &self.baggage_keys);
         let error_type = async {
             let verdict = self.decide(&delivery).await;
             let error_type = verdict.error_type();
@@ -497,21 +497,19 @@ impl Handler {
     /// The reservation under a CLIENT span (the store's transaction, shared with the other
     /// reservations of its group).
     async fn reserve(&self, order_id: &str, lines: &[OrderLine]) -> Result<Outcome, crate::store::StoreError> {
-        let tracer = self.telemetry.tracer();
         let summary = "UPDATE stock INSERT orders";
-        // Room for the outcome or `error.type` set when it ends, so the span's vector is not
-        // grown, copied and freed then.
-        let mut attributes = Vec::with_capacity(3);
-        attributes.extend([
-            KeyValue::new("db.system.name", self.store.db_system()),
-            KeyValue::new("db.query.summary", summary),
-        ]);
-        let span = tracer
-            .span_builder(summary)
-            .with_kind(SpanKind::Client)
-            .with_attributes(attributes)
-            .start_with_context(tracer, &Context::current());
-        let cx = Context::current().with_span(span);
+        let parent = Context::current();
+        let span = self.telemetry.tracer().start_lazily(&parent, || {
+            // Room for the outcome or `error.type` set when it ends, so the span's vector is not
+            // grown, copied and freed then.
+            let mut attributes = Vec::with_capacity(3);
+            attributes.extend([
+                KeyValue::new("db.system.name", self.store.db_system()),
+                KeyValue::new("db.query.summary", summary),
+            ]);
+            SpanBuilder::from_name(summary).with_kind(SpanKind::Client).with_attributes(attributes)
+        });
+        let cx = parent.with_span(span);
         let result = self.store.reserve(order_id, lines).with_context(cx.clone()).await;
         let span = cx.span();
         match &result {

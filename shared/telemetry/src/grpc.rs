@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use http_body::{Body, Frame};
 use opentelemetry::context::{FutureExt as _, WithContext};
-use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer};
+use opentelemetry::trace::{SpanBuilder, SpanKind, TraceContextExt};
 use opentelemetry::{Context, KeyValue, StringValue};
 use opentelemetry_semantic_conventions::attribute::{
     ERROR_TYPE, RPC_METHOD, RPC_METHOD_ORIGINAL, RPC_RESPONSE_STATUS_CODE, RPC_SYSTEM_NAME, SERVER_ADDRESS, SERVER_PORT,
@@ -117,23 +117,20 @@ where
         let parent = Context::current();
         let (name, method) = self.layer.names.get("", request.uri().path().trim_start_matches('/'));
         let (address, port) = &self.layer.peer;
-        // Room for what the call's end adds (the status, and `error.type` on failure), so the
-        // span's vector is not grown, copied and freed then.
-        let mut attributes = Vec::with_capacity(6);
-        attributes.extend([
-            KeyValue::new(RPC_SYSTEM_NAME, "grpc"),
-            KeyValue::new(RPC_METHOD, StringValue::from(method.clone())),
-            KeyValue::new(SERVER_ADDRESS, address.clone()),
-            KeyValue::new(SERVER_PORT, i64::from(*port)),
-        ]);
         let metric =
             RpcMetric::start(telemetry.instruments().map(|i| &i.rpc_client_duration), &method, Some(&self.layer.peer));
-        let span = telemetry
-            .tracer()
-            .span_builder(name)
-            .with_kind(SpanKind::Client)
-            .with_attributes(attributes)
-            .start_with_context(telemetry.tracer(), &parent);
+        let span = telemetry.tracer().start_lazily(&parent, || {
+            // Room for what the call's end adds (the status, and `error.type` on failure), so
+            // the span's vector is not grown, copied and freed then.
+            let mut attributes = Vec::with_capacity(6);
+            attributes.extend([
+                KeyValue::new(RPC_SYSTEM_NAME, "grpc"),
+                KeyValue::new(RPC_METHOD, StringValue::from(method.clone())),
+                KeyValue::new(SERVER_ADDRESS, address.clone()),
+                KeyValue::new(SERVER_PORT, i64::from(*port)),
+            ]);
+            SpanBuilder::from_name(name).with_kind(SpanKind::Client).with_attributes(attributes)
+        });
         let cx = parent.with_span(span);
         let headers = request.headers_mut();
         telemetry.propagator().inject_context(&cx, &mut HeaderInjector(headers));
@@ -217,25 +214,23 @@ where
         // name kept only then.
         let (name, method, kept) = self.names.get_unkept("", request.uri().path().trim_start_matches('/'));
         let server = ServerCall { method: method.clone(), names: (!kept).then(|| self.names.clone()) };
-        // Room for the baggage and what the call's end adds (the status, the method or `_OTHER`
-        // and the path, `error.type`), so the span's vector is not grown, copied and freed then.
-        let mut attributes = Vec::with_capacity(7 + self.baggage_keys.len());
-        attributes.push(KeyValue::new(RPC_SYSTEM_NAME, "grpc"));
         // server.address / server.port are opt-in for the server metric: left out.
         let metric = RpcMetric::start(self.telemetry.instruments().map(|i| &i.rpc_server_duration), &method, None);
-        if let Some(authority) = request.uri().authority() {
-            attributes.push(KeyValue::new(SERVER_ADDRESS, authority.host().to_owned()));
-            if let Some(port) = authority.port_u16() {
-                attributes.push(KeyValue::new(SERVER_PORT, i64::from(port)));
+        let span = self.telemetry.tracer().start_lazily(&parent, || {
+            // Room for the baggage and what the call's end adds (the status, the method or
+            // `_OTHER` and the path, `error.type`), so the span's vector is not grown, copied and
+            // freed then.
+            let mut attributes = Vec::with_capacity(7 + self.baggage_keys.len());
+            attributes.push(KeyValue::new(RPC_SYSTEM_NAME, "grpc"));
+            if let Some(authority) = request.uri().authority() {
+                attributes.push(KeyValue::new(SERVER_ADDRESS, authority.host().to_owned()));
+                if let Some(port) = authority.port_u16() {
+                    attributes.push(KeyValue::new(SERVER_PORT, i64::from(port)));
+                }
             }
-        }
-        attributes.extend(baggage_attributes(&parent, &self.baggage_keys));
-        let tracer = self.telemetry.tracer();
-        let span = tracer
-            .span_builder(name)
-            .with_kind(SpanKind::Server)
-            .with_attributes(attributes)
-            .start_with_context(tracer, &parent);
+            attributes.extend(baggage_attributes(&parent, &self.baggage_keys));
+            SpanBuilder::from_name(name).with_kind(SpanKind::Server).with_attributes(attributes)
+        });
         let cx = parent.with_span(span);
         let future = {
             let _attached = cx.clone().attach();
@@ -546,6 +541,8 @@ where
 
 #[cfg(test)]
 mod tests {
+    use opentelemetry::trace::Tracer;
+
     use super::*;
 
     const METHOD: &str = "checkout.v1.CheckoutService/Checkout";

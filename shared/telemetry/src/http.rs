@@ -18,7 +18,7 @@ use axum::extract::MatchedPath;
 use http::header::{HOST, USER_AGENT};
 use http::{HeaderName, HeaderValue, Request, Response};
 use opentelemetry::context::{FutureExt as _, WithContext};
-use opentelemetry::trace::{Link, SpanKind, TraceContextExt, Tracer};
+use opentelemetry::trace::{Link, SpanBuilder, SpanKind, TraceContextExt};
 use opentelemetry::{Context, KeyValue, StringValue};
 use opentelemetry_http::HeaderExtractor;
 use opentelemetry_semantic_conventions::attribute::{
@@ -157,51 +157,47 @@ where
             }
             None => (Cow::Borrowed(name_method), None),
         };
-        let path = request.uri().path();
-        // The conventions' required attributes and the route; the recommended ones
-        // (server.address, user_agent.original, ...) cost a copy per request and tell little
-        // here: opt in with `with_details`.
-        let mut attributes = Vec::with_capacity(8);
-        attributes.extend([
-            KeyValue::new(HTTP_REQUEST_METHOD, method),
-            // A route without parameters is its path: shared, not copied.
-            match &route {
-                Some(route) if **route == *path => KeyValue::new(URL_PATH, StringValue::from(route.clone())),
-                _ => KeyValue::new(URL_PATH, path.to_owned()),
-            },
-            KeyValue::new(URL_SCHEME, "http"),
-        ]);
-        if method == OTHER_METHOD {
-            attributes.push(KeyValue::new(HTTP_REQUEST_METHOD_ORIGINAL, request.method().as_str().to_owned()));
-        }
-        if let Some(route) = &route {
-            attributes.push(KeyValue::new(HTTP_ROUTE, StringValue::from(route.clone())));
-        }
-        if self.layer.details {
-            attributes.push(KeyValue::new(NETWORK_PROTOCOL_VERSION, protocol_version(request.version())));
-            if let Some(host) = request.headers().get(HOST).and_then(|h| h.to_str().ok()) {
-                let (address, port) = split_host(host);
-                attributes.push(KeyValue::new(SERVER_ADDRESS, address.to_owned()));
-                if let Some(port) = port {
-                    attributes.push(KeyValue::new(SERVER_PORT, i64::from(port)));
+        let span = telemetry.tracer().start_lazily(&parent, || {
+            let path = request.uri().path();
+            // The conventions' required attributes and the route; the recommended ones
+            // (server.address, user_agent.original, ...) cost a copy per request and tell little
+            // here: opt in with `with_details`.
+            let mut attributes = Vec::with_capacity(8);
+            attributes.extend([
+                KeyValue::new(HTTP_REQUEST_METHOD, method),
+                // A route without parameters is its path: shared, not copied.
+                match &route {
+                    Some(route) if **route == *path => KeyValue::new(URL_PATH, StringValue::from(route.clone())),
+                    _ => KeyValue::new(URL_PATH, path.to_owned()),
+                },
+                KeyValue::new(URL_SCHEME, "http"),
+            ]);
+            if method == OTHER_METHOD {
+                attributes.push(KeyValue::new(HTTP_REQUEST_METHOD_ORIGINAL, request.method().as_str().to_owned()));
+            }
+            if let Some(route) = &route {
+                attributes.push(KeyValue::new(HTTP_ROUTE, StringValue::from(route.clone())));
+            }
+            if self.layer.details {
+                attributes.push(KeyValue::new(NETWORK_PROTOCOL_VERSION, protocol_version(request.version())));
+                if let Some(host) = request.headers().get(HOST).and_then(|h| h.to_str().ok()) {
+                    let (address, port) = split_host(host);
+                    attributes.push(KeyValue::new(SERVER_ADDRESS, address.to_owned()));
+                    if let Some(port) = port {
+                        attributes.push(KeyValue::new(SERVER_PORT, i64::from(port)));
+                    }
+                }
+                if let Some(agent) = request.headers().get(USER_AGENT).and_then(|h| h.to_str().ok()) {
+                    attributes.push(KeyValue::new(USER_AGENT_ORIGINAL, agent.to_owned()));
                 }
             }
-            if let Some(agent) = request.headers().get(USER_AGENT).and_then(|h| h.to_str().ok()) {
-                attributes.push(KeyValue::new(USER_AGENT_ORIGINAL, agent.to_owned()));
-            }
-        }
+            SpanBuilder::from_name(name).with_kind(SpanKind::Server).with_attributes(attributes).with_links(links)
+        });
         // The duration histogram's attributes: the conventions' low-cardinality subset.
         let duration = telemetry.instruments().map(|instruments| {
             let request = HttpRequestParts { method, version: protocol_version(request.version()), route };
             (instruments.http_server_duration.clone(), request, Instant::now())
         });
-        let tracer = telemetry.tracer();
-        let span = tracer
-            .span_builder(name)
-            .with_kind(SpanKind::Server)
-            .with_attributes(attributes)
-            .with_links(links)
-            .start_with_context(tracer, &parent);
         let cx = parent.with_span(span);
         let future = {
             let _attached = cx.clone().attach();

@@ -18,7 +18,7 @@ use std::time::Duration;
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable};
 use opentelemetry::baggage::{BaggageExt, KeyValueMetadata};
-use opentelemetry::trace::{Link, SpanKind, TraceContextExt, Tracer};
+use opentelemetry::trace::{Link, SpanBuilder, SpanKind, TraceContextExt};
 use opentelemetry::{Context, KeyValue, StringValue};
 use opentelemetry_semantic_conventions::attribute::{
     ERROR_TYPE, MESSAGING_DESTINATION_NAME, MESSAGING_MESSAGE_BODY_SIZE, MESSAGING_MESSAGE_ID,
@@ -149,17 +149,14 @@ pub fn start_publish(
     peer: &BrokerPeer,
     headers: &mut FieldTable,
 ) -> Context {
-    let mut attributes = common_attributes("publish", "send", publish.destination, peer);
-    attributes.extend([
-        KeyValue::new(MESSAGING_MESSAGE_ID, publish.message_id.to_owned()),
-        KeyValue::new(MESSAGING_MESSAGE_BODY_SIZE, publish.body_size as i64),
-    ]);
-    let span = telemetry
-        .tracer()
-        .span_builder(publish.destination.span_name)
-        .with_kind(SpanKind::Producer)
-        .with_attributes(attributes)
-        .start_with_context(telemetry.tracer(), parent);
+    let span = telemetry.tracer().start_lazily(parent, || {
+        let mut attributes = common_attributes("publish", "send", publish.destination, peer);
+        attributes.extend([
+            KeyValue::new(MESSAGING_MESSAGE_ID, publish.message_id.to_owned()),
+            KeyValue::new(MESSAGING_MESSAGE_BODY_SIZE, publish.body_size as i64),
+        ]);
+        SpanBuilder::from_name(publish.destination.span_name).with_kind(SpanKind::Producer).with_attributes(attributes)
+    });
     let cx = parent.with_span(span);
     telemetry.propagator().inject_context(&cx, &mut AmqpHeaderInjector(headers));
     cx
@@ -177,22 +174,22 @@ pub fn start_process(
     let empty = FieldTable::default();
     let headers = delivery.properties.headers().as_ref().unwrap_or(&empty);
     let extracted = telemetry.propagator().extract(&AmqpHeaderExtractor(headers));
-    let mut attributes = common_attributes("process", "process", source, peer);
-    attributes.extend([
-        KeyValue::new(MESSAGING_RABBITMQ_MESSAGE_DELIVERY_TAG, delivery.delivery_tag as i64),
-        KeyValue::new(MESSAGING_MESSAGE_BODY_SIZE, delivery.data.len() as i64),
-        KeyValue::new(REDELIVERED, delivery.redelivered),
-        KeyValue::new(ATTEMPT, attempt(delivery.redelivered, headers)),
-    ]);
-    if let Some(message_id) = delivery.properties.message_id() {
-        attributes.push(KeyValue::new(MESSAGING_MESSAGE_ID, message_id.as_str().to_owned()));
-    }
-    let builder =
-        telemetry.tracer().span_builder(source.span_name).with_kind(SpanKind::Consumer).with_attributes(attributes);
-    let remote = extracted.span().span_context().clone();
+    let builder = || {
+        let mut attributes = common_attributes("process", "process", source, peer);
+        attributes.extend([
+            KeyValue::new(MESSAGING_RABBITMQ_MESSAGE_DELIVERY_TAG, delivery.delivery_tag as i64),
+            KeyValue::new(MESSAGING_MESSAGE_BODY_SIZE, delivery.data.len() as i64),
+            KeyValue::new(REDELIVERED, delivery.redelivered),
+            KeyValue::new(ATTEMPT, attempt(delivery.redelivered, headers)),
+        ]);
+        if let Some(message_id) = delivery.properties.message_id() {
+            attributes.push(KeyValue::new(MESSAGING_MESSAGE_ID, message_id.as_str().to_owned()));
+        }
+        SpanBuilder::from_name(source.span_name).with_kind(SpanKind::Consumer).with_attributes(attributes)
+    };
     match mode {
         ConsumerContext::Parent => {
-            let span = builder.start_with_context(telemetry.tracer(), &extracted);
+            let span = telemetry.tracer().start_lazily(&extracted, builder);
             extracted.with_span(span)
         }
         ConsumerContext::Link => {
@@ -202,8 +199,11 @@ pub fn start_process(
                 .iter()
                 .map(|(key, (value, metadata))| KeyValueMetadata::new(key.clone(), value.clone(), metadata.clone()));
             let root = Context::new().with_baggage(baggage);
-            let links = if remote.is_valid() { vec![Link::with_context(remote)] } else { Vec::new() };
-            let span = builder.with_links(links).start_with_context(telemetry.tracer(), &root);
+            let span = telemetry.tracer().start_lazily(&root, || {
+                let remote = extracted.span().span_context().clone();
+                let links = if remote.is_valid() { vec![Link::with_context(remote)] } else { Vec::new() };
+                builder().with_links(links)
+            });
             root.with_span(span)
         }
     }

@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use opentelemetry::baggage::{BaggageExt, KeyValueMetadata};
-use opentelemetry::trace::{SpanRef, Status};
+use opentelemetry::trace::{SpanRef, Status, TraceContextExt};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_semantic_conventions::attribute::ERROR_TYPE;
 
@@ -55,6 +55,15 @@ pub fn baggage_attributes(cx: &Context, allowed: &[String]) -> Vec<KeyValue> {
         .iter()
         .filter_map(|key| baggage.get(key).map(|value| KeyValue::new(key.clone(), value.as_str().to_owned())))
         .collect()
+}
+
+/// Puts [`baggage_attributes`] on `cx`'s span, if it records: a span that does not (the SDK
+/// disabled, or not sampled) would drop them, after a copy of each value.
+pub fn set_baggage_attributes(cx: &Context, allowed: &[String]) {
+    let span = cx.span();
+    if span.is_recording() {
+        span.set_attributes(baggage_attributes(cx, allowed));
+    }
 }
 
 /// `cx` with `key=value` added to its baggage; the entries already there are kept (the SDK's
@@ -168,8 +177,11 @@ fn made(prefix: &str, part: &str) -> (Cow<'static, str>, Arc<str>) {
 #[cfg(test)]
 mod tests {
     use opentelemetry::baggage::BaggageExt;
+    use opentelemetry::trace::{Tracer as _, TracerProvider as _};
+    use opentelemetry_sdk::trace::SdkTracerProvider;
 
     use super::*;
+    use crate::testing::Ended;
 
     #[test]
     fn adding_a_baggage_entry_keeps_the_others_and_replaces_its_own() {
@@ -235,6 +247,20 @@ mod tests {
         let cx = Context::new().with_baggage([KeyValue::new("customer.id", "c-42"), KeyValue::new("secret", "x")]);
         let attributes = baggage_attributes(&cx, &["customer.id".to_owned(), "absent".to_owned()]);
         assert_eq!(attributes, vec![KeyValue::new("customer.id", "c-42")]);
+    }
+
+    #[test]
+    fn baggage_attributes_go_on_a_recording_span() {
+        let ended = Ended::default();
+        let provider = SdkTracerProvider::builder().with_span_processor(ended.clone()).build();
+        let allowed = ["customer.id".to_owned()];
+        let baggage = Context::new().with_baggage([KeyValue::new("customer.id", "c-42")]);
+        let recording = baggage.with_span(provider.tracer("test").start("recording"));
+        set_baggage_attributes(&recording, &allowed);
+        recording.span().end();
+        let spans = ended.take();
+        assert_eq!(spans.len(), 1);
+        assert_eq!(spans[0].attributes, vec![KeyValue::new("customer.id", "c-42")]);
     }
 
     #[test]

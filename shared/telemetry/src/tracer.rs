@@ -38,6 +38,19 @@ pub enum ServiceSpan {
     Noop(NoopSpan),
 }
 
+impl ServiceTracer {
+    /// Starts a span under `parent` from the builder `build` makes, calling `build` only when the
+    /// span will be recorded. With the SDK disabled the span only carries `parent`'s context on:
+    /// its attributes (a vector, shared strings cloned, values copied) and links would be made to
+    /// be thrown away on every request.
+    pub fn start_lazily(&self, parent: &Context, build: impl FnOnce() -> SpanBuilder) -> ServiceSpan {
+        match self {
+            Self::Sdk(tracer) => ServiceSpan::Sdk(tracer.build_with_context(build(), parent)),
+            Self::Noop(tracer) => ServiceSpan::Noop(tracer.build_with_context(SpanBuilder::from_name(""), parent)),
+        }
+    }
+}
+
 impl Tracer for ServiceTracer {
     type Span = ServiceSpan;
 
@@ -148,6 +161,33 @@ mod tests {
         assert_eq!(child.links.links[0].span_context, parent_context);
         assert_eq!(child.status, Status::error("broken"));
         assert_eq!(spans.len(), 2);
+    }
+
+    #[test]
+    fn a_lazy_start_builds_the_span_only_where_it_is_recorded() {
+        let ended = Ended::default();
+        let provider = SdkTracerProvider::builder().with_span_processor(ended.clone()).build();
+        let remote = Context::new().with_span(provider.tracer("test").start("remote parent"));
+        let built = std::cell::Cell::new(0);
+        let build = || {
+            built.set(built.get() + 1);
+            SpanBuilder::from_name("lazy").with_kind(SpanKind::Producer).with_attributes([KeyValue::new("a", 1)])
+        };
+
+        let noop = ServiceTracer::Noop(NoopTracer::new()).start_lazily(&remote, build);
+        assert_eq!(built.get(), 0, "the no-op tracer never calls the builder");
+        assert!(!noop.is_recording());
+        assert_eq!(noop.span_context(), remote.span().span_context(), "and still carries the parent on");
+
+        let mut sdk = ServiceTracer::Sdk(provider.tracer("test")).start_lazily(&remote, build);
+        assert_eq!(built.get(), 1);
+        sdk.end();
+        let spans = ended.take();
+        assert_eq!(spans.len(), 1);
+        assert_eq!(spans[0].name, "lazy");
+        assert_eq!(spans[0].span_kind, SpanKind::Producer);
+        assert_eq!(spans[0].attributes, vec![KeyValue::new("a", 1)]);
+        assert_eq!(spans[0].parent_span_id, remote.span().span_context().span_id());
     }
 
     #[test]
