@@ -18,7 +18,7 @@ use axum::extract::MatchedPath;
 use http::header::{HOST, USER_AGENT};
 use http::{HeaderName, HeaderValue, Request, Response};
 use opentelemetry::context::{FutureExt as _, WithContext};
-use opentelemetry::trace::{Link, SpanBuilder, SpanKind, TraceContextExt};
+use opentelemetry::trace::{Link, SpanBuilder, SpanContext, SpanKind, TraceContextExt};
 use opentelemetry::{Context, KeyValue, StringValue};
 use opentelemetry_http::HeaderExtractor;
 use opentelemetry_semantic_conventions::attribute::{
@@ -104,15 +104,15 @@ impl HttpServerLayer {
         self
     }
 
-    fn parent(&self, extracted: Context) -> (Context, Vec<Link>) {
+    /// The SERVER span's parent, and the caller's span to link to (`link` mode, when valid).
+    fn parent(&self, extracted: Context) -> (Context, Option<SpanContext>) {
         match self.inbound {
-            InboundContext::Continue => (extracted, Vec::new()),
+            InboundContext::Continue => (extracted, None),
             InboundContext::Link => {
                 let remote = extracted.span().span_context().clone();
-                let links = if remote.is_valid() { vec![Link::with_context(remote)] } else { Vec::new() };
-                (Context::new(), links)
+                (Context::new(), remote.is_valid().then_some(remote))
             }
-            InboundContext::Ignore => (Context::new(), Vec::new()),
+            InboundContext::Ignore => (Context::new(), None),
         }
     }
 }
@@ -147,7 +147,7 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let telemetry = &self.layer.telemetry;
         let extracted = telemetry.propagator().extract(&HeaderExtractor(request.headers()));
-        let (parent, links) = self.layer.parent(extracted);
+        let (parent, linked) = self.layer.parent(extracted);
         let method = known_method(request.method());
         let name_method = if method == OTHER_METHOD { "HTTP" } else { method };
         let (name, route) = match request.extensions().get::<MatchedPath>() {
@@ -157,6 +157,13 @@ where
             }
             None => (Cow::Borrowed(name_method), None),
         };
+        // The duration histogram's attributes: the conventions' low-cardinality subset. Timed
+        // from before the span starts, as the gRPC layers time their calls.
+        let duration = telemetry.instruments().map(|instruments| {
+            let request =
+                HttpRequestParts { method, version: protocol_version(request.version()), route: route.clone() };
+            (instruments.http_server_duration.clone(), request, Instant::now())
+        });
         let span = telemetry.tracer().start_lazily(&parent, || {
             let path = request.uri().path();
             // The conventions' required attributes and the route; the recommended ones
@@ -191,12 +198,8 @@ where
                     attributes.push(KeyValue::new(USER_AGENT_ORIGINAL, agent.to_owned()));
                 }
             }
+            let links = linked.map(|remote| vec![Link::with_context(remote)]).unwrap_or_default();
             SpanBuilder::from_name(name).with_kind(SpanKind::Server).with_attributes(attributes).with_links(links)
-        });
-        // The duration histogram's attributes: the conventions' low-cardinality subset.
-        let duration = telemetry.instruments().map(|instruments| {
-            let request = HttpRequestParts { method, version: protocol_version(request.version()), route };
-            (instruments.http_server_duration.clone(), request, Instant::now())
         });
         let cx = parent.with_span(span);
         let future = {

@@ -174,7 +174,7 @@ pub fn start_process(
     let empty = FieldTable::default();
     let headers = delivery.properties.headers().as_ref().unwrap_or(&empty);
     let extracted = telemetry.propagator().extract(&AmqpHeaderExtractor(headers));
-    let builder = || {
+    let build = || {
         let mut attributes = common_attributes("process", "process", source, peer);
         attributes.extend([
             KeyValue::new(MESSAGING_RABBITMQ_MESSAGE_DELIVERY_TAG, delivery.delivery_tag as i64),
@@ -189,7 +189,7 @@ pub fn start_process(
     };
     match mode {
         ConsumerContext::Parent => {
-            let span = telemetry.tracer().start_lazily(&extracted, builder);
+            let span = telemetry.tracer().start_lazily(&extracted, build);
             extracted.with_span(span)
         }
         ConsumerContext::Link => {
@@ -202,7 +202,7 @@ pub fn start_process(
             let span = telemetry.tracer().start_lazily(&root, || {
                 let remote = extracted.span().span_context().clone();
                 let links = if remote.is_valid() { vec![Link::with_context(remote)] } else { Vec::new() };
-                builder().with_links(links)
+                build().with_links(links)
             });
             root.with_span(span)
         }
@@ -387,6 +387,33 @@ mod tests {
 
     fn peer(address: &str, port: u16) -> BrokerPeer {
         BrokerPeer { address: address.into(), port }
+    }
+
+    #[test]
+    fn with_the_sdk_disabled_a_publish_still_carries_the_callers_context_and_baggage() {
+        use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+
+        let caller = SpanContext::new(
+            TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").expect("hex"),
+            SpanId::from_hex("b7ad6b7169203331").expect("hex"),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::NONE,
+        );
+        let parent =
+            crate::spans::with_baggage_entry(&Context::new().with_remote_span_context(caller), "customer.id", "c-1");
+        let destination = Destination::publish("checkout", "checkout.processed");
+        let publish = Publish { destination: &destination, message_id: "m-1", body_size: 2 };
+        let mut headers = FieldTable::default();
+        let cx =
+            start_publish(&Telemetry::disabled("checkout"), &parent, &publish, &peer("rabbitmq", 5672), &mut headers);
+        assert!(!cx.span().is_recording());
+        let header = |key: &str| match headers.inner().get(key) {
+            Some(AMQPValue::LongString(value)) => String::from_utf8_lossy(value.as_bytes()).into_owned(),
+            other => panic!("{key}: {other:?}"),
+        };
+        assert_eq!(header("traceparent"), "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+        assert_eq!(header("baggage"), "customer.id=c-1");
     }
 
     #[test]

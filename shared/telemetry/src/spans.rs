@@ -60,6 +60,9 @@ pub fn baggage_attributes(cx: &Context, allowed: &[String]) -> Vec<KeyValue> {
 /// Puts [`baggage_attributes`] on `cx`'s span, if it records: a span that does not (the SDK
 /// disabled, or not sampled) would drop them, after a copy of each value.
 pub fn set_baggage_attributes(cx: &Context, allowed: &[String]) {
+    if allowed.is_empty() {
+        return;
+    }
     let span = cx.span();
     if span.is_recording() {
         span.set_attributes(baggage_attributes(cx, allowed));

@@ -39,13 +39,14 @@ pub enum ServiceSpan {
 }
 
 impl ServiceTracer {
-    /// Starts a span under `parent` from the builder `build` makes, calling `build` only when the
-    /// span will be recorded. With the SDK disabled the span only carries `parent`'s context on:
-    /// its attributes (a vector, shared strings cloned, values copied) and links would be made to
-    /// be thrown away on every request.
+    /// Starts a span under `parent` from the builder `build` makes, calling `build` only for the
+    /// SDK's tracer (whose sampler is given the name, kind, attributes and links). With the SDK
+    /// disabled the span only carries `parent`'s context on: its attributes (a vector, shared
+    /// strings cloned, values copied) and links would be made to be thrown away on every request.
     pub fn start_lazily(&self, parent: &Context, build: impl FnOnce() -> SpanBuilder) -> ServiceSpan {
         match self {
             Self::Sdk(tracer) => ServiceSpan::Sdk(tracer.build_with_context(build(), parent)),
+            // The no-op tracer reads only the parent; `NoopSpan` has no public constructor.
             Self::Noop(tracer) => ServiceSpan::Noop(tracer.build_with_context(SpanBuilder::from_name(""), parent)),
         }
     }
@@ -164,7 +165,7 @@ mod tests {
     }
 
     #[test]
-    fn a_lazy_start_builds_the_span_only_where_it_is_recorded() {
+    fn a_lazy_start_builds_the_span_only_for_the_sdk() {
         let ended = Ended::default();
         let provider = SdkTracerProvider::builder().with_span_processor(ended.clone()).build();
         let remote = Context::new().with_span(provider.tracer("test").start("remote parent"));
