@@ -18,7 +18,7 @@ use axum::extract::MatchedPath;
 use http::header::{HOST, USER_AGENT};
 use http::{HeaderName, HeaderValue, Request, Response};
 use opentelemetry::context::{FutureExt as _, WithContext};
-use opentelemetry::trace::{Link, SpanBuilder, SpanContext, SpanKind, TraceContextExt};
+use opentelemetry::trace::{SpanBuilder, SpanContext, SpanKind, TraceContextExt};
 use opentelemetry::{Context, KeyValue, StringValue};
 use opentelemetry_http::HeaderExtractor;
 use opentelemetry_semantic_conventions::attribute::{
@@ -32,7 +32,7 @@ use tower::{Layer, Service};
 use crate::Telemetry;
 use crate::metrics::{AttributeSet, Durations};
 use crate::propagation::traceparent_bytes;
-use crate::spans::{SpanNames, record_error};
+use crate::spans::{SpanNames, links_to, record_error};
 
 /// What the edge does with a caller's trace context (`GATEWAY_INBOUND_CONTEXT`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -104,15 +104,12 @@ impl HttpServerLayer {
         self
     }
 
-    /// The SERVER span's parent, and the caller's span to link to (`link` mode, when valid).
-    fn parent(&self, extracted: Context) -> (Context, Option<SpanContext>) {
+    /// The SERVER span's parent, and the caller's span to link to (`link` mode; otherwise none).
+    fn parent(&self, extracted: Context) -> (Context, SpanContext) {
         match self.inbound {
-            InboundContext::Continue => (extracted, None),
-            InboundContext::Link => {
-                let remote = extracted.span().span_context().clone();
-                (Context::new(), remote.is_valid().then_some(remote))
-            }
-            InboundContext::Ignore => (Context::new(), None),
+            InboundContext::Continue => (extracted, SpanContext::NONE),
+            InboundContext::Link => (Context::new(), extracted.span().span_context().clone()),
+            InboundContext::Ignore => (Context::new(), SpanContext::NONE),
         }
     }
 }
@@ -198,7 +195,7 @@ where
                     attributes.push(KeyValue::new(USER_AGENT_ORIGINAL, agent.to_owned()));
                 }
             }
-            let links = linked.map(|remote| vec![Link::with_context(remote)]).unwrap_or_default();
+            let links = links_to(&linked);
             SpanBuilder::from_name(name).with_kind(SpanKind::Server).with_attributes(attributes).with_links(links)
         });
         let cx = parent.with_span(span);

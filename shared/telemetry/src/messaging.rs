@@ -18,7 +18,7 @@ use std::time::Duration;
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable};
 use opentelemetry::baggage::{BaggageExt, KeyValueMetadata};
-use opentelemetry::trace::{Link, SpanBuilder, SpanKind, TraceContextExt};
+use opentelemetry::trace::{SpanBuilder, SpanKind, TraceContextExt};
 use opentelemetry::{Context, KeyValue, StringValue};
 use opentelemetry_semantic_conventions::attribute::{
     ERROR_TYPE, MESSAGING_DESTINATION_NAME, MESSAGING_MESSAGE_BODY_SIZE, MESSAGING_MESSAGE_ID,
@@ -29,6 +29,7 @@ use opentelemetry_semantic_conventions::attribute::{
 use crate::Telemetry;
 use crate::metrics::{AttributeSet, same_str};
 use crate::propagation::{AmqpHeaderExtractor, AmqpHeaderInjector};
+use crate::spans::links_to;
 
 /// `tracehop.message.redelivered`: the broker flagged the delivery as a redelivery.
 pub const REDELIVERED: &str = "tracehop.message.redelivered";
@@ -199,11 +200,9 @@ pub fn start_process(
                 .iter()
                 .map(|(key, (value, metadata))| KeyValueMetadata::new(key.clone(), value.clone(), metadata.clone()));
             let root = Context::new().with_baggage(baggage);
-            let span = telemetry.tracer().start_lazily(&root, || {
-                let remote = extracted.span().span_context().clone();
-                let links = if remote.is_valid() { vec![Link::with_context(remote)] } else { Vec::new() };
-                build().with_links(links)
-            });
+            let span = telemetry
+                .tracer()
+                .start_lazily(&root, || build().with_links(links_to(extracted.span().span_context())));
             root.with_span(span)
         }
     }

@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use opentelemetry::baggage::{BaggageExt, KeyValueMetadata};
-use opentelemetry::trace::{SpanRef, Status, TraceContextExt};
+use opentelemetry::trace::{Link, SpanContext, SpanRef, Status, TraceContextExt};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_semantic_conventions::attribute::ERROR_TYPE;
 
@@ -67,6 +67,12 @@ pub fn set_baggage_attributes(cx: &Context, allowed: &[String]) {
     if span.is_recording() {
         span.set_attributes(baggage_attributes(cx, allowed));
     }
+}
+
+/// A link to `remote`, the span a new trace starts from (`link` modes), or none when there is no
+/// valid span to link to.
+pub(crate) fn links_to(remote: &SpanContext) -> Vec<Link> {
+    if remote.is_valid() { vec![Link::with_context(remote.clone())] } else { Vec::new() }
 }
 
 /// `cx` with `key=value` added to its baggage; the entries already there are kept (the SDK's
@@ -180,7 +186,7 @@ fn made(prefix: &str, part: &str) -> (Cow<'static, str>, Arc<str>) {
 #[cfg(test)]
 mod tests {
     use opentelemetry::baggage::BaggageExt;
-    use opentelemetry::trace::{Tracer as _, TracerProvider as _};
+    use opentelemetry::trace::{Span as _, Tracer as _, TracerProvider as _};
     use opentelemetry_sdk::trace::SdkTracerProvider;
 
     use super::*;
@@ -250,6 +256,15 @@ mod tests {
         let cx = Context::new().with_baggage([KeyValue::new("customer.id", "c-42"), KeyValue::new("secret", "x")]);
         let attributes = baggage_attributes(&cx, &["customer.id".to_owned(), "absent".to_owned()]);
         assert_eq!(attributes, vec![KeyValue::new("customer.id", "c-42")]);
+    }
+
+    #[test]
+    fn a_link_goes_only_to_a_valid_span() {
+        let remote = SdkTracerProvider::builder().build().tracer("test").start("caller").span_context().clone();
+        let links = links_to(&remote);
+        assert_eq!(links.len(), 1);
+        assert_eq!(links[0].span_context, remote);
+        assert!(links_to(&SpanContext::NONE).is_empty(), "no caller, no link");
     }
 
     #[test]
