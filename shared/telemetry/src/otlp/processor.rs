@@ -431,6 +431,9 @@ mod tests {
         requests: std::sync::mpsc::Sender<ExportTraceServiceRequest>,
         pause: Duration,
         gate: Arc<Mutex<()>>,
+        /// Whether a sent batch comes back for reuse, as when the gRPC send has let go of it;
+        /// false plays a send that timed out while tonic still held the request.
+        hands_back: bool,
     }
 
     impl SendBatch for Backend {
@@ -438,7 +441,7 @@ mod tests {
             drop(self.gate.lock());
             std::thread::sleep(self.pause);
             let _ = self.requests.send(ExportTraceServiceRequest::decode(request.bytes().as_slice()).expect("decodes"));
-            (Ok(()), Some(request.batch))
+            (Ok(()), self.hands_back.then_some(request.batch))
         }
     }
 
@@ -446,12 +449,24 @@ mod tests {
         limits: BatchLimits,
         pause: Duration,
     ) -> (EncodingSpanProcessor, Receiver<ExportTraceServiceRequest>, Arc<Mutex<()>>, LostSpans) {
+        with_backend_handing_back(limits, pause, true)
+    }
+
+    fn with_backend_handing_back(
+        limits: BatchLimits,
+        pause: Duration,
+        hands_back: bool,
+    ) -> (EncodingSpanProcessor, Receiver<ExportTraceServiceRequest>, Arc<Mutex<()>>, LostSpans) {
         let (requests, received) = std::sync::mpsc::channel();
         let (gate, lost) = (Arc::new(Mutex::new(())), LostSpans::default());
-        let processor =
-            EncodingSpanProcessor::start(Backend { requests, pause, gate: gate.clone() }, limits, lost.clone())
-                .expect("processor");
+        let backend = Backend { requests, pause, gate: gate.clone(), hands_back };
+        let processor = EncodingSpanProcessor::start(backend, limits, lost.clone()).expect("processor");
         (processor, received, gate, lost)
+    }
+
+    fn span_names(request: &ExportTraceServiceRequest) -> Vec<String> {
+        let spans = request.resource_spans.iter().flat_map(|r| &r.scope_spans).flat_map(|s| &s.spans);
+        spans.map(|span| span.name.clone()).collect()
     }
 
     fn span_count(request: &ExportTraceServiceRequest) -> usize {
@@ -496,6 +511,34 @@ mod tests {
         assert_eq!(sent as u64 + lost.total(), 8_000, "{sent} sent, {} counted lost", lost.total());
         let queue = processor.shared.lock();
         assert_eq!((queue.waiting, queue.sending), (0, 0));
+    }
+
+    #[test]
+    fn batches_reused_or_kept_by_the_send_carry_each_span_once_in_order() {
+        // Batches of 4, each sent and settled before the next fills: every batch after the first
+        // starts from the spare the send handed back (to be cleared), or, when the send kept its
+        // batch, from a new one.
+        for hands_back in [true, false] {
+            let limits = BatchLimits { delay: Duration::from_secs(3600), max_queue: 64, max_batch: 4 };
+            let (processor, received, _gate, lost) = with_backend_handing_back(limits, Duration::ZERO, hands_back);
+            let scope = InstrumentationScope::builder("reuse").build();
+            let names = ["s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7", "s8", "s9"];
+            let mut sent = Vec::new();
+            for chunk in names.chunks(4) {
+                chunk.iter().for_each(|name| processor.on_end(span(name, SpanKind::Internal, &scope)));
+                if chunk.len() < 4 {
+                    processor.shutdown_with_timeout(Duration::from_secs(10)).expect("shutdown");
+                }
+                sent.push(span_names(&received.recv_timeout(Duration::from_secs(10)).expect("a batch")));
+                while processor.shared.lock().sending > 0 {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                let spare = processor.shared.lock().spare.is_some();
+                assert_eq!(spare, hands_back, "the batch sent is the next one's spare only when handed back");
+            }
+            assert_eq!(sent, [&names[..4], &names[4..8], &names[8..]], "hands back: {hands_back}");
+            assert_eq!(lost.total(), 0);
+        }
     }
 
     #[test]
