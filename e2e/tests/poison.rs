@@ -279,6 +279,55 @@ async fn a_retry_with_its_queue_gone_is_not_lost() {
     pipeline.stop().await;
 }
 
+/// Copies that the broker returns and copies it routes, republished side by side: the retry
+/// queue gone and the store down, every valid order's retry copy comes back (requeued until the
+/// queue's delivery limit dead-letters it) while the poison messages' copies reach the DLQ. On
+/// one confirm channel, lapin hands some returns to the wrong confirm (about 1 in 400 here): an
+/// unroutable copy taken for delivered, its message acked and lost, and a delivered one taken
+/// for returned, requeued and dead-lettered twice. Each message must reach the DLQ exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn returned_and_routed_copies_side_by_side_are_neither_lost_nor_doubled() {
+    const VALID: usize = 120;
+    const POISON: usize = 240;
+    let (db, pipeline) = on_postgres().await;
+    rename_stock_table(db.url(), "stock", "stock_away").await;
+    let (_connection, channel) = channel(&pipeline.amqp_url).await;
+    channel
+        .queue_delete(topology::RETRY_QUEUE.into(), lapin::options::QueueDeleteOptions::default())
+        .await
+        .expect("delete the retry queue");
+    // Interleaved, and all in flight at once, so that the consumer's prefetch holds both kinds.
+    let mut expected = Vec::new();
+    let mut confirms = Vec::new();
+    for i in 0..VALID + POISON {
+        let (id, body) = if i % 3 == 0 {
+            (format!("valid-{i}"), event(&format!("valid-{i}"), "SKU-001"))
+        } else {
+            (format!("poison-{i}"), b"{not json".to_vec())
+        };
+        let properties = BasicProperties::default().with_message_id(id.as_str().into()).with_delivery_mode(2);
+        let options = BasicPublishOptions::default();
+        let confirm = channel
+            .basic_publish(topology::EXCHANGE.into(), topology::ROUTING_KEY.into(), options, &body, properties)
+            .await
+            .expect("publish");
+        confirms.push(confirm);
+        expected.push(id);
+    }
+    for confirm in confirms {
+        confirm.await.expect("confirm");
+    }
+    let mut found: Vec<String> = dead_letters(&channel, expected.len()).await.into_iter().map(|(id, _)| id).collect();
+    // A copy dead-lettered twice would come after the first: a moment more to see it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    found.extend(dead_letters(&channel, 0).await.into_iter().map(|(id, _)| id));
+    found.sort();
+    expected.sort();
+    assert_eq!(found.len(), expected.len(), "doubled or lost");
+    assert_eq!(found, expected);
+    pipeline.stop().await;
+}
+
 /// AMQP 0-9-1 by hand, just enough to publish what lapin refuses to write: a message whose
 /// `message_id` (a short string) is not UTF-8. Another client may send one; lapin then fails to
 /// parse the frame and the connection dies.

@@ -6,22 +6,18 @@
 //! replaces it) and the message published on the new one: at-least-once, which stock's
 //! idempotency turns into exactly-once.
 //!
-//! Each publish has a channel of its own for its duration, from a pool. With several publishes
-//! in flight on one channel, RabbitMQ acknowledges them together and lapin hands a returned
-//! (unroutable) message to whichever of their confirms completes first, so about 1% of returns
-//! land on another publish: that publish fails while the unroutable one reports success.
-//! One outstanding publish per channel makes every return and every nack unambiguous.
+//! Each publish has a channel of its own for its duration, from a pool
+//! ([`tracehop_broker::confirm`]): one outstanding publish per channel makes every return and
+//! every nack unambiguous.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::BasicPublishOptions;
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Confirmation};
+use lapin::{BasicProperties, Confirmation};
 use opentelemetry::Context;
 use opentelemetry::trace::TraceContextExt;
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tracehop_broker::confirm::{ConfirmChannels, Lease, LeaseError};
 use tracehop_broker::connection::{Broker, CLOSE_WITHIN};
 use tracehop_broker::event::{CONTENT_TYPE, CheckoutProcessed, EVENT_TYPE};
 use tracehop_broker::topology;
@@ -31,8 +27,6 @@ use tracehop_telemetry::spans::record_error;
 
 /// AMQP `delivery_mode` of a message the broker writes to disk.
 const PERSISTENT: u8 = 2;
-/// AMQP `reply-success`: the code of a channel closed on purpose.
-const REPLY_SUCCESS: u16 = 200;
 
 /// Why a publish did not end in a confirm.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +51,15 @@ pub enum PublishError {
     Closed,
 }
 
+impl From<LeaseError> for PublishError {
+    fn from(error: LeaseError) -> Self {
+        match error {
+            LeaseError::Closed => Self::Closed,
+            LeaseError::Broker(error) => Self::Broker(error),
+        }
+    }
+}
+
 impl PublishError {
     /// Low-cardinality `error.type` for spans.
     fn kind(&self) -> &'static str {
@@ -73,99 +76,6 @@ impl PublishError {
 
 /// Publishes at most this many events at once; more wait for a channel (backpressure).
 pub const CHANNELS: usize = 64;
-
-/// Confirm-mode channels, each lent to one publish at a time.
-#[derive(Debug)]
-struct ChannelPool {
-    broker: Broker,
-    idle: Mutex<Vec<Pooled>>,
-    /// One permit per channel: a publish holds one while it owns a channel.
-    permits: Semaphore,
-    /// 1 + the connection generation the topology was last declared on (0: never).
-    declared: AtomicU64,
-}
-
-/// A channel and the connection generation it belongs to.
-#[derive(Debug)]
-struct Pooled {
-    channel: Channel,
-    generation: u64,
-}
-
-/// A channel lent to one publish; back to the pool on drop.
-struct Lease<'a> {
-    pool: &'a ChannelPool,
-    pooled: Option<Pooled>,
-    _permit: SemaphorePermit<'a>,
-}
-
-impl Lease<'_> {
-    fn channel(&self) -> Result<&Channel, PublishError> {
-        self.pooled.as_ref().map(|p| &p.channel).ok_or(PublishError::Closed)
-    }
-
-    fn generation(&self) -> u64 {
-        self.pooled.as_ref().map_or(u64::MAX, |p| p.generation)
-    }
-
-    /// Closes the channel instead of returning it to the pool, so the next publish opens a
-    /// fresh one. After a nack the channel is suspect: RabbitMQ 3.10 leaves a channel that
-    /// first published to a quorum queue during a leader election nacking every later publish
-    /// (its queue client stays in `reject_publish`; seen in our cluster test: 30 s of nacks on
-    /// a healthy queue), and a new channel registers with the new leader.
-    fn discard(&mut self) {
-        if let Some(pooled) = self.pooled.take() {
-            tokio::spawn(async move {
-                // A channel already closed by the broker has nothing left to close.
-                let _ = pooled.channel.close(REPLY_SUCCESS, "replaced after a nack".into()).await;
-            });
-        }
-    }
-}
-
-impl Drop for Lease<'_> {
-    fn drop(&mut self) {
-        if let Some(pooled) = self.pooled.take() {
-            self.pool.idle.lock().unwrap_or_else(PoisonError::into_inner).push(pooled);
-        }
-    }
-}
-
-impl ChannelPool {
-    fn new(broker: Broker, size: usize) -> Self {
-        Self {
-            broker,
-            idle: Mutex::new(Vec::with_capacity(size)),
-            permits: Semaphore::new(size),
-            declared: AtomicU64::new(0),
-        }
-    }
-
-    /// A new confirm-mode channel on the current connection; the first one of each connection
-    /// declares the topology (a replacement connection may be to a broker that lost it).
-    async fn fresh(&self) -> Result<Pooled, PublishError> {
-        let (channel, generation) = self.broker.channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
-        if self.declared.load(Ordering::Acquire) != generation + 1 {
-            topology::declare(&channel).await?;
-            self.declared.store(generation + 1, Ordering::Release);
-        }
-        Ok(Pooled { channel, generation })
-    }
-
-    /// A channel of connection `current` (an idle one, else a fresh one).
-    async fn lease(&self, current: u64) -> Result<Lease<'_>, PublishError> {
-        let permit = self.permits.acquire().await.map_err(|_| PublishError::Closed)?;
-        let idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop();
-        let pooled = match idle {
-            // A channel the broker closed (a protocol error), or one of a lost connection, is
-            // replaced.
-            Some(p) if p.generation == current && p.channel.status().connected() => p,
-            _ => self.fresh().await?,
-        };
-        Ok(Lease { pool: self, pooled: Some(pooled), _permit: permit })
-    }
-}
 
 /// Ends a publish's PRODUCER span and records its metrics exactly once: with the outcome, or,
 /// when the caller gives up first (checkout's gRPC deadline drops the handler), as `cancelled`:
@@ -208,7 +118,7 @@ impl Drop for Finish<'_> {
 #[derive(Debug, Clone)]
 pub struct Publisher {
     broker: Broker,
-    pool: std::sync::Arc<ChannelPool>,
+    pool: std::sync::Arc<ConfirmChannels>,
     telemetry: Telemetry,
     timeout: Duration,
     /// The PRODUCER span's destination, built once.
@@ -218,7 +128,7 @@ pub struct Publisher {
 impl Publisher {
     /// Declares the shared topology (on the pool's first channel) and opens the pool.
     pub async fn open(broker: Broker, telemetry: Telemetry, timeout: Duration) -> Result<Self, PublishError> {
-        let pool = std::sync::Arc::new(ChannelPool::new(broker.clone(), CHANNELS));
+        let pool = std::sync::Arc::new(ConfirmChannels::new(broker.clone(), CHANNELS).declaring_topology());
         drop(pool.lease(broker.generation()).await?);
         Ok(Self { broker, pool, telemetry, timeout, destination: topology::publish_destination() })
     }
@@ -227,10 +137,9 @@ impl Publisher {
     /// [`CLOSE_WITHIN`] at most), and refuses later publishes ([`PublishError::Closed`]). A publish
     /// still under way keeps its channel until it ends.
     pub async fn close(&self) {
-        self.pool.permits.close();
-        let idle = std::mem::take(&mut *self.pool.idle.lock().unwrap_or_else(PoisonError::into_inner));
+        let idle = self.pool.close();
         let deadline = Instant::now() + CLOSE_WITHIN;
-        self.broker.close_channels(idle.into_iter().map(|pooled| pooled.channel), deadline).await;
+        self.broker.close_channels(idle, deadline).await;
     }
 
     /// Publishes `event` under a PRODUCER span (child of the current span) and waits for the
@@ -267,11 +176,11 @@ impl Publisher {
         loop {
             let generation = self.broker.generation();
             match self.pool.lease(generation).await {
-                Err(PublishError::Broker(error)) if self.broker.lost(generation).await => {
+                Err(LeaseError::Broker(error)) if self.broker.lost(generation).await => {
                     tracing::warn!(%error, "broker connection lost; waiting for its replacement to publish");
                     self.broker.replaced(generation).await;
                 }
-                leased => return leased,
+                leased => return Ok(leased?),
             }
         }
     }
@@ -280,34 +189,21 @@ impl Publisher {
         let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
         let mut lease = self.lease().await?;
         loop {
-            let channel = lease.channel()?;
-            let sent = channel
-                .basic_publish(
-                    topology::EXCHANGE.into(),
-                    topology::ROUTING_KEY.into(),
-                    options,
-                    body,
-                    properties.clone(),
-                )
-                .await;
-            let confirmed = match sent {
-                Ok(confirm) => confirm.await,
-                Err(error) => Err(error),
-            };
+            let confirmed =
+                lease.publish(topology::EXCHANGE, topology::ROUTING_KEY, options, body, properties.clone()).await;
             match confirmed {
                 Ok(Confirmation::Ack(None)) => return Ok(()),
                 Ok(Confirmation::Ack(Some(returned))) => {
                     return Err(PublishError::Unroutable(returned.reply_text.to_string()));
                 }
                 // Confirm mode is on for this channel: an unconfirmed publish is a broken promise.
-                Ok(Confirmation::Nack(_) | Confirmation::NotRequested) => {
-                    lease.discard();
-                    return Err(PublishError::Nacked);
-                }
+                // (The lease has discarded the channel.)
+                Ok(Confirmation::Nack(_) | Confirmation::NotRequested) => return Err(PublishError::Nacked),
+                Err(LeaseError::Closed) => return Err(PublishError::Closed),
                 // The connection dropped: wait until the supervisor replaces it, then publish
                 // again on the new one (within the deadline the caller set). An error on a
                 // channel of a connection still up is that channel's: given back.
-                Err(error) => {
+                Err(LeaseError::Broker(error)) => {
                     // The broker closing the channel (a soft error) leaves the connection up.
                     if error.is_amqp_soft_error() || !self.broker.lost(lease.generation()).await {
                         return Err(error.into());
@@ -316,7 +212,7 @@ impl Publisher {
                     // The lost connection's channel is not pooled again, and the permit is given
                     // back first: with every permit held by a waiting publish, none could take a
                     // second one.
-                    lease.pooled = None;
+                    lease.forget();
                     drop(lease);
                     lease = self.lease().await?;
                 }
@@ -349,8 +245,7 @@ mod tests {
             total_cents: 1,
         };
         publisher.publish(&event).await.expect("published");
-        let pooled: Vec<Channel> =
-            publisher.pool.idle.lock().expect("not poisoned").iter().map(|p| p.channel.clone()).collect();
+        let pooled = publisher.pool.idle();
         assert!(!pooled.is_empty(), "no channel in the pool");
 
         publisher.close().await;

@@ -15,7 +15,6 @@ use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation};
@@ -25,6 +24,7 @@ use opentelemetry::trace::{SpanBuilder, SpanKind, TraceContextExt};
 use opentelemetry::{Context, KeyValue};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tracehop_broker::confirm::ConfirmChannels;
 use tracehop_broker::connection::Broker;
 use tracehop_broker::event::CheckoutProcessed;
 use tracehop_broker::topology;
@@ -37,6 +37,10 @@ use crate::store::{OrderLine, Outcome, Store};
 /// How long forwarding a message (retry, dead letter) may wait for the broker's confirm, and an
 /// ack or nack for the connection.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Channels for retries and dead letters: copies past this many at once (a store outage fails
+/// a whole prefetch) wait for one, within [`FORWARD_TIMEOUT`].
+pub const FORWARD_CHANNELS: usize = 8;
 
 /// `tracehop.reservation.outcome`: reserved, rejected, duplicate, dead_lettered, retried.
 pub const OUTCOME: &str = "tracehop.reservation.outcome";
@@ -120,6 +124,10 @@ pub struct Handler {
     pub store: Store,
     /// The connection: deliveries arrive on it, retries and dead letters leave on it.
     pub broker: Broker,
+    /// The channels retries and dead letters leave on, one copy per channel at a time (on the
+    /// consuming channel, concurrent copies' returns could land on one another's confirms: an
+    /// unroutable copy taken for delivered, its message acked and lost).
+    pub forwards: ConfirmChannels,
     /// Tracer and propagator.
     pub telemetry: Telemetry,
     /// Parent or link.
@@ -163,8 +171,7 @@ impl Forward {
     }
 }
 
-/// Opens the consuming channel on the current connection: confirm mode (for republishing),
-/// prefetch, topology, consume. `opening` gets the channel as soon as it exists, so that a caller
+/// Opens the consuming channel on the current connection: prefetch, topology, consume. `opening` gets the channel as soon as it exists, so that a caller
 /// who drops this midway (shutdown) can still close it before the connection.
 async fn open(
     broker: &Broker,
@@ -173,7 +180,6 @@ async fn open(
 ) -> lapin::Result<(Channel, lapin::Consumer, u64)> {
     let (channel, generation) = broker.channel().await?;
     *opening = Some(channel.clone());
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
     channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
     topology::declare(&channel).await?;
     let tag = format!("stock-{}", uuid::Uuid::new_v4().simple());
@@ -273,7 +279,7 @@ pub async fn consume(
         failing_since = None;
         handler.consuming.send_replace(true);
         let tag = consumer.tag();
-        let session = session(&handler, &channel, consumer, generation, &mut in_flight, &mut shutdown).await;
+        let session = session(&handler, consumer, generation, &mut in_flight, &mut shutdown).await;
         handler.consuming.send_replace(false);
         match session {
             Session::Shutdown => {
@@ -313,15 +319,14 @@ pub async fn consume(
     // Before the connection's close (waiting for its confirm within the drain only): the
     // broker requeues what a delivery still in progress did not settle.
     in_flight.abort_all();
-    if let Some((channel, _)) = last {
-        handler.broker.close_channels([channel], deadline).await;
-    }
+    // The forwards' idle channels too; a copy still waiting for its confirm was aborted above.
+    let forwards = handler.forwards.close();
+    handler.broker.close_channels(last.map(|(channel, _)| channel).into_iter().chain(forwards), deadline).await;
     outcome
 }
 
 async fn session(
     handler: &Arc<Handler>,
-    channel: &Channel,
     mut consumer: lapin::Consumer,
     generation: u64,
     in_flight: &mut JoinSet<()>,
@@ -334,7 +339,7 @@ async fn session(
             () = handler.broker.replaced(generation) => return Session::Interrupted,
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
-                    in_flight.spawn(delivery_task(handler.clone(), channel.clone(), delivery));
+                    in_flight.spawn(delivery_task(handler.clone(), delivery));
                 }
                 Some(Err(error)) => {
                     tracing::warn!(%error, "consumer interrupted");
@@ -352,11 +357,11 @@ async fn session(
 /// (The handling and the panic's recorder borrow the one handler this owns: no second clone
 /// per delivery.)
 #[allow(clippy::manual_async_fn, reason = "as an `async fn` the task is 2,952 bytes, against 2,384")]
-fn delivery_task(handler: Arc<Handler>, channel: Channel, delivery: Delivery) -> impl Future<Output = ()> + Send {
+fn delivery_task(handler: Arc<Handler>, delivery: Delivery) -> impl Future<Output = ()> + Send {
     async move {
         let acker = delivery.acker.clone();
         let record = |started, error_type| handler.record_settle(Settle::Nack, started, error_type);
-        requeued_on_panic(acker, handler.handle(delivery, &channel), record).await;
+        requeued_on_panic(acker, handler.handle(delivery), record).await;
     }
 }
 
@@ -439,8 +444,8 @@ async fn settle_bounded(settling: impl Future<Output = lapin::Result<bool>>) -> 
 }
 
 impl Handler {
-    /// Processes one delivery under its CONSUMER span, and settles it on `channel`.
-    pub async fn handle(&self, delivery: Delivery, channel: &Channel) {
+    /// Processes one delivery under its CONSUMER span, and settles it.
+    pub async fn handle(&self, delivery: Delivery) {
         let started = Instant::now();
         let peer = self.broker.peer();
         messaging::record_consumed(&self.telemetry, &self.source, &peer);
@@ -449,7 +454,7 @@ impl Handler {
         let error_type = async {
             let verdict = self.decide(&delivery).await;
             let error_type = verdict.error_type();
-            self.settle(&delivery, verdict, channel).await;
+            self.settle(&delivery, verdict).await;
             error_type
         }
         .with_context(cx.clone())
@@ -523,7 +528,7 @@ impl Handler {
         result
     }
 
-    async fn settle(&self, delivery: &Delivery, verdict: Verdict, channel: &Channel) {
+    async fn settle(&self, delivery: &Delivery, verdict: Verdict) {
         let cx = Context::current();
         let span = cx.span();
         let tag = delivery.delivery_tag;
@@ -566,7 +571,7 @@ impl Handler {
                 span.set_attribute(KeyValue::new(OUTCOME, "dead_lettered"));
                 tracing::warn!(reason, %error, "message can never succeed; dead-lettering it");
                 let headers = dead_letter_headers(reason, &error);
-                if self.forward(channel, delivery, &self.dead_letter, headers).await {
+                if self.forward(delivery, &self.dead_letter, headers).await {
                     self.count_dead_letter(reason);
                 }
             }
@@ -579,12 +584,12 @@ impl Handler {
                     span.set_attribute(KeyValue::new(OUTCOME, "retried"));
                     tracing::warn!(reason, %error, retry = retries + 1, "processing failed; retrying after a delay");
                     let extra = [(RETRY_COUNT_HEADER, AMQPValue::LongLongInt(retries + 1))];
-                    self.forward(channel, delivery, &self.retry, extra.to_vec()).await;
+                    self.forward(delivery, &self.retry, extra.to_vec()).await;
                 } else {
                     span.set_attribute(KeyValue::new(OUTCOME, "dead_lettered"));
                     tracing::error!(reason, %error, retries, "retries exhausted; dead-lettering the message");
                     let headers = dead_letter_headers("retries_exhausted", &bounded(format!("{reason}: {error}")));
-                    if self.forward(channel, delivery, &self.dead_letter, headers).await {
+                    if self.forward(delivery, &self.dead_letter, headers).await {
                         self.count_dead_letter("retries_exhausted");
                     }
                 }
@@ -634,44 +639,30 @@ impl Handler {
     /// failed needs it.
     fn forward<'a>(
         &'a self,
-        channel: &'a Channel,
         delivery: &'a Delivery,
         target: &'a Forward,
         extra: Vec<(&'a str, AMQPValue)>,
     ) -> std::pin::Pin<Box<impl Future<Output = bool> + Send + 'a>> {
-        Box::pin(self.forward_unboxed(channel, delivery, target, extra))
+        Box::pin(self.forward_unboxed(delivery, target, extra))
     }
 
     /// [`Self::forward`]'s work, unboxed.
-    async fn forward_unboxed(
-        &self,
-        channel: &Channel,
-        delivery: &Delivery,
-        target: &Forward,
-        extra: Vec<(&str, AMQPValue)>,
-    ) -> bool {
+    async fn forward_unboxed(&self, delivery: &Delivery, target: &Forward, extra: Vec<(&str, AMQPValue)>) -> bool {
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
         for (key, value) in extra {
             headers.insert(ShortString::from(key), value);
         }
         let properties: BasicProperties = delivery.properties.clone().with_headers(headers);
+        // Returned if the retry or dead-letter queue is gone: the delivery is then requeued, where
+        // without `mandatory` the broker would confirm the copy it dropped and the message would
+        // be lost.
+        let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
         let publish = async {
-            channel
-                .basic_publish(
-                    target.exchange.into(),
-                    target.routing_key.into(),
-                    // Returned if the retry or dead-letter queue is gone: the delivery is then
-                    // requeued, where without `mandatory` the broker would confirm the copy it
-                    // dropped and the message would be lost.
-                    BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
-                    &delivery.data,
-                    properties,
-                )
-                .await?
-                .await
+            let mut lease = self.forwards.lease(self.broker.generation()).await?;
+            lease.publish(target.exchange, target.routing_key, options, &delivery.data, properties).await
         };
         // A confirm that never comes (a connection that hangs) must not pin the delivery
-        // forever.
+        // forever; nor a wait for one of the forwards' channels.
         let started = Instant::now();
         let confirmed = tokio::time::timeout(FORWARD_TIMEOUT, publish).await;
         let error_type = match &confirmed {
@@ -838,7 +829,7 @@ mod tests {
     /// handling twice) it cost stock 70k instructions per order. Its size, without building one.
     #[test]
     fn a_delivery_task_stays_small() {
-        fn output_size<A, B, C, F>(_: fn(A, B, C) -> F) -> usize {
+        fn output_size<A, B, F>(_: fn(A, B) -> F) -> usize {
             std::mem::size_of::<F>()
         }
         let size = output_size(delivery_task);

@@ -25,6 +25,7 @@ use futures_util::FutureExt as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracehop_broker::catalog;
+use tracehop_broker::confirm::ConfirmChannels;
 use tracehop_broker::connection::{Broker, BrokerHealth};
 use tracehop_telemetry::Telemetry;
 use tracehop_telemetry::shutdown::{serve_draining, serve_http};
@@ -85,6 +86,7 @@ pub async fn run(
     let handler = Arc::new(Handler {
         store: store.clone(),
         broker: broker.clone(),
+        forwards: ConfirmChannels::new(broker.clone(), consumer::FORWARD_CHANNELS),
         telemetry: telemetry.clone(),
         mode: config.consumer_context,
         baggage_keys: config.baggage_span_attributes.clone(),

@@ -1,0 +1,86 @@
+//! Confirm-mode channels lent one publish at a time: a channel goes back to the pool only with
+//! no confirm still to come on it.
+
+use std::time::Duration;
+
+use futures_util::FutureExt as _;
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Confirmation};
+use tracehop_broker::confirm::{ConfirmChannels, LeaseError};
+use tracehop_broker::connection::{Broker, BrokerNodes};
+use tracehop_testkit::rabbit::TestVhost;
+
+const QUEUE: &str = "confirm-test";
+
+async fn connect(vhost: &TestVhost) -> Broker {
+    let nodes = BrokerNodes::parse(vhost.url()).expect("nodes");
+    let broker = Broker::connect(nodes, "confirm-test", Duration::from_secs(30)).await.expect("connect");
+    let (channel, _) = broker.channel().await.expect("channel");
+    let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+    channel.queue_declare(QUEUE.into(), durable, FieldTable::default()).await.expect("queue");
+    broker
+}
+
+fn persistent() -> BasicProperties {
+    BasicProperties::default().with_delivery_mode(2)
+}
+
+#[tokio::test]
+async fn a_lease_given_up_before_its_confirm_closes_its_channel_instead_of_pooling_it() {
+    let vhost = TestVhost::create();
+    let broker = connect(&vhost).await;
+    let pool = ConfirmChannels::new(broker.clone(), 2);
+    let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
+
+    let mut lease = pool.lease(broker.generation()).await.expect("lease");
+    let confirmed = lease.publish("", QUEUE, options, b"one", persistent()).await.expect("publish");
+    assert!(matches!(confirmed, Confirmation::Ack(None)), "{confirmed:?}");
+    drop(lease);
+    let pooled = pool.idle();
+    assert_eq!(pooled.len(), 1, "a confirmed publish gives its channel back");
+
+    // The same channel, lent again; the caller gives up before the broker's confirm (the
+    // publish polled once, then dropped, as a deadline drops it).
+    let mut lease = pool.lease(broker.generation()).await.expect("lease");
+    assert!(pool.idle().is_empty(), "the idle channel was lent");
+    let given_up = lease.publish("", QUEUE, options, b"two", persistent()).now_or_never();
+    assert!(given_up.is_none(), "the confirm came within one poll");
+    drop(lease);
+    assert!(pool.idle().is_empty(), "a channel with a confirm still to come went back to the pool");
+    let closed = async {
+        while pooled[0].status().connected() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), closed).await.expect("the abandoned channel is closed");
+
+    // The next publish gets a channel of its own, and its confirm.
+    let mut lease = pool.lease(broker.generation()).await.expect("lease");
+    let confirmed = lease.publish("", QUEUE, options, b"three", persistent()).await.expect("publish");
+    assert!(matches!(confirmed, Confirmation::Ack(None)), "{confirmed:?}");
+    drop(lease);
+    assert_eq!(pool.idle().len(), 1);
+    assert_ne!(pool.idle()[0].id(), pooled[0].id(), "a new channel");
+    broker.close_channels(pool.close(), std::time::Instant::now() + Duration::from_secs(1)).await;
+    broker.close().await;
+}
+
+#[tokio::test]
+async fn an_unroutable_publish_is_returned_to_its_own_lease_and_a_closed_pool_lends_nothing() {
+    let vhost = TestVhost::create();
+    let broker = connect(&vhost).await;
+    let pool = ConfirmChannels::new(broker.clone(), 1);
+    let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
+    let mut lease = pool.lease(broker.generation()).await.expect("lease");
+    let returned = lease.publish("", "no-such-queue", options, b"lost?", persistent()).await.expect("publish");
+    assert!(matches!(returned, Confirmation::Ack(Some(_))), "{returned:?}");
+    drop(lease);
+    assert_eq!(pool.idle().len(), 1, "a returned message settles the channel: it is pooled again");
+
+    let idle = pool.close();
+    assert_eq!(idle.len(), 1);
+    assert!(matches!(pool.lease(broker.generation()).await, Err(LeaseError::Closed)));
+    broker.close_channels(idle, std::time::Instant::now() + Duration::from_secs(1)).await;
+    broker.close().await;
+}
