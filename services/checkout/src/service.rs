@@ -13,6 +13,9 @@ use crate::publisher::Publisher;
 pub const MAX_ITEMS: usize = 100;
 /// Longest customer id accepted (it travels as baggage and span attributes).
 pub const MAX_CUSTOMER_ID: usize = 128;
+/// Longest SKU accepted (stock's bound on an id): an error quotes the SKU in `grpc-message`,
+/// and a trailer past HTTP/2's header-list bound (16 KiB in hyper) fails the whole call.
+pub const MAX_SKU: usize = 255;
 
 /// `tracehop.orders.accepted`: orders published and confirmed (the gateway answers 202).
 pub const ORDERS_ACCEPTED: &str = "tracehop.orders.accepted";
@@ -64,6 +67,9 @@ pub fn price(request: CheckoutRequest) -> Result<CheckoutProcessed, AppError> {
     }
     if request.items.len() > MAX_ITEMS {
         return Err(AppError::InvalidOrder(format!("an order has at most {MAX_ITEMS} items")));
+    }
+    if request.items.iter().any(|item| item.sku.len() > MAX_SKU) {
+        return Err(AppError::InvalidOrder(format!("a sku is longer than {MAX_SKU} bytes")));
     }
     let mut total_cents: i64 = 0;
     let mut items = Vec::with_capacity(request.items.len());
@@ -126,5 +132,11 @@ mod tests {
         assert!(matches!(price(nobody), Err(AppError::InvalidOrder(_))));
         let many = vec![("SKU-001", 1); MAX_ITEMS + 1];
         assert!(matches!(price(request(&many)), Err(AppError::InvalidOrder(_))));
+        let long = "S".repeat(MAX_SKU + 1);
+        assert!(
+            matches!(price(request(&[(&long, 1)])), Err(AppError::InvalidOrder(message)) if message == "a sku is longer than 255 bytes")
+        );
+        let longest = "S".repeat(MAX_SKU);
+        assert!(matches!(price(request(&[(&longest, 1)])), Err(AppError::UnknownSku(_))), "the bound is inclusive");
     }
 }

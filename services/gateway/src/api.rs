@@ -27,6 +27,9 @@ use crate::link::{Links, UNREACHABLE_WITHIN};
 pub const MAX_ITEMS: usize = 100;
 /// Longest customer id accepted: it travels as baggage to every hop.
 pub const MAX_CUSTOMER_ID: usize = 128;
+/// Longest SKU accepted (stock's bound on an id): an error quotes the SKU, and checkout's
+/// answer carries it in `grpc-message`, whose trailer HTTP/2 bounds (16 KiB in hyper).
+pub const MAX_SKU: usize = 255;
 
 /// The request body.
 #[derive(Debug, Deserialize)]
@@ -76,6 +79,9 @@ fn validate(body: &CheckoutBody) -> Result<(), AppError> {
     }
     if body.items.len() > MAX_ITEMS {
         return Err(AppError::Invalid(format!("an order has at most {MAX_ITEMS} items")));
+    }
+    if body.items.iter().any(|item| item.sku.len() > MAX_SKU) {
+        return Err(AppError::Invalid(format!("a sku is longer than {MAX_SKU} bytes")));
     }
     if let Some(item) = body.items.iter().find(|item| item.quantity == 0) {
         return Err(AppError::Invalid(format!("quantity of {} must be at least 1", item.sku)));
@@ -176,6 +182,11 @@ pub async fn healthz() -> Json<serde_json::Value> {
 /// Any other path.
 pub async fn not_found() -> (StatusCode, Json<serde_json::Value>) {
     (StatusCode::NOT_FOUND, Json(json!({ "error": "not found" })))
+}
+
+/// A path the gateway has, with a method it does not take (axum adds `Allow`).
+pub async fn method_not_allowed() -> (StatusCode, Json<serde_json::Value>) {
+    (StatusCode::METHOD_NOT_ALLOWED, Json(json!({ "error": "method not allowed" })))
 }
 
 #[cfg(test)]
