@@ -238,6 +238,29 @@ async fn oversize_inbound_context_never_breaks_the_broker_connection() {
     pipeline.stop().await;
 }
 
+/// Every answer of both HTTP APIs is JSON, the router's own 404s and 405s included (axum's are
+/// empty), and a 405 says what the path takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_paths_and_methods_answer_json_errors() {
+    let pipeline = Pipeline::start(Options::default()).await;
+    let cases = [
+        (reqwest::Method::GET, format!("{}/api/nope", pipeline.gateway_url), 404, None),
+        (reqwest::Method::GET, format!("{}/api/checkout", pipeline.gateway_url), 405, Some("POST")),
+        (reqwest::Method::GET, format!("{}/nope", pipeline.stock_url), 404, None),
+        (reqwest::Method::POST, format!("{}/api/stock/SKU-001", pipeline.stock_url), 405, Some("GET,HEAD")),
+        (reqwest::Method::DELETE, format!("{}/healthz", pipeline.stock_url), 405, Some("GET,HEAD")),
+    ];
+    for (method, url, status, allow) in cases {
+        let response = pipeline.http.request(method.clone(), &url).send().await.expect("answer");
+        assert_eq!(response.status().as_u16(), status, "{method} {url}");
+        let allowed = response.headers().get("allow").map(|v| v.to_str().expect("ascii").replace(' ', ""));
+        assert_eq!(allowed.as_deref(), allow, "{method} {url}");
+        let body: Value = serde_json::from_slice(&response.bytes().await.expect("body")).expect("a JSON body");
+        assert!(body["error"].is_string(), "{method} {url}: {body}");
+    }
+    pipeline.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_checks_are_not_traced() {
     let pipeline = Pipeline::start(Options::default()).await;

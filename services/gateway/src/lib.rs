@@ -104,6 +104,7 @@ pub fn router(config: &Config, state: AppState, telemetry: Telemetry) -> Result<
         .route("/", get(page::index))
         .merge(api)
         .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
         .with_state(state)
         .layer(cors(&config.cors_origins)?))
 }

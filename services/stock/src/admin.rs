@@ -5,6 +5,9 @@
 //! | `GET /api/stock/{sku}` | `{"sku","available","reserved"}`, 404 for an unknown SKU |
 //! | `GET /api/orders/{order_id}` | `{"order_id","status","recorded_at_us"}`, 404 if not seen |
 //! | `GET /healthz` | 200 while the broker connection is up and the consumer registered, else 503 (not traced) |
+//!
+//! A store error is a 503; another path a 404, another method a 405 (with `Allow`); every
+//! answer is JSON (`{"error": ...}` for those).
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -36,7 +39,22 @@ pub fn router(state: AdminState, telemetry: Telemetry) -> Router {
         .route("/api/stock/{sku}", get(stock_level))
         .route("/api/orders/{order_id}", get(order))
         .route_layer(HttpServerLayer::new(telemetry));
-    Router::new().route("/healthz", get(healthz)).merge(api).with_state(state)
+    Router::new()
+        .route("/healthz", get(healthz))
+        .merge(api)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+/// Any other path: JSON, as every other answer.
+async fn not_found() -> Response {
+    AdminError::NotFound("not found").into_response()
+}
+
+/// A path the API has, with a method it does not take (axum adds `Allow`).
+async fn method_not_allowed() -> Response {
+    (StatusCode::METHOD_NOT_ALLOWED, Json(json!({ "error": "method not allowed" }))).into_response()
 }
 
 /// An admin API failure: an opaque message for the caller, the cause in the log.
