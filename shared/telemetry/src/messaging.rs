@@ -174,7 +174,9 @@ pub fn start_process(
 ) -> Context {
     let empty = FieldTable::default();
     let headers = delivery.properties.headers().as_ref().unwrap_or(&empty);
-    let extracted = telemetry.propagator().extract(&AmqpHeaderExtractor(headers));
+    // From an empty context, not the current one: a message without a valid context starts a
+    // new trace, whatever the task that consumes it runs under.
+    let extracted = telemetry.propagator().extract_with_context(&Context::new(), &AmqpHeaderExtractor(headers));
     let build = || {
         let mut attributes = common_attributes("process", "process", source, peer);
         attributes.extend([
@@ -413,6 +415,30 @@ mod tests {
         };
         assert_eq!(header("traceparent"), "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
         assert_eq!(header("baggage"), "customer.id=c-1");
+    }
+
+    #[test]
+    fn a_message_without_a_context_starts_a_new_trace_whatever_the_consumer_runs_under() {
+        use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+
+        let ambient = SpanContext::new(
+            TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").expect("hex"),
+            SpanId::from_hex("b7ad6b7169203331").expect("hex"),
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::NONE,
+        );
+        let around =
+            crate::spans::with_baggage_entry(&Context::new().with_remote_span_context(ambient), "customer.id", "c-0");
+        let _attached = around.attach();
+        let source = Destination::process("checkout", "checkout.processed", "stock.checkout-processed");
+        let delivery = Delivery::mock(1, "checkout".into(), "checkout.processed".into(), false, b"{}".to_vec());
+        let telemetry = Telemetry::disabled("stock");
+        for mode in [ConsumerContext::Parent, ConsumerContext::Link] {
+            let cx = start_process(&telemetry, mode, &source, &delivery, &peer("rabbitmq", 5672));
+            assert!(!cx.span().span_context().is_valid(), "{mode:?}: continued the consumer's own context");
+            assert_eq!(cx.baggage().len(), 0, "{mode:?}: took the consumer's baggage");
+        }
     }
 
     #[test]
