@@ -12,6 +12,7 @@
 //! The `record_*` functions record the messaging metrics of [`crate::metrics`] with the same
 //! destination and broker, and only the conventions' low-cardinality attributes.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,7 +30,7 @@ use opentelemetry_semantic_conventions::attribute::{
 use crate::Telemetry;
 use crate::metrics::{AttributeSet, same_str};
 use crate::propagation::{AmqpHeaderExtractor, AmqpHeaderInjector};
-use crate::spans::links_to;
+use crate::spans::{SpanNames, links_to};
 
 /// `tracehop.message.redelivered`: the broker flagged the delivery as a redelivery.
 pub const REDELIVERED: &str = "tracehop.message.redelivered";
@@ -65,19 +66,20 @@ pub struct Destination {
     name: StringValue,
     /// `messaging.rabbitmq.destination.routing_key`.
     routing_key: StringValue,
-    /// `publish <name>` or `process <name>`.
-    span_name: &'static str,
+    /// `publish <name>` or `process <name>`: one of [`DESTINATION_NAMES`], or past its bound,
+    /// this destination's own.
+    span_name: Cow<'static, str>,
 }
 
+/// The span names of every destination made in the process, kept for its life: a service makes
+/// a handful, at startup. A program that made one per message (a routing key per tenant, say)
+/// keeps the first [`crate::spans::MAX_NAMES`] and copies the others' names into each span.
+static DESTINATION_NAMES: SpanNames = SpanNames::new();
+
 impl Destination {
-    fn new(operation: &str, name: String, routing_key: &str) -> Self {
-        let span_name = format!("{operation} {name}");
-        Self {
-            name: StringValue::from(Arc::<str>::from(name)),
-            routing_key: StringValue::from(Arc::<str>::from(routing_key)),
-            // A handful per process, made at startup: kept for the process's life.
-            span_name: Box::leak(span_name.into_boxed_str()),
-        }
+    fn new(operation: &'static str, name: &str, routing_key: &str) -> Self {
+        let (span_name, name) = DESTINATION_NAMES.get(operation, name);
+        Self { name: StringValue::from(name), routing_key: StringValue::from(Arc::<str>::from(routing_key)), span_name }
     }
 
     /// What a producer publishes to: exchange (empty: the default exchange) and routing key
@@ -85,7 +87,7 @@ impl Destination {
     pub fn publish(exchange: &str, routing_key: &str) -> Self {
         let exchange = if exchange.is_empty() { "amq.default" } else { exchange };
         let name = if routing_key.is_empty() { exchange.to_owned() } else { format!("{exchange}:{routing_key}") };
-        Self::new("publish", name, routing_key)
+        Self::new("publish", &name, routing_key)
     }
 
     /// What a consumer processes: the binding (exchange, routing key) its queue receives the
@@ -93,7 +95,7 @@ impl Destination {
     /// exchange and routing key, which change when a message comes back through a retry queue.
     pub fn process(exchange: &str, routing_key: &str, queue: &str) -> Self {
         let exchange = if exchange.is_empty() { "amq.default" } else { exchange };
-        Self::new("process", format!("{exchange}:{routing_key}:{queue}"), routing_key)
+        Self::new("process", &format!("{exchange}:{routing_key}:{queue}"), routing_key)
     }
 }
 
@@ -156,7 +158,9 @@ pub fn start_publish(
             KeyValue::new(MESSAGING_MESSAGE_ID, publish.message_id.to_owned()),
             KeyValue::new(MESSAGING_MESSAGE_BODY_SIZE, publish.body_size as i64),
         ]);
-        SpanBuilder::from_name(publish.destination.span_name).with_kind(SpanKind::Producer).with_attributes(attributes)
+        SpanBuilder::from_name(publish.destination.span_name.clone())
+            .with_kind(SpanKind::Producer)
+            .with_attributes(attributes)
     });
     let cx = parent.with_span(span);
     telemetry.propagator().inject_context(&cx, &mut AmqpHeaderInjector(headers));
@@ -188,7 +192,7 @@ pub fn start_process(
         if let Some(message_id) = delivery.properties.message_id() {
             attributes.push(KeyValue::new(MESSAGING_MESSAGE_ID, message_id.as_str().to_owned()));
         }
-        SpanBuilder::from_name(source.span_name).with_kind(SpanKind::Consumer).with_attributes(attributes)
+        SpanBuilder::from_name(source.span_name.clone()).with_kind(SpanKind::Consumer).with_attributes(attributes)
     };
     match mode {
         ConsumerContext::Parent => {
@@ -439,6 +443,20 @@ mod tests {
             assert!(!cx.span().span_context().is_valid(), "{mode:?}: continued the consumer's own context");
             assert_eq!(cx.baggage().len(), 0, "{mode:?}: took the consumer's baggage");
         }
+    }
+
+    #[test]
+    fn destinations_made_per_message_keep_a_bounded_number_of_names() {
+        let many = crate::spans::MAX_NAMES + 10;
+        let destinations: Vec<Destination> =
+            (0..many).map(|i| Destination::publish("tenants", &format!("t-{i}"))).collect();
+        for (i, destination) in destinations.iter().enumerate() {
+            assert_eq!(destination.span_name, format!("publish tenants:t-{i}"));
+            assert_eq!(destination.name.as_str(), format!("tenants:t-{i}"));
+        }
+        assert!(matches!(destinations[many - 1].span_name, Cow::Owned(_)), "past the bound, a name is not kept");
+        let again = Destination::publish("tenants", "t-0");
+        assert_eq!(again.span_name, "publish tenants:t-0");
     }
 
     #[test]

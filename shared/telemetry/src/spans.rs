@@ -109,8 +109,8 @@ pub(crate) const MAX_NAMES: usize = 64;
 /// Longest part a [`SpanNames`] keeps a name for: a gRPC method path comes from the caller.
 const MAX_KEPT_PART: usize = 256;
 
-/// Span names made once and kept for the process's life (like
-/// [`crate::messaging::Destination`]'s), each with the part it was made from as a shared
+/// Span names made once and kept for the process's life (as
+/// [`crate::messaging::Destination`]'s are), each with the part it was made from as a shared
 /// string: a layer's spans then build no name and copy no route or method. For names from a
 /// small, fixed set (a router's route templates, a server's methods); the first
 /// [`MAX_NAMES`] are kept, any others made per span.
@@ -120,6 +120,11 @@ pub(crate) struct SpanNames {
 }
 
 impl SpanNames {
+    /// None kept yet (for a `static`).
+    pub(crate) const fn new() -> Self {
+        Self { names: RwLock::new(Vec::new()) }
+    }
+
     /// The name `{prefix} {part}` (`part` alone when `prefix` is empty) and `part`, kept on
     /// first sight while there is room.
     pub(crate) fn get(&self, prefix: &'static str, part: &str) -> (Cow<'static, str>, Arc<str>) {
