@@ -13,11 +13,12 @@
 //! destination and broker, and only the conventions' low-cardinality attributes.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::message::Delivery;
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use opentelemetry::baggage::{BaggageExt, KeyValueMetadata};
 use opentelemetry::trace::{SpanBuilder, SpanKind, TraceContextExt};
 use opentelemetry::{Context, KeyValue, StringValue};
@@ -163,8 +164,21 @@ pub fn start_publish(
             .with_attributes(attributes)
     });
     let cx = parent.with_span(span);
+    drop_context_headers(telemetry, headers);
     telemetry.propagator().inject_context(&cx, &mut AmqpHeaderInjector(headers));
     cx
+}
+
+/// Removes the headers the propagators write, in any letter case: headers copied from another
+/// message (a republish) would otherwise keep what this context lacks (its `tracestate`, its
+/// baggage) beside the new `traceparent`, another trace's state on this one.
+fn drop_context_headers(telemetry: &Telemetry, headers: &mut FieldTable) {
+    let propagator = telemetry.propagator();
+    let is_context = |key: &ShortString| propagator.fields().any(|field| key.as_str().eq_ignore_ascii_case(field));
+    if headers.inner().keys().any(is_context) {
+        let kept = headers.inner().iter().filter(|(key, _)| !is_context(key));
+        *headers = FieldTable::from(kept.map(|(key, value)| (key.clone(), value.clone())).collect::<BTreeMap<_, _>>());
+    }
 }
 
 /// Starts the CONSUMER span that processes `delivery`, continuing the context its headers
@@ -457,6 +471,39 @@ mod tests {
         assert!(matches!(destinations[many - 1].span_name, Cow::Owned(_)), "past the bound, a name is not kept");
         let again = Destination::publish("tenants", "t-0");
         assert_eq!(again.span_name, "publish tenants:t-0");
+    }
+
+    #[test]
+    fn a_publish_replaces_every_context_header_it_is_given_and_keeps_the_others() {
+        use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+
+        let caller = SpanContext::new(
+            TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").expect("hex"),
+            SpanId::from_hex("b7ad6b7169203331").expect("hex"),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::NONE,
+        );
+        // A delivery's headers, republished under another context (no trace state, no baggage).
+        let mut headers = FieldTable::default();
+        for (key, value) in [
+            ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            ("Tracestate", "vendor=old"),
+            ("baggage", "customer.id=someone-else"),
+            ("x-custom", "kept"),
+        ] {
+            headers.insert(key.into(), AMQPValue::LongString(value.into()));
+        }
+        let destination = Destination::publish("checkout", "checkout.processed");
+        let publish = Publish { destination: &destination, message_id: "m-1", body_size: 2 };
+        let parent = Context::new().with_remote_span_context(caller);
+        start_publish(&Telemetry::disabled("stock"), &parent, &publish, &peer("rabbitmq", 5672), &mut headers);
+        let keys: Vec<&str> = headers.inner().keys().map(ShortString::as_str).collect();
+        assert_eq!(keys, ["traceparent", "x-custom"]);
+        assert_eq!(
+            headers.inner()["traceparent"],
+            AMQPValue::LongString("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into())
+        );
     }
 
     #[test]
