@@ -19,8 +19,12 @@
 //! - [`probe`]: self-probes for container healthchecks (`<service> healthcheck`).
 //! - [`env`](mod@env): reading variables once, with errors that name the variable.
 //!
-//! Nothing here reads the environment except the `from_env` constructors; services build the
-//! values once at startup and pass them in, so several services can share one process.
+//! This crate's own code reads the environment only in the `from_env` constructors; services
+//! build the values once at startup and pass them in, so several services can share one
+//! process. The SDK reads a few variables itself, whatever the constructor: the span limits
+//! (`OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT` and its siblings), and, on the `http/protobuf` path, its
+//! exporters' `OTEL_EXPORTER_OTLP_*` and its batch processor's `OTEL_BSP_*`; the metric exporters
+//! read `OTEL_EXPORTER_OTLP_*` too, and [`logging`] reads `RUST_LOG`.
 //!
 //! # Quick start: one trace across a RabbitMQ hop
 //!

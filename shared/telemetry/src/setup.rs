@@ -164,6 +164,16 @@ impl SpanTransport {
             Some(value) => parse_key_values(headers_var, &value)?,
             None => Vec::new(),
         };
+        // Said here, by name, rather than by the exporter at startup without it (gRPC) or never
+        // (the SDK's HTTP exporter drops such a header).
+        for (key, value) in &headers {
+            if http::HeaderName::from_bytes(key.to_ascii_lowercase().as_bytes()).is_err() {
+                return Err(ConfigError::new(headers_var, format!("{key:?} is not a valid header name")));
+            }
+            if http::HeaderValue::from_str(value).is_err() {
+                return Err(ConfigError::new(headers_var, format!("the value of {key:?} cannot be sent in a header")));
+            }
+        }
         let timeout_var = pick("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT");
         let timeout = match env.parse_or::<u64>(timeout_var, 10_000)? {
             0 => return Err(ConfigError::new(timeout_var, "a timeout must be at least 1 ms")),
@@ -288,6 +298,11 @@ impl TelemetryConfig {
 /// `OTEL_BSP_SCHEDULE_DELAY` (ms), `_MAX_QUEUE_SIZE` and `_MAX_EXPORT_BATCH_SIZE`, the spec's
 /// defaults where unset. A batch larger than the queue is cut to it, as the spec asks; a zero
 /// is refused by name (the SDK alone would ignore a value it cannot parse, silently).
+/// The largest `OTEL_BSP_MAX_QUEUE_SIZE`: the SDK's processor (the `http/protobuf` path) makes
+/// room for that many spans at startup, some 360 bytes each (36 MB here; 10 million asked for
+/// 3.6 GB).
+const MAX_QUEUE_SIZE: u64 = 100_000;
+
 fn batch_limits(env: &Env<'_>) -> Result<BatchLimits, ConfigError> {
     let defaults = BatchLimits::default();
     let positive = |name: &'static str, default: u64| match env.parse_or::<u64>(name, default)? {
@@ -295,7 +310,17 @@ fn batch_limits(env: &Env<'_>) -> Result<BatchLimits, ConfigError> {
         value => Ok(value),
     };
     let delay = Duration::from_millis(positive("OTEL_BSP_SCHEDULE_DELAY", defaults.delay.as_millis() as u64)?);
-    let max_queue = positive("OTEL_BSP_MAX_QUEUE_SIZE", defaults.max_queue as u64)? as usize;
+    let max_queue = match positive("OTEL_BSP_MAX_QUEUE_SIZE", defaults.max_queue as u64)? {
+        too_many if too_many > MAX_QUEUE_SIZE => {
+            return Err(ConfigError::new(
+                "OTEL_BSP_MAX_QUEUE_SIZE",
+                format!(
+                    "at most {MAX_QUEUE_SIZE}: the http/protobuf exporter's queue takes room for every span up front"
+                ),
+            ));
+        }
+        max_queue => max_queue as usize,
+    };
     let max_batch = positive("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", defaults.max_batch as u64)? as usize;
     Ok(BatchLimits { delay, max_queue, max_batch: max_batch.min(max_queue) })
 }
@@ -431,9 +456,13 @@ fn parse_key_values(var: &'static str, value: &str) -> Result<Vec<(String, Strin
 /// Why telemetry could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
-    /// The OTLP exporter rejected its configuration (endpoint, headers, protocol).
+    /// The SDK's OTLP span exporter rejected its configuration (endpoint, headers, protocol).
     #[error("cannot build the OTLP span exporter: {0}")]
     Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+    /// The OTLP metric exporter rejected its configuration (`OTEL_EXPORTER_OTLP_METRICS_*` or
+    /// `OTEL_EXPORTER_OTLP_*`: endpoint, headers, compression).
+    #[error("cannot build the OTLP metric exporter: {0}")]
+    MetricExporter(opentelemetry_otlp::ExporterBuildError),
     /// Our OTLP/gRPC span exporter rejected its configuration (endpoint, headers).
     #[error("cannot build the OTLP span exporter: {0}")]
     GrpcExporter(#[from] GrpcExportError),
@@ -754,10 +783,12 @@ fn meter_provider(
         OtlpProtocol::Grpc => {
             let (handle, guard) = ExportRuntime::handle(runtime)?;
             let _entered = handle.enter();
-            (configured(MetricExporter::builder().with_tonic(), endpoint, *protocol).build()?, Some(guard))
+            let exporter = configured(MetricExporter::builder().with_tonic(), endpoint, *protocol).build();
+            (exporter.map_err(SetupError::MetricExporter)?, Some(guard))
         }
         OtlpProtocol::HttpProtobuf => {
-            (configured(MetricExporter::builder().with_http(), endpoint, *protocol).build()?, None)
+            let exporter = configured(MetricExporter::builder().with_http(), endpoint, *protocol).build();
+            (exporter.map_err(SetupError::MetricExporter)?, None)
         }
     };
     let reader = PeriodicReader::builder(LoggingMetricExporter { inner: exporter, _runtime: runtime })
@@ -929,6 +960,8 @@ mod tests {
             ("OTEL_EXPORTER_OTLP_COMPRESSION", "zstd"),
             ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "gzip"),
             ("OTEL_EXPORTER_OTLP_HEADERS", "no-equals-sign"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "a key=1"),
+            ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "api-key=line%0Abreak"),
         ] {
             let error = config(&[(variable, value)]).expect_err(value);
             assert_eq!(error.variable, variable, "{error}");
@@ -991,6 +1024,9 @@ mod tests {
                 assert_eq!(config(&[(variable, bad)]).expect_err(bad).variable, variable);
             }
         }
+        assert_eq!(config(&[("OTEL_BSP_MAX_QUEUE_SIZE", "100000")]).expect("the bound").batch.max_queue, 100_000);
+        let error = config(&[("OTEL_BSP_MAX_QUEUE_SIZE", "10000000")]).expect_err("over the bound");
+        assert_eq!(error.variable, "OTEL_BSP_MAX_QUEUE_SIZE");
     }
 
     #[test]

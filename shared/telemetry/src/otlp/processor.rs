@@ -75,6 +75,8 @@ struct Queue {
     full: VecDeque<EncodedBatch>,
     /// An emptied batch the export thread handed back, so the next one reuses its buffer.
     spare: Option<EncodedBatch>,
+    /// Spans that ended after the shutdown (dropped, counted lost).
+    after_close: u64,
     /// Spans in `filling` and `full`: what `max_queue` bounds.
     waiting: usize,
     /// Spans the export thread took and has not finished sending.
@@ -149,6 +151,18 @@ impl EncodingSpanProcessor {
         let limits = &self.shared.limits;
         let mut queue = self.shared.lock();
         if queue.closed {
+            // A span that ends after the shutdown (a request still in flight past the drain):
+            // lost, and counted as such; said once.
+            queue.after_close += 1;
+            let first = queue.after_close == 1;
+            drop(queue);
+            let total = self.shared.lost.add(1);
+            if first {
+                tracing::warn!(
+                    dropped_spans_total = total,
+                    "a span ended after span export shut down: it is dropped, as later ones will be"
+                );
+            }
             return;
         }
         if queue.waiting >= limits.max_queue {
@@ -483,6 +497,16 @@ mod tests {
         ] {
             assert!(matches!(processor(limits), Err(BatchError::Limits(refused)) if refused == limits));
         }
+    }
+
+    #[test]
+    fn a_span_that_ends_after_shutdown_is_counted_lost() {
+        let (processor, received, _gate, lost) = with_backend(BatchLimits::default(), Duration::ZERO);
+        processor.shutdown_with_timeout(Duration::from_secs(5)).expect("nothing to send");
+        let scope = InstrumentationScope::builder("late").build();
+        (0..2).for_each(|_| processor.on_end(span("late", SpanKind::Internal, &scope)));
+        assert_eq!(lost.total(), 2);
+        assert!(received.try_iter().all(|request| span_count(&request) == 0), "nothing sent after shutdown");
     }
 
     #[test]
