@@ -128,7 +128,11 @@ impl Pipeline {
     /// Starts stock, checkout and the gateway (in that order, though any order works).
     pub async fn start(options: Options) -> Self {
         // Service logs, shown by the test runner when a test fails (RUST_LOG filters them).
-        let _ = tracehop_telemetry::logging::init_logging(tracehop_telemetry::logging::LogFormat::Text);
+        let filter = tracehop_telemetry::logging::LogFilter::from_lookup(&tracehop_telemetry::Env::process());
+        let _ = tracehop_telemetry::logging::init_logging(
+            tracehop_telemetry::logging::LogFormat::Text,
+            filter.expect("the tests' RUST_LOG"),
+        );
         let vhost = options.amqp_url.is_none().then(TestVhost::create);
         let amqp_url =
             options.amqp_url.clone().unwrap_or_else(|| vhost.as_ref().map(|v| v.url().to_owned()).unwrap_or_default());

@@ -49,9 +49,9 @@ impl Config {
             addr: env.parse_or("CHECKOUT_ADDR", SocketAddr::from(([0, 0, 0, 0], 50051)))?,
             amqp: BrokerNodes::parse(&amqp).map_err(|e| ConfigError::new("AMQP_ADDR", e))?,
             publish_timeout: env.millis_or("PUBLISH_TIMEOUT_MS", 1500)?,
-            broker_give_up: Duration::from_secs(env.parse_or("BROKER_GIVE_UP_SECS", 120)?),
+            broker_give_up: env.secs_or("BROKER_GIVE_UP_SECS", 120)?,
             baggage_span_attributes: env.list_or("BAGGAGE_SPAN_ATTRIBUTES", "customer.id"),
-            drain_timeout: Duration::from_secs(env.parse_or("SHUTDOWN_DRAIN_SECS", 5)?),
+            drain_timeout: env.secs_or("SHUTDOWN_DRAIN_SECS", 5)?,
         })
     }
 }

@@ -2,13 +2,13 @@
 //! configuration, telemetry, serve, flush.
 
 use anyhow::Context as _;
-use tracehop_telemetry::logging::{self, LogFormat};
+use tracehop_telemetry::logging::{self, LogFilter, LogFormat};
 use tracehop_telemetry::{Env, Telemetry, TelemetryConfig, shutdown};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let env = Env::process();
-    logging::init_logging(LogFormat::from_lookup(&env)?)?;
+    logging::init_logging(LogFormat::from_lookup(&env)?, LogFilter::from_lookup(&env)?)?;
     let config = checkout::Config::from_lookup(&env)?;
     if std::env::args().nth(1).as_deref() == Some("healthcheck") {
         // The container healthcheck: grpc.health.v1 on our own port, SERVING or exit 1.

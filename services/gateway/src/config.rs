@@ -80,7 +80,7 @@ impl Config {
             )?,
             cors_origins: env.list_or("GATEWAY_CORS_ORIGINS", "*"),
             baggage_span_attributes: env.list_or("BAGGAGE_SPAN_ATTRIBUTES", "customer.id"),
-            drain_timeout: Duration::from_secs(env.parse_or("SHUTDOWN_DRAIN_SECS", 5)?),
+            drain_timeout: env.secs_or("SHUTDOWN_DRAIN_SECS", 5)?,
             header_timeout: env.millis_or("GATEWAY_HEADER_TIMEOUT_MS", 10_000)?,
         })
     }

@@ -78,8 +78,8 @@ impl Config {
                 ConsumerContext::Parent,
             )?,
             baggage_span_attributes: env.list_or("BAGGAGE_SPAN_ATTRIBUTES", "customer.id"),
-            broker_give_up: Duration::from_secs(env.parse_or("BROKER_GIVE_UP_SECS", 120)?),
-            drain_timeout: Duration::from_secs(env.parse_or("SHUTDOWN_DRAIN_SECS", 5)?),
+            broker_give_up: env.secs_or("BROKER_GIVE_UP_SECS", 120)?,
+            drain_timeout: env.secs_or("SHUTDOWN_DRAIN_SECS", 5)?,
             header_timeout: env.millis_or("STOCK_HEADER_TIMEOUT_MS", 10_000)?,
         })
     }

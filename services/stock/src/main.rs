@@ -3,14 +3,14 @@
 
 use anyhow::Context as _;
 use std::time::Duration;
-use tracehop_telemetry::logging::{self, LogFormat};
+use tracehop_telemetry::logging::{self, LogFilter, LogFormat};
 
 use tracehop_telemetry::{Env, Telemetry, TelemetryConfig, probe, shutdown};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let env = Env::process();
-    logging::init_logging(LogFormat::from_lookup(&env)?)?;
+    logging::init_logging(LogFormat::from_lookup(&env)?, LogFilter::from_lookup(&env)?)?;
     let config = stock::Config::from_lookup(&env)?;
     if std::env::args().nth(1).as_deref() == Some("healthcheck") {
         // The container healthcheck: the image has no curl, the binary probes itself.

@@ -7,6 +7,18 @@
 use std::collections::HashMap;
 use std::fmt::Display;
 use std::str::FromStr;
+use std::time::Duration;
+
+/// The longest duration a variable may set (365 days): past some point a deadline added to the
+/// clock overflows (a panic at shutdown) or a gRPC timeout cannot be written (a panic per call).
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+fn at_most_max(name: &str, duration: Duration) -> Result<Duration, ConfigError> {
+    if duration > MAX_DURATION {
+        return Err(ConfigError::new(name, "must be at most 365 days"));
+    }
+    Ok(duration)
+}
 
 /// A bad configuration value: startup stops with this message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -82,13 +94,18 @@ impl<'a> Env<'a> {
         Ok(self.parse(name)?.unwrap_or(default))
     }
 
-    /// A duration in milliseconds of at least 1 ms, or `default_ms` when unset: for a deadline,
-    /// which 0 would turn off.
-    pub fn millis_or(&self, name: &str, default_ms: u64) -> Result<std::time::Duration, ConfigError> {
+    /// A duration in milliseconds of at least 1 ms and at most [`MAX_DURATION`], or `default_ms`
+    /// when unset: for a deadline, which 0 would turn off.
+    pub fn millis_or(&self, name: &str, default_ms: u64) -> Result<Duration, ConfigError> {
         match self.parse_or(name, default_ms)? {
             0 => Err(ConfigError::new(name, "must be at least 1 ms")),
-            ms => Ok(std::time::Duration::from_millis(ms)),
+            ms => at_most_max(name, Duration::from_millis(ms)),
         }
+    }
+
+    /// A duration in seconds of at most [`MAX_DURATION`], or `default_secs` when unset.
+    pub fn secs_or(&self, name: &str, default_secs: u64) -> Result<Duration, ConfigError> {
+        at_most_max(name, Duration::from_secs(self.parse_or(name, default_secs)?))
     }
 
     /// A boolean: `true` or `false` in any letter case.
@@ -137,6 +154,23 @@ mod tests {
         let zero = env(&[("T_MS", "0")]);
         let error = Env::from_map(&zero).millis_or("T_MS", 10_000).expect_err("0 turns the deadline off");
         assert!(error.to_string().contains("T_MS") && error.to_string().contains("at least 1 ms"), "{error}");
+    }
+
+    #[test]
+    fn a_duration_is_at_most_a_year_in_either_unit() {
+        let year = env(&[("T_MS", "31536000000"), ("T_SECS", "31536000")]);
+        assert_eq!(Env::from_map(&year).millis_or("T_MS", 1), Ok(MAX_DURATION));
+        assert_eq!(Env::from_map(&year).secs_or("T_SECS", 1), Ok(MAX_DURATION));
+        let longer = env(&[("T_MS", "31536000001"), ("T_SECS", "18446744073709551615")]);
+        for (name, result) in [
+            ("T_MS", Env::from_map(&longer).millis_or("T_MS", 1)),
+            ("T_SECS", Env::from_map(&longer).secs_or("T_SECS", 1)),
+        ] {
+            let error = result.expect_err("over a year");
+            assert_eq!((error.variable.as_str(), error.message.as_str()), (name, "must be at most 365 days"));
+        }
+        let zero = env(&[("T_SECS", "0")]);
+        assert_eq!(Env::from_map(&zero).secs_or("T_SECS", 5), Ok(Duration::ZERO), "no wait at all is a choice");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! The services start spans with the OpenTelemetry API and carry them across `.await`s with
 //! `FutureExt::with_context`, so the active span is `Context::current()` whenever a log line is
 //! written; the formatter reads it from there. Human-readable lines by default, one JSON object
-//! per line with `LOG_FORMAT=json`. `RUST_LOG` filters as usual.
+//! per line with `LOG_FORMAT=json`. `RUST_LOG` filters as usual ([`LogFilter`]).
 
 use std::fmt;
 
@@ -39,13 +39,30 @@ impl LogFormat {
 /// What is logged when `RUST_LOG` is unset: our own info, other crates' warnings.
 const DEFAULT_FILTER: &str = "info,h2=warn,hyper=warn,hyper_util=warn,tower=warn,sqlx=warn";
 
+/// Which log lines are written (`RUST_LOG`).
+#[derive(Debug)]
+pub struct LogFilter(EnvFilter);
+
+impl LogFilter {
+    /// Reads `RUST_LOG`: unset (or empty) is our own info and other crates' warnings; a filter
+    /// that does not parse is an error, rather than silently the default (or, empty, no logs).
+    pub fn from_lookup(env: &Env<'_>) -> Result<Self, ConfigError> {
+        match env.get("RUST_LOG") {
+            None => Ok(Self(EnvFilter::new(DEFAULT_FILTER))),
+            Some(value) => EnvFilter::builder()
+                .parse(&value)
+                .map(Self)
+                .map_err(|error| ConfigError::new("RUST_LOG", format!("cannot use {value:?}: {error}"))),
+        }
+    }
+}
+
 /// Installs the process-wide log subscriber. Call once, first thing in `main`.
 ///
 /// Returns an error when a subscriber is already installed.
-pub fn init_logging(format: LogFormat) -> Result<(), tracing_subscriber::util::TryInitError> {
+pub fn init_logging(format: LogFormat, filter: LogFilter) -> Result<(), tracing_subscriber::util::TryInitError> {
     use tracing_subscriber::util::SubscriberInitExt;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
-    tracing_subscriber::fmt().with_env_filter(filter).event_format(CorrelatedFormat { format }).finish().try_init()
+    tracing_subscriber::fmt().with_env_filter(filter.0).event_format(CorrelatedFormat { format }).finish().try_init()
 }
 
 /// A [`FormatEvent`] that appends the active trace and span ids.
@@ -178,6 +195,24 @@ mod tests {
 
     #[derive(Clone, Default)]
     struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    #[test]
+    fn rust_log_unset_or_empty_is_the_default_and_a_bad_one_names_the_variable() {
+        use std::collections::HashMap;
+
+        let read = |value: Option<&str>| {
+            let map: HashMap<String, String> =
+                value.map(|v| ("RUST_LOG".to_owned(), v.to_owned())).into_iter().collect();
+            LogFilter::from_lookup(&Env::from_map(&map)).map(|filter| filter.0.to_string())
+        };
+        let default = read(None).expect("unset");
+        assert!(default.contains("h2=warn"), "{default}");
+        assert_eq!(read(Some("")).expect("empty"), default, "empty is unset, not 'log nothing'");
+        assert!(read(Some("debug,lapin=warn")).expect("valid").contains("lapin=warn"));
+        let error = read(Some("info,foo=bogus")).expect_err("a level that does not exist");
+        assert_eq!(error.variable, "RUST_LOG");
+        assert!(error.message.contains("info,foo=bogus"), "{error}");
+    }
 
     impl io::Write for Captured {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {

@@ -175,10 +175,7 @@ impl SpanTransport {
             }
         }
         let timeout_var = pick("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT");
-        let timeout = match env.parse_or::<u64>(timeout_var, 10_000)? {
-            0 => return Err(ConfigError::new(timeout_var, "a timeout must be at least 1 ms")),
-            millis => Duration::from_millis(millis),
-        };
+        let timeout = env.millis_or(timeout_var, 10_000)?;
         let compression_var = pick("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "OTEL_EXPORTER_OTLP_COMPRESSION");
         if env.choice_or(compression_var, &[("none", false), ("gzip", true)], false)? {
             // Said here, by name, rather than by the SDK's exporter at first use.
@@ -270,11 +267,8 @@ impl TelemetryConfig {
 
         let export = Signal::Traces.export(env)?;
         let metrics = Signal::Metrics.export(env)?;
-        let metric_interval = match env.parse_or::<u64>("OTEL_METRIC_EXPORT_INTERVAL", 0)? {
-            0 if env.get("OTEL_METRIC_EXPORT_INTERVAL").is_none() => DEFAULT_METRIC_INTERVAL,
-            0 => return Err(ConfigError::new("OTEL_METRIC_EXPORT_INTERVAL", "an interval must be at least 1 ms")),
-            millis => Duration::from_millis(millis),
-        };
+        let metric_interval =
+            env.millis_or("OTEL_METRIC_EXPORT_INTERVAL", DEFAULT_METRIC_INTERVAL.as_millis() as u64)?;
         let propagators = match env.get(propagators::OTEL_PROPAGATORS) {
             Some(value) => propagators::parse_propagators(&value)?,
             None => DEFAULT_PROPAGATORS.to_vec(),
@@ -309,7 +303,7 @@ fn batch_limits(env: &Env<'_>) -> Result<BatchLimits, ConfigError> {
         0 => Err(ConfigError::new(name, "must be at least 1")),
         value => Ok(value),
     };
-    let delay = Duration::from_millis(positive("OTEL_BSP_SCHEDULE_DELAY", defaults.delay.as_millis() as u64)?);
+    let delay = env.millis_or("OTEL_BSP_SCHEDULE_DELAY", defaults.delay.as_millis() as u64)?;
     let max_queue = match positive("OTEL_BSP_MAX_QUEUE_SIZE", defaults.max_queue as u64)? {
         too_many if too_many > MAX_QUEUE_SIZE => {
             return Err(ConfigError::new(
