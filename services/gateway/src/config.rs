@@ -63,6 +63,9 @@ impl Config {
         if body_limit == 0 {
             return Err(ConfigError::new("GATEWAY_BODY_LIMIT", "must be at least 1 byte"));
         }
+        let cors_origins = env.list_or("GATEWAY_CORS_ORIGINS", "*");
+        // Checked with the rest, before telemetry starts and the port is bound.
+        crate::cors(&cors_origins).map(drop)?;
         Ok(Self {
             addr: env.parse_or("GATEWAY_ADDR", SocketAddr::from(([0, 0, 0, 0], 8080)))?,
             checkout_url,
@@ -78,7 +81,7 @@ impl Config {
                 ],
                 InboundContext::Continue,
             )?,
-            cors_origins: env.list_or("GATEWAY_CORS_ORIGINS", "*"),
+            cors_origins,
             baggage_span_attributes: env.list_or("BAGGAGE_SPAN_ATTRIBUTES", "customer.id"),
             drain_timeout: env.secs_or("SHUTDOWN_DRAIN_SECS", 5)?,
             header_timeout: env.millis_or("GATEWAY_HEADER_TIMEOUT_MS", 10_000)?,
@@ -105,5 +108,14 @@ mod tests {
             let error = Config::from_lookup(&Env::from_map(&map)).expect_err(name);
             assert!(error.to_string().contains(name), "{error}");
         }
+    }
+
+    #[test]
+    fn an_origin_a_header_cannot_hold_is_refused_with_the_rest_of_the_configuration() {
+        let map = [("GATEWAY_CORS_ORIGINS".to_owned(), "https://a.example, https://b\u{7f}.example".to_owned())].into();
+        let error = Config::from_lookup(&Env::from_map(&map)).expect_err("not a header value");
+        assert_eq!(error.variable, "GATEWAY_CORS_ORIGINS");
+        let map = [("GATEWAY_CORS_ORIGINS".to_owned(), "https://a.example".to_owned())].into();
+        assert_eq!(Config::from_lookup(&Env::from_map(&map)).expect("valid").cors_origins, ["https://a.example"]);
     }
 }

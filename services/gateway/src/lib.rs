@@ -110,7 +110,7 @@ pub fn router(config: &Config, state: AppState, telemetry: Telemetry) -> Result<
 }
 
 /// CORS for browser callers on other origins: they may send trace context and read it back.
-fn cors(origins: &[String]) -> Result<CorsLayer, ConfigError> {
+pub(crate) fn cors(origins: &[String]) -> Result<CorsLayer, ConfigError> {
     let allow_origin = if origins.iter().any(|origin| origin == "*") {
         AllowOrigin::any()
     } else {

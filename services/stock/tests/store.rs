@@ -152,6 +152,18 @@ async fn the_same_order_on_two_replicas_at_once_reserves_once() {
     b.close().await;
 }
 
+/// The pool alone would say "pool timed out while waiting for an open connection".
+#[tokio::test]
+async fn an_unreachable_postgres_says_why() {
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let location = StoreLocation::Postgres(format!("postgres://postgres@127.0.0.1:{port}/nothing"));
+    let error = Store::open(&location, &["SKU-001"], 1).await.expect_err("nothing listens");
+    let chain = tracehop_telemetry::spans::error_chain(&error);
+    assert!(chain.to_lowercase().contains("refused"), "{chain}");
+}
+
 #[test]
 fn stock_db_values_pick_the_backend() {
     assert!(matches!(StoreLocation::parse("stock.db"), Ok(StoreLocation::Sqlite(_))));
@@ -159,6 +171,8 @@ fn stock_db_values_pick_the_backend() {
     assert!(matches!(StoreLocation::parse("postgresql://u@h/db"), Ok(StoreLocation::Postgres(_))));
     assert!(StoreLocation::parse("mysql://u@h/db").is_err());
     assert!(StoreLocation::parse(" ").is_err());
+    let bad_port = StoreLocation::parse("postgres://u:secret@h:notaport/db").expect_err("a bad port");
+    assert!(bad_port.contains("port") && !bad_port.contains("secret"), "{bad_port}");
     let debug = format!("{:?}", StoreLocation::parse("postgres://u:secret@h/db").expect("url"));
     assert!(!debug.contains("secret"), "{debug}");
 }

@@ -44,6 +44,11 @@ impl StoreLocation {
             return Err("must be a SQLite file path or a postgres:// URL, got an empty value".into());
         }
         if value.starts_with("postgres://") || value.starts_with("postgresql://") {
+            // Checked now, so a bad port or option is named at startup as STOCK_DB's. (sqlx's
+            // message quotes no part of the URL: its password stays out of the log.)
+            value
+                .parse::<sqlx::postgres::PgConnectOptions>()
+                .map_err(|error| format!("not a PostgreSQL URL sqlx can use: {error}"))?;
             Ok(Self::Postgres(value.to_owned()))
         } else if value.contains("://") {
             Err(format!("unsupported URL scheme in {value:?}: use a SQLite file path or a postgres:// URL"))

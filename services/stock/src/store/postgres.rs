@@ -5,7 +5,8 @@
 
 use std::time::Duration;
 
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::Connection as _;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Executor, Postgres, Transaction};
 use tokio::sync::mpsc;
 
@@ -25,7 +26,21 @@ pub(super) struct PostgresStore {
 
 impl PostgresStore {
     pub(super) async fn open(url: &str, catalog: &[&str], units: u32) -> Result<Self, StoreError> {
-        let pool = PgPoolOptions::new().max_connections(8).acquire_timeout(Duration::from_secs(5)).connect(url).await?;
+        let options: PgConnectOptions = url.parse()?;
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options.clone())
+            .await;
+        let pool = match pool {
+            // The pool retried until its timeout, and says only that: one connection of our own
+            // says why (refused, unknown host, authentication).
+            Err(sqlx::Error::PoolTimedOut) => match PgConnection::connect_with(&options).await {
+                Err(cause) => return Err(cause.into()),
+                Ok(_) => return Err(sqlx::Error::PoolTimedOut.into()),
+            },
+            pool => pool?,
+        };
         let mut tx = pool.begin().await?;
         // Concurrent CREATE TABLE IF NOT EXISTS races on PostgreSQL's catalog (a unique
         // violation on pg_type); replicas starting together take turns instead.
