@@ -10,17 +10,13 @@ use opentelemetry::baggage::BaggageExt;
 use opentelemetry::propagation::{TextMapCompositePropagator, TextMapPropagator};
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use opentelemetry::{Context, KeyValue};
-use opentelemetry_sdk::propagation::TraceContextPropagator;
-use tracehop_telemetry::propagation::{
-    AmqpHeaderExtractor, AmqpHeaderInjector, CheckedPropagator, W3cBaggagePropagator,
-};
+use tracehop_telemetry::propagation::{AmqpHeaderExtractor, AmqpHeaderInjector, CheckedPropagator};
+use tracehop_telemetry::propagators::{DEFAULT_PROPAGATORS, composite};
 use tracehop_testkit::rabbit::TestVhost;
 
+/// The services' propagator: `OTEL_PROPAGATORS`' default, behind the checks.
 fn propagator() -> CheckedPropagator<TextMapCompositePropagator> {
-    CheckedPropagator::new(TextMapCompositePropagator::new(vec![
-        Box::new(TraceContextPropagator::new()),
-        Box::new(W3cBaggagePropagator::new()),
-    ]))
+    CheckedPropagator::new(composite(&DEFAULT_PROPAGATORS))
 }
 
 async fn open(vhost: &TestVhost) -> (Connection, Channel) {

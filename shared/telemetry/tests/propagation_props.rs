@@ -19,12 +19,18 @@ use tracehop_telemetry::propagation::{
     AmqpHeaderExtractor, AmqpHeaderInjector, CheckedPropagator, HeaderExtractor, HeaderInjector, MetadataExtractor,
     MetadataInjector, W3cBaggagePropagator,
 };
+use tracehop_telemetry::propagators::{DEFAULT_PROPAGATORS, composite};
 
-fn propagator() -> CheckedPropagator<TextMapCompositePropagator> {
-    CheckedPropagator::new(TextMapCompositePropagator::new(vec![
-        Box::new(TraceContextPropagator::new()),
-        Box::new(W3cBaggagePropagator::new()),
-    ]))
+/// The services' propagator (ours: `OTEL_PROPAGATORS`' default) and the same checks in front of
+/// the SDK's Trace Context propagator: every property holds for both.
+fn propagators() -> [CheckedPropagator<TextMapCompositePropagator>; 2] {
+    [
+        CheckedPropagator::new(composite(&DEFAULT_PROPAGATORS)),
+        CheckedPropagator::new(TextMapCompositePropagator::new(vec![
+            Box::new(TraceContextPropagator::new()),
+            Box::new(W3cBaggagePropagator::new()),
+        ])),
+    ]
 }
 
 /// A context as a caller could legitimately send it: valid ids, a tracestate and baggage
@@ -149,32 +155,40 @@ proptest! {
 
     #[test]
     fn any_valid_context_round_trips_through_amqp_headers(sent in sent()) {
-        let mut headers = FieldTable::default();
-        propagator().inject_context(&sent.context(), &mut AmqpHeaderInjector(&mut headers));
-        for (_, value) in &headers {
-            prop_assert!(matches!(value, AMQPValue::LongString(_)), "only long strings are written");
+        for propagator in propagators() {
+            let mut headers = FieldTable::default();
+            propagator.inject_context(&sent.context(), &mut AmqpHeaderInjector(&mut headers));
+            for (_, value) in &headers {
+                prop_assert!(matches!(value, AMQPValue::LongString(_)), "only long strings are written");
+            }
+            sent.check(&propagator.extract(&AmqpHeaderExtractor(&headers)));
         }
-        sent.check(&propagator().extract(&AmqpHeaderExtractor(&headers)));
     }
 
     #[test]
     fn any_valid_context_round_trips_through_grpc_metadata(sent in sent()) {
-        let mut metadata = MetadataMap::new();
-        propagator().inject_context(&sent.context(), &mut MetadataInjector(&mut metadata));
-        sent.check(&propagator().extract(&MetadataExtractor(&metadata)));
+        for propagator in propagators() {
+            let mut metadata = MetadataMap::new();
+            propagator.inject_context(&sent.context(), &mut MetadataInjector(&mut metadata));
+            sent.check(&propagator.extract(&MetadataExtractor(&metadata)));
+        }
     }
 
     #[test]
     fn any_valid_context_round_trips_through_http_headers(sent in sent()) {
-        let mut headers = HeaderMap::new();
-        propagator().inject_context(&sent.context(), &mut HeaderInjector(&mut headers));
-        sent.check(&propagator().extract(&HeaderExtractor(&headers)));
+        for propagator in propagators() {
+            let mut headers = HeaderMap::new();
+            propagator.inject_context(&sent.context(), &mut HeaderInjector(&mut headers));
+            sent.check(&propagator.extract(&HeaderExtractor(&headers)));
+        }
     }
 
     #[test]
     fn extraction_from_any_field_table_never_panics(entries in btree_map(header_key(), amqp_value(), 0..8)) {
         let headers = table(entries);
-        extracted_is_valid(&propagator().extract(&AmqpHeaderExtractor(&headers)));
+        for propagator in propagators() {
+            extracted_is_valid(&propagator.extract(&AmqpHeaderExtractor(&headers)));
+        }
     }
 
     #[test]
@@ -193,6 +207,8 @@ proptest! {
                 metadata.append_bin(key, MetadataValue::from_bytes(&value));
             }
         }
-        extracted_is_valid(&propagator().extract(&MetadataExtractor(&metadata)));
+        for propagator in propagators() {
+            extracted_is_valid(&propagator.extract(&MetadataExtractor(&metadata)));
+        }
     }
 }
