@@ -49,6 +49,9 @@ pub enum PublishError {
     /// The publisher is shutting down.
     #[error("the publisher is closed")]
     Closed,
+    /// The connection was replaced under the publish (`Publisher::lease` leases again instead).
+    #[error("the broker connection was replaced")]
+    Replaced,
 }
 
 impl From<LeaseError> for PublishError {
@@ -56,6 +59,7 @@ impl From<LeaseError> for PublishError {
         match error {
             LeaseError::Closed => Self::Closed,
             LeaseError::Broker(error) => Self::Broker(error),
+            LeaseError::Replaced => Self::Replaced,
         }
     }
 }
@@ -67,7 +71,7 @@ impl PublishError {
             Self::Unroutable(_) => "unroutable",
             Self::Nacked => "nacked",
             Self::Timeout(_) => "timeout",
-            Self::Broker(_) => "broker_unavailable",
+            Self::Broker(_) | Self::Replaced => "broker_unavailable",
             Self::Encode(_) => "encode",
             Self::Closed => "closed",
         }
@@ -180,6 +184,8 @@ impl Publisher {
                     tracing::warn!(%error, "broker connection lost; waiting for its replacement to publish");
                     self.broker.replaced(generation).await;
                 }
+                // Replaced between reading the generation and the lease: lease on the new one.
+                Err(LeaseError::Replaced) => {}
                 leased => return Ok(leased?),
             }
         }
@@ -199,7 +205,7 @@ impl Publisher {
                 // Confirm mode is on for this channel: an unconfirmed publish is a broken promise.
                 // (The lease has discarded the channel.)
                 Ok(Confirmation::Nack(_) | Confirmation::NotRequested) => return Err(PublishError::Nacked),
-                Err(LeaseError::Closed) => return Err(PublishError::Closed),
+                Err(other @ (LeaseError::Closed | LeaseError::Replaced)) => return Err(other.into()),
                 // The connection dropped: wait until the supervisor replaces it, then publish
                 // again on the new one (within the deadline the caller set). An error on a
                 // channel of a connection still up is that channel's: given back.

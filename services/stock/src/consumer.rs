@@ -319,7 +319,10 @@ pub async fn consume(
     // Before the connection's close (waiting for its confirm within the drain only): the
     // broker requeues what a delivery still in progress did not settle.
     in_flight.abort_all();
-    // The forwards' idle channels too; a copy still waiting for its confirm was aborted above.
+    // Aborted, each task ends at its next poll: a lease it held (a copy still waiting for its
+    // confirm) is dropped now, its channel's close sent while the channels below close.
+    while in_flight.join_next().await.is_some() {}
+    // The forwards' idle channels too.
     let forwards = handler.forwards.close();
     handler.broker.close_channels(last.map(|(channel, _)| channel).into_iter().chain(forwards), deadline).await;
     outcome
@@ -339,7 +342,7 @@ async fn session(
             () = handler.broker.replaced(generation) => return Session::Interrupted,
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
-                    in_flight.spawn(delivery_task(handler.clone(), delivery));
+                    in_flight.spawn(delivery_task(handler.clone(), delivery, generation));
                 }
                 Some(Err(error)) => {
                     tracing::warn!(%error, "consumer interrupted");
@@ -357,11 +360,11 @@ async fn session(
 /// (The handling and the panic's recorder borrow the one handler this owns: no second clone
 /// per delivery.)
 #[allow(clippy::manual_async_fn, reason = "as an `async fn` the task is 2,952 bytes, against 2,384")]
-fn delivery_task(handler: Arc<Handler>, delivery: Delivery) -> impl Future<Output = ()> + Send {
+fn delivery_task(handler: Arc<Handler>, delivery: Delivery, generation: u64) -> impl Future<Output = ()> + Send {
     async move {
         let acker = delivery.acker.clone();
         let record = |started, error_type| handler.record_settle(Settle::Nack, started, error_type);
-        requeued_on_panic(acker, handler.handle(delivery), record).await;
+        requeued_on_panic(acker, handler.handle(delivery, generation), record).await;
     }
 }
 
@@ -444,8 +447,9 @@ async fn settle_bounded(settling: impl Future<Output = lapin::Result<bool>>) -> 
 }
 
 impl Handler {
-    /// Processes one delivery under its CONSUMER span, and settles it.
-    pub async fn handle(&self, delivery: Delivery) {
+    /// Processes one delivery, which came on connection `generation`, under its CONSUMER span,
+    /// and settles it.
+    pub async fn handle(&self, delivery: Delivery, generation: u64) {
         let started = Instant::now();
         let peer = self.broker.peer();
         messaging::record_consumed(&self.telemetry, &self.source, &peer);
@@ -454,7 +458,7 @@ impl Handler {
         let error_type = async {
             let verdict = self.decide(&delivery).await;
             let error_type = verdict.error_type();
-            self.settle(&delivery, verdict).await;
+            self.settle(&delivery, verdict, generation).await;
             error_type
         }
         .with_context(cx.clone())
@@ -528,7 +532,7 @@ impl Handler {
         result
     }
 
-    async fn settle(&self, delivery: &Delivery, verdict: Verdict) {
+    async fn settle(&self, delivery: &Delivery, verdict: Verdict, generation: u64) {
         let cx = Context::current();
         let span = cx.span();
         let tag = delivery.delivery_tag;
@@ -571,7 +575,7 @@ impl Handler {
                 span.set_attribute(KeyValue::new(OUTCOME, "dead_lettered"));
                 tracing::warn!(reason, %error, "message can never succeed; dead-lettering it");
                 let headers = dead_letter_headers(reason, &error);
-                if self.forward(delivery, &self.dead_letter, headers).await {
+                if self.forward(delivery, generation, &self.dead_letter, headers).await {
                     self.count_dead_letter(reason);
                 }
             }
@@ -584,12 +588,12 @@ impl Handler {
                     span.set_attribute(KeyValue::new(OUTCOME, "retried"));
                     tracing::warn!(reason, %error, retry = retries + 1, "processing failed; retrying after a delay");
                     let extra = [(RETRY_COUNT_HEADER, AMQPValue::LongLongInt(retries + 1))];
-                    self.forward(delivery, &self.retry, extra.to_vec()).await;
+                    self.forward(delivery, generation, &self.retry, extra.to_vec()).await;
                 } else {
                     span.set_attribute(KeyValue::new(OUTCOME, "dead_lettered"));
                     tracing::error!(reason, %error, retries, "retries exhausted; dead-lettering the message");
                     let headers = dead_letter_headers("retries_exhausted", &bounded(format!("{reason}: {error}")));
-                    if self.forward(delivery, &self.dead_letter, headers).await {
+                    if self.forward(delivery, generation, &self.dead_letter, headers).await {
                         self.count_dead_letter("retries_exhausted");
                     }
                 }
@@ -640,14 +644,21 @@ impl Handler {
     fn forward<'a>(
         &'a self,
         delivery: &'a Delivery,
+        generation: u64,
         target: &'a Forward,
         extra: Vec<(&'a str, AMQPValue)>,
     ) -> std::pin::Pin<Box<impl Future<Output = bool> + Send + 'a>> {
-        Box::pin(self.forward_unboxed(delivery, target, extra))
+        Box::pin(self.forward_unboxed(delivery, generation, target, extra))
     }
 
     /// [`Self::forward`]'s work, unboxed.
-    async fn forward_unboxed(&self, delivery: &Delivery, target: &Forward, extra: Vec<(&str, AMQPValue)>) -> bool {
+    async fn forward_unboxed(
+        &self,
+        delivery: &Delivery,
+        generation: u64,
+        target: &Forward,
+        extra: Vec<(&str, AMQPValue)>,
+    ) -> bool {
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
         for (key, value) in extra {
             headers.insert(ShortString::from(key), value);
@@ -658,7 +669,9 @@ impl Handler {
         // be lost.
         let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
         let publish = async {
-            let mut lease = self.forwards.lease(self.broker.generation()).await?;
+            // On the delivery's own connection: its ack goes there once the copy is confirmed, and
+            // a copy confirmed on a newer one, its delivery redelivered, would be sent twice.
+            let mut lease = self.forwards.lease(generation).await?;
             lease.publish(target.exchange, target.routing_key, options, &delivery.data, properties).await
         };
         // A confirm that never comes (a connection that hangs) must not pin the delivery
@@ -829,7 +842,7 @@ mod tests {
     /// handling twice) it cost stock 70k instructions per order. Its size, without building one.
     #[test]
     fn a_delivery_task_stays_small() {
-        fn output_size<A, B, F>(_: fn(A, B) -> F) -> usize {
+        fn output_size<A, B, C, F>(_: fn(A, B, C) -> F) -> usize {
             std::mem::size_of::<F>()
         }
         let size = output_size(delivery_task);

@@ -155,10 +155,8 @@ async fn the_same_order_on_two_replicas_at_once_reserves_once() {
 /// The pool alone would say "pool timed out while waiting for an open connection".
 #[tokio::test]
 async fn an_unreachable_postgres_says_why() {
-    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let port = closed.local_addr().expect("addr").port();
-    drop(closed);
-    let location = StoreLocation::Postgres(format!("postgres://postgres@127.0.0.1:{port}/nothing"));
+    // Port 1 (tcpmux): nothing listens there, and no test can take it.
+    let location = StoreLocation::Postgres("postgres://postgres@127.0.0.1:1/nothing".to_owned());
     let error = Store::open(&location, &["SKU-001"], 1).await.expect_err("nothing listens");
     let chain = tracehop_telemetry::spans::error_chain(&error);
     assert!(chain.to_lowercase().contains("refused"), "{chain}");

@@ -26,9 +26,14 @@ const REPLY_SUCCESS: u16 = 200;
 /// Why no channel was lent.
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
-    /// [`ConfirmChannels::close`] was called: shutting down.
+    /// [`ConfirmChannels::close`] was called (shutting down), or this lease's channel was given
+    /// up: a publish on it was abandoned before its confirm.
     #[error("the channels are closed")]
     Closed,
+    /// The connection the caller's work belongs to was replaced: a channel on the new one is not
+    /// for it (stock's copy of a delivery whose ack would go to the old connection's channel).
+    #[error("the broker connection was replaced")]
+    Replaced,
     /// No channel could be opened (or put in confirm mode, or the topology declared on it).
     #[error("cannot open a confirm-mode channel")]
     Broker(#[from] lapin::Error),
@@ -75,7 +80,8 @@ impl ConfirmChannels {
     }
 
     /// A channel of connection `current` (an idle one, else a fresh one); waits for a free one
-    /// when all are lent.
+    /// when all are lent. [`LeaseError::Replaced`] when the broker's connection is no longer
+    /// `current`.
     pub async fn lease(&self, current: u64) -> Result<Lease<'_>, LeaseError> {
         let permit = self.permits.acquire().await.map_err(|_| LeaseError::Closed)?;
         let idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop();
@@ -85,6 +91,11 @@ impl ConfirmChannels {
             Some(p) if p.generation == current && p.channel.status().connected() => p,
             _ => self.fresh().await?,
         };
+        if pooled.generation != current {
+            // A channel of the new connection: the next lease's.
+            self.idle.lock().unwrap_or_else(PoisonError::into_inner).push(pooled);
+            return Err(LeaseError::Replaced);
+        }
         Ok(Lease { pool: self, pooled: Some(pooled), awaiting_confirm: false, _permit: permit })
     }
 
@@ -144,6 +155,12 @@ impl Lease<'_> {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<Confirmation, LeaseError> {
+        if self.awaiting_confirm {
+            // The last publish was abandoned before its confirm: a second one on the channel could
+            // take its return. The channel goes, and this lease with it.
+            self.discard("abandoned before its confirm");
+            self.awaiting_confirm = false;
+        }
         let channel = &self.pooled.as_ref().ok_or(LeaseError::Closed)?.channel;
         self.awaiting_confirm = true;
         let confirmed = async {
@@ -183,6 +200,9 @@ impl Drop for Lease<'_> {
         if self.awaiting_confirm {
             // Pooled, its confirm (or return) would land on the next publish's.
             self.discard("abandoned before its confirm");
+        } else if self.pool.permits.is_closed() {
+            // After `close`, nothing would close a channel put back.
+            self.discard("the pool is closed");
         } else if let Some(pooled) = self.pooled.take() {
             self.pool.idle.lock().unwrap_or_else(PoisonError::into_inner).push(pooled);
         }

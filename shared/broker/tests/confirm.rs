@@ -84,3 +84,45 @@ async fn an_unroutable_publish_is_returned_to_its_own_lease_and_a_closed_pool_le
     broker.close_channels(idle, std::time::Instant::now() + Duration::from_secs(1)).await;
     broker.close().await;
 }
+
+#[tokio::test]
+async fn work_of_a_replaced_connection_gets_no_channel_of_the_new_one() {
+    let vhost = TestVhost::create();
+    let broker = connect(&vhost).await;
+    let pool = ConfirmChannels::new(broker.clone(), 2);
+    // A delivery that came on another connection than the current one (stock's, after a
+    // replacement): its copy must not be confirmed here while its ack goes there.
+    let stale = broker.generation().wrapping_sub(1);
+    assert!(matches!(pool.lease(stale).await, Err(LeaseError::Replaced)));
+    assert_eq!(pool.idle().len(), 1, "the channel opened meanwhile is kept for the current connection's work");
+    let lease = pool.lease(broker.generation()).await.expect("the current connection's lease");
+    drop(lease);
+    broker.close_channels(pool.close(), std::time::Instant::now() + Duration::from_secs(1)).await;
+    broker.close().await;
+}
+
+#[tokio::test]
+async fn an_abandoned_lease_publishes_no_more_and_a_lease_ended_after_close_is_not_pooled() {
+    let vhost = TestVhost::create();
+    let broker = connect(&vhost).await;
+    let pool = ConfirmChannels::new(broker.clone(), 2);
+    let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
+
+    // Kept after its publish was given up: a second publish on that channel could take the
+    // first one's return.
+    let mut lease = pool.lease(broker.generation()).await.expect("lease");
+    assert!(lease.publish("", QUEUE, options, b"one", persistent()).now_or_never().is_none());
+    let again = lease.publish("", QUEUE, options, b"two", persistent()).await;
+    assert!(matches!(again, Err(LeaseError::Closed)), "{again:?}");
+    drop(lease);
+    assert!(pool.idle().is_empty());
+
+    // Out when the pool closes (a publish still under way at shutdown): closed when it ends.
+    let mut lease = pool.lease(broker.generation()).await.expect("lease");
+    lease.publish("", QUEUE, options, b"three", persistent()).await.expect("confirmed");
+    let idle = pool.close();
+    assert!(idle.is_empty());
+    drop(lease);
+    assert!(pool.idle().is_empty(), "a channel went back to a closed pool, where nothing closes it");
+    broker.close().await;
+}

@@ -159,23 +159,22 @@ impl SpanTransport {
         let pick = |specific: &'static str, general: &'static str| {
             if env.get(specific).is_some() { specific } else { general }
         };
+        // Every form is checked, the one the spans use and those the metric exporter reads
+        // itself (the general one, when the spans have their own, and the `_METRICS_` one).
+        let mut headers = Vec::new();
         let headers_var = pick("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS");
-        let headers = match env.get(headers_var) {
-            Some(value) => parse_key_values(headers_var, &value)?,
-            None => Vec::new(),
-        };
-        // Said here, by name, rather than by the exporter at startup without it (gRPC) or never
-        // (the SDK's HTTP exporter drops such a header).
-        for (key, value) in &headers {
-            if http::HeaderName::from_bytes(key.to_ascii_lowercase().as_bytes()).is_err() {
-                return Err(ConfigError::new(headers_var, format!("{key:?} is not a valid header name")));
-            }
-            if http::HeaderValue::from_str(value).is_err() {
-                return Err(ConfigError::new(headers_var, format!("the value of {key:?} cannot be sent in a header")));
+        for var in
+            ["OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_METRICS_HEADERS"]
+        {
+            let checked = checked_headers(env, var)?;
+            if var == headers_var {
+                headers = checked;
             }
         }
-        let timeout_var = pick("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT");
-        let timeout = env.millis_or(timeout_var, 10_000)?;
+        for var in ["OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"] {
+            env.millis_or(var, 10_000)?;
+        }
+        let timeout = env.millis_or(pick("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"), 10_000)?;
         let compression_var = pick("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "OTEL_EXPORTER_OTLP_COMPRESSION");
         if env.choice_or(compression_var, &[("none", false), ("gzip", true)], false)? {
             // Said here, by name, rather than by the SDK's exporter at first use.
@@ -189,9 +188,28 @@ impl SpanTransport {
     }
 }
 
+/// The headers `var` lists, each one a header can carry as text. Said here, by name, rather
+/// than by our gRPC exporter at startup without it, or never (the SDK's exporters drop such a
+/// header); a `-bin` name would ask gRPC for a binary value.
+fn checked_headers(env: &Env<'_>, var: &'static str) -> Result<Vec<(String, String)>, ConfigError> {
+    let Some(value) = env.get(var) else { return Ok(Vec::new()) };
+    let headers = parse_key_values(var, &value)?;
+    for (key, value) in &headers {
+        let name = key.to_ascii_lowercase();
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() || name.ends_with("-bin") {
+            return Err(ConfigError::new(var, format!("{key:?} is not a header name a text value can go under")));
+        }
+        if http::HeaderValue::from_str(value).is_err() {
+            return Err(ConfigError::new(var, format!("the value of {key:?} cannot be sent in a header")));
+        }
+    }
+    Ok(headers)
+}
+
 impl TelemetryConfig {
     /// The variables [`TelemetryConfig::from_lookup`] reads (the metric exporter reads the
-    /// `_METRICS_` forms of the headers, timeout and compression itself).
+    /// `_METRICS_` forms of the headers, timeout and compression itself; the headers and timeout
+    /// are checked here too).
     pub const VARIABLES: &'static [&'static str] = &[
         "OTEL_SERVICE_NAME",
         "OTEL_RESOURCE_ATTRIBUTES",
@@ -214,6 +232,8 @@ impl TelemetryConfig {
         "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
         "OTEL_EXPORTER_OTLP_COMPRESSION",
         "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+        "OTEL_EXPORTER_OTLP_METRICS_HEADERS",
+        "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT",
         "OTEL_BSP_SCHEDULE_DELAY",
         "OTEL_BSP_MAX_QUEUE_SIZE",
         "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
@@ -956,6 +976,8 @@ mod tests {
             ("OTEL_EXPORTER_OTLP_HEADERS", "no-equals-sign"),
             ("OTEL_EXPORTER_OTLP_HEADERS", "a key=1"),
             ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "api-key=line%0Abreak"),
+            ("OTEL_EXPORTER_OTLP_METRICS_HEADERS", "token-bin=AAAA"),
+            ("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "99999999999999"),
         ] {
             let error = config(&[(variable, value)]).expect_err(value);
             assert_eq!(error.variable, variable, "{error}");

@@ -18,6 +18,9 @@ use super::{
 /// Locks a group's stock rows, in a fixed order.
 const LOCK: &str = "SELECT sku FROM stock WHERE sku = ANY($1) ORDER BY sku FOR UPDATE";
 
+/// How long the pool waits for a connection, at startup and per transaction.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Clone)]
 pub(super) struct PostgresStore {
     pool: PgPool,
@@ -29,16 +32,20 @@ impl PostgresStore {
         let options: PgConnectOptions = url.parse()?;
         let pool = PgPoolOptions::new()
             .max_connections(8)
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options.clone())
             .await;
         let pool = match pool {
             // The pool retried until its timeout, and says only that: one connection of our own
             // says why (refused, unknown host, authentication).
-            Err(sqlx::Error::PoolTimedOut) => match PgConnection::connect_with(&options).await {
-                Err(cause) => return Err(cause.into()),
-                Ok(_) => return Err(sqlx::Error::PoolTimedOut.into()),
-            },
+            // (Bounded as the pool was: a host that drops packets would hold it for the kernel's
+            // TCP timeout.)
+            Err(sqlx::Error::PoolTimedOut) => {
+                match tokio::time::timeout(ACQUIRE_TIMEOUT, PgConnection::connect_with(&options)).await {
+                    Ok(Err(cause)) => return Err(cause.into()),
+                    Ok(Ok(_)) | Err(_) => return Err(sqlx::Error::PoolTimedOut.into()),
+                }
+            }
             pool => pool?,
         };
         let mut tx = pool.begin().await?;
