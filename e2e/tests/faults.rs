@@ -70,7 +70,17 @@ async fn through_a_broker_outage(fault: &'static str, orders: usize, at: usize, 
     tokio::task::spawn_blocking(move || if fault == "kill" { faulty.kill() } else { faulty.stop() })
         .await
         .expect("fault");
-    tokio::time::sleep(outage).await;
+    // Meanwhile checkout tells its health checks it cannot publish.
+    let outage_ends = down + outage;
+    let mut not_serving = false;
+    while !not_serving && tokio::time::Instant::now() < outage_ends {
+        not_serving = !checkout::healthcheck(pipeline.checkout_addr).await;
+        if !not_serving {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    tokio::time::sleep_until(outage_ends).await;
+    assert!(not_serving, "checkout reported SERVING through the whole outage");
     let restarting = node.clone();
     tokio::task::spawn_blocking(move || restarting.restart()).await.expect("restart");
     let back = tokio::time::Instant::now();
