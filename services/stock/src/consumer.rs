@@ -39,7 +39,7 @@ use crate::store::{OrderLine, Outcome, Store};
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Channels for retries and dead letters: copies past this many at once (a store outage fails
-/// a whole prefetch) wait for one, within [`FORWARD_TIMEOUT`].
+/// a whole prefetch) wait for one, within the forward's timeout (5 s).
 pub const FORWARD_CHANNELS: usize = 8;
 
 /// `tracehop.reservation.outcome`: reserved, rejected, duplicate, dead_lettered, retried.
