@@ -256,17 +256,24 @@ async fn a_failure_that_outlasts_the_retries_is_dead_lettered() {
     pipeline.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_retry_with_its_queue_gone_is_not_lost() {
+/// The pipeline on PostgreSQL with its store failing (every reservation a database error) and
+/// the retry queue deleted by hand: the broker returns stock's retry copies (mandatory) instead
+/// of confirming copies it dropped, so stock requeues each delivery until the queue's delivery
+/// limit dead-letters it. Also a channel of the test's own.
+async fn store_down_and_retry_queue_gone() -> (TestDatabase, Pipeline, Connection, Channel) {
     let (db, pipeline) = on_postgres().await;
     rename_stock_table(db.url(), "stock", "stock_away").await;
-    let (_connection, channel) = channel(&pipeline.amqp_url).await;
-    // The retry queue deleted by hand: the broker returns stock's retry copy (mandatory) instead
-    // of confirming a copy it dropped, so stock requeues the delivery.
+    let (connection, channel) = channel(&pipeline.amqp_url).await;
     channel
         .queue_delete(topology::RETRY_QUEUE.into(), lapin::options::QueueDeleteOptions::default())
         .await
         .expect("delete the retry queue");
+    (db, pipeline, connection, channel)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_with_its_queue_gone_is_not_lost() {
+    let (_db, pipeline, _connection, channel) = store_down_and_retry_queue_gone().await;
     publish(&channel, &event("no-retry-queue", "SKU-001"), "no-retry-queue", 9).await;
     // Requeued at every attempt, until the queue's delivery limit dead-letters it.
     let dead = dead_letters(&channel, 1).await;
@@ -289,13 +296,7 @@ async fn a_retry_with_its_queue_gone_is_not_lost() {
 async fn returned_and_routed_copies_side_by_side_are_neither_lost_nor_doubled() {
     const VALID: usize = 120;
     const POISON: usize = 240;
-    let (db, pipeline) = on_postgres().await;
-    rename_stock_table(db.url(), "stock", "stock_away").await;
-    let (_connection, channel) = channel(&pipeline.amqp_url).await;
-    channel
-        .queue_delete(topology::RETRY_QUEUE.into(), lapin::options::QueueDeleteOptions::default())
-        .await
-        .expect("delete the retry queue");
+    let (_db, pipeline, _connection, channel) = store_down_and_retry_queue_gone().await;
     // Interleaved, and all in flight at once, so that the consumer's prefetch holds both kinds.
     let mut expected = Vec::new();
     let mut confirms = Vec::new();

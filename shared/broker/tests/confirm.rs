@@ -26,12 +26,28 @@ fn persistent() -> BasicProperties {
     BasicProperties::default().with_delivery_mode(2)
 }
 
-#[tokio::test]
-async fn a_lease_given_up_before_its_confirm_closes_its_channel_instead_of_pooling_it() {
+fn mandatory() -> BasicPublishOptions {
+    BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() }
+}
+
+/// A pool of `size` channels on a connection to a vhost of its own (kept for the test's life).
+async fn pool_of(size: usize) -> (TestVhost, Broker, ConfirmChannels) {
     let vhost = TestVhost::create();
     let broker = connect(&vhost).await;
-    let pool = ConfirmChannels::new(broker.clone(), 2);
-    let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
+    let pool = ConfirmChannels::new(broker.clone(), size);
+    (vhost, broker, pool)
+}
+
+/// Closes `channels`, then the connection, as a service's shutdown does.
+async fn shut_down(broker: &Broker, channels: Vec<lapin::Channel>) {
+    broker.close_channels(channels, std::time::Instant::now() + Duration::from_secs(1)).await;
+    broker.close().await;
+}
+
+#[tokio::test]
+async fn a_lease_given_up_before_its_confirm_closes_its_channel_instead_of_pooling_it() {
+    let (_vhost, broker, pool) = pool_of(2).await;
+    let options = mandatory();
 
     let mut lease = pool.lease(broker.generation()).await.expect("lease");
     let confirmed = lease.publish("", QUEUE, options, b"one", persistent()).await.expect("publish");
@@ -62,16 +78,13 @@ async fn a_lease_given_up_before_its_confirm_closes_its_channel_instead_of_pooli
     drop(lease);
     assert_eq!(pool.idle().len(), 1);
     assert_ne!(pool.idle()[0].id(), pooled[0].id(), "a new channel");
-    broker.close_channels(pool.close(), std::time::Instant::now() + Duration::from_secs(1)).await;
-    broker.close().await;
+    shut_down(&broker, pool.close()).await;
 }
 
 #[tokio::test]
 async fn an_unroutable_publish_is_returned_to_its_own_lease_and_a_closed_pool_lends_nothing() {
-    let vhost = TestVhost::create();
-    let broker = connect(&vhost).await;
-    let pool = ConfirmChannels::new(broker.clone(), 1);
-    let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
+    let (_vhost, broker, pool) = pool_of(1).await;
+    let options = mandatory();
     let mut lease = pool.lease(broker.generation()).await.expect("lease");
     let returned = lease.publish("", "no-such-queue", options, b"lost?", persistent()).await.expect("publish");
     assert!(matches!(returned, Confirmation::Ack(Some(_))), "{returned:?}");
@@ -81,15 +94,12 @@ async fn an_unroutable_publish_is_returned_to_its_own_lease_and_a_closed_pool_le
     let idle = pool.close();
     assert_eq!(idle.len(), 1);
     assert!(matches!(pool.lease(broker.generation()).await, Err(LeaseError::Closed)));
-    broker.close_channels(idle, std::time::Instant::now() + Duration::from_secs(1)).await;
-    broker.close().await;
+    shut_down(&broker, idle).await;
 }
 
 #[tokio::test]
 async fn work_of_a_replaced_connection_gets_no_channel_of_the_new_one() {
-    let vhost = TestVhost::create();
-    let broker = connect(&vhost).await;
-    let pool = ConfirmChannels::new(broker.clone(), 2);
+    let (_vhost, broker, pool) = pool_of(2).await;
     // A delivery that came on another connection than the current one (stock's, after a
     // replacement): its copy must not be confirmed here while its ack goes there.
     let stale = broker.generation().wrapping_sub(1);
@@ -97,16 +107,13 @@ async fn work_of_a_replaced_connection_gets_no_channel_of_the_new_one() {
     assert_eq!(pool.idle().len(), 1, "the channel opened meanwhile is kept for the current connection's work");
     let lease = pool.lease(broker.generation()).await.expect("the current connection's lease");
     drop(lease);
-    broker.close_channels(pool.close(), std::time::Instant::now() + Duration::from_secs(1)).await;
-    broker.close().await;
+    shut_down(&broker, pool.close()).await;
 }
 
 #[tokio::test]
 async fn an_abandoned_lease_publishes_no_more_and_a_lease_ended_after_close_is_not_pooled() {
-    let vhost = TestVhost::create();
-    let broker = connect(&vhost).await;
-    let pool = ConfirmChannels::new(broker.clone(), 2);
-    let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
+    let (_vhost, broker, pool) = pool_of(2).await;
+    let options = mandatory();
 
     // Kept after its publish was given up: a second publish on that channel could take the
     // first one's return.

@@ -408,17 +408,21 @@ mod tests {
         BrokerPeer { address: address.into(), port }
     }
 
-    #[test]
-    fn with_the_sdk_disabled_a_publish_still_carries_the_callers_context_and_baggage() {
+    /// A sampled span context of another process, as a `traceparent` carries it.
+    fn caller() -> opentelemetry::trace::SpanContext {
         use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
-
-        let caller = SpanContext::new(
+        SpanContext::new(
             TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").expect("hex"),
             SpanId::from_hex("b7ad6b7169203331").expect("hex"),
             TraceFlags::SAMPLED,
             true,
             TraceState::NONE,
-        );
+        )
+    }
+
+    #[test]
+    fn with_the_sdk_disabled_a_publish_still_carries_the_callers_context_and_baggage() {
+        let caller = caller();
         let parent =
             crate::spans::with_baggage_entry(&Context::new().with_remote_span_context(caller), "customer.id", "c-1");
         let destination = Destination::publish("checkout", "checkout.processed");
@@ -437,15 +441,7 @@ mod tests {
 
     #[test]
     fn a_message_without_a_context_starts_a_new_trace_whatever_the_consumer_runs_under() {
-        use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
-
-        let ambient = SpanContext::new(
-            TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").expect("hex"),
-            SpanId::from_hex("b7ad6b7169203331").expect("hex"),
-            TraceFlags::SAMPLED,
-            false,
-            TraceState::NONE,
-        );
+        let ambient = caller();
         let around =
             crate::spans::with_baggage_entry(&Context::new().with_remote_span_context(ambient), "customer.id", "c-0");
         let _attached = around.attach();
@@ -475,15 +471,7 @@ mod tests {
 
     #[test]
     fn a_publish_replaces_every_context_header_it_is_given_and_keeps_the_others() {
-        use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
-
-        let caller = SpanContext::new(
-            TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").expect("hex"),
-            SpanId::from_hex("b7ad6b7169203331").expect("hex"),
-            TraceFlags::SAMPLED,
-            true,
-            TraceState::NONE,
-        );
+        let caller = caller();
         // A delivery's headers, republished under another context (no trace state, no baggage).
         let mut headers = FieldTable::default();
         for (key, value) in [
