@@ -27,6 +27,9 @@ pub struct ServiceProcess {
     name: String,
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
+    /// The threads reading its stdout and stderr: joined once it has exited, so that its last
+    /// lines (the error it exits with) are in `lines` before a caller looks.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl ServiceProcess {
@@ -43,6 +46,7 @@ impl ServiceProcess {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         let lines = Arc::new(Mutex::new(Vec::new()));
+        let mut readers = Vec::new();
         for stream in [
             child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
             child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
@@ -51,13 +55,13 @@ impl ServiceProcess {
         .flatten()
         {
             let lines = lines.clone();
-            std::thread::spawn(move || {
+            readers.push(std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
                     lines.lock().unwrap_or_else(PoisonError::into_inner).push(line);
                 }
-            });
+            }));
         }
-        Self { name: name.to_owned(), child, lines }
+        Self { name: name.to_owned(), child, lines, readers }
     }
 
     /// The process id.
@@ -88,6 +92,7 @@ impl ServiceProcess {
     pub fn kill(&mut self) {
         self.signal("-KILL");
         let _ = self.child.wait();
+        self.read_to_the_end();
     }
 
     /// Waits for the process to exit, up to `timeout`: its status and how long it took.
@@ -95,11 +100,20 @@ impl ServiceProcess {
         let started = Instant::now();
         while started.elapsed() < timeout {
             if let Ok(Some(status)) = self.child.try_wait() {
-                return Some((status, started.elapsed()));
+                let took = started.elapsed();
+                self.read_to_the_end();
+                return Some((status, took));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         None
+    }
+
+    /// Waits until its output is read to the end (the process has exited: its pipes close).
+    fn read_to_the_end(&mut self) {
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
     }
 
     /// Resident set size in KiB (`VmRSS`), peak (`VmHWM`) in KiB.
