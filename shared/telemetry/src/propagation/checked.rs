@@ -127,7 +127,17 @@ impl<'a> CheckedExtractor<'a> {
             .get_or_init(|| {
                 // W3C §3.3.1: tracestate means nothing without a valid traceparent.
                 self.traceparent()?;
-                bounded(bound_tracestate(self.inner.get(TRACESTATE)?), TRACESTATE)
+                // Several header lines (HTTP; gRPC metadata too) are one list, joined with
+                // commas (W3C §3.3.1.1, RFC 9110 §5.3). One line, the usual case, is read as
+                // is: a carrier's `get_all` allocates.
+                let first = self.inner.get(TRACESTATE)?;
+                match self.inner.get_all(TRACESTATE) {
+                    Some(lines) if lines.len() > 1 => {
+                        let joined = lines.join(",");
+                        bounded(bound_tracestate(&joined), TRACESTATE).map(|value| Cow::Owned(value.into_owned()))
+                    }
+                    _ => bounded(bound_tracestate(first), TRACESTATE),
+                }
             })
             .as_deref()
     }
@@ -167,5 +177,37 @@ impl Extractor for CheckedExtractor<'_> {
         // Repeated W3C headers would bypass the bounds; the checked single value stands for all.
         let w3c = [TRACEPARENT, TRACESTATE, BAGGAGE].iter().any(|h| key.eq_ignore_ascii_case(h));
         if w3c { self.get(key).map(|value| vec![value]) } else { self.inner.get_all(key) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::HeaderMap;
+    use opentelemetry::trace::TraceContextExt as _;
+
+    use super::*;
+    use crate::propagation::{HeaderExtractor, W3cTraceContextPropagator};
+
+    #[test]
+    fn tracestate_lines_are_one_list_and_one_line_is_read_as_is() {
+        let propagator = CheckedPropagator::new(W3cTraceContextPropagator::new());
+        let extract = |lines: &[&str]| {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".parse().expect("ascii"),
+            );
+            for line in lines {
+                headers.append("tracestate", line.parse().expect("ascii"));
+            }
+            let cx = propagator.extract(&HeaderExtractor(&headers));
+            cx.span().span_context().trace_state().header()
+        };
+        assert_eq!(extract(&["rojo=00f067aa0ba902b7", "congo=t61rcWkgMzE"]), "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE");
+        assert_eq!(extract(&["rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"]), "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE");
+        // The bounds hold over the lines together: 33 members in all is too many (§3.3.1.1).
+        let sixteen = (0..16).map(|i| format!("k{i}=v")).collect::<Vec<_>>().join(",");
+        let seventeen = (16..33).map(|i| format!("k{i}=v")).collect::<Vec<_>>().join(",");
+        assert_eq!(extract(&[&sixteen, &seventeen]), "");
     }
 }
