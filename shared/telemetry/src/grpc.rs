@@ -208,8 +208,7 @@ where
             let future = self.inner.call(request).with_context(Context::current());
             return ResponseFuture { inner: future, span: None };
         }
-        let parent =
-            self.telemetry.propagator().extract_with_context(&Context::new(), &HeaderExtractor(request.headers()));
+        let parent = self.telemetry.extract_incoming(&HeaderExtractor(request.headers()));
         // Any path a caller sends arrives here: whether the server has the method shows only when
         // the call ends (UNIMPLEMENTED or not), so `rpc.method` is set then, and the method's
         // name kept only then.

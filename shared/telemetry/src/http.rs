@@ -143,8 +143,7 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let telemetry = &self.layer.telemetry;
-        let extracted =
-            telemetry.propagator().extract_with_context(&Context::new(), &HeaderExtractor(request.headers()));
+        let extracted = telemetry.extract_incoming(&HeaderExtractor(request.headers()));
         let (parent, linked) = self.layer.parent(extracted);
         let method = known_method(request.method());
         let name_method = if method == OTHER_METHOD { "HTTP" } else { method };

@@ -192,9 +192,7 @@ pub fn start_process(
 ) -> Context {
     let empty = FieldTable::default();
     let headers = delivery.properties.headers().as_ref().unwrap_or(&empty);
-    // From an empty context, not the current one: a message without a valid context starts a
-    // new trace, whatever the task that consumes it runs under.
-    let extracted = telemetry.propagator().extract_with_context(&Context::new(), &AmqpHeaderExtractor(headers));
+    let extracted = telemetry.extract_incoming(&AmqpHeaderExtractor(headers));
     let build = || {
         let mut attributes = common_attributes("process", "process", source, peer);
         attributes.extend([

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Meter, MeterProvider as _, noop::NoopMeterProvider};
-use opentelemetry::propagation::{TextMapCompositePropagator, TextMapPropagator};
+use opentelemetry::propagation::{Extractor, TextMapCompositePropagator, TextMapPropagator};
 use opentelemetry::trace::{TracerProvider as _, noop::NoopTracer};
 use opentelemetry_otlp::{MetricExporter, Protocol, WithExportConfig};
 use opentelemetry_sdk::error::OTelSdkResult;
@@ -668,6 +668,13 @@ impl Telemetry {
     /// The configured propagators, behind the W3C checks.
     pub fn propagator(&self) -> &(dyn TextMapPropagator + Send + Sync) {
         &self.inner.propagator
+    }
+
+    /// The context an incoming request or message carries, on its own: nothing of the current
+    /// context (the span or baggage of the task that serves or consumes) is taken on, so a
+    /// missing or unusable context starts a new trace, as DESIGN says.
+    pub fn extract_incoming(&self, extractor: &dyn Extractor) -> opentelemetry::Context {
+        self.inner.propagator.extract_with_context(&opentelemetry::Context::new(), extractor)
     }
 
     /// Exports the spans ended so far and the metrics as they stand, now (off the runtime and
