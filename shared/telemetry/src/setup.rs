@@ -159,21 +159,19 @@ impl SpanTransport {
         let pick = |specific: &'static str, general: &'static str| {
             if env.get(specific).is_some() { specific } else { general }
         };
-        // Every form is checked, the one the spans use and those the metric exporter reads
-        // itself (the general one, when the spans have their own, and the `_METRICS_` one).
-        let mut headers = Vec::new();
-        let headers_var = pick("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS");
+        // Every form is checked, as the spans' exporter (the `_TRACES_` form, else the general
+        // one) and the metric exporter (the `_METRICS_` form, else the general one) may read it.
         for var in
             ["OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_METRICS_HEADERS"]
         {
-            let checked = checked_headers(env, var)?;
-            if var == headers_var {
-                headers = checked;
-            }
+            checked_headers(env, var)?;
         }
-        for var in ["OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"] {
+        for var in
+            ["OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT"]
+        {
             env.millis_or(var, 10_000)?;
         }
+        let headers = checked_headers(env, pick("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"))?;
         let timeout = env.millis_or(pick("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"), 10_000)?;
         let compression_var = pick("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "OTEL_EXPORTER_OTLP_COMPRESSION");
         if env.choice_or(compression_var, &[("none", false), ("gzip", true)], false)? {

@@ -75,8 +75,8 @@ struct Queue {
     full: VecDeque<EncodedBatch>,
     /// An emptied batch the export thread handed back, so the next one reuses its buffer.
     spare: Option<EncodedBatch>,
-    /// Spans that ended after the shutdown (dropped, counted lost).
-    after_close: u64,
+    /// Whether a span that ended after the shutdown was said in the log (each is counted lost).
+    said_after_close: bool,
     /// Spans in `filling` and `full`: what `max_queue` bounds.
     waiting: usize,
     /// Spans the export thread took and has not finished sending.
@@ -153,8 +153,7 @@ impl EncodingSpanProcessor {
         if queue.closed {
             // A span that ends after the shutdown (a request still in flight past the drain):
             // lost, and counted as such; said once.
-            queue.after_close += 1;
-            let first = queue.after_close == 1;
+            let first = !std::mem::replace(&mut queue.said_after_close, true);
             drop(queue);
             let total = self.shared.lost.add(1);
             if first {
