@@ -13,9 +13,10 @@ use crate::publisher::Publisher;
 pub const MAX_ITEMS: usize = 100;
 /// Longest customer id accepted (it travels as baggage and span attributes).
 pub const MAX_CUSTOMER_ID: usize = 128;
-/// Longest SKU accepted (stock's bound on an id): an error quotes the SKU in `grpc-message`,
-/// and a trailer past HTTP/2's header-list bound (16 KiB in hyper) fails the whole call.
-pub const MAX_SKU: usize = 255;
+/// Longest SKU accepted, the event's bound on an id (stock's): besides, an error quotes the SKU
+/// in `grpc-message`, and a trailer past HTTP/2's header-list bound (16 KiB in hyper) fails the
+/// whole call.
+pub const MAX_SKU: usize = tracehop_broker::event::MAX_ID;
 
 /// `tracehop.orders.accepted`: orders published and confirmed (the gateway answers 202).
 pub const ORDERS_ACCEPTED: &str = "tracehop.orders.accepted";

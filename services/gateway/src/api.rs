@@ -27,8 +27,9 @@ use crate::link::{Links, UNREACHABLE_WITHIN};
 pub const MAX_ITEMS: usize = 100;
 /// Longest customer id accepted: it travels as baggage to every hop.
 pub const MAX_CUSTOMER_ID: usize = 128;
-/// Longest SKU accepted (stock's bound on an id): an error quotes the SKU, and checkout's
-/// answer carries it in `grpc-message`, whose trailer HTTP/2 bounds (16 KiB in hyper).
+/// Longest SKU accepted: checkout's and stock's bound (`tracehop_broker::event::MAX_ID`, a crate
+/// the gateway does not depend on), said here before a call; an error quotes the SKU, and
+/// checkout's answer carries it in `grpc-message`, whose trailer HTTP/2 bounds (16 KiB in hyper).
 pub const MAX_SKU: usize = 255;
 
 /// The request body.

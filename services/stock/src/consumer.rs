@@ -53,9 +53,8 @@ pub const DEAD_LETTER_ERROR: &str = "x-dead-letter-error";
 /// header frame over the broker's `frame_max` closes the whole connection, so one such message
 /// would drop it again at every redelivery.
 pub const MAX_ERROR_TEXT: usize = 1024;
-/// Longest order id and SKU stock accepts. The order id is also the message's `message_id`, an
-/// AMQP short string (at most 255 bytes); no catalog SKU comes near it.
-pub const MAX_ID: usize = 255;
+/// Longest order id and SKU stock accepts: the event's bound.
+pub use tracehop_broker::event::MAX_ID;
 
 /// What processing a delivery concluded.
 #[derive(Debug)]

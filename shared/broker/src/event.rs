@@ -6,6 +6,10 @@ use serde::{Deserialize, Serialize};
 pub const EVENT_TYPE: &str = "checkout.processed";
 /// AMQP `content_type` property of the event.
 pub const CONTENT_TYPE: &str = "application/json";
+/// Longest order id and SKU an event may carry. The order id is also the message's
+/// `message_id`, an AMQP short string (at most 255 bytes); no catalog SKU comes near it. Checkout
+/// refuses a longer SKU, stock dead-letters an event that holds one.
+pub const MAX_ID: usize = 255;
 
 /// An order that checkout accepted and priced.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
