@@ -294,13 +294,12 @@ async fn a_retry_with_its_queue_gone_is_not_lost() {
 /// for returned, requeued and dead-lettered twice. Each message must reach the DLQ exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn returned_and_routed_copies_side_by_side_are_neither_lost_nor_doubled() {
-    const VALID: usize = 120;
-    const POISON: usize = 240;
     let (_db, pipeline, _connection, channel) = store_down_and_retry_queue_gone().await;
-    // Interleaved, and all in flight at once, so that the consumer's prefetch holds both kinds.
+    // A third valid orders (retried: returned), the rest poison (dead-lettered: routed),
+    // interleaved and all in flight at once, so that the consumer's prefetch holds both kinds.
     let mut expected = Vec::new();
     let mut confirms = Vec::new();
-    for i in 0..VALID + POISON {
+    for i in 0..360 {
         let (id, body) = if i % 3 == 0 {
             (format!("valid-{i}"), event(&format!("valid-{i}"), "SKU-001"))
         } else {
